@@ -1,0 +1,1 @@
+"""torus persistent block store: slab file plus index, crash-safe"""

@@ -1,0 +1,1 @@
+"""torus in-memory block store (tests, client write caches)"""

@@ -1,0 +1,1 @@
+"""torus metadata backend on etcd v3"""

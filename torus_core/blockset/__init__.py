@@ -1,0 +1,1 @@
+"""blockset package."""

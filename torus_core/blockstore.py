@@ -1,0 +1,113 @@
+"""The block-store contract (Go: ``torus.BlockStore``).
+
+A block store keeps fixed-size immutable blocks keyed by :class:`~torus_core.refs.BlockRef`.
+Implementations are registered by name through the ``torus_register_block_stores`` hook and
+opened with :meth:`BlockStore.open`.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+from torus_core.refs import BlockRef
+
+
+@dataclass(frozen=True)
+class BlockStoreConfig:
+    """Arguments every block store receives when opened.
+
+    :param path: directory for persistent stores (ignored by in-memory ones).
+    :param capacity_bytes: storage size; capacity in blocks is ``capacity_bytes // block_size``.
+    :param block_size: size of every block in bytes.
+    :param options: store-specific options from the ``[blockstore.<name>]`` config section.
+    """
+
+    block_size: int
+    capacity_bytes: int
+    path: str | None = None
+    options: Mapping[str, Any] = field(default_factory=dict)
+
+    @property
+    def capacity_blocks(self) -> int:
+        """Number of blocks that fit in ``capacity_bytes``."""
+        return self.capacity_bytes // self.block_size
+
+
+class BlockStore(ABC):
+    """Fixed-size immutable blocks keyed by BlockRef.
+
+    Semantics every implementation must honour (checked by
+    :class:`torus_core.testing.blockstore.BlockStoreContract`):
+
+    * ``write_block`` stores ``data`` (shorter data is zero-padded to ``block_size``; longer
+      data raises :class:`~torus_core.errors.InvalidArgument`). Writing the same ref again with
+      identical content is a no-op; with different content it raises
+      :class:`~torus_core.errors.BlockExists`. A full store raises
+      :class:`~torus_core.errors.OutOfSpace`.
+    * ``get_block`` returns exactly ``block_size`` bytes, raises
+      :class:`~torus_core.errors.BlockNotExist` for a missing ref and
+      :class:`~torus_core.errors.CorruptBlock` if the stored bytes fail an integrity check.
+    * ``delete_block`` of a missing ref raises :class:`~torus_core.errors.BlockNotExist`.
+    * ``flush`` makes every completed write durable (persistent stores fsync).
+    * After ``close`` every method raises :class:`~torus_core.errors.Closed`.
+    """
+
+    #: Registered name, e.g. ``"file"``.
+    name: ClassVar[str]
+    #: True if blocks survive a process restart.
+    persistent: ClassVar[bool] = False
+
+    @classmethod
+    @abstractmethod
+    def open(cls, config: BlockStoreConfig) -> BlockStore:
+        """Create or reopen a store described by ``config``."""
+
+    @property
+    @abstractmethod
+    def block_size(self) -> int:
+        """Size of every block in bytes."""
+
+    @abstractmethod
+    def has_block(self, ref: BlockRef) -> bool:
+        """Whether ``ref`` is stored."""
+
+    @abstractmethod
+    def get_block(self, ref: BlockRef) -> bytes:
+        """Return the block's ``block_size`` bytes."""
+
+    @abstractmethod
+    def write_block(self, ref: BlockRef, data: bytes | bytearray | memoryview) -> None:
+        """Store ``data`` under ``ref``."""
+
+    @abstractmethod
+    def delete_block(self, ref: BlockRef) -> None:
+        """Remove ``ref`` and free its space."""
+
+    @abstractmethod
+    def num_blocks(self) -> int:
+        """Capacity in blocks."""
+
+    @abstractmethod
+    def used_blocks(self) -> int:
+        """Number of blocks stored."""
+
+    @abstractmethod
+    def iter_refs(self) -> Iterator[BlockRef]:
+        """Iterate over a snapshot of the stored refs (safe against concurrent writes)."""
+
+    @abstractmethod
+    def flush(self) -> None:
+        """Make all completed writes durable."""
+
+    @abstractmethod
+    def close(self) -> None:
+        """Flush and release resources. Idempotent."""
+
+    def __enter__(self) -> BlockStore:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

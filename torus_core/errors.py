@@ -1,0 +1,195 @@
+"""The torus exception hierarchy.
+
+Every error a user can see derives from :class:`TorusError`. Backends translate their client
+library's exceptions into these types at one boundary, so callers and the conformance suites
+only ever catch ``torus_core.errors`` types.
+
+The Go original's sentinel errors map as follows:
+
+=========================  ==========================================
+Go                         Python
+=========================  ==========================================
+ErrBlockUnavailable        :class:`BlockUnavailable`
+ErrBlockNotExist           :class:`BlockNotExist`
+ErrClosed                  :class:`Closed`
+ErrCompareFailed           :class:`CompareFailed`
+ErrExists                  :class:`AlreadyExists`
+ErrInvalid                 :class:`InvalidArgument`
+ErrLocked                  :class:`Locked`
+ErrNoGlobalMetadata        :class:`NoGlobalMetadata`
+ErrNoPeer                  :class:`NoPeer`
+ErrNotExist                :class:`NotExist`
+ErrNotSupported            :class:`NotSupported`
+ErrOutOfSpace              :class:`OutOfSpace`
+ErrAgain                   :class:`Again`
+ErrUsage                   :class:`UsageError`
+ErrNonSequentialRing       :class:`NonSequentialRing`
+ErrLeaseNotFound           :class:`LeaseNotFound`
+ErrNoPeersBlock            :class:`NoPeersBlock`
+=========================  ==========================================
+"""
+
+from __future__ import annotations
+
+
+class TorusError(Exception):
+    """Root of every error raised by torus and its plugins."""
+
+    #: Whether retrying the same call later may succeed (outages, lost races).
+    retryable: bool = False
+
+
+# --- generic -------------------------------------------------------------------------------
+
+
+class InvalidArgument(TorusError, ValueError):
+    """An argument is malformed or out of range (Go: ErrInvalid)."""
+
+
+class UsageError(InvalidArgument):
+    """A command was used the wrong way (Go: ErrUsage)."""
+
+
+class NotSupported(TorusError):
+    """The operation is not supported by this implementation (Go: ErrNotSupported)."""
+
+
+class Closed(TorusError):
+    """The object was already closed (Go: ErrClosed)."""
+
+
+class NotExist(TorusError, LookupError):
+    """The named thing does not exist (Go: ErrNotExist)."""
+
+
+class AlreadyExists(TorusError):
+    """The named thing already exists (Go: ErrExists)."""
+
+
+class Again(TorusError):
+    """A transient conflict: re-read and try again (Go: ErrAgain)."""
+
+    retryable = True
+
+
+# --- configuration and plugins -------------------------------------------------------------
+
+
+class ConfigError(TorusError):
+    """Configuration is missing, malformed, or names an unusable value."""
+
+
+class PluginError(TorusError):
+    """Base class for plugin discovery and registration problems."""
+
+
+class UnknownBackendError(PluginError, ConfigError):
+    """A backend name was requested that no loaded plugin provides."""
+
+
+class DuplicateBackendError(PluginError):
+    """Two plugins registered the same name for the same kind."""
+
+
+class PluginLoadError(PluginError):
+    """A plugin's entry point failed to import."""
+
+
+# --- metadata ------------------------------------------------------------------------------
+
+
+class MetadataError(TorusError):
+    """Base class for metadata-service errors."""
+
+
+class CompareFailed(MetadataError):
+    """An optimistic-concurrency check failed; nothing was written (Go: ErrCompareFailed).
+
+    Raised by an event-log append whose expected stream version is stale, or that would
+    duplicate a ``(stream, version)`` pair.
+    """
+
+    def __init__(self, message: str, *, stream_id: str | None = None, version: int | None = None):
+        super().__init__(message)
+        self.stream_id = stream_id
+        self.version = version
+
+
+class MetadataUnavailable(MetadataError):
+    """The metadata backend could not be reached in time. Retry later."""
+
+    retryable = True
+
+    def __init__(self, message: str, *, backend: str | None = None):
+        super().__init__(message)
+        self.backend = backend
+
+
+class NoGlobalMetadata(MetadataError):
+    """The cluster has not been formatted (``torusctl init``) (Go: ErrNoGlobalMetadata)."""
+
+
+class NonSequentialRing(MetadataError):
+    """A new ring's version is not exactly the current version + 1 (Go: ErrNonSequentialRing)."""
+
+
+class Locked(MetadataError):
+    """A volume is locked by another holder, or the caller lost its lock (Go: ErrLocked)."""
+
+
+class LeaseNotFound(MetadataError):
+    """The lease expired or was revoked (Go: ErrLeaseNotFound)."""
+
+
+class DataLossDetected(MetadataError):
+    """The backend no longer holds data it held before (e.g. a restarted empty Redis)."""
+
+
+class SchemaError(MetadataError):
+    """An event has an unknown topic or an unsupported schema version."""
+
+
+# --- blocks and storage --------------------------------------------------------------------
+
+
+class BlockStoreError(TorusError):
+    """Base class for block-store errors."""
+
+
+class BlockNotExist(BlockStoreError, NotExist):
+    """The block is not present (Go: ErrBlockNotExist)."""
+
+
+class BlockUnavailable(BlockStoreError):
+    """The block cannot be read right now, or failed its checksum (Go: ErrBlockUnavailable)."""
+
+    retryable = True
+
+
+class CorruptBlock(BlockUnavailable):
+    """A stored block failed its integrity check; it was not returned."""
+
+
+class OutOfSpace(BlockStoreError):
+    """The block store is full (Go: ErrOutOfSpace)."""
+
+
+class BlockExists(BlockStoreError, AlreadyExists):
+    """A different block is already stored under this ref (blocks are immutable)."""
+
+
+class NoPeer(TorusError):
+    """No peer is available to serve the request (Go: ErrNoPeer)."""
+
+    retryable = True
+
+
+class NoPeersBlock(NoPeer):
+    """No peer could provide the block (Go: ErrNoPeersBlock)."""
+
+
+# --- NBD -----------------------------------------------------------------------------------
+
+
+class ProtocolError(TorusError):
+    """A peer violated a wire protocol (NBD, peer RPC)."""

@@ -1,0 +1,1 @@
+"""Conformance suites shipped for plugins: contract test classes and state machines."""
