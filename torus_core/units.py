@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from fractions import Fraction
 
 from torus_core.errors import InvalidArgument
 
@@ -47,8 +48,8 @@ def parse_size(text: str | int) -> int:
     mult = _UNITS.get(unit.lower())
     if mult is None:
         raise InvalidArgument(f"unknown size unit {unit!r} in {text!r}")
-    value = float(number) * mult
-    if value != int(value):
+    value = Fraction(number) * mult
+    if value.denominator != 1:
         raise InvalidArgument(f"size {text!r} is not a whole number of bytes")
     return int(value)
 

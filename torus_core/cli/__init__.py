@@ -1,0 +1,1 @@
+"""Command-line tools: ``torusctl`` (admin), ``torusd`` (storage daemon), ``torusblk`` (NBD)."""
