@@ -8,4 +8,12 @@ from torus_core.registry import Registry
 
 @hookimpl
 def torus_register_ring_types(registry: Registry) -> None:
-    """Register the built-in ring types (filled in by the ring package)."""
+    """Register ``empty`` (0), ``single`` (1), ``mod`` (2), ``union`` (3) and ``ketama`` (4)."""
+    from torus_core.ring.empty import EmptyRing
+    from torus_core.ring.ketama import KetamaRing
+    from torus_core.ring.mod import ModRing
+    from torus_core.ring.single import SingleRing
+    from torus_core.ring.union import UnionRing
+
+    for cls in (EmptyRing, SingleRing, ModRing, UnionRing, KetamaRing):
+        registry.register(cls.name, cls)
