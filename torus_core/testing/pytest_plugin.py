@@ -30,3 +30,6 @@ settings.register_profile(
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
 )
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "dev"))
+
+# Live-server fixtures (etcd_server, redis_server) for the metadata backends' tests.
+from torus_core.testing.services import etcd_server, redis_server  # noqa: E402, F401

@@ -1,0 +1,356 @@
+"""The event log on etcd v3: one transaction per appended batch.
+
+Key layout under the backend prefix ``P`` (default ``/torus/``)::
+
+    P log/head                      decimal global head position
+    P log/e/<position:020d>         encoded event (see _codec)
+    P log/s/<quoted stream>/<version:020d>   the same encoded event, indexed by stream
+    P snap/<quoted name>            u64 position + snapshot state
+
+An append is a single etcd ``Txn``: it compares the head key's ``mod_revision`` with the one
+this client last saw and, per stream, that the key of the stream's first new version is absent
+and the key of the version before it exists. On success it writes the head and every event key
+(positions are therefore gap-free and assigned in the same atomic write). On failure the same
+round trip reads the head and each stream's last version, so the client can tell a stale stream
+version (:class:`CompareFailed`, nothing written) from a race on the head (retry, bounded).
+
+Unknown outcomes: when a transaction times out, the client cannot know whether it committed. It
+raises :class:`MetadataUnavailable` and remembers the batch id; an identical retry that then
+fails its stream compare reads the stored events back and, if they carry that batch id, returns
+their positions instead of :class:`CompareFailed`.
+"""
+
+from __future__ import annotations
+
+import random
+import threading
+import time
+import uuid
+from collections.abc import Iterator, Sequence
+from typing import Any
+from urllib.parse import quote
+
+import grpc
+from etcd3 import etcdrpc
+
+from torus_core.errors import Again, CompareFailed, InvalidArgument, MetadataUnavailable
+from torus_core.eventlog import EventLog, NewEvent, StoredEvent
+from torus_etcd._codec import decode_event, encode_event
+from torus_etcd._transport import EtcdTransport, translate
+
+#: How many head races one append may lose before giving up with :class:`Again`.
+MAX_HEAD_RETRIES = 200
+
+_SNAP = ">Q"
+
+
+def prefix_end(prefix: bytes) -> bytes:
+    """The etcd ``range_end`` that selects every key starting with ``prefix``."""
+    b = bytearray(prefix)
+    for i in range(len(b) - 1, -1, -1):
+        if b[i] < 0xFF:
+            b[i] += 1
+            return bytes(b[: i + 1])
+    return b"\0"
+
+
+def _num(n: int) -> bytes:
+    return b"%020d" % n
+
+
+def check_batch(events: Sequence[NewEvent]) -> dict[str, tuple[int, int]]:
+    """Validate a batch locally; return ``{stream: (first_version, last_version)}`` in batch order.
+
+    Raises :class:`InvalidArgument` for malformed events and :class:`CompareFailed` when a
+    stream's versions inside the batch are not consecutive.
+    """
+    streams: dict[str, tuple[int, int]] = {}
+    for ev in events:
+        if not isinstance(ev, NewEvent):
+            raise InvalidArgument(f"append takes NewEvent objects, got {type(ev).__name__}")
+        if not isinstance(ev.stream_id, str) or not ev.stream_id:
+            raise InvalidArgument("stream_id must be a non-empty string")
+        if not isinstance(ev.topic, str):
+            raise InvalidArgument("topic must be a string")
+        if not isinstance(ev.state, bytes | bytearray | memoryview):
+            raise InvalidArgument("state must be bytes")
+        if not isinstance(ev.version, int) or isinstance(ev.version, bool):
+            raise InvalidArgument("version must be an int")
+        seen = streams.get(ev.stream_id)
+        if seen is None:
+            if ev.version < 1:
+                raise CompareFailed(
+                    f"stream {ev.stream_id!r}: version {ev.version} < 1",
+                    stream_id=ev.stream_id,
+                    version=ev.version,
+                )
+            streams[ev.stream_id] = (ev.version, ev.version)
+        else:
+            if ev.version != seen[1] + 1:
+                raise CompareFailed(
+                    f"stream {ev.stream_id!r}: version {ev.version} does not follow {seen[1]} in the batch",
+                    stream_id=ev.stream_id,
+                    version=ev.version,
+                )
+            streams[ev.stream_id] = (seen[0], ev.version)
+    return streams
+
+
+class EtcdEventLog(EventLog):
+    """:class:`EventLog` on etcd; see the module docstring for keys and the append protocol."""
+
+    def __init__(self, transport: EtcdTransport, prefix: bytes) -> None:
+        self._t = transport
+        self._p = prefix
+        self._head_key = prefix + b"log/head"
+        self._event_prefix = prefix + b"log/e/"
+        self._stream_root = prefix + b"log/s/"
+        self._snap_prefix = prefix + b"snap/"
+        self._cache_lock = threading.Lock()
+        self._head: tuple[int, int] = (0, 0)  # (position, mod_revision) last seen
+        self._uncertain: tuple[tuple[NewEvent, ...], bytes] | None = None
+
+    # --- keys ---------------------------------------------------------------------------
+
+    def _stream_prefix(self, stream_id: str) -> bytes:
+        return self._stream_root + quote(stream_id, safe="").encode() + b"/"
+
+    def _stream_key(self, stream_id: str, version: int) -> bytes:
+        return self._stream_prefix(stream_id) + _num(version)
+
+    def reset_cache(self) -> None:
+        """Forget the cached head (after a wipe)."""
+        with self._cache_lock:
+            self._head = (0, 0)
+
+    # --- append -------------------------------------------------------------------------
+
+    def append(self, events: Sequence[NewEvent]) -> list[int]:
+        """Atomically append ``events`` in one etcd transaction; return their positions."""
+        events = tuple(events)
+        if not events:
+            return []
+        streams = check_batch(events)
+        batch_id = uuid.uuid4().bytes
+        if self._uncertain is not None and self._uncertain[0] == events:
+            batch_id = self._uncertain[1]
+        with self._cache_lock:
+            head, rev = self._head
+        for attempt in range(MAX_HEAD_RETRIES):
+            now = time.time()
+            cmp = [
+                etcdrpc.Compare(
+                    result=etcdrpc.Compare.EQUAL,
+                    target=etcdrpc.Compare.MOD,
+                    key=self._head_key,
+                    mod_revision=rev,
+                )
+            ]
+            failure = [etcdrpc.RequestOp(request_range=etcdrpc.RangeRequest(key=self._head_key))]
+            for sid, (first, _last) in streams.items():
+                cmp.append(
+                    etcdrpc.Compare(
+                        result=etcdrpc.Compare.EQUAL,
+                        target=etcdrpc.Compare.CREATE,
+                        key=self._stream_key(sid, first),
+                        create_revision=0,
+                    )
+                )
+                if first > 1:
+                    cmp.append(
+                        etcdrpc.Compare(
+                            result=etcdrpc.Compare.GREATER,
+                            target=etcdrpc.Compare.CREATE,
+                            key=self._stream_key(sid, first - 1),
+                            create_revision=0,
+                        )
+                    )
+                sp = self._stream_prefix(sid)
+                failure.append(
+                    etcdrpc.RequestOp(
+                        request_range=etcdrpc.RangeRequest(
+                            key=sp,
+                            range_end=prefix_end(sp),
+                            limit=1,
+                            keys_only=True,
+                            sort_order=etcdrpc.RangeRequest.DESCEND,
+                            sort_target=etcdrpc.RangeRequest.KEY,
+                        )
+                    )
+                )
+            success = [
+                etcdrpc.RequestOp(
+                    request_put=etcdrpc.PutRequest(key=self._head_key, value=str(head + len(events)).encode())
+                )
+            ]
+            for i, ev in enumerate(events):
+                data = encode_event(ev, head + 1 + i, now, batch_id)
+                success.append(
+                    etcdrpc.RequestOp(
+                        request_put=etcdrpc.PutRequest(
+                            key=self._event_prefix + _num(head + 1 + i), value=data
+                        )
+                    )
+                )
+                success.append(
+                    etcdrpc.RequestOp(
+                        request_put=etcdrpc.PutRequest(
+                            key=self._stream_key(ev.stream_id, ev.version), value=data
+                        )
+                    )
+                )
+            req = etcdrpc.TxnRequest(compare=cmp, success=success, failure=failure)
+            try:
+                resp = self._t.call("KV", "Txn", req)
+            except MetadataUnavailable:
+                self._uncertain = (events, batch_id)
+                raise
+            if resp.succeeded:
+                with self._cache_lock:
+                    if resp.header.revision > self._head[1]:
+                        self._head = (head + len(events), resp.header.revision)
+                if self._uncertain is not None and self._uncertain[0] == events:
+                    self._uncertain = None
+                return list(range(head + 1, head + 1 + len(events)))
+            # Failed: learn the head and each stream's version from the same round trip.
+            kvs = resp.responses[0].response_range.kvs
+            head, rev = (int(kvs[0].value), kvs[0].mod_revision) if kvs else (0, 0)
+            with self._cache_lock:
+                if rev >= self._head[1]:
+                    self._head = (head, rev)
+            for j, (sid, (first, _last)) in enumerate(streams.items()):
+                skvs = resp.responses[j + 1].response_range.kvs
+                current = int(skvs[0].key.rsplit(b"/", 1)[1]) if skvs else 0
+                if current != first - 1:
+                    done = self._committed_earlier(events, batch_id)
+                    if done is not None:
+                        return done
+                    raise CompareFailed(
+                        f"stream {sid!r} is at version {current}; append expected {first - 1}",
+                        stream_id=sid,
+                        version=first,
+                    )
+            if attempt > 3:
+                time.sleep(random.uniform(0, 0.001 * min(attempt, 20)))
+        raise Again(f"append lost {MAX_HEAD_RETRIES} races for the global head; retry")
+
+    def _committed_earlier(self, events: tuple[NewEvent, ...], batch_id: bytes) -> list[int] | None:
+        """If an earlier attempt of this very batch (timed out) did commit, return its positions."""
+        if self._uncertain is None or self._uncertain != (events, batch_id):
+            return None
+        first = events[0]
+        resp = self._t.call(
+            "KV", "Range", etcdrpc.RangeRequest(key=self._stream_key(first.stream_id, first.version))
+        )
+        if not resp.kvs:
+            return None
+        stored, stored_batch = decode_event(resp.kvs[0].value)
+        if stored_batch != batch_id:
+            return None
+        self._uncertain = None
+        return list(range(stored.position, stored.position + len(events)))
+
+    # --- reads --------------------------------------------------------------------------
+
+    def _range(self, key: bytes, end: bytes, limit: int | None) -> Any:
+        if limit is not None and limit < 0:
+            raise InvalidArgument("limit must be >= 0")
+        return self._t.call("KV", "Range", etcdrpc.RangeRequest(key=key, range_end=end, limit=limit or 0))
+
+    def read_stream(self, stream_id: str, *, after: int = 0, limit: int | None = None) -> list[StoredEvent]:
+        """Events of ``stream_id`` with version > ``after``, oldest first (one range read)."""
+        if limit == 0:
+            return []
+        sp = self._stream_prefix(stream_id)
+        resp = self._range(sp + _num(max(after, 0) + 1), prefix_end(sp), limit)
+        return [decode_event(kv.value)[0] for kv in resp.kvs]
+
+    def stream_version(self, stream_id: str) -> int:
+        """The stream's newest version (0 if empty)."""
+        sp = self._stream_prefix(stream_id)
+        req = etcdrpc.RangeRequest(
+            key=sp,
+            range_end=prefix_end(sp),
+            limit=1,
+            keys_only=True,
+            sort_order=etcdrpc.RangeRequest.DESCEND,
+            sort_target=etcdrpc.RangeRequest.KEY,
+        )
+        resp = self._t.call("KV", "Range", req)
+        return int(resp.kvs[0].key.rsplit(b"/", 1)[1]) if resp.kvs else 0
+
+    def read_all(self, *, after: int = 0, limit: int | None = None) -> list[StoredEvent]:
+        """Events with position > ``after`` in position order (one range read)."""
+        if limit == 0:
+            return []
+        resp = self._range(
+            self._event_prefix + _num(max(after, 0) + 1), prefix_end(self._event_prefix), limit
+        )
+        return [decode_event(kv.value)[0] for kv in resp.kvs]
+
+    def head_position(self) -> int:
+        """The global head position (0 for an empty log)."""
+        resp = self._t.call("KV", "Range", etcdrpc.RangeRequest(key=self._head_key))
+        return int(resp.kvs[0].value) if resp.kvs else 0
+
+    def wait_for_events(self, after: int, timeout: float) -> list[StoredEvent]:
+        """Return events after ``after``, waiting up to ``timeout`` s on an etcd watch of the head key."""
+        deadline = time.monotonic() + max(0.0, timeout)
+        req = etcdrpc.RangeRequest(
+            key=self._event_prefix + _num(max(after, 0) + 1), range_end=prefix_end(self._event_prefix)
+        )
+        resp = self._t.call("KV", "Range", req)
+        if resp.kvs:
+            return [decode_event(kv.value)[0] for kv in resp.kvs]
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            return []
+        if self._watch_head(resp.header.revision + 1, remaining):
+            return self.read_all(after=after)
+        return []
+
+    def _watch_head(self, start_revision: int, timeout: float) -> bool:
+        """Block until the head key changes at or after ``start_revision``; False on timeout."""
+        done = threading.Event()
+        create = etcdrpc.WatchRequest(
+            create_request=etcdrpc.WatchCreateRequest(key=self._head_key, start_revision=start_revision)
+        )
+
+        def requests() -> Iterator[Any]:
+            yield create
+            done.wait(timeout + 5.0)
+
+        call, _ep = self._t.stream("Watch", "Watch", requests(), timeout)
+        try:
+            for wresp in call:
+                if wresp.events or wresp.canceled or wresp.compact_revision:
+                    return True
+            return False
+        except grpc.RpcError as exc:
+            if exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
+                return False
+            self._t.fail_over()
+            raise translate(exc) from exc
+        finally:
+            done.set()
+            call.cancel()
+
+    # --- snapshots ----------------------------------------------------------------------
+
+    def _snap_key(self, name: str) -> bytes:
+        return self._snap_prefix + quote(name, safe="").encode()
+
+    def save_snapshot(self, name: str, position: int, state: bytes) -> None:
+        """Store (replace) the snapshot ``name`` taken at ``position``."""
+        if position < 0:
+            raise InvalidArgument("snapshot position must be >= 0")
+        value = position.to_bytes(8, "big") + bytes(state)
+        self._t.call("KV", "Put", etcdrpc.PutRequest(key=self._snap_key(name), value=value))
+
+    def load_snapshot(self, name: str) -> tuple[int, bytes] | None:
+        """Return ``(position, state)`` of snapshot ``name`` or ``None``."""
+        resp = self._t.call("KV", "Range", etcdrpc.RangeRequest(key=self._snap_key(name)))
+        if not resp.kvs:
+            return None
+        v = resp.kvs[0].value
+        return int.from_bytes(v[:8], "big"), bytes(v[8:])

@@ -1,0 +1,333 @@
+"""Real etcd and Redis servers on loopback for tests and benchmarks.
+
+:func:`start_etcd` / :func:`start_redis` launch a private server (temporary data dir, free
+127.0.0.1 ports) and return a handle that is stopped by PID: SIGTERM, a bounded wait, then
+SIGKILL, always reaped with :meth:`subprocess.Popen.wait`. Handles offer ``pause()`` /
+``resume()`` (SIGSTOP / SIGCONT), ``kill()`` and ``restart()`` for outage tests; an etcd restart
+reuses its data dir and ports, a Redis restart comes back empty (no persistence).
+
+The pytest fixtures ``etcd_server`` and ``redis_server`` (session scoped) are exported through
+:mod:`torus_core.testing.pytest_plugin`. A missing binary makes the fixture **fail** with a
+clear message; nothing is skipped. ``TORUS_TEST_ETCD_ENDPOINTS=host:port[,...]`` and
+``TORUS_TEST_REDIS_URL=redis://...`` point the fixtures at external servers instead (those
+handles cannot pause/kill).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+#: Seconds a server gets to become ready before start-up is declared failed.
+READY_TIMEOUT = 15.0
+#: Seconds a server gets to exit after SIGTERM before it is SIGKILLed.
+STOP_TIMEOUT = 5.0
+
+
+class ServiceError(RuntimeError):
+    """A test service could not be started, or its binary is missing."""
+
+
+def free_port() -> int:
+    """Return a TCP port on 127.0.0.1 that was free a moment ago."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _require_binary(name: str) -> str:
+    path = shutil.which(name) or (f"/usr/bin/{name}" if os.path.exists(f"/usr/bin/{name}") else None)
+    if path is None:
+        raise ServiceError(
+            f"{name!r} is not installed (not on PATH nor in /usr/bin); install it "
+            f"(Debian: apt-get install {'etcd-server' if name == 'etcd' else 'redis-server'}) "
+            f"or point the tests at a running server with "
+            f"{'TORUS_TEST_ETCD_ENDPOINTS' if name == 'etcd' else 'TORUS_TEST_REDIS_URL'}"
+        )
+    return path
+
+
+def _stop_process(proc: subprocess.Popen[bytes], timeout: float = STOP_TIMEOUT) -> None:
+    """SIGTERM ``proc`` (continuing it first if stopped), wait boundedly, then SIGKILL; always reap."""
+    if proc.poll() is not None:
+        return
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(proc.pid, signal.SIGCONT)
+        os.kill(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=timeout)
+
+
+@dataclass
+class ServerProcess:
+    """A server started by this module; the base of :class:`EtcdServer` and :class:`RedisServer`."""
+
+    workdir: Path
+    proc: subprocess.Popen[bytes] | None = None
+    external: bool = False
+    _log: object | None = field(default=None, repr=False)
+
+    @property
+    def pid(self) -> int | None:
+        """PID of the running server process (``None`` when external or stopped)."""
+        return self.proc.pid if self.proc is not None and self.proc.poll() is None else None
+
+    def _command(self) -> list[str]:
+        raise NotImplementedError
+
+    def _ready(self) -> bool:
+        raise NotImplementedError
+
+    def _require_own(self) -> subprocess.Popen[bytes]:
+        if self.external or self.proc is None:
+            raise ServiceError("this server was not started by the test services; cannot signal it")
+        return self.proc
+
+    def start(self) -> None:
+        """Launch the server and wait (bounded) until it answers its readiness probe."""
+        if self.external:
+            return
+        log = open(self.workdir / "server.log", "ab")
+        self._log = log
+        self.proc = subprocess.Popen(
+            self._command(),
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            cwd=self.workdir,
+            start_new_session=True,
+        )
+        deadline = time.monotonic() + READY_TIMEOUT
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                tail = (self.workdir / "server.log").read_text(errors="replace")[-2000:]
+                raise ServiceError(f"{self._command()[0]} exited with {self.proc.returncode}: {tail}")
+            if self._ready():
+                return
+            time.sleep(0.02)
+        _stop_process(self.proc)
+        raise ServiceError(f"{self._command()[0]} not ready within {READY_TIMEOUT}s")
+
+    def stop(self) -> None:
+        """Stop the server by PID (SIGTERM, bounded wait, SIGKILL) and reap it."""
+        if self.proc is not None:
+            _stop_process(self.proc)
+        if self._log is not None:
+            self._log.close()  # type: ignore[attr-defined]
+            self._log = None
+
+    def pause(self) -> None:
+        """Freeze the server (SIGSTOP): connections stay open but nothing answers."""
+        os.kill(self._require_own().pid, signal.SIGSTOP)
+
+    def resume(self) -> None:
+        """Unfreeze a paused server (SIGCONT)."""
+        os.kill(self._require_own().pid, signal.SIGCONT)
+
+    def kill(self) -> None:
+        """SIGKILL the server and reap it (a crash: no clean shutdown)."""
+        proc = self._require_own()
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=STOP_TIMEOUT)
+
+    def restart(self) -> None:
+        """Start the server again on the same ports and data dir after :meth:`kill`/:meth:`stop`."""
+        self._require_own()
+        self.stop()
+        self.start()
+
+
+@dataclass
+class EtcdServer(ServerProcess):
+    """A single-node etcd on loopback with fast raft timing."""
+
+    client_port: int = 0
+    peer_port: int = 0
+    host: str = "127.0.0.1"
+    extra_args: tuple[str, ...] = ()
+
+    @property
+    def endpoint(self) -> str:
+        """``host:port`` of the client URL."""
+        return f"{self.host}:{self.client_port}"
+
+    @property
+    def url(self) -> str:
+        """The torus metadata URL (``etcd://host:port``)."""
+        return f"etcd://{self.endpoint}"
+
+    def _command(self) -> list[str]:
+        client = f"http://127.0.0.1:{self.client_port}"
+        peer = f"http://127.0.0.1:{self.peer_port}"
+        return [
+            _require_binary("etcd"),
+            "--name=torus-test",
+            f"--data-dir={self.workdir / 'data'}",
+            f"--listen-client-urls={client}",
+            f"--advertise-client-urls={client}",
+            f"--listen-peer-urls={peer}",
+            f"--initial-advertise-peer-urls={peer}",
+            f"--initial-cluster=torus-test={peer}",
+            "--heartbeat-interval=10",
+            "--election-timeout=100",
+            *self.extra_args,
+        ]
+
+    def _ready(self) -> bool:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{self.client_port}/health", timeout=0.5) as r:
+                return b"true" in r.read()
+        except (OSError, urllib.error.URLError):
+            return False
+
+
+@dataclass
+class RedisServer(ServerProcess):
+    """A redis-server on loopback without persistence."""
+
+    port: int = 0
+    host: str = "127.0.0.1"
+    external_url: str | None = None
+    extra_args: tuple[str, ...] = ()
+
+    @property
+    def url(self) -> str:
+        """The torus metadata URL (``redis://127.0.0.1:PORT/0``)."""
+        return self.external_url or f"redis://{self.host}:{self.port}/0"
+
+    def _command(self) -> list[str]:
+        return [
+            _require_binary("redis-server"),
+            "--port",
+            str(self.port),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--dir",
+            str(self.workdir),
+            *self.extra_args,
+        ]
+
+    def _ready(self) -> bool:
+        try:
+            with socket.create_connection(("127.0.0.1", self.port), timeout=0.5) as s:
+                s.sendall(b"PING\r\n")
+                return s.recv(16).startswith(b"+PONG")
+        except OSError:
+            return False
+
+
+def start_etcd(workdir: Path | None = None, extra_args: tuple[str, ...] = ()) -> EtcdServer:
+    """Start a private etcd; the caller must :meth:`~ServerProcess.stop` it."""
+    wd = workdir or Path(tempfile.mkdtemp(prefix="torus-etcd-"))
+    server = EtcdServer(
+        workdir=wd, client_port=free_port(), peer_port=free_port(), extra_args=tuple(extra_args)
+    )
+    server.start()
+    return server
+
+
+def start_redis(workdir: Path | None = None, extra_args: tuple[str, ...] = ()) -> RedisServer:
+    """Start a private redis-server; the caller must :meth:`~ServerProcess.stop` it."""
+    wd = workdir or Path(tempfile.mkdtemp(prefix="torus-redis-"))
+    server = RedisServer(workdir=wd, port=free_port(), extra_args=tuple(extra_args))
+    server.start()
+    return server
+
+
+@contextlib.contextmanager
+def etcd_service(extra_args: tuple[str, ...] = ()) -> Iterator[EtcdServer]:
+    """Context manager: a private etcd, stopped by PID and its data dir removed on exit."""
+    wd = Path(tempfile.mkdtemp(prefix="torus-etcd-"))
+    server = EtcdServer(workdir=wd, client_port=free_port(), peer_port=free_port(), extra_args=extra_args)
+    try:
+        server.start()
+        yield server
+    finally:
+        server.stop()
+        shutil.rmtree(wd, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def redis_service(extra_args: tuple[str, ...] = ()) -> Iterator[RedisServer]:
+    """Context manager: a private redis-server, stopped by PID and its dir removed on exit."""
+    wd = Path(tempfile.mkdtemp(prefix="torus-redis-"))
+    server = RedisServer(workdir=wd, port=free_port(), extra_args=extra_args)
+    try:
+        server.start()
+        yield server
+    finally:
+        server.stop()
+        shutil.rmtree(wd, ignore_errors=True)
+
+
+def _external_etcd() -> EtcdServer | None:
+    spec = os.environ.get("TORUS_TEST_ETCD_ENDPOINTS")
+    if not spec:
+        return None
+    host, _, port = spec.split(",")[0].rpartition(":")
+    return EtcdServer(workdir=Path(tempfile.gettempdir()), external=True, host=host, client_port=int(port))
+
+
+def _external_redis() -> RedisServer | None:
+    url = os.environ.get("TORUS_TEST_REDIS_URL")
+    if not url:
+        return None
+    return RedisServer(workdir=Path(tempfile.gettempdir()), external=True, external_url=url)
+
+
+@pytest.fixture(scope="session")
+def etcd_server() -> Iterator[EtcdServer]:
+    """A session-wide etcd on loopback (or ``TORUS_TEST_ETCD_ENDPOINTS``); fails if etcd is missing."""
+    external = _external_etcd()
+    if external is not None:
+        yield external
+        return
+    try:
+        cm = etcd_service()
+        server = cm.__enter__()
+    except ServiceError as exc:
+        pytest.fail(f"cannot start etcd for the tests: {exc}", pytrace=False)
+    try:
+        yield server
+    finally:
+        cm.__exit__(None, None, None)
+
+
+@pytest.fixture(scope="session")
+def redis_server() -> Iterator[RedisServer]:
+    """A session-wide redis-server on loopback (or ``TORUS_TEST_REDIS_URL``); fails if missing."""
+    external = _external_redis()
+    if external is not None:
+        yield external
+        return
+    try:
+        cm = redis_service()
+        server = cm.__enter__()
+    except ServiceError as exc:
+        pytest.fail(f"cannot start redis-server for the tests: {exc}", pytrace=False)
+    try:
+        yield server
+    finally:
+        cm.__exit__(None, None, None)
