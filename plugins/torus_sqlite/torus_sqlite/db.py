@@ -1,0 +1,110 @@
+"""One SQLite file behind a SQLAlchemy engine: pragmas, transactions and error translation.
+
+Writes run in ``BEGIN IMMEDIATE`` transactions, so the write lock is taken *before* anything is
+read: a check-then-insert in one write transaction cannot race another process. Reads run in
+plain deferred transactions (a consistent WAL snapshot). SQLite errors are translated here into
+:mod:`torus_core.errors` types, and nowhere else.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+from sqlalchemy import Connection, Engine, create_engine, event
+from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError
+
+from torus_core.errors import Closed, CompareFailed, MetadataUnavailable
+from torus_sqlite.backend import DEFAULT_BUSY_TIMEOUT
+from torus_sqlite.schema import create_schema, metadata
+
+
+class Database:
+    """A WAL-mode, ``synchronous=FULL`` SQLite database shared safely by threads and processes."""
+
+    def __init__(self, path: str, *, busy_timeout: float = DEFAULT_BUSY_TIMEOUT) -> None:
+        self.path = path
+        self.busy_timeout = busy_timeout
+        self._closed = False
+        self._close_lock = threading.Lock()
+        self.engine: Engine = create_engine(
+            f"sqlite:///{path}",
+            connect_args={"timeout": busy_timeout, "check_same_thread": False},
+            isolation_level="AUTOCOMMIT",  # we issue BEGIN/COMMIT ourselves
+            pool_pre_ping=False,
+        )
+        event.listen(self.engine, "connect", self._on_connect)
+        with self.write() as conn:
+            create_schema(conn)
+
+    def _on_connect(self, dbapi_conn: sqlite3.Connection, _record: Any) -> None:
+        dbapi_conn.isolation_level = None
+        cur = dbapi_conn.cursor()
+        try:
+            cur.execute(f"PRAGMA busy_timeout = {int(self.busy_timeout * 1000)}")
+            cur.execute("PRAGMA journal_mode = WAL")
+            cur.execute("PRAGMA synchronous = FULL")
+            cur.execute("PRAGMA foreign_keys = ON")
+        finally:
+            cur.close()
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise Closed(f"sqlite metadata backend {self.path!r} is closed")
+
+    @contextmanager
+    def _translate(self) -> Iterator[None]:
+        try:
+            yield
+        except IntegrityError as exc:
+            raise CompareFailed(f"append conflicts with a stored event: {exc.orig}") from exc
+        except OperationalError as exc:
+            raise MetadataUnavailable(f"sqlite {self.path!r}: {exc.orig}", backend="sqlite") from exc
+        except DBAPIError as exc:
+            raise MetadataUnavailable(f"sqlite {self.path!r}: {exc.orig}", backend="sqlite") from exc
+        except sqlite3.Error as exc:
+            raise MetadataUnavailable(f"sqlite {self.path!r}: {exc}", backend="sqlite") from exc
+
+    @contextmanager
+    def _tx(self, begin: str) -> Iterator[Connection]:
+        self._check_open()
+        with self._translate(), self.engine.connect() as conn:
+            conn.exec_driver_sql(begin)
+            try:
+                yield conn
+            except BaseException:
+                _rollback(conn)
+                raise
+            conn.exec_driver_sql("COMMIT")
+
+    def write(self) -> Any:
+        """Context manager: a ``BEGIN IMMEDIATE`` transaction (holds the write lock)."""
+        return self._tx("BEGIN IMMEDIATE")
+
+    def read(self) -> Any:
+        """Context manager: a deferred read transaction (one consistent snapshot)."""
+        return self._tx("BEGIN")
+
+    def wipe(self) -> None:
+        """Delete every row of every table except the schema facts."""
+        with self.write() as conn:
+            for table in metadata.sorted_tables:
+                if table.name != "torus_meta":
+                    conn.execute(table.delete())
+
+    def close(self) -> None:
+        """Dispose of the engine's connections. Idempotent."""
+        with self._close_lock:
+            if not self._closed:
+                self._closed = True
+                self.engine.dispose()
+
+
+def _rollback(conn: Connection) -> None:
+    try:
+        conn.exec_driver_sql("ROLLBACK")
+    except (OperationalError, DBAPIError):
+        pass  # SQLite already rolled back (or the connection is gone): nothing to undo
