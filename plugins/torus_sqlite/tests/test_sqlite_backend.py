@@ -192,8 +192,8 @@ def test_sigkill_mid_append_loses_no_acknowledged_event(tmp_path: Path) -> None:
             line = proc.stdout.readline()
             if not line:
                 break
-            _, version, position = line.split()
-            acked.append((int(version), int(position)))
+            _, v_text, p_text = line.split()
+            acked.append((int(v_text), int(p_text)))
         assert len(acked) >= 40, proc.stderr.read() if proc.stderr else ""
     finally:
         _stop(proc)
