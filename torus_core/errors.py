@@ -178,6 +178,10 @@ class BlockExists(BlockStoreError, AlreadyExists):
     """A different block is already stored under this ref (blocks are immutable)."""
 
 
+class BlockStoreLocked(BlockStoreError):
+    """Another process (or open handle) already holds this persistent block store's directory."""
+
+
 class NoPeer(TorusError):
     """No peer is available to serve the request (Go: ErrNoPeer)."""
 
