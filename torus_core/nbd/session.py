@@ -1,0 +1,66 @@
+"""Configuration shared by the handshake and transmission phases, and what negotiation yields."""
+
+from __future__ import annotations
+
+import ssl
+from dataclasses import dataclass
+
+from torus_core.nbd.constants import TransmissionFlag
+from torus_core.nbd.export import Export, ExportInfo
+
+MiB = 1024 * 1024
+
+
+@dataclass(frozen=True)
+class ServerOptions:
+    """Tunables of an :class:`~torus_core.nbd.server.NBDServer`."""
+
+    tls: ssl.SSLContext | None = None
+    #: FORCEDTLS mode: every option but STARTTLS/ABORT is refused with NBD_REP_ERR_TLS_REQD.
+    tls_required: bool = False
+    handshake_timeout: float = 10.0
+    max_connections: int = 64
+    #: Largest READ/WRITE payload accepted (advertised as the maximum block size).
+    max_payload: int = 32 * MiB
+    #: Largest option payload read during the handshake; bigger ones get NBD_REP_ERR_TOO_BIG.
+    max_option_length: int = 64 * 1024
+    #: Per-connection bound on requests being processed at once.
+    max_inflight: int = 128
+    #: Per-connection bound on payload bytes of requests being processed at once.
+    max_inflight_bytes: int = 64 * MiB
+    #: Worker threads for blocking exports (None: ``min(32, cpus + 4)``).
+    workers: int | None = None
+
+
+@dataclass
+class Session:
+    """The outcome of a successful negotiation: an opened export and the agreed features."""
+
+    export: Export
+    flags: int
+    structured: bool
+    #: Metadata context id of ``base:allocation`` if the client selected it, else None.
+    allocation_context: int | None
+    max_block_size: int
+
+
+def transmission_flags(info: ExportInfo, structured: bool) -> int:
+    """Transmission flags advertised for an export."""
+    flags = TransmissionFlag.HAS_FLAGS | TransmissionFlag.SEND_FLUSH
+    if info.read_only:
+        flags |= TransmissionFlag.READ_ONLY
+    else:
+        flags |= TransmissionFlag.SEND_FUA | TransmissionFlag.SEND_TRIM | TransmissionFlag.SEND_WRITE_ZEROES
+    if structured:
+        flags |= TransmissionFlag.SEND_DF
+    if info.multi_conn:
+        flags |= TransmissionFlag.CAN_MULTI_CONN
+    return int(flags)
+
+
+def block_sizes(info: ExportInfo, max_payload: int) -> tuple[int, int, int]:
+    """(minimum, preferred, maximum) block sizes advertised for an export."""
+    maximum = max(1, min(info.max_block_size, max_payload))
+    minimum = max(1, min(info.min_block_size, maximum))
+    preferred = max(minimum, min(info.preferred_block_size, maximum))
+    return minimum, preferred, maximum

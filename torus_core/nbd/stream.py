@@ -1,0 +1,252 @@
+"""A zero-copy byte stream over asyncio's BufferedProtocol.
+
+:class:`BufferedStream` lets a coroutine read exact-sized headers (``readexactly``) and receive
+bulk payloads straight into a caller's buffer (``readinto``): while a ``readinto`` is pending and
+nothing is buffered, ``get_buffer`` hands the kernel the caller's memory, so write payloads are
+not copied in Python. Small reads are served from an internal buffer without suspending when the
+bytes are already there. Writes go straight to the transport, with flow control via ``drain``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ssl
+import struct
+from collections.abc import Callable
+from typing import Any
+
+from torus_core.errors import ProtocolError
+
+_BUF_SIZE = 256 * 1024
+
+
+class ConnectionClosed(ProtocolError):
+    """The peer closed the connection (or it broke) while we were waiting for bytes."""
+
+
+class BufferedStream(asyncio.BufferedProtocol):
+    """asyncio protocol + stream-style reader/writer for one NBD connection."""
+
+    def __init__(self, buffer_size: int = _BUF_SIZE) -> None:
+        self.transport: asyncio.Transport | None = None
+        self._buf = bytearray(buffer_size)
+        self._bufview = memoryview(self._buf)
+        self._start = 0
+        self._end = 0
+        self._target: memoryview | None = None  # pending readinto destination
+        self._target_pos = 0
+        self._need = 0  # bytes wanted in _buf for a pending readexactly
+        self._waiter: asyncio.Future[None] | None = None
+        self._closed_exc: BaseException | None = None
+        self._eof = False
+        self._paused = False
+        self._reading_paused = False
+        self._drain_waiter: asyncio.Future[None] | None = None
+        self.lost: asyncio.Future[None] | None = None
+        #: Called once the connection is made (the server starts its handler from here).
+        self.on_made: Callable[[BufferedStream], None] | None = None
+
+    # --- protocol callbacks ----------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        """Remember the transport."""
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+        loop = asyncio.get_running_loop()
+        self.lost = loop.create_future()
+        if self.on_made is not None:
+            self.on_made(self)
+
+    def get_buffer(self, sizehint: int) -> memoryview:
+        """Give the caller's buffer if a readinto is pending and nothing is buffered."""
+        if self._target is not None and self._start == self._end:
+            return self._target[self._target_pos :]
+        if self._start == self._end:
+            self._start = self._end = 0
+        elif len(self._buf) - self._end < 65536 and self._start > 0:
+            # Compact: move the unread tail to the front.
+            n = self._end - self._start
+            self._buf[:n] = self._buf[self._start : self._end]
+            self._start, self._end = 0, n
+        if self._end == len(self._buf):
+            self._buf.extend(bytes(len(self._buf)))
+            self._bufview.release()
+            self._bufview = memoryview(self._buf)
+        return self._bufview[self._end :]
+
+    def buffer_updated(self, nbytes: int) -> None:
+        """Account received bytes and wake the reader if its request is satisfied."""
+        if self._target is not None and self._start == self._end:
+            self._target_pos += nbytes
+            if self._target_pos >= len(self._target):
+                self._wake()
+            return
+        self._end += nbytes
+        if self._target is not None or self._end - self._start >= self._need:
+            self._wake()
+        if (
+            not self._reading_paused
+            and self._end - self._start >= len(self._buf) // 2
+            and self.transport is not None
+        ):
+            # The reader is not keeping up (e.g. its in-flight budget is full): stop reading
+            # from the socket so the internal buffer stays bounded.
+            self._reading_paused = True
+            self.transport.pause_reading()
+
+    def _consumed(self) -> None:
+        if self._reading_paused and self._end - self._start < len(self._buf) // 4:
+            self._reading_paused = False
+            if self.transport is not None and not self.transport.is_closing():
+                self.transport.resume_reading()
+
+    def eof_received(self) -> bool:
+        """Peer half-closed: fail pending reads; let the transport close."""
+        self._eof = True
+        self._wake()
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        """Fail pending reads and drains."""
+        self._closed_exc = exc or ConnectionClosed("connection closed")
+        self._eof = True
+        self._wake()
+        if self._drain_waiter is not None and not self._drain_waiter.done():
+            self._drain_waiter.set_result(None)
+        if self.lost is not None and not self.lost.done():
+            self.lost.set_result(None)
+
+    def pause_writing(self) -> None:
+        """The transport's write buffer is above its high-water mark."""
+        self._paused = True
+
+    def resume_writing(self) -> None:
+        """The transport's write buffer drained below its low-water mark."""
+        self._paused = False
+        if self._drain_waiter is not None and not self._drain_waiter.done():
+            self._drain_waiter.set_result(None)
+
+    def _wake(self) -> None:
+        w = self._waiter
+        if w is not None and not w.done():
+            w.set_result(None)
+
+    async def _wait(self) -> None:
+        if self._eof:
+            raise ConnectionClosed("connection closed by peer")
+        self._waiter = asyncio.get_running_loop().create_future()
+        try:
+            await self._waiter
+        finally:
+            self._waiter = None
+
+    # --- reading ----------------------------------------------------------------------------
+
+    @property
+    def buffered(self) -> int:
+        """Bytes received but not yet consumed."""
+        return self._end - self._start
+
+    def unpack_nowait(self, st: struct.Struct) -> tuple[Any, ...] | None:
+        """Unpack ``st`` from the buffered bytes if enough are there, else None (no suspension)."""
+        s = self._start
+        if self._end - s >= st.size:
+            self._start = s + st.size
+            fields = st.unpack_from(self._buf, s)
+            if self._reading_paused:
+                self._consumed()
+            return fields
+        return None
+
+    async def readexactly(self, n: int) -> bytes:
+        """Read exactly ``n`` bytes (for headers and small option payloads)."""
+        while self._end - self._start < n:
+            if n > len(self._buf):
+                data = bytearray(n)
+                await self.readinto(memoryview(data))
+                return bytes(data)
+            self._need = n
+            try:
+                await self._wait()
+            finally:
+                self._need = 0
+        s = self._start
+        self._start = s + n
+        self._consumed()
+        return bytes(self._bufview[s : s + n])
+
+    async def readinto(self, target: memoryview) -> None:
+        """Fill ``target`` completely, receiving directly into it where possible."""
+        total = len(target)
+        have = min(self._end - self._start, total)
+        if have:
+            target[:have] = self._bufview[self._start : self._start + have]
+            self._start += have
+            self._consumed()
+        if have == total:
+            return
+        self._target = target
+        self._target_pos = have
+        try:
+            while self._target_pos < total:
+                if self._start != self._end:
+                    # Bytes landed in our buffer (a get_buffer call raced the target); move them.
+                    k = min(self._end - self._start, total - self._target_pos)
+                    target[self._target_pos : self._target_pos + k] = self._bufview[
+                        self._start : self._start + k
+                    ]
+                    self._start += k
+                    self._target_pos += k
+                    self._consumed()
+                    continue
+                await self._wait()
+        finally:
+            self._target = None
+
+    async def discard(self, n: int, chunk: int = 1 << 20) -> None:
+        """Consume and drop ``n`` bytes using at most ``chunk`` bytes of memory."""
+        scratch = memoryview(bytearray(min(n, chunk)))
+        while n > 0:
+            k = min(n, len(scratch))
+            await self.readinto(scratch[:k])
+            n -= k
+
+    # --- writing ----------------------------------------------------------------------------
+
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        """Queue bytes for sending (no-op once the connection is gone)."""
+        t = self.transport
+        if t is not None and not t.is_closing():
+            t.write(data)
+
+    @property
+    def write_paused(self) -> bool:
+        """Whether the transport asked us to stop writing."""
+        return self._paused
+
+    async def drain(self) -> None:
+        """Wait until the transport's write buffer is below its high-water mark."""
+        while self._paused and self._closed_exc is None:
+            self._drain_waiter = asyncio.get_running_loop().create_future()
+            await self._drain_waiter
+        self._drain_waiter = None
+
+    async def start_tls(self, context: ssl.SSLContext, timeout: float | None) -> None:
+        """Upgrade this connection to TLS as the server side (after NBD_OPT_STARTTLS)."""
+        assert self.transport is not None
+        loop = asyncio.get_running_loop()
+        new = await loop.start_tls(
+            self.transport, self, context, server_side=True, ssl_handshake_timeout=timeout
+        )
+        assert isinstance(new, asyncio.Transport)
+        self.transport = new
+
+    def close(self) -> None:
+        """Close the transport (pending writes are flushed first)."""
+        if self.transport is not None:
+            self.transport.close()
+
+    def abort(self) -> None:
+        """Drop the connection immediately (protocol violation)."""
+        if self.transport is not None:
+            self.transport.abort()
