@@ -8,4 +8,10 @@ from torus_core.registry import Registry
 
 @hookimpl
 def torus_register_blockset_layers(registry: Registry) -> None:
-    """Register the built-in layers (filled in by the blockset package)."""
+    """Register ``base`` (kind 0), ``crc`` (kind 1) and ``rep`` (kind 2, alias ``r``)."""
+    from torus_core.blockset.base import BaseLayer
+    from torus_core.blockset.crc import CRCLayer
+    from torus_core.blockset.rep import RepLayer
+
+    for cls in (BaseLayer, CRCLayer, RepLayer):
+        registry.register(cls.name, cls)

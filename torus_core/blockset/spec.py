@@ -1,0 +1,128 @@
+"""Blockset spec strings (``"crc,base"``, ``"rep=3,crc,base"``) and stack construction.
+
+A spec lists layers outer → inner, comma-separated, each ``name`` or ``name=option``. If the
+innermost layer is not ``base``, ``base`` is appended (as the original's ``init`` did).
+Layers are looked up by name (or alias) in a blockset-layer registry; without one, the
+built-in layers are used.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from torus_core.blockset.layer import Blockset
+from torus_core.blockstore import BlockStore
+from torus_core.errors import InvalidArgument
+from torus_core.registry import Registry
+
+#: The original's default block spec.
+DEFAULT_BLOCK_SPEC = "crc,base"
+
+
+@dataclass(frozen=True)
+class LayerSpec:
+    """One parsed layer: its canonical name, the class, and the option text (or None)."""
+
+    name: str
+    cls: type[Blockset]
+    option: str | None = None
+
+    def __str__(self) -> str:
+        return self.name if self.option is None else f"{self.name}={self.option}"
+
+
+def default_layer_registry() -> Registry:
+    """A registry holding only the built-in layers (base, crc, rep)."""
+    from torus_core.blockset import builtin
+
+    reg = Registry("blockset layer")
+    reg.current_plugin = "builtin-blockset"
+    builtin.torus_register_blockset_layers(registry=reg)
+    reg.current_plugin = "?"
+    return reg
+
+
+_DEFAULT: Registry | None = None
+
+
+def _registry(registry: Registry | None) -> Registry:
+    global _DEFAULT
+    if registry is not None:
+        return registry
+    if _DEFAULT is None:
+        _DEFAULT = default_layer_registry()
+    return _DEFAULT
+
+
+def _lookup(name: str, reg: Registry) -> type[Blockset]:
+    for r in reg.registrations():
+        if r.name == name or name in getattr(r.impl, "aliases", ()):
+            cls: type[Blockset] = r.impl
+            return cls
+    raise InvalidArgument(f"unknown blockset layer {name!r}; known layers: {', '.join(reg.names())}")
+
+
+def layer_class_by_kind(kind: int, registry: Registry | None = None) -> type[Blockset]:
+    """The layer class with numeric ``kind``; InvalidArgument if none is registered."""
+    for r in _registry(registry).registrations():
+        if getattr(r.impl, "kind", None) == kind:
+            cls: type[Blockset] = r.impl
+            return cls
+    raise InvalidArgument(f"unknown blockset layer kind {kind}")
+
+
+def parse_spec(spec: str, registry: Registry | None = None) -> list[LayerSpec]:
+    """Parse a spec string into layers, outermost first, with ``base`` appended if missing."""
+    if not isinstance(spec, str):
+        raise InvalidArgument(f"blockset spec must be a string, got {type(spec).__name__}")
+    reg = _registry(registry)
+    out: list[LayerSpec] = []
+    for part in spec.split(","):
+        part = part.strip()
+        if not part:
+            if spec.strip():
+                raise InvalidArgument(f"empty layer name in blockset spec {spec!r}")
+            continue
+        name, sep, option = part.partition("=")
+        cls = _lookup(name.strip().lower(), reg)
+        out.append(LayerSpec(cls.name, cls, option.strip() if sep else None))
+    if not out or out[-1].cls.kind != 0:
+        out.append(LayerSpec("base", layer_class_by_kind(0, reg)))
+    for layer in out[:-1]:
+        if layer.cls.kind == 0:
+            raise InvalidArgument(f"the base layer must be innermost in blockset spec {spec!r}")
+    return out
+
+
+def format_spec(layers: Sequence[LayerSpec]) -> str:
+    """The spec string of parsed layers."""
+    return ",".join(str(layer) for layer in layers)
+
+
+def create_blockset(
+    spec: str | Sequence[LayerSpec], store: BlockStore, registry: Registry | None = None
+) -> Blockset:
+    """Build an empty blockset stack from a spec; returns the outermost layer."""
+    layers = parse_spec(spec, registry) if isinstance(spec, str) else list(spec)
+    cur: Blockset | None = None
+    for layer in reversed(layers):
+        cur = layer.cls(store, cur, layer.option)
+    assert cur is not None
+    return cur
+
+
+def unmarshal_blockset(
+    layers: Sequence[tuple[int, bytes]], store: BlockStore, registry: Registry | None = None
+) -> Blockset:
+    """Rebuild a stack from ``(kind, content)`` pairs, outermost first (Go: UnmarshalFromProto)."""
+    if not layers:
+        raise InvalidArgument("an INode must hold at least one blockset layer")
+    cur: Blockset | None = None
+    for kind, content in reversed(list(layers)):
+        cls = layer_class_by_kind(kind, registry)
+        if (cls.kind == 0) != (cur is None):
+            raise InvalidArgument("stored blockset layers must end with exactly one base layer")
+        cur = cls.from_content(store, cur, bytes(content))
+    assert cur is not None
+    return cur
