@@ -192,6 +192,37 @@ class NoPeersBlock(NoPeer):
     """No peer could provide the block (Go: ErrNoPeersBlock)."""
 
 
+class PeerUnavailable(NoPeer):
+    """A peer could not be reached, timed out, or refused the connection (transport failure)."""
+
+    def __init__(self, message: str, *, address: str | None = None):
+        super().__init__(message)
+        self.address = address
+
+
+class ReplicationFailed(NoPeer):
+    """A write was not acknowledged by as many owners as its write level requires.
+
+    ``acked`` lists the peer UUIDs that acknowledged; ``failed`` maps the others to their error.
+    Blocks are immutable, so retrying the same write is safe.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        acked: list[str] | None = None,
+        failed: dict[str, BaseException] | None = None,
+    ):
+        super().__init__(message)
+        self.acked = list(acked or [])
+        self.failed = dict(failed or {})
+
+
+class StaleRing(TorusError):
+    """A ring older than the one in use was offered (ring versions never go backwards)."""
+
+
 # --- NBD -----------------------------------------------------------------------------------
 
 

@@ -1,0 +1,234 @@
+"""The peer RPC client: one reusable gRPC channel per peer address.
+
+Every call carries a deadline (:class:`~torus_core.rpc.options.RPCTimeouts`, overridable per
+call with ``timeout=``). Errors come back as torus types: the peer's own errors keep their type
+(``BlockNotExist``, ``CorruptBlock``, ``OutOfSpace``, ``BlockExists``, ``InvalidArgument``) and
+transport failures raise :class:`~torus_core.errors.PeerUnavailable` (retryable).
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+
+from torus_core.errors import Closed, InvalidArgument, PeerUnavailable
+from torus_core.refs import BlockRef
+from torus_core.rpc import torus_storage_pb2 as pb
+from torus_core.rpc import torus_storage_pb2_grpc as pb_grpc
+from torus_core.rpc.options import DEFAULT_MAX_MESSAGE_BYTES, RPCTimeouts, channel_options
+from torus_core.rpc.status import error_from_rpc
+from torus_core.rpc.tls import TLSConfig, check_insecure_allowed, normalize_address
+
+BlockData = bytes | bytearray | memoryview
+
+
+@dataclass(frozen=True)
+class PeerInfoReply:
+    """What ``Ping`` reports about a peer."""
+
+    uuid: str
+    protocol_version: int
+    block_size: int
+    total_blocks: int
+    used_blocks: int
+
+
+class PeerClient:
+    """Calls to one peer over one channel. Thread-safe; create through :class:`PeerClientPool`.
+
+    :param address: ``host:port`` of the peer.
+    :param tls: mutual TLS settings, or None for plaintext (loopback only unless ``allow_insecure``).
+    :param timeouts: default deadlines.
+    :param max_message_bytes: largest message sent or received.
+    """
+
+    def __init__(
+        self,
+        address: str,
+        *,
+        tls: TLSConfig | None = None,
+        allow_insecure: bool = False,
+        timeouts: RPCTimeouts | None = None,
+        max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+    ) -> None:
+        self.address = normalize_address(address)
+        self.timeouts = timeouts or RPCTimeouts()
+        self.max_message_bytes = max_message_bytes
+        options: list[tuple[str, Any]] = list(channel_options(max_message_bytes))
+        if tls is None:
+            check_insecure_allowed(self.address, allow_insecure)
+            self._channel = grpc.insecure_channel(self.address, options=options)
+        else:
+            if tls.server_name:
+                options.append(("grpc.ssl_target_name_override", tls.server_name))
+            self._channel = grpc.secure_channel(self.address, tls.channel_credentials(), options=options)
+        self._stub = pb_grpc.TorusStorageStub(self._channel)
+        self._closed = False
+
+    def _call(self, method: str, fn: Any, request: Any, timeout: float) -> Any:
+        if self._closed:
+            raise Closed(f"client for {self.address} is closed")
+        try:
+            return fn(request, timeout=timeout)
+        except grpc.RpcError as exc:
+            raise error_from_rpc(exc, self.address, method) from None
+        except ValueError as exc:  # grpc raises ValueError on a closed channel
+            raise PeerUnavailable(f"peer {self.address} {method}: {exc}", address=self.address) from None
+
+    def get_block(self, ref: BlockRef, *, timeout: float | None = None) -> bytes:
+        """Read one block from the peer."""
+        req = pb.GetBlockRequest(ref=ref.to_bytes())
+        resp = self._call("GetBlock", self._stub.GetBlock, req, timeout or self.timeouts.get)
+        return bytes(resp.data)
+
+    def put_blocks(
+        self,
+        refs: Sequence[BlockRef],
+        blocks: Sequence[BlockData],
+        *,
+        repair: bool = False,
+        timeout: float | None = None,
+    ) -> int:
+        """Store several blocks in one call; returns the count once the peer has flushed them.
+
+        With ``repair=True`` the peer replaces copies that fail their integrity check.
+        """
+        if len(refs) != len(blocks):
+            raise InvalidArgument(f"put_blocks got {len(refs)} refs but {len(blocks)} blocks")
+        req = pb.PutBlocksRequest(
+            refs=[r.to_bytes() for r in refs], blocks=[bytes(b) for b in blocks], repair=repair
+        )
+        resp = self._call("PutBlocks", self._stub.PutBlocks, req, timeout or self.timeouts.put)
+        return int(resp.written)
+
+    def put_block_stream(
+        self,
+        items: Iterable[tuple[BlockRef, BlockData]],
+        *,
+        batch_bytes: int = 8 * 1024 * 1024,
+        timeout: float | None = None,
+    ) -> int:
+        """Stream many blocks (bulk moves) in batches of about ``batch_bytes``; returns the count stored."""
+        limit = max(1, min(batch_bytes, self.max_message_bytes // 2))
+
+        def batches() -> Iterable[pb.PutBlocksRequest]:
+            refs: list[bytes] = []
+            blocks: list[bytes] = []
+            size = 0
+            for ref, data in items:
+                raw = bytes(data)
+                if refs and size + len(raw) > limit:
+                    yield pb.PutBlocksRequest(refs=refs, blocks=blocks)
+                    refs, blocks, size = [], [], 0
+                refs.append(ref.to_bytes())
+                blocks.append(raw)
+                size += len(raw)
+            if refs:
+                yield pb.PutBlocksRequest(refs=refs, blocks=blocks)
+
+        resp = self._call(
+            "PutBlockStream", self._stub.PutBlockStream, batches(), timeout or self.timeouts.stream
+        )
+        return int(resp.written)
+
+    def rebalance_check(self, refs: Sequence[BlockRef], *, timeout: float | None = None) -> list[bool]:
+        """For each ref, whether the peer holds it."""
+        req = pb.RebalanceCheckRequest(refs=[r.to_bytes() for r in refs])
+        resp = self._call("RebalanceCheck", self._stub.RebalanceCheck, req, timeout or self.timeouts.check)
+        has = [bool(h) for h in resp.has]
+        if len(has) != len(refs):
+            from torus_core.errors import ProtocolError
+
+            raise ProtocolError(f"peer {self.address} answered {len(has)} of {len(refs)} refs")
+        return has
+
+    def ping(self, *, timeout: float | None = None) -> PeerInfoReply:
+        """The peer's identity and capacity."""
+        resp = self._call("Ping", self._stub.Ping, pb.PingRequest(), timeout or self.timeouts.ping)
+        return PeerInfoReply(
+            uuid=resp.uuid,
+            protocol_version=int(resp.protocol_version),
+            block_size=int(resp.block_size),
+            total_blocks=int(resp.total_blocks),
+            used_blocks=int(resp.used_blocks),
+        )
+
+    def close(self) -> None:
+        """Close the channel. Idempotent."""
+        if not self._closed:
+            self._closed = True
+            self._channel.close()
+
+
+class PeerClientPool:
+    """One :class:`PeerClient` per address, created on first use and reused.
+
+    A channel that saw a transport failure can be dropped with :meth:`reset` (the next call
+    dials afresh), which is what the distributor does after a :class:`PeerUnavailable`.
+    All clients share the pool's TLS settings, timeouts and message limit.
+    """
+
+    def __init__(
+        self,
+        *,
+        tls: TLSConfig | None = None,
+        allow_insecure: bool = False,
+        timeouts: RPCTimeouts | None = None,
+        max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+    ) -> None:
+        self.tls = tls
+        self.allow_insecure = allow_insecure
+        self.timeouts = timeouts or RPCTimeouts()
+        self.max_message_bytes = max_message_bytes
+        self._clients: dict[str, PeerClient] = {}
+        self._lock = threading.Lock()
+        self._closed = False
+
+    def get(self, address: str) -> PeerClient:
+        """The client for ``address`` (created on first use)."""
+        key = normalize_address(address)
+        with self._lock:
+            if self._closed:
+                raise Closed("peer client pool is closed")
+            client = self._clients.get(key)
+            if client is None:
+                client = PeerClient(
+                    key,
+                    tls=self.tls,
+                    allow_insecure=self.allow_insecure,
+                    timeouts=self.timeouts,
+                    max_message_bytes=self.max_message_bytes,
+                )
+                self._clients[key] = client
+            return client
+
+    def reset(self, address: str) -> None:
+        """Drop (and close) the cached channel for ``address``, if any."""
+        key = normalize_address(address)
+        with self._lock:
+            client = self._clients.pop(key, None)
+        if client is not None:
+            client.close()
+
+    def addresses(self) -> list[str]:
+        """Addresses with an open channel."""
+        with self._lock:
+            return list(self._clients)
+
+    def close(self) -> None:
+        """Close every channel. Idempotent."""
+        with self._lock:
+            self._closed = True
+            clients, self._clients = list(self._clients.values()), {}
+        for client in clients:
+            client.close()
+
+    def __enter__(self) -> PeerClientPool:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

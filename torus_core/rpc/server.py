@@ -1,0 +1,287 @@
+"""The peer RPC server: serves a local :class:`~torus_core.blockstore.BlockStore` over gRPC.
+
+Usage (a storage daemon)::
+
+    server = PeerServer(store, uuid=my_uuid, address="127.0.0.1:40000", tls=tls).start()
+    ...advertise server.address...
+    server.stop()
+
+Torus errors from the store become gRPC status codes (see :mod:`torus_core.rpc.status`);
+``PutBlocks`` and ``PutBlockStream`` flush the store before they reply, so an acknowledged
+write is durable.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections import Counter
+from collections.abc import Callable, Iterator
+from concurrent import futures
+from typing import Any, NoReturn, TypeVar
+
+import grpc
+
+from torus_core.blockstore import BlockStore
+from torus_core.errors import BlockNotExist, ConfigError, CorruptBlock, InvalidArgument, TorusError
+from torus_core.refs import BlockRef
+from torus_core.rpc import torus_storage_pb2 as pb
+from torus_core.rpc import torus_storage_pb2_grpc as pb_grpc
+from torus_core.rpc.options import DEFAULT_MAX_MESSAGE_BYTES, PROTOCOL_VERSION, server_options
+from torus_core.rpc.status import ERROR_METADATA_KEY, code_for, wire_name
+from torus_core.rpc.tls import TLSConfig, check_insecure_allowed, normalize_address, split_host_port
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+#: Optional callback told about refs stored through RPC (e.g. to warn about non-owned blocks).
+PutObserver = Callable[[list[BlockRef]], None]
+
+
+class ServerStats:
+    """Thread-safe per-method call counters (``stats["GetBlock"]``)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._counts: Counter[str] = Counter()
+
+    def inc(self, method: str) -> None:
+        """Count one call of ``method``."""
+        with self._lock:
+            self._counts[method] += 1
+
+    def __getitem__(self, method: str) -> int:
+        with self._lock:
+            return self._counts[method]
+
+    def snapshot(self) -> dict[str, int]:
+        """A copy of all counters."""
+        with self._lock:
+            return dict(self._counts)
+
+    def reset(self) -> None:
+        """Set every counter back to zero."""
+        with self._lock:
+            self._counts.clear()
+
+
+def _abort(context: grpc.ServicerContext, exc: BaseException) -> NoReturn:
+    name = wire_name(exc)
+    if name is not None:
+        context.set_trailing_metadata(((ERROR_METADATA_KEY, name),))
+    context.abort(code_for(exc), str(exc) or type(exc).__name__)
+    raise AssertionError("unreachable")  # context.abort always raises
+
+
+def write_replacing_corrupt(store: BlockStore, ref: BlockRef, data: bytes | bytearray | memoryview) -> None:
+    """Read repair: store ``data`` under ``ref``, first deleting a copy that fails its integrity check.
+
+    A healthy existing copy is kept and the write then behaves as usual (identical content is a
+    no-op; different content raises :class:`~torus_core.errors.BlockExists`).
+    """
+    if store.has_block(ref):
+        try:
+            store.get_block(ref)
+        except CorruptBlock:
+            log.warning("replacing corrupt copy of %s", ref)
+            try:
+                store.delete_block(ref)
+            except BlockNotExist:
+                pass
+        except BlockNotExist:
+            pass
+    store.write_block(ref, data)
+
+
+class StorageServicer(pb_grpc.TorusStorageServicer):
+    """gRPC handlers over one local block store.
+
+    :param store: the local store blocks are read from and written to.
+    :param uuid: this peer's UUID, reported by ``Ping``.
+    :param on_put: optional observer called with the refs of every accepted batch.
+    """
+
+    def __init__(self, store: BlockStore, *, uuid: str = "", on_put: PutObserver | None = None) -> None:
+        self.store = store
+        self.uuid = uuid
+        self.on_put = on_put
+        self.stats = ServerStats()
+
+    def _run(self, context: grpc.ServicerContext, method: str, fn: Callable[[], T]) -> T:
+        self.stats.inc(method)
+        try:
+            return fn()
+        except TorusError as exc:
+            log.debug("%s failed: %s", method, exc)
+            _abort(context, exc)
+        except Exception as exc:  # a store bug must not kill the server thread silently
+            log.exception("%s: unexpected error", method)
+            _abort(context, exc)
+
+    def GetBlock(self, request: pb.GetBlockRequest, context: grpc.ServicerContext) -> pb.GetBlockResponse:
+        """Return one block's bytes."""
+
+        def do() -> pb.GetBlockResponse:
+            ref = BlockRef.from_bytes(request.ref)
+            return pb.GetBlockResponse(data=self.store.get_block(ref))
+
+        return self._run(context, "GetBlock", do)
+
+    def _write_batch(self, refs: list[bytes], blocks: list[bytes], repair: bool = False) -> int:
+        if len(refs) != len(blocks):
+            raise InvalidArgument(f"PutBlocks got {len(refs)} refs but {len(blocks)} blocks")
+        decoded = [BlockRef.from_bytes(r) for r in refs]
+        for ref, data in zip(decoded, blocks, strict=True):
+            if repair:
+                write_replacing_corrupt(self.store, ref, data)
+            else:
+                self.store.write_block(ref, data)
+        if self.on_put is not None and decoded:
+            self.on_put(decoded)
+        return len(decoded)
+
+    def PutBlocks(self, request: pb.PutBlocksRequest, context: grpc.ServicerContext) -> pb.PutBlocksResponse:
+        """Store a batch, flush, then acknowledge."""
+
+        def do() -> pb.PutBlocksResponse:
+            try:
+                written = self._write_batch(list(request.refs), list(request.blocks), request.repair)
+            finally:
+                self.store.flush()  # make whatever was written durable, even on a partial failure
+            return pb.PutBlocksResponse(written=written)
+
+        return self._run(context, "PutBlocks", do)
+
+    def PutBlockStream(
+        self, request_iterator: Iterator[pb.PutBlocksRequest], context: grpc.ServicerContext
+    ) -> pb.PutBlocksResponse:
+        """Store every batch of the stream, flush once, then acknowledge."""
+
+        def do() -> pb.PutBlocksResponse:
+            written = 0
+            try:
+                for req in request_iterator:
+                    written += self._write_batch(list(req.refs), list(req.blocks), req.repair)
+            finally:
+                self.store.flush()
+            return pb.PutBlocksResponse(written=written)
+
+        return self._run(context, "PutBlockStream", do)
+
+    def RebalanceCheck(
+        self, request: pb.RebalanceCheckRequest, context: grpc.ServicerContext
+    ) -> pb.RebalanceCheckResponse:
+        """For each ref, whether the local store has it."""
+
+        def do() -> pb.RebalanceCheckResponse:
+            refs = [BlockRef.from_bytes(r) for r in request.refs]
+            return pb.RebalanceCheckResponse(has=[self.store.has_block(r) for r in refs])
+
+        return self._run(context, "RebalanceCheck", do)
+
+    def Ping(self, request: pb.PingRequest, context: grpc.ServicerContext) -> pb.PingResponse:
+        """Identity and capacity of this peer."""
+
+        def do() -> pb.PingResponse:
+            return pb.PingResponse(
+                uuid=self.uuid,
+                protocol_version=PROTOCOL_VERSION,
+                block_size=self.store.block_size,
+                total_blocks=self.store.num_blocks(),
+                used_blocks=self.store.used_blocks(),
+            )
+
+        return self._run(context, "Ping", do)
+
+
+class PeerServer:
+    """A gRPC server for one peer's block store.
+
+    :param store: the local store to serve.
+    :param uuid: this peer's UUID.
+    :param address: ``host:port`` to bind; port 0 picks a free port. Binds 127.0.0.1 by default.
+    :param tls: mutual TLS settings; without them the address must be loopback unless
+        ``allow_insecure`` is true (else :class:`~torus_core.errors.ConfigError`).
+    :param max_workers: handler threads.
+    :param max_message_bytes: largest message accepted or sent.
+    :param on_put: optional observer of stored refs (see :class:`StorageServicer`).
+    """
+
+    def __init__(
+        self,
+        store: BlockStore,
+        *,
+        uuid: str = "",
+        address: str = "127.0.0.1:0",
+        tls: TLSConfig | None = None,
+        allow_insecure: bool = False,
+        max_workers: int = 8,
+        max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+        on_put: PutObserver | None = None,
+    ) -> None:
+        self._bind = normalize_address(address)
+        if tls is None:
+            check_insecure_allowed(self._bind, allow_insecure)
+        self.tls = tls
+        self.servicer = StorageServicer(store, uuid=uuid, on_put=on_put)
+        self._max_workers = max_workers
+        self._max_message_bytes = max_message_bytes
+        self._server: Any = None
+        self._port: int | None = None
+
+    @property
+    def stats(self) -> ServerStats:
+        """Per-method call counters."""
+        return self.servicer.stats
+
+    @property
+    def port(self) -> int:
+        """The bound port (after :meth:`start`)."""
+        if self._port is None:
+            raise ConfigError("server not started")
+        return self._port
+
+    @property
+    def address(self) -> str:
+        """``host:port`` clients should dial (after :meth:`start`)."""
+        host, _ = split_host_port(self._bind)
+        if ":" in host:
+            host = f"[{host}]"
+        return f"{host}:{self.port}"
+
+    def start(self) -> PeerServer:
+        """Bind and start serving; returns ``self``. Raises ConfigError if the bind fails."""
+        if self._server is not None:
+            return self
+        server = grpc.server(
+            futures.ThreadPoolExecutor(max_workers=self._max_workers, thread_name_prefix="torus-rpc"),
+            options=server_options(self._max_message_bytes),
+        )
+        pb_grpc.add_TorusStorageServicer_to_server(self.servicer, server)
+        try:
+            if self.tls is not None:
+                port = server.add_secure_port(self._bind, self.tls.server_credentials())
+            else:
+                port = server.add_insecure_port(self._bind)
+        except RuntimeError as exc:
+            raise ConfigError(f"cannot bind peer RPC server to {self._bind}: {exc}") from exc
+        if not port:
+            raise ConfigError(f"cannot bind peer RPC server to {self._bind}")
+        server.start()
+        self._server = server
+        self._port = port
+        log.info("peer RPC server %s listening on %s", self.servicer.uuid, self.address)
+        return self
+
+    def stop(self, grace: float | None = 0.5) -> None:
+        """Stop serving; in-flight calls get ``grace`` seconds. Idempotent."""
+        server, self._server = self._server, None
+        if server is not None:
+            server.stop(grace).wait(timeout=(grace or 0) + 5)
+
+    def __enter__(self) -> PeerServer:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()

@@ -1,0 +1,65 @@
+from google.protobuf.internal import containers as _containers
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable
+from typing import ClassVar as _ClassVar, Optional as _Optional
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class GetBlockRequest(_message.Message):
+    __slots__ = ("ref",)
+    REF_FIELD_NUMBER: _ClassVar[int]
+    ref: bytes
+    def __init__(self, ref: _Optional[bytes] = ...) -> None: ...
+
+class GetBlockResponse(_message.Message):
+    __slots__ = ("data",)
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    data: bytes
+    def __init__(self, data: _Optional[bytes] = ...) -> None: ...
+
+class PutBlocksRequest(_message.Message):
+    __slots__ = ("refs", "blocks", "repair")
+    REFS_FIELD_NUMBER: _ClassVar[int]
+    BLOCKS_FIELD_NUMBER: _ClassVar[int]
+    REPAIR_FIELD_NUMBER: _ClassVar[int]
+    refs: _containers.RepeatedScalarFieldContainer[bytes]
+    blocks: _containers.RepeatedScalarFieldContainer[bytes]
+    repair: bool
+    def __init__(self, refs: _Optional[_Iterable[bytes]] = ..., blocks: _Optional[_Iterable[bytes]] = ..., repair: _Optional[bool] = ...) -> None: ...
+
+class PutBlocksResponse(_message.Message):
+    __slots__ = ("written",)
+    WRITTEN_FIELD_NUMBER: _ClassVar[int]
+    written: int
+    def __init__(self, written: _Optional[int] = ...) -> None: ...
+
+class RebalanceCheckRequest(_message.Message):
+    __slots__ = ("refs",)
+    REFS_FIELD_NUMBER: _ClassVar[int]
+    refs: _containers.RepeatedScalarFieldContainer[bytes]
+    def __init__(self, refs: _Optional[_Iterable[bytes]] = ...) -> None: ...
+
+class RebalanceCheckResponse(_message.Message):
+    __slots__ = ("has",)
+    HAS_FIELD_NUMBER: _ClassVar[int]
+    has: _containers.RepeatedScalarFieldContainer[bool]
+    def __init__(self, has: _Optional[_Iterable[bool]] = ...) -> None: ...
+
+class PingRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class PingResponse(_message.Message):
+    __slots__ = ("uuid", "protocol_version", "block_size", "total_blocks", "used_blocks")
+    UUID_FIELD_NUMBER: _ClassVar[int]
+    PROTOCOL_VERSION_FIELD_NUMBER: _ClassVar[int]
+    BLOCK_SIZE_FIELD_NUMBER: _ClassVar[int]
+    TOTAL_BLOCKS_FIELD_NUMBER: _ClassVar[int]
+    USED_BLOCKS_FIELD_NUMBER: _ClassVar[int]
+    uuid: str
+    protocol_version: int
+    block_size: int
+    total_blocks: int
+    used_blocks: int
+    def __init__(self, uuid: _Optional[str] = ..., protocol_version: _Optional[int] = ..., block_size: _Optional[int] = ..., total_blocks: _Optional[int] = ..., used_blocks: _Optional[int] = ...) -> None: ...
