@@ -1,0 +1,171 @@
+"""The Redis connection: timeouts, error translation in one place, and data-loss detection.
+
+Every server call goes through :meth:`RedisClient.call`. It maps redis-py errors with
+:data:`ERRORS` (outages become :class:`MetadataUnavailable` within the socket timeout), retries
+once when a pooled connection turns out to be dead (a restarted server), and, whenever a new
+connection was opened, first re-checks the cluster identity:
+
+* ``<prefix>cluster-id`` is written by the first append; a client that knows the id (learned
+  from the server, or passed as the ``cluster_id`` option by ``torusd``/``torusctl``) and then
+  finds the key missing or different raises :class:`DataLossDetected`;
+* the head position may never go backwards within one process (checked on every head read and
+  inside the append script).
+
+:meth:`RedisBackend.wipe` is the one deliberate reset; it clears what the client remembers.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import redis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
+
+from torus_core.errors import (
+    ConfigError,
+    DataLossDetected,
+    MetadataError,
+    MetadataUnavailable,
+    TorusError,
+)
+from torus_redis._config import RedisConfig
+
+BACKEND = "redis"
+T = TypeVar("T")
+
+#: redis-py exception -> torus exception, most specific first (one table, used by ``translate``).
+ERRORS: list[tuple[type[Exception], Callable[[str], TorusError]]] = [
+    (redis.exceptions.AuthenticationError, lambda m: ConfigError(f"redis authentication failed: {m}")),
+    (redis.exceptions.AuthorizationError, lambda m: ConfigError(f"redis permission denied: {m}")),
+    (
+        redis.exceptions.TimeoutError,
+        lambda m: MetadataUnavailable(f"redis did not answer in time: {m}", backend=BACKEND),
+    ),
+    (
+        redis.exceptions.BusyLoadingError,
+        lambda m: MetadataUnavailable(f"redis is loading: {m}", backend=BACKEND),
+    ),
+    (
+        redis.exceptions.ConnectionError,
+        lambda m: MetadataUnavailable(f"redis unavailable: {m}", backend=BACKEND),
+    ),
+    (
+        redis.exceptions.ReadOnlyError,
+        lambda m: MetadataUnavailable(f"redis is read-only: {m}", backend=BACKEND),
+    ),
+    (redis.exceptions.ResponseError, lambda m: MetadataError(f"redis error: {m}")),
+    (redis.exceptions.RedisError, lambda m: MetadataError(f"redis error: {m}")),
+]
+
+
+def translate(exc: Exception) -> TorusError:
+    """Map a redis-py exception to the torus exception it means."""
+    for cls, factory in ERRORS:
+        if isinstance(exc, cls):
+            return factory(str(exc) or type(exc).__name__)
+    return MetadataError(f"redis error: {exc!r}")
+
+
+class RedisClient:
+    """A redis-py client plus the identity this process has seen (cluster id, head)."""
+
+    def __init__(self, config: RedisConfig) -> None:
+        self.config = config
+        p = config.prefix
+        self.head_key = f"{p}head"
+        self.cluster_key = f"{p}cluster-id"
+        self.known_cluster_id: str | None = config.cluster_id
+        self.seen_head = 0
+        self._lock = threading.Lock()
+        self._reconnected = True  # check identity before the first call
+        try:
+            # Typed Any: responses are bytes (decode_responses=False); redis-py's stubs say bytes | str.
+            self.redis: Any = redis.Redis.from_url(
+                config.url,
+                socket_timeout=config.timeout,
+                socket_connect_timeout=config.timeout,
+                retry=Retry(NoBackoff(), 0),
+                retry_on_timeout=False,
+                redis_connect_func=self._on_connect,
+                **config.client_kwargs,
+            )
+        except (ValueError, TypeError) as exc:
+            raise ConfigError(f"bad redis URL or options: {exc}") from exc
+
+    def _on_connect(self, connection: Any) -> None:
+        connection.on_connect()
+        self._reconnected = True
+
+    def call(self, fn: Callable[[], T], *, check_identity: bool = True) -> T:
+        """Run ``fn`` (redis commands) with error translation, one dead-connection retry and
+        the identity check after any (re)connection."""
+        for attempt in (0, 1):
+            try:
+                if check_identity and self._reconnected:
+                    self.verify_identity()
+                result = fn()
+                if check_identity and self._reconnected:
+                    self.verify_identity()  # fn opened a new connection: the server may be a new one
+                return result
+            except redis.exceptions.TimeoutError as exc:
+                raise translate(exc) from exc
+            except redis.exceptions.ConnectionError as exc:
+                if attempt == 0 and not isinstance(exc, redis.exceptions.AuthenticationError):
+                    continue  # a pooled connection died (server restarted): reconnect once
+                raise translate(exc) from exc
+            except redis.exceptions.RedisError as exc:
+                raise translate(exc) from exc
+        raise AssertionError("unreachable")
+
+    def verify_identity(self) -> None:
+        """Compare the server's cluster id and head with what this process knows."""
+        self._reconnected = False
+        try:
+            cid_raw, head_raw = self.redis.mget([self.cluster_key, self.head_key])
+        except Exception:
+            self._reconnected = True
+            raise
+        cid = cid_raw.decode() if cid_raw is not None else None
+        head = int(head_raw) if head_raw is not None else 0
+        self.observe(cid, head)
+
+    def observe(self, cid: str | None, head: int) -> None:
+        """Record a (cluster id, head) read from the server; raise if data was lost."""
+        with self._lock:
+            known = self.known_cluster_id
+            if known is not None and cid is None:
+                self._reconnected = True
+                raise DataLossDetected(
+                    f"redis {self.config.url} holds no torus data (key {self.cluster_key!r} is missing), "
+                    f"but this client knows cluster {known} at head position {self.seen_head}: the server "
+                    "lost its data (restart without persistence?). Refusing to start an empty history; "
+                    "restore the data, migrate from a backup, or wipe deliberately."
+                )
+            if known is not None and cid != known:
+                self._reconnected = True
+                raise DataLossDetected(
+                    f"redis {self.config.url} holds cluster {cid}, expected cluster {known}: wrong server "
+                    "or the data was replaced."
+                )
+            if head < self.seen_head:
+                self._reconnected = True
+                raise DataLossDetected(
+                    f"redis {self.config.url}: head position went backwards from {self.seen_head} to "
+                    f"{head}: events were lost."
+                )
+            self.seen_head = head
+            if cid is not None:
+                self.known_cluster_id = cid
+
+    def forget(self) -> None:
+        """Forget the identity (after a deliberate wipe)."""
+        with self._lock:
+            self.known_cluster_id = None
+            self.seen_head = 0
+
+    def close(self) -> None:
+        """Close the connection pool."""
+        self.redis.close()

@@ -1,0 +1,204 @@
+"""The event log on Redis: one Lua script call per appended batch.
+
+Keys under the prefix ``P`` (default ``torus:``)::
+
+    P head            global head position (string integer)
+    P log             list of every event, entry i holds position i + 1
+    P s:<stream id>   list of the stream's events, entry i holds version i + 1
+    P notify          stream with one entry ``<position>-1`` per append (trimmed to ~128)
+    P cluster-id      identity marker written by the first append
+    P snap:<name>     u64 position + snapshot state
+
+The append script checks every stream's length (= version) and the cluster identity, then
+pushes all events and advances the head, all-or-nothing. ``wait_for_events`` blocks on
+``XREAD BLOCK`` of the notify stream from ID ``<after>-1`` — no window between the read and the
+wait, no polling. Blocking reads are cut into chunks shorter than the socket timeout, so an
+outage is still noticed within bounded time.
+
+Unknown outcomes: if the script call times out, the batch id is remembered; an identical retry
+that fails its version check reads the stream back and, if the events there carry that batch
+id, returns their positions instead of :class:`CompareFailed`.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Sequence
+from typing import Any
+
+from torus_core.errors import CompareFailed, InvalidArgument, MetadataError, MetadataUnavailable
+from torus_core.eventlog import EventLog, NewEvent, StoredEvent
+from torus_redis import _scripts
+from torus_redis._client import RedisClient
+from torus_redis._codec import decode_entry, encode_body
+
+
+def check_batch(events: Sequence[NewEvent]) -> dict[str, tuple[int, int]]:
+    """Validate a batch locally; return ``{stream: (first_version, last_version)}`` in batch order."""
+    streams: dict[str, tuple[int, int]] = {}
+    for ev in events:
+        if not isinstance(ev, NewEvent):
+            raise InvalidArgument(f"append takes NewEvent objects, got {type(ev).__name__}")
+        if not isinstance(ev.stream_id, str) or not ev.stream_id:
+            raise InvalidArgument("stream_id must be a non-empty string")
+        if not isinstance(ev.topic, str):
+            raise InvalidArgument("topic must be a string")
+        if not isinstance(ev.state, bytes | bytearray | memoryview):
+            raise InvalidArgument("state must be bytes")
+        if not isinstance(ev.version, int) or isinstance(ev.version, bool):
+            raise InvalidArgument("version must be an int")
+        seen = streams.get(ev.stream_id)
+        expected = 1 if seen is None else seen[1] + 1
+        if (seen is None and ev.version < 1) or (seen is not None and ev.version != expected):
+            raise CompareFailed(
+                f"stream {ev.stream_id!r}: version {ev.version} is not consecutive in the batch",
+                stream_id=ev.stream_id,
+                version=ev.version,
+            )
+        streams[ev.stream_id] = (ev.version if seen is None else seen[0], ev.version)
+    return streams
+
+
+class RedisEventLog(EventLog):
+    """:class:`EventLog` on Redis; see the module docstring for keys and the append protocol."""
+
+    def __init__(self, client: RedisClient) -> None:
+        self._c = client
+        p = client.config.prefix
+        self._p = p
+        self._log_key = f"{p}log"
+        self._notify_key = f"{p}notify"
+        self._append = client.redis.register_script(_scripts.APPEND)
+        self._uncertain: tuple[tuple[NewEvent, ...], bytes] | None = None
+
+    def _stream_key(self, stream_id: str) -> str:
+        return f"{self._p}s:{stream_id}"
+
+    # --- append -------------------------------------------------------------------------
+
+    def append(self, events: Sequence[NewEvent]) -> list[int]:
+        """Atomically append ``events`` with one EVALSHA; return their positions."""
+        events = tuple(events)
+        if not events:
+            return []
+        streams = check_batch(events)
+        batch_id = uuid.uuid4().bytes
+        if self._uncertain is not None and self._uncertain[0] == events:
+            batch_id = self._uncertain[1]
+        index = {sid: i + 1 for i, sid in enumerate(streams)}
+        keys = [self._c.head_key, self._log_key, self._notify_key, self._c.cluster_key]
+        keys += [self._stream_key(sid) for sid in streams]
+        now = time.time()
+        args: list[Any] = [self._c.known_cluster_id or "", uuid.uuid4().hex, self._c.seen_head]
+        args += [first - 1 for first, _ in streams.values()]
+        for ev in events:
+            args += [index[ev.stream_id], encode_body(ev, now, batch_id)]
+        try:
+            res = self._c.call(lambda: self._append(keys=keys, args=args))
+        except MetadataUnavailable:
+            self._uncertain = (events, batch_id)
+            raise
+        code = int(res[0])
+        if code == 1:
+            first_pos = int(res[1])
+            self._c.observe(res[2].decode(), first_pos + len(events) - 1)
+            if self._uncertain is not None and self._uncertain[0] == events:
+                self._uncertain = None
+            return list(range(first_pos, first_pos + len(events)))
+        if code == 0:
+            sid = list(streams)[int(res[1]) - 1]
+            done = self._committed_earlier(events, batch_id)
+            if done is not None:
+                return done
+            raise CompareFailed(
+                f"stream {sid!r} is at version {int(res[2])}; append expected {streams[sid][0] - 1}",
+                stream_id=sid,
+                version=streams[sid][0],
+            )
+        if code == -1:
+            self._c.observe(res[1].decode() or None, self._c.seen_head)
+        elif code == -2:
+            self._c.observe(self._c.known_cluster_id, int(res[1]))
+        raise MetadataError(f"unexpected reply from the append script: {res!r}")
+
+    def _committed_earlier(self, events: tuple[NewEvent, ...], batch_id: bytes) -> list[int] | None:
+        if self._uncertain is None or self._uncertain != (events, batch_id):
+            return None
+        first = events[0]
+        entry = self._c.call(
+            lambda: self._c.redis.lindex(self._stream_key(first.stream_id), first.version - 1)
+        )
+        if entry is None:
+            return None
+        stored, stored_batch = decode_entry(entry)
+        if stored_batch != batch_id:
+            return None
+        self._uncertain = None
+        return list(range(stored.position, stored.position + len(events)))
+
+    # --- reads --------------------------------------------------------------------------
+
+    def _lrange(self, key: str, after: int, limit: int | None) -> list[StoredEvent]:
+        if limit is not None and limit < 0:
+            raise InvalidArgument("limit must be >= 0")
+        if limit == 0:
+            return []
+        start = max(after, 0)
+        stop = -1 if limit is None else start + limit - 1
+        entries = self._c.call(lambda: self._c.redis.lrange(key, start, stop))
+        return [decode_entry(e)[0] for e in entries]
+
+    def read_stream(self, stream_id: str, *, after: int = 0, limit: int | None = None) -> list[StoredEvent]:
+        """Events of ``stream_id`` with version > ``after`` (one LRANGE)."""
+        return self._lrange(self._stream_key(stream_id), after, limit)
+
+    def stream_version(self, stream_id: str) -> int:
+        """The stream's length, which is its version."""
+        return int(self._c.call(lambda: self._c.redis.llen(self._stream_key(stream_id))))
+
+    def read_all(self, *, after: int = 0, limit: int | None = None) -> list[StoredEvent]:
+        """Events with position > ``after`` (one LRANGE on the global list)."""
+        return self._lrange(self._log_key, after, limit)
+
+    def head_position(self) -> int:
+        """The global head; raises DataLossDetected if it went backwards."""
+        raw = self._c.call(lambda: self._c.redis.get(self._c.head_key))
+        head = int(raw) if raw is not None else 0
+        self._c.observe(self._c.known_cluster_id, head)
+        return head
+
+    def wait_for_events(self, after: int, timeout: float) -> list[StoredEvent]:
+        """Return events after ``after``, blocking on ``XREAD BLOCK`` for up to ``timeout`` s."""
+        deadline = time.monotonic() + max(0.0, timeout)
+        found = self.read_all(after=after)
+        if found:
+            return found
+        chunk = max(0.05, self._c.config.timeout * 0.5)
+        stream_id = f"{max(after, 0)}-1"
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return []
+            block_ms = max(1, int(min(remaining, chunk) * 1000))
+            res = self._c.call(
+                lambda ms=block_ms: self._c.redis.xread({self._notify_key: stream_id}, count=1, block=ms)  # type: ignore[misc]
+            )
+            if res:
+                return self.read_all(after=after)
+
+    # --- snapshots ----------------------------------------------------------------------
+
+    def save_snapshot(self, name: str, position: int, state: bytes) -> None:
+        """Store (replace) the snapshot ``name`` taken at ``position``."""
+        if position < 0:
+            raise InvalidArgument("snapshot position must be >= 0")
+        value = position.to_bytes(8, "big") + bytes(state)
+        self._c.call(lambda: self._c.redis.set(f"{self._p}snap:{name}", value))
+
+    def load_snapshot(self, name: str) -> tuple[int, bytes] | None:
+        """Return ``(position, state)`` of snapshot ``name`` or ``None``."""
+        v = self._c.call(lambda: self._c.redis.get(f"{self._p}snap:{name}"))
+        if v is None:
+            return None
+        return int.from_bytes(v[:8], "big"), bytes(v[8:])
