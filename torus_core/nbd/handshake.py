@@ -86,7 +86,7 @@ class Negotiator:
         s = self.stream
         s.write(wire.greeting(HandshakeFlag.FIXED_NEWSTYLE | HandshakeFlag.NO_ZEROES))
         (cflags,) = wire.CLIENT_FLAGS.unpack(await s.readexactly(4))
-        if cflags & ~(ClientFlag.FIXED_NEWSTYLE | ClientFlag.NO_ZEROES):
+        if cflags & ~int(ClientFlag.FIXED_NEWSTYLE | ClientFlag.NO_ZEROES):
             raise ProtocolError(f"unknown client flags {cflags:#x}")
         self.no_zeroes = bool(cflags & ClientFlag.NO_ZEROES)
         while True:

@@ -207,7 +207,9 @@ class ServerThread:
             self._thread.join(timeout)
 
     def __enter__(self) -> ServerThread:
-        return self.start()
+        if not self._ready.is_set():
+            self.start()
+        return self
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
