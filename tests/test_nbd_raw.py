@@ -27,8 +27,8 @@ from torus_core.nbd.constants import (
     Errno,
     Info,
     Opt,
-    ReplyType,
     Rep,
+    ReplyType,
     TransmissionFlag,
 )
 from torus_core.nbd.memory import MemoryExport, MemoryStore
@@ -103,7 +103,7 @@ class RawClient:
         assert replies[-1][0] == Rep.ACK, replies
         size = flags = 0
         sizes = None
-        for rep, data in replies[:-1]:
+        for _rep, data in replies[:-1]:
             (kind,) = struct.unpack_from(">H", data)
             if kind == Info.EXPORT:
                 size, flags = struct.unpack_from(">QH", data, 2)
@@ -220,7 +220,7 @@ def test_unknown_option_gets_unsup_and_negotiation_continues(client):
 def test_huge_option_length_is_refused_without_reading_it(client, server):
     client.greet()
     client.sock.sendall(struct.pack(">QII", IHAVEOPT, Opt.GO, 0xFFFFFFF0))
-    opt, rep, msg = client.option_reply()
+    _opt, rep, msg = client.option_reply()
     assert rep == Rep.ERR_TOO_BIG and b"too big" in msg
     assert client.is_closed_by_server()
     other = RawClient(server.port)  # the server is still healthy
@@ -436,7 +436,7 @@ def test_bad_request_magic_drops_the_connection(conn):
 
 def test_write_to_read_only_export_is_eperm(client):
     client.greet()
-    size, flags, _ = client.go("ro")
+    _size, flags, _ = client.go("ro")
     assert flags & TransmissionFlag.READ_ONLY and not flags & TransmissionFlag.SEND_TRIM
     h = client.request(Cmd.WRITE, 0, 4, payload=b"abcd")
     assert client.structured_reply()[:2] == (h, Errno.EPERM)
