@@ -8,6 +8,7 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 from torus_blockstore_file import FileBlockStore
@@ -33,7 +34,7 @@ from torus_core.refs import BlockRef
 BS = 512
 
 
-def _open(path: Path, capacity: int = 8, block_size: int = BS, **options: object) -> FileBlockStore:
+def _open(path: Path, capacity: int = 8, block_size: int = BS, **options: Any) -> FileBlockStore:
     return FileBlockStore.open(
         BlockStoreConfig(
             block_size=block_size, capacity_bytes=capacity * block_size, path=str(path), options=options
@@ -142,7 +143,7 @@ def test_missing_path_is_rejected() -> None:
 
 
 @pytest.mark.parametrize("options", [{"fsycn": True}, {"fsync": "yes"}])
-def test_bad_options_are_rejected(tmp_path: Path, options: dict[str, object]) -> None:
+def test_bad_options_are_rejected(tmp_path: Path, options: dict[str, Any]) -> None:
     with pytest.raises(InvalidArgument):
         _open(tmp_path, **options)
 

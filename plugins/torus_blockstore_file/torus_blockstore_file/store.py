@@ -366,6 +366,9 @@ class FileBlockStore(BlockStore):
 
     # --- BlockStore API ---------------------------------------------------------------------
 
+    def __enter__(self) -> FileBlockStore:
+        return self
+
     @property
     def block_size(self) -> int:
         """Size of every block in bytes."""

@@ -51,6 +51,9 @@ class MemBlockStore(BlockStore):
         if self._closed:
             raise Closed("mem block store is closed")
 
+    def __enter__(self) -> MemBlockStore:
+        return self
+
     @property
     def block_size(self) -> int:
         """Size of every block in bytes."""
