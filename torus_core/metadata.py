@@ -1,0 +1,583 @@
+"""``MetadataService``: the only metadata API the rest of torus uses.
+
+Commands read the projected :class:`~torus_core.projection.ClusterState`, validate, and
+append events with the stream versions they read, so the event log's optimistic concurrency
+decides every race: a loser gets :class:`~torus_core.errors.CompareFailed` from the log, re-reads
+and either retries (bounded, where retrying is safe) or reports what it now sees
+(``AlreadyExists``, ``Locked``, ...). See :mod:`torus_core.events` for the streams.
+
+Volume ids are the versions of the ``volume-ids`` stream: 1, 2, 3, ... (the Go original started
+at 2; nothing depends on that). They are never reused, even after a delete; names are.
+
+Locks: the lock key ``volume-lock/<id>`` lives in the lease store, attached to the holder's
+lease (liveness), and each acquisition also appends ``VolumeLockAcquired`` with a new epoch to
+the volume's stream (history and fencing). :meth:`MetadataService.commit_inode` appends with
+the stream version the holder last saw; if another acquisition happened since, the holder gets
+:class:`~torus_core.errors.Locked` and its commit is not written.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+import uuid
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from torus_core.errors import (
+    Again,
+    AlreadyExists,
+    CompareFailed,
+    InvalidArgument,
+    Locked,
+    NoGlobalMetadata,
+    NonSequentialRing,
+    NotExist,
+)
+from torus_core.eventlog import Lease, MetadataBackend, NewEvent
+from torus_core.events import (
+    CLUSTER_STREAM,
+    REGISTRY,
+    RING_STREAM,
+    VOLUME_IDS_STREAM,
+    ClusterFormatted,
+    DomainEvent,
+    INodeCommitted,
+    INodeIndexAllocated,
+    RecordedEvent,
+    RingChanged,
+    SnapshotDeleted,
+    SnapshotRestored,
+    SnapshotSaved,
+    TopicRegistry,
+    VolumeCreated,
+    VolumeDeleted,
+    VolumeIdAllocated,
+    VolumeLockAcquired,
+    VolumeLockReleased,
+    VolumeNameClaimed,
+    VolumeNameReleased,
+    VolumeResized,
+    name_stream,
+    volume_stream,
+)
+from torus_core.projection import ClusterState, GlobalMetadata, Projector, SnapshotInfo, VolumeState
+from torus_core.refs import VOLUME_MAX, INodeRef
+from torus_core.registry import Registry
+from torus_core.ring.base import RingSpec
+
+__all__ = [
+    "GlobalMetadata",
+    "LockStatus",
+    "MetadataService",
+    "SnapshotInfo",
+    "VolumeInfo",
+    "VolumeLock",
+]
+
+#: Attempts for commands that re-read and retry after losing a race.
+MAX_ATTEMPTS = 32
+#: Lease-store key prefixes.
+LOCK_PREFIX = "volume-lock/"
+PEER_PREFIX = "peers/"
+_MAX_NAME = 255
+
+
+@dataclass(frozen=True)
+class VolumeInfo:
+    """A volume as callers see it."""
+
+    id: int
+    name: str
+    size: int
+    type: str = "block"
+
+
+@dataclass
+class VolumeLock:
+    """A held single-writer lock. ``seen_version`` is updated by each successful commit."""
+
+    volume_id: int
+    name: str
+    owner: str
+    epoch: int
+    lease: Lease
+    token: str
+    seen_version: int
+
+    @property
+    def key(self) -> str:
+        """Lease-store key of the lock."""
+        return f"{LOCK_PREFIX}{self.volume_id}"
+
+    @property
+    def value(self) -> bytes:
+        """Lease-store value identifying this holder."""
+        return _lock_value(self.owner, self.token)
+
+
+@dataclass(frozen=True)
+class LockStatus:
+    """Whether a volume is locked (a live lock key exists) and by whom."""
+
+    locked: bool
+    owner: str | None
+    epoch: int
+
+
+def _lock_value(owner: str, token: str) -> bytes:
+    return json.dumps({"owner": owner, "token": token}, sort_keys=True).encode()
+
+
+def _check_name(what: str, name: Any) -> str:
+    if not isinstance(name, str) or not name or len(name) > _MAX_NAME:
+        raise InvalidArgument(f"{what} must be a non-empty string of at most {_MAX_NAME} characters")
+    if any(ord(c) < 32 or c in "/@" for c in name) or name != name.strip():
+        raise InvalidArgument(f"{what} {name!r} contains '/', '@', control characters or edge spaces")
+    return name
+
+
+def _check_positive(what: str, value: Any) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+        raise InvalidArgument(f"{what} must be a positive integer, got {value!r}")
+    return value
+
+
+def _info(vol: VolumeState) -> VolumeInfo:
+    return VolumeInfo(vol.id, vol.name, vol.size, vol.type)
+
+
+class MetadataService:
+    """Cluster metadata over a :class:`~torus_core.eventlog.MetadataBackend`.
+
+    :param backend: the backend (not closed by the service).
+    :param ring_types: registry used to validate ring specs (built-in rings when ``None``).
+    :param snapshot_every: projection snapshot interval in events.
+    """
+
+    def __init__(
+        self,
+        backend: MetadataBackend,
+        *,
+        ring_types: Registry | None = None,
+        registry: TopicRegistry = REGISTRY,
+        snapshot_every: int = 200,
+    ) -> None:
+        self.backend = backend
+        self.ring_types = ring_types
+        self.registry = registry
+        self.projector = Projector(backend.log, registry=registry, snapshot_every=snapshot_every)
+
+    # --- plumbing ------------------------------------------------------------------------------
+
+    def state(self) -> ClusterState:
+        """The current projected state (catches up with the log first)."""
+        return self.projector.catch_up()
+
+    def _event(self, stream: str, version: int, event: DomainEvent) -> NewEvent:
+        return self.registry.new_event(stream, version, event)
+
+    def _append(self, *events: NewEvent) -> list[int]:
+        positions = self.backend.log.append(list(events))
+        return positions
+
+    def _volume(self, state: ClusterState, name: str) -> VolumeState:
+        vol = state.volume_by_name(name)
+        if vol is None:
+            raise NotExist(f"volume {name!r} does not exist")
+        return vol
+
+    def _volume_id(self, state: ClusterState, volume_id: int) -> VolumeState:
+        vol = state.volumes.get(volume_id)
+        if vol is None:
+            raise NotExist(f"volume id {volume_id!r} does not exist")
+        return vol
+
+    def _validate_ring(self, spec: RingSpec) -> None:
+        from torus_core.ring.codec import ring_from_spec
+
+        ring_from_spec(self.ring_types, spec)
+
+    # --- cluster -------------------------------------------------------------------------------
+
+    def format(
+        self, block_size: int, block_spec: str = "crc,base", ring: RingSpec | None = None
+    ) -> GlobalMetadata:
+        """Format the cluster (``torusctl init``): global metadata plus ring version 1.
+
+        ``ring`` defaults to an empty ring; it must have version 1. Raises AlreadyExists if the
+        cluster is already formatted.
+        """
+        _check_positive("block size", block_size)
+        if not isinstance(block_spec, str) or not block_spec.strip():
+            raise InvalidArgument("block spec must be a non-empty string such as 'crc,base'")
+        spec = ring if ring is not None else RingSpec(type="empty", version=1, replication=0)
+        if not isinstance(spec, RingSpec) or spec.version != 1:
+            raise InvalidArgument("the initial ring must be a RingSpec with version 1")
+        self._validate_ring(spec)
+        formatted = ClusterFormatted(block_size, block_spec, spec.type, spec.replication)
+        try:
+            self._append(
+                self._event(CLUSTER_STREAM, 1, formatted),
+                self._event(RING_STREAM, 1, RingChanged(spec)),
+            )
+        except CompareFailed:
+            raise AlreadyExists("the cluster is already formatted") from None
+        return GlobalMetadata(block_size, block_spec, spec.type, spec.replication)
+
+    def global_metadata(self) -> GlobalMetadata:
+        """Block size, default block spec and initial ring type; NoGlobalMetadata if unformatted."""
+        gm = self.state().global_metadata
+        if gm is None:
+            raise NoGlobalMetadata("the cluster is not formatted (run `torusctl init`)")
+        return gm
+
+    def get_ring(self) -> RingSpec:
+        """The current ring spec; NoGlobalMetadata if unformatted."""
+        ring = self.state().ring
+        if ring is None:
+            raise NoGlobalMetadata("the cluster is not formatted (run `torusctl init`)")
+        return ring
+
+    def set_ring(self, spec: RingSpec) -> None:
+        """Replace the ring: ``spec.version`` must be current + 1 (else NonSequentialRing).
+
+        Losing a race with another ring change raises :class:`~torus_core.errors.Again`.
+        """
+        current = self.get_ring()
+        if not isinstance(spec, RingSpec):
+            raise InvalidArgument(f"expected a RingSpec, got {type(spec).__name__}")
+        if spec.version != current.version + 1:
+            raise NonSequentialRing(f"new ring version {spec.version} is not {current.version} + 1")
+        self._validate_ring(spec)
+        try:
+            self._append(self._event(RING_STREAM, spec.version, RingChanged(spec)))
+        except CompareFailed:
+            raise Again(f"another ring version {spec.version} was written concurrently") from None
+
+    # --- volumes -------------------------------------------------------------------------------
+
+    def create_volume(self, name: str, size: int) -> VolumeInfo:
+        """Create a block volume (thin: metadata only). AlreadyExists if the name is taken."""
+        _check_name("volume name", name)
+        _check_positive("volume size", size)
+        for _ in range(MAX_ATTEMPTS):
+            state = self.state()
+            if name in state.names:
+                raise AlreadyExists(f"volume {name!r} already exists")
+            vid = state.stream_version(VOLUME_IDS_STREAM) + 1
+            if vid > VOLUME_MAX:
+                raise InvalidArgument("volume ids are exhausted")
+            try:
+                self._append(
+                    self._event(VOLUME_IDS_STREAM, vid, VolumeIdAllocated(vid, name)),
+                    self._event(
+                        name_stream(name),
+                        state.stream_version(name_stream(name)) + 1,
+                        VolumeNameClaimed(name, vid),
+                    ),
+                    self._event(volume_stream(vid), 1, VolumeCreated(vid, name, size, "block")),
+                )
+            except CompareFailed:
+                continue
+            return VolumeInfo(vid, name, size, "block")
+        raise Again(f"could not create volume {name!r}: too much contention")
+
+    def get_volume(self, name: str) -> VolumeInfo:
+        """The volume called ``name``; NotExist if none."""
+        return _info(self._volume(self.state(), name))
+
+    def get_volume_by_id(self, volume_id: int) -> VolumeInfo:
+        """The volume with id ``volume_id``; NotExist if none."""
+        return _info(self._volume_id(self.state(), volume_id))
+
+    def list_volumes(self) -> list[VolumeInfo]:
+        """Every live volume, by name."""
+        state = self.state()
+        return sorted((_info(v) for v in state.volumes.values()), key=lambda v: v.name)
+
+    def resize_volume(self, name: str, new_size: int) -> VolumeInfo:
+        """Grow a volume to ``new_size`` bytes; shrinking raises InvalidArgument."""
+        _check_positive("volume size", new_size)
+        for _ in range(MAX_ATTEMPTS):
+            state = self.state()
+            vol = self._volume(state, name)
+            if new_size < vol.size:
+                raise InvalidArgument(
+                    f"volume {name!r} is {vol.size} bytes; shrinking to {new_size} is not supported"
+                )
+            if new_size == vol.size:
+                return _info(vol)
+            stream = volume_stream(vol.id)
+            try:
+                self._append(
+                    self._event(
+                        stream, state.stream_version(stream) + 1, VolumeResized(vol.id, vol.size, new_size)
+                    )
+                )
+            except CompareFailed:
+                continue
+            return VolumeInfo(vol.id, vol.name, new_size, vol.type)
+        raise Again(f"could not resize volume {name!r}: too much contention")
+
+    def delete_volume(self, name: str) -> None:
+        """Delete a volume and free its name; Locked while someone holds its lock."""
+        for _ in range(MAX_ATTEMPTS):
+            state = self.state()
+            vol = self._volume(state, name)
+            if self.backend.leases.get(f"{LOCK_PREFIX}{vol.id}") is not None:
+                raise Locked(f"volume {name!r} is locked (in use)")
+            vs, ns = volume_stream(vol.id), name_stream(name)
+            try:
+                self._append(
+                    self._event(vs, state.stream_version(vs) + 1, VolumeDeleted(vol.id, name)),
+                    self._event(ns, state.stream_version(ns) + 1, VolumeNameReleased(name, vol.id)),
+                )
+            except CompareFailed:
+                continue
+            return
+        raise Again(f"could not delete volume {name!r}: too much contention")
+
+    def allocate_inode_index(self, volume_id: int) -> int:
+        """Reserve and return the volume's next INode index (2, 3, ...; 1 is the virtual INode)."""
+        for _ in range(MAX_ATTEMPTS):
+            state = self.state()
+            vol = self._volume_id(state, volume_id)
+            stream = volume_stream(vol.id)
+            index = vol.last_inode_index + 1
+            try:
+                self._append(
+                    self._event(stream, state.stream_version(stream) + 1, INodeIndexAllocated(vol.id, index))
+                )
+            except CompareFailed:
+                continue
+            return index
+        raise Again(f"could not allocate an INode index for volume {volume_id}: too much contention")
+
+    def current_inode(self, volume_id: int) -> INodeRef:
+        """The volume's current INodeRef (``(id, 1)`` until the first commit)."""
+        return self._volume_id(self.state(), volume_id).inode
+
+    # --- locks ---------------------------------------------------------------------------------
+
+    def lock_volume(self, name: str, owner: str, lease: Lease) -> VolumeLock:
+        """Take the single-writer lock of ``name`` for ``owner``, bound to ``lease``.
+
+        Raises Locked if a live lease holds it (a lock whose lease expired is taken over),
+        LeaseNotFound if ``lease`` is gone, NotExist if the volume does not exist.
+        """
+        if not isinstance(lease, Lease):
+            raise InvalidArgument("locking a volume needs a granted Lease")
+        if not isinstance(owner, str) or not owner:
+            raise InvalidArgument("lock owner must be a non-empty string")
+        vol = self._volume(self.state(), name)
+        token = uuid.uuid4().hex
+        value = _lock_value(owner, token)
+        key = f"{LOCK_PREFIX}{vol.id}"
+        if not self.backend.leases.put_if_absent(key, value, lease):
+            raise Locked(f"volume {name!r} is locked by {self._holder(key) or 'another client'}")
+        try:
+            for _ in range(MAX_ATTEMPTS):
+                state = self.state()
+                current = state.volumes.get(vol.id)
+                if current is None:
+                    raise NotExist(f"volume {name!r} was deleted")
+                stream = volume_stream(vol.id)
+                version = state.stream_version(stream) + 1
+                epoch = current.lock_epoch + 1
+                try:
+                    self._append(
+                        self._event(stream, version, VolumeLockAcquired(vol.id, owner, epoch, lease.id))
+                    )
+                except CompareFailed:
+                    continue
+                return VolumeLock(vol.id, name, owner, epoch, lease, token, version)
+            raise Again(f"could not lock volume {name!r}: too much contention")
+        except BaseException:
+            self.backend.leases.delete(key, expected=value)
+            raise
+
+    def _holder(self, key: str) -> str | None:
+        raw = self.backend.leases.get(key)
+        if raw is None:
+            return None
+        try:
+            owner = json.loads(raw).get("owner")
+        except (ValueError, AttributeError):
+            return None
+        return owner if isinstance(owner, str) else None
+
+    def _fenced_append(self, lock: VolumeLock, event: DomainEvent) -> None:
+        """Append ``event`` to the locked volume's stream unless the lock moved on (Locked)."""
+        stream = volume_stream(lock.volume_id)
+        for _ in range(MAX_ATTEMPTS):
+            if self.backend.leases.get(lock.key) != lock.value:
+                raise Locked(f"lock on volume {lock.name!r} (epoch {lock.epoch}) was lost")
+            try:
+                self._append(self._event(stream, lock.seen_version + 1, event))
+            except CompareFailed:
+                newer = self.backend.log.read_stream(stream, after=lock.seen_version)
+                for stored in newer:
+                    e = self.registry.decode(stored.topic, stored.state)
+                    if isinstance(
+                        e, VolumeLockAcquired | VolumeLockReleased | VolumeDeleted | SnapshotRestored
+                    ):
+                        raise Locked(
+                            f"lock on volume {lock.name!r} (epoch {lock.epoch}) was lost: {type(e).__name__}"
+                        ) from None
+                if newer:
+                    lock.seen_version = newer[-1].version
+                continue
+            lock.seen_version += 1
+            return
+        raise Again(f"could not write to volume {lock.name!r}: too much contention")
+
+    def commit_inode(self, lock: VolumeLock, inode_ref: INodeRef) -> None:
+        """Make ``inode_ref`` the volume's current INode; Locked if ``lock`` is no longer held."""
+        if not isinstance(inode_ref, INodeRef) or inode_ref.volume != lock.volume_id:
+            raise InvalidArgument(f"{inode_ref!r} is not an INodeRef of volume {lock.volume_id}")
+        self._fenced_append(lock, INodeCommitted(lock.volume_id, inode_ref, lock.epoch))
+
+    def unlock(self, lock: VolumeLock) -> None:
+        """Release ``lock``; Locked if it was already lost."""
+        self._fenced_append(lock, VolumeLockReleased(lock.volume_id, lock.owner, lock.epoch))
+        self.backend.leases.delete(lock.key, expected=lock.value)
+
+    def lock_status(self, name: str) -> LockStatus:
+        """Whether ``name`` is locked now (a live lock key) and by whom; ``epoch`` is the last one."""
+        vol = self._volume(self.state(), name)
+        owner = self._holder(f"{LOCK_PREFIX}{vol.id}")
+        return LockStatus(owner is not None, owner, vol.lock_epoch)
+
+    # --- snapshots -----------------------------------------------------------------------------
+
+    def save_snapshot(self, volume: str, name: str) -> SnapshotInfo:
+        """Record the volume's last committed INode as snapshot ``name`` (works while locked)."""
+        _check_name("snapshot name", name)
+        for _ in range(MAX_ATTEMPTS):
+            state = self.state()
+            vol = self._volume(state, volume)
+            if name in vol.snapshots:
+                raise AlreadyExists(f"snapshot {volume}@{name} already exists")
+            info = SnapshotInfo(name, vol.inode, time.time())
+            stream = volume_stream(vol.id)
+            try:
+                self._append(
+                    self._event(
+                        stream,
+                        state.stream_version(stream) + 1,
+                        SnapshotSaved(vol.id, name, info.inode_ref, info.time),
+                    )
+                )
+            except CompareFailed:
+                continue
+            return info
+        raise Again(f"could not save snapshot {volume}@{name}: too much contention")
+
+    def list_snapshots(self, volume: str) -> list[SnapshotInfo]:
+        """The volume's snapshots, oldest first."""
+        vol = self._volume(self.state(), volume)
+        return sorted(vol.snapshots.values(), key=lambda s: (s.time, s.name))
+
+    def get_snapshot(self, volume: str, name: str) -> SnapshotInfo:
+        """One snapshot; NotExist if missing."""
+        vol = self._volume(self.state(), volume)
+        try:
+            return vol.snapshots[name]
+        except KeyError:
+            raise NotExist(f"snapshot {volume}@{name} does not exist") from None
+
+    def delete_snapshot(self, volume: str, name: str) -> None:
+        """Remove a snapshot record; NotExist if missing."""
+        for _ in range(MAX_ATTEMPTS):
+            state = self.state()
+            vol = self._volume(state, volume)
+            if name not in vol.snapshots:
+                raise NotExist(f"snapshot {volume}@{name} does not exist")
+            stream = volume_stream(vol.id)
+            try:
+                self._append(
+                    self._event(stream, state.stream_version(stream) + 1, SnapshotDeleted(vol.id, name))
+                )
+            except CompareFailed:
+                continue
+            return
+        raise Again(f"could not delete snapshot {volume}@{name}: too much contention")
+
+    def restore_snapshot(self, volume: str, name: str) -> INodeRef:
+        """Point the volume back at a snapshot's INode; Locked while the volume is locked."""
+        for _ in range(MAX_ATTEMPTS):
+            state = self.state()
+            vol = self._volume(state, volume)
+            if self.backend.leases.get(f"{LOCK_PREFIX}{vol.id}") is not None:
+                raise Locked(f"volume {volume!r} is locked (in use); unmount it first")
+            snap = vol.snapshots.get(name)
+            if snap is None:
+                raise NotExist(f"snapshot {volume}@{name} does not exist")
+            stream = volume_stream(vol.id)
+            try:
+                self._append(
+                    self._event(
+                        stream,
+                        state.stream_version(stream) + 1,
+                        SnapshotRestored(vol.id, name, snap.inode_ref),
+                    )
+                )
+            except CompareFailed:
+                continue
+            return snap.inode_ref
+        raise Again(f"could not restore snapshot {volume}@{name}: too much contention")
+
+    # --- peers (lease store, not events) ------------------------------------------------------
+
+    def register_peer(self, info: Mapping[str, Any] | Any, lease: Lease) -> None:
+        """Publish a peer's info (a mapping or dataclass with a ``uuid``) under its lease."""
+        data = dict(info) if isinstance(info, Mapping) else dataclasses.asdict(info)
+        peer_id = data.get("uuid")
+        if not isinstance(peer_id, str) or not peer_id:
+            raise InvalidArgument("peer info needs a non-empty 'uuid'")
+        try:
+            raw = json.dumps(data, sort_keys=True, default=_json_default).encode()
+        except (TypeError, ValueError) as exc:
+            raise InvalidArgument(f"peer info is not serialisable: {exc}") from None
+        self.backend.leases.put(f"{PEER_PREFIX}{peer_id}", raw, lease)
+
+    def unregister_peer(self, peer_id: str) -> bool:
+        """Remove a peer's info now; returns whether it was present."""
+        return self.backend.leases.delete(f"{PEER_PREFIX}{peer_id}")
+
+    def list_peers(self) -> list[dict[str, Any]]:
+        """Info of every live peer, sorted by uuid (bytes values come back as base64 text)."""
+        out = []
+        for _key, raw in sorted(self.backend.leases.get_prefix(PEER_PREFIX).items()):
+            try:
+                out.append(json.loads(raw))
+            except ValueError:
+                continue  # not ours: ignore
+        return out
+
+    # --- event access (torusctl events) -------------------------------------------------------
+
+    def events(
+        self, after: int = 0, stream: str | None = None, limit: int | None = None
+    ) -> list[RecordedEvent]:
+        """Decoded events with position > ``after`` (or, for ``stream``, version > ``after``)."""
+        if stream is None:
+            stored = self.backend.log.read_all(after=after, limit=limit)
+        else:
+            stored = self.backend.log.read_stream(stream, after=after, limit=limit)
+        return [self.registry.recorded(s) for s in stored]
+
+    def follow(self, after: int, timeout: float) -> list[RecordedEvent]:
+        """Wait up to ``timeout`` seconds for events after position ``after``; [] on timeout."""
+        return [self.registry.recorded(s) for s in self.backend.log.wait_for_events(after, timeout)]
+
+
+def _json_default(value: Any) -> Any:
+    import base64
+
+    if isinstance(value, bytes | bytearray):
+        return base64.b64encode(bytes(value)).decode("ascii")
+    raise TypeError(f"{type(value).__name__} is not JSON serialisable")
