@@ -73,6 +73,8 @@ def translate(exc: grpc.RpcError) -> TorusError:
     """Map a gRPC error to the torus exception it means."""
     code = exc.code() if hasattr(exc, "code") else grpc.StatusCode.UNKNOWN
     details = (exc.details() if hasattr(exc, "details") else None) or str(exc)
+    if code == grpc.StatusCode.UNKNOWN and "deadline exceeded" in details:
+        code = grpc.StatusCode.DEADLINE_EXCEEDED  # etcd relays the propagated deadline as UNKNOWN
     factory = ERRORS_BY_CODE.get(code)
     if factory is None:
         return MetadataError(f"etcd error {code.name}: {details}")

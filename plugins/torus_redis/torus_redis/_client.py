@@ -123,6 +123,7 @@ class RedisClient:
     def verify_identity(self) -> None:
         """Compare the server's cluster id and head with what this process knows."""
         self._reconnected = False
+        baseline = self.seen_head
         try:
             cid_raw, head_raw = self.redis.mget([self.cluster_key, self.head_key])
         except Exception:
@@ -130,10 +131,15 @@ class RedisClient:
             raise
         cid = cid_raw.decode() if cid_raw is not None else None
         head = int(head_raw) if head_raw is not None else 0
-        self.observe(cid, head)
+        self.observe(cid, head, baseline)
 
-    def observe(self, cid: str | None, head: int) -> None:
-        """Record a (cluster id, head) read from the server; raise if data was lost."""
+    def observe(self, cid: str | None, head: int, baseline: int) -> None:
+        """Record a (cluster id, head) read from the server; raise if data was lost.
+
+        ``baseline`` is :attr:`seen_head` as it was *before* the request was sent: a head seen
+        earlier must not be larger than the one the server reports now (concurrent threads of
+        one client may have seen newer heads meanwhile, which is fine).
+        """
         with self._lock:
             known = self.known_cluster_id
             if known is not None and cid is None:
@@ -150,13 +156,13 @@ class RedisClient:
                     f"redis {self.config.url} holds cluster {cid}, expected cluster {known}: wrong server "
                     "or the data was replaced."
                 )
-            if head < self.seen_head:
+            if head < baseline:
                 self._reconnected = True
                 raise DataLossDetected(
-                    f"redis {self.config.url}: head position went backwards from {self.seen_head} to "
+                    f"redis {self.config.url}: head position went backwards from {baseline} to "
                     f"{head}: events were lost."
                 )
-            self.seen_head = head
+            self.seen_head = max(self.seen_head, head)
             if cid is not None:
                 self.known_cluster_id = cid
 

@@ -90,7 +90,8 @@ class RedisEventLog(EventLog):
         keys = [self._c.head_key, self._log_key, self._notify_key, self._c.cluster_key]
         keys += [self._stream_key(sid) for sid in streams]
         now = time.time()
-        args: list[Any] = [self._c.known_cluster_id or "", uuid.uuid4().hex, self._c.seen_head]
+        baseline = self._c.seen_head
+        args: list[Any] = [self._c.known_cluster_id or "", uuid.uuid4().hex, baseline]
         args += [first - 1 for first, _ in streams.values()]
         for ev in events:
             args += [index[ev.stream_id], encode_body(ev, now, batch_id)]
@@ -102,7 +103,7 @@ class RedisEventLog(EventLog):
         code = int(res[0])
         if code == 1:
             first_pos = int(res[1])
-            self._c.observe(res[2].decode(), first_pos + len(events) - 1)
+            self._c.observe(res[2].decode(), first_pos + len(events) - 1, baseline)
             if self._uncertain is not None and self._uncertain[0] == events:
                 self._uncertain = None
             return list(range(first_pos, first_pos + len(events)))
@@ -117,9 +118,9 @@ class RedisEventLog(EventLog):
                 version=streams[sid][0],
             )
         if code == -1:
-            self._c.observe(res[1].decode() or None, self._c.seen_head)
+            self._c.observe(res[1].decode() or None, baseline, baseline)
         elif code == -2:
-            self._c.observe(self._c.known_cluster_id, int(res[1]))
+            self._c.observe(self._c.known_cluster_id, int(res[1]), baseline)
         raise MetadataError(f"unexpected reply from the append script: {res!r}")
 
     def _committed_earlier(self, events: tuple[NewEvent, ...], batch_id: bytes) -> list[int] | None:
@@ -163,9 +164,10 @@ class RedisEventLog(EventLog):
 
     def head_position(self) -> int:
         """The global head; raises DataLossDetected if it went backwards."""
+        baseline = self._c.seen_head
         raw = self._c.call(lambda: self._c.redis.get(self._c.head_key))
         head = int(raw) if raw is not None else 0
-        self._c.observe(self._c.known_cluster_id, head)
+        self._c.observe(self._c.known_cluster_id, head, baseline)
         return head
 
     def wait_for_events(self, after: int, timeout: float) -> list[StoredEvent]:
