@@ -1,3 +1,4 @@
+# mypy: allow-untyped-defs
 """Protocol-level tests of the NBD server with a raw-socket client (bad input, errors, ordering)."""
 
 from __future__ import annotations
