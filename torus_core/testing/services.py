@@ -163,6 +163,7 @@ class EtcdServer(ServerProcess):
     peer_port: int = 0
     host: str = "127.0.0.1"
     extra_args: tuple[str, ...] = ()
+    external_endpoints: str | None = None
 
     @property
     def endpoint(self) -> str:
@@ -172,7 +173,7 @@ class EtcdServer(ServerProcess):
     @property
     def url(self) -> str:
         """The torus metadata URL (``etcd://host:port``)."""
-        return f"etcd://{self.endpoint}"
+        return f"etcd://{self.external_endpoints or self.endpoint}"
 
     def _command(self) -> list[str]:
         client = f"http://127.0.0.1:{self.client_port}"
@@ -287,7 +288,13 @@ def _external_etcd() -> EtcdServer | None:
     if not spec:
         return None
     host, _, port = spec.split(",")[0].rpartition(":")
-    return EtcdServer(workdir=Path(tempfile.gettempdir()), external=True, host=host, client_port=int(port))
+    return EtcdServer(
+        workdir=Path(tempfile.gettempdir()),
+        external=True,
+        host=host,
+        client_port=int(port),
+        external_endpoints=spec,
+    )
 
 
 def _external_redis() -> RedisServer | None:

@@ -148,8 +148,9 @@ class EtcdTransport:
         deadline = time.monotonic() + budget
         endpoints = self.config.endpoints
         last: TorusError | None = None
+        start = self._current
         for attempt in range(len(endpoints)):
-            idx = (self._current + attempt) % len(endpoints)
+            idx = (start + attempt) % len(endpoints)
             endpoint = endpoints[idx]
             remaining = deadline - time.monotonic()
             if remaining <= 0:
