@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import shutil
+from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -19,17 +21,17 @@ FAST = RPCTimeouts(get=2.0, put=2.0, check=2.0, ping=2.0)
 
 
 @pytest.fixture(scope="module")
-def pki(tmp_path_factory) -> TestPKI:
+def pki(tmp_path_factory: pytest.TempPathFactory) -> TestPKI:
     return make_test_pki(tmp_path_factory.mktemp("pki"))
 
 
 @pytest.fixture(scope="module")
-def other_pki(tmp_path_factory) -> TestPKI:
+def other_pki(tmp_path_factory: pytest.TempPathFactory) -> TestPKI:
     return make_test_pki(tmp_path_factory.mktemp("pki-other"), prefix="other-")
 
 
 @pytest.fixture
-def tls_server(pki: TestPKI):
+def tls_server(pki: TestPKI) -> Iterator[PeerServer]:
     store = mem_store_factory()(BS, 16)
     srv = PeerServer(store, uuid="tls-peer", tls=pki.server_tls()).start()
     yield srv
@@ -69,7 +71,7 @@ def test_plaintext_client_is_refused_by_a_tls_server(tls_server: PeerServer) -> 
         c.close()
 
 
-def test_client_without_certificate_is_refused(tls_server: PeerServer, pki: TestPKI, tmp_path) -> None:
+def test_client_without_certificate_is_refused(tls_server: PeerServer, pki: TestPKI, tmp_path: Path) -> None:
     # Trusts the server's CA but presents a certificate from an unrelated CA.
     other = make_test_pki(tmp_path, prefix="x-")
     tls = TLSConfig(str(other.client_cert), str(other.client_key), str(pki.ca_cert))
@@ -93,7 +95,9 @@ def test_client_that_does_not_trust_the_server_ca_is_refused(
         c.close()
 
 
-def test_server_name_override_lets_a_client_dial_by_another_name(tls_server: PeerServer, pki: TestPKI) -> None:
+def test_server_name_override_lets_a_client_dial_by_another_name(
+    tls_server: PeerServer, pki: TestPKI
+) -> None:
     tls = TLSConfig(str(pki.client_cert), str(pki.client_key), str(pki.ca_cert), server_name="localhost")
     c = PeerClient(f"127.0.0.1:{tls_server.port}", tls=tls, timeouts=FAST)
     try:

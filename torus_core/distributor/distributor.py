@@ -24,7 +24,7 @@ import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
-from typing import ClassVar
+from typing import Any, ClassVar
 
 from torus_core.blockstore import BlockStore, BlockStoreConfig
 from torus_core.distributor.cache import BlockCache
@@ -211,6 +211,7 @@ class Distributor(BlockStore):
         self._executor = ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="torus-dist")
         self._repair_executor = ThreadPoolExecutor(max_workers=2, thread_name_prefix="torus-repair")
         self._repairs: dict[BlockRef, Future[None]] = {}
+        self._late_reads: set[Future[bytes]] = set()
         self._repairs_lock = threading.Lock()
         self._max_pending_repairs = max_pending_repairs
         self._close_local_store = close_local_store
@@ -399,22 +400,44 @@ class Distributor(BlockStore):
                 )
                 if not done:
                     break
+                winner: Future[bytes] | None = None
                 for fut in done:
-                    uuid = futures[fut]
                     exc = fut.exception()
                     if exc is None:
-                        self.stats.inc("remote_reads")
-                        return fut.result(), uuid
-                    if isinstance(exc, InvalidArgument):
+                        winner = winner or fut
+                    elif isinstance(exc, InvalidArgument):
                         raise exc
-                    self.stats.inc("remote_failures")
-                    outcome.record(uuid, exc)
+                    else:
+                        self.stats.inc("remote_failures")
+                        outcome.record(futures[fut], exc)
+                if winner is not None:
+                    self.stats.inc("remote_reads")
+                    data = winner.result()
+                    for fut in pending:  # slower owners may still report a bad copy: repair it then
+                        self._watch_late_read(fut, futures[fut], ref, data)
+                    return data, futures[winner]
             for fut in pending:
                 outcome.unavailable[futures[fut]] = PeerUnavailable("spread read timed out")
         rest = [p for p in sources if p not in owners]
         return self._read_pass(ref, rest, self.timeouts.read_peer, deadline, outcome)
 
     # --- read repair ------------------------------------------------------------------------
+
+    def _watch_late_read(self, fut: Future[bytes], uuid: str, ref: BlockRef, data: bytes) -> None:
+        """After a spread read returned, repair ``uuid`` if its late answer shows a bad copy."""
+        with self._repairs_lock:
+            self._late_reads.add(fut)
+
+        def done(f: Future[bytes]) -> None:
+            try:
+                exc = None if f.cancelled() else f.exception()
+                if isinstance(exc, BlockNotExist | CorruptBlock):
+                    self._schedule_repair(ref, data, [uuid])
+            finally:
+                with self._repairs_lock:
+                    self._late_reads.discard(f)
+
+        fut.add_done_callback(done)
 
     def _schedule_repair(self, ref: BlockRef, data: bytes, targets: list[str]) -> None:
         with self._repairs_lock:
@@ -458,7 +481,7 @@ class Distributor(BlockStore):
         end = time.monotonic() + timeout
         while True:
             with self._repairs_lock:
-                pending = list(self._repairs.values())
+                pending: list[Future[Any]] = [*self._late_reads, *self._repairs.values()]
             if not pending:
                 return True
             remaining = end - time.monotonic()
@@ -481,7 +504,7 @@ class Distributor(BlockStore):
         (retryable; blocks are immutable so a retry is safe). ``one``: at least one owner of
         each block. ``local``: the local store, falling back to ``one`` if it is full.
         A content conflict (:class:`BlockExists`) or bad input (:class:`InvalidArgument`) is
-        raised as such.
+        raised as such, and :class:`OutOfSpace` when every failed owner was full.
         """
         self._check_open()
         write_level = self.write_level if level is None else WriteLevel.parse(level)
@@ -582,6 +605,10 @@ class Distributor(BlockStore):
         else:
             short = [i for i, a in enumerate(acks) if len(a) < len(owners_of[i])]
         if short:
+            if failed and all(isinstance(e, OutOfSpace) for e in failed.values()):
+                raise OutOfSpace(
+                    "no room for the block on " + "; ".join(f"{u}: {e}" for u, e in failed.items())
+                )
             first = short[0]
             acked = sorted(acks[first])
             need = 1 if level is WriteLevel.ONE else len(owners_of[first])

@@ -15,7 +15,7 @@ from typing import Any
 from torus_core.blockstore import BlockStore, BlockStoreConfig
 from torus_core.distributor.distributor import Distributor
 from torus_core.distributor.peers import PeerDirectory
-from torus_core.errors import CorruptBlock, PeerUnavailable
+from torus_core.errors import BlockUnavailable, CorruptBlock, PeerUnavailable
 from torus_core.refs import BlockRef
 from torus_core.ring.base import Ring, RingMember
 from torus_core.rpc.client import PeerClientPool
@@ -39,8 +39,9 @@ def mem_store_factory() -> StoreFactory:
 
 
 class FaultyStore(BlockStore):
-    """Wraps a real store; refs in :attr:`corrupt` raise CorruptBlock on read, and the store can
-    be made to fail every call with :attr:`fail_with`. Counts ``get_block`` calls."""
+    """Wraps a real store; refs in :attr:`corrupt` raise CorruptBlock on read, :attr:`fail_gets`
+    makes the next reads fail transiently, and :attr:`fail_with` fails every call.
+    Counts ``get_block`` calls."""
 
     name = "faulty"
 
@@ -48,6 +49,8 @@ class FaultyStore(BlockStore):
         self.inner = inner
         self.corrupt: set[BlockRef] = set()
         self.fail_with: BaseException | None = None
+        #: The next this-many ``get_block`` calls raise BlockUnavailable (a transient outage).
+        self.fail_gets = 0
         self.get_calls = 0
         self._lock = threading.Lock()
 
@@ -74,6 +77,11 @@ class FaultyStore(BlockStore):
         """Delegates, unless ``ref`` is marked corrupt."""
         with self._lock:
             self.get_calls += 1
+            transient = self.fail_gets > 0
+            if transient:
+                self.fail_gets -= 1
+        if transient:
+            raise BlockUnavailable(f"block {ref} temporarily unavailable (injected)")
         self._maybe_fail()
         if ref in self.corrupt:
             raise CorruptBlock(f"block {ref} failed its checksum (injected)")
