@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import signal
 import socket
+import time
 import urllib.request
 
 import pytest
@@ -53,6 +54,10 @@ def test_redis_service_answers_pauses_resumes_and_is_reaped_on_exit() -> None:
         pid = srv.pid
         assert pid is not None and _ping_redis(srv.port)
         srv.pause()
+        for _ in range(100):  # SIGSTOP is delivered asynchronously; bounded wait for state T
+            if _proc_state(pid) == "T":
+                break
+            time.sleep(0.02)
         assert _proc_state(pid) == "T"
         assert not _ping_redis(srv.port, timeout=0.3)
         srv.resume()
