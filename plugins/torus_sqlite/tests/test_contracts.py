@@ -2,14 +2,21 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import pytest
+from hypothesis import settings
 from torus_sqlite.backend import SQLiteBackend
+from torus_sqlite.eventlog import SQLiteEventLog
 
-from torus_core.eventlog import MetadataBackend
-from torus_core.testing.eventlog import EventLogContract, LeaseStoreContract
+from torus_core.eventlog import MetadataBackend, NewEvent
+from torus_core.testing.eventlog import (
+    MACHINE_SETTINGS,
+    EventLogContract,
+    LeaseStoreContract,
+    run_eventlog_machine,
+)
 
 
 class _SQLiteFixtures:
@@ -34,3 +41,32 @@ class TestSQLiteEventLog(_SQLiteFixtures, EventLogContract):
 
 class TestSQLiteLeaseStore(_SQLiteFixtures, LeaseStoreContract):
     """LeaseStoreContract on SQLite."""
+
+
+class _LossyLog(SQLiteEventLog):
+    """A deliberately broken log: silently drops every event after the first of a batch."""
+
+    def append(self, events_: Sequence[NewEvent]) -> list[int]:
+        batch = list(events_)
+        if not batch:
+            return []
+        first = super().append(batch[:1])
+        return list(range(first[0], first[0] + len(batch)))
+
+
+def test_eventlog_machine_detects_a_log_that_loses_events(url: str) -> None:
+    backend = SQLiteBackend.from_url(url)
+    try:
+        backend._log = _LossyLog(backend._db)
+        with pytest.raises(AssertionError):
+            run_eventlog_machine(
+                lambda: backend,
+                settings_=settings(MACHINE_SETTINGS, max_examples=200, report_multiple_bugs=False),
+            )
+    finally:
+        backend.close()
+
+
+@pytest.fixture
+def url(tmp_path: Path) -> str:
+    return f"sqlite:///{tmp_path}/meta.db"
