@@ -1,0 +1,218 @@
+#!/usr/bin/env python3
+"""Benchmark the torus NBD server against ``nbdkit file`` with the same workloads, in one run.
+
+    .venv/bin/python bench/nbd.py [--quick] [--target memory|volume] [--size 1G]
+
+Workloads (each against both servers): nbdcopy write of a urandom file and read to ``null:``;
+fio (nbd engine) 4 KiB random read/write at iodepth 1 and 32; 1 MiB sequential write/read at
+iodepth 8. Prints a table with torus/nbdkit ratios and the torus server's peak RSS.
+
+The torus side is started by :func:`start_torus`, switched by ``--target``: ``memory`` serves
+:class:`~torus_core.nbd.memory.MemoryExport` (the protocol layer's ceiling); ``volume`` is the
+hook for the block-volume export (add its command in :data:`TARGETS`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+PY = sys.executable
+
+
+def free_port() -> int:
+    """A currently free TCP port on 127.0.0.1."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_listening(port: int, proc: subprocess.Popen[bytes], timeout: float = 20.0) -> None:
+    """Poll until ``port`` accepts connections (bounded); fail if the process died."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited with {proc.returncode}")
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+            return
+        except OSError:
+            time.sleep(0.05)
+    raise TimeoutError(f"nothing listening on {port} after {timeout}s")
+
+
+def stop(proc: subprocess.Popen[bytes]) -> None:
+    """Stop a server we started, by its PID, and reap it (bounded)."""
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(10)
+
+
+def _start_memory(port: int, size: int, workdir: Path) -> subprocess.Popen[bytes]:
+    cmd = [PY, "-m", "torus_core.nbd.memory_server", "--port", str(port), "--size", str(size)]
+    return subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stdin=subprocess.DEVNULL)
+
+
+def _start_volume(port: int, size: int, workdir: Path) -> subprocess.Popen[bytes]:
+    raise SystemExit(
+        "--target volume: no volume export server yet; add its command to bench/nbd.py:_start_volume"
+    )
+
+
+#: How to start the torus server for each ``--target``: (port, export size, work dir) -> process.
+TARGETS: dict[str, Callable[[int, int, Path], subprocess.Popen[bytes]]] = {
+    "memory": _start_memory,
+    "volume": _start_volume,
+}
+
+
+def start_torus(target: str, size: int, workdir: Path) -> tuple[subprocess.Popen[bytes], str]:
+    """Start the torus NBD server for ``target``; returns the process and its URI."""
+    port = free_port()
+    proc = TARGETS[target](port, size, workdir)
+    wait_listening(port, proc)
+    return proc, f"nbd://127.0.0.1:{port}/"
+
+
+def start_nbdkit(size: int, workdir: Path) -> tuple[subprocess.Popen[bytes], str]:
+    """Start ``nbdkit file`` on a fresh sparse file of ``size`` bytes."""
+    img = workdir / "nbdkit.img"
+    with img.open("wb") as f:
+        f.truncate(size)
+    port = free_port()
+    proc = subprocess.Popen(
+        ["nbdkit", "-f", "-i", "127.0.0.1", "-p", str(port), "file", str(img)],
+        stdout=subprocess.DEVNULL,
+        stdin=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    wait_listening(port, proc)
+    return proc, f"nbd://127.0.0.1:{port}/"
+
+
+def peak_rss_mib(pid: int) -> float:
+    """Peak resident set size (VmHWM) of a live process, in MiB."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+@dataclass
+class Workload:
+    """One measurement; ``run(uri)`` returns the figure (higher is better)."""
+
+    name: str
+    unit: str
+    run: Callable[[str], float]
+
+
+def nbdcopy_write(src: Path, size: int) -> Callable[[str], float]:
+    """MB/s of ``nbdcopy SRC URI``."""
+
+    def run(uri: str) -> float:
+        t0 = time.perf_counter()
+        subprocess.run(["nbdcopy", str(src), uri], check=True, timeout=600)
+        return size / (time.perf_counter() - t0) / 1e6
+
+    return run
+
+
+def nbdcopy_read(size: int) -> Callable[[str], float]:
+    """MB/s of ``nbdcopy --no-extents URI null:``."""
+
+    def run(uri: str) -> float:
+        t0 = time.perf_counter()
+        subprocess.run(["nbdcopy", "--no-extents", uri, "null:"], check=True, timeout=600)
+        return size / (time.perf_counter() - t0) / 1e6
+
+    return run
+
+
+def fio(rw: str, bs: str, depth: int, runtime: float, size: int, metric: str) -> Callable[[str], float]:
+    """IOPS or MB/s of one fio job with the nbd engine."""
+
+    def run(uri: str) -> float:
+        cmd = [
+            "fio", "--name=j", "--ioengine=nbd", f"--uri={uri}", f"--rw={rw}", f"--bs={bs}",
+            f"--iodepth={depth}", f"--size={size}", "--time_based", f"--runtime={runtime}",
+            "--output-format=json",
+        ]  # fmt: skip
+        out = subprocess.run(cmd, check=True, capture_output=True, text=True, timeout=runtime + 120).stdout
+        job = json.loads(out[out.index("{") :])["jobs"][0]
+        side = job["read"] if "read" in rw else job["write"]
+        return float(side["iops"]) if metric == "iops" else side["bw_bytes"] / 1e6
+
+    return run
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the benchmark and print the table."""
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="256 MiB and 2 s fio runs")
+    ap.add_argument("--target", choices=sorted(TARGETS), default="memory")
+    ap.add_argument("--size", default=None, help="export/copy size (default 1 GiB, 256 MiB with --quick)")
+    ap.add_argument("--runtime", type=float, default=None, help="seconds per fio run (10, 2 with --quick)")
+    args = ap.parse_args(argv)
+    sys.path.insert(0, str(ROOT))
+    from torus_core.units import parse_size
+
+    size = parse_size(args.size) if args.size else (256 if args.quick else 1024) * 1024 * 1024
+    runtime = args.runtime or (2.0 if args.quick else 10.0)
+    with tempfile.TemporaryDirectory(prefix="torus-nbd-bench-") as tmp:
+        work = Path(tmp)
+        src = work / "src.img"
+        with src.open("wb") as f:
+            left = size
+            while left:
+                n = min(left, 16 * 1024 * 1024)
+                f.write(os.urandom(n))
+                left -= n
+        workloads = [
+            Workload("nbdcopy write", "MB/s", nbdcopy_write(src, size)),
+            Workload("nbdcopy read", "MB/s", nbdcopy_read(size)),
+            Workload("4k randread QD1", "IOPS", fio("randread", "4k", 1, runtime, size, "iops")),
+            Workload("4k randread QD32", "IOPS", fio("randread", "4k", 32, runtime, size, "iops")),
+            Workload("4k randwrite QD1", "IOPS", fio("randwrite", "4k", 1, runtime, size, "iops")),
+            Workload("4k randwrite QD32", "IOPS", fio("randwrite", "4k", 32, runtime, size, "iops")),
+            Workload("1M seq write QD8", "MB/s", fio("write", "1M", 8, runtime, size, "bw")),
+            Workload("1M seq read QD8", "MB/s", fio("read", "1M", 8, runtime, size, "bw")),
+        ]
+        results: dict[str, dict[str, float]] = {"torus": {}, "nbdkit": {}}
+        rss = float("nan")
+        for side in ("torus", "nbdkit"):
+            proc, uri = start_torus(args.target, size, work) if side == "torus" else start_nbdkit(size, work)
+            try:
+                for w in workloads:
+                    results[side][w.name] = w.run(uri)
+                    print(f"  {side:6} {w.name:18} {results[side][w.name]:12.1f} {w.unit}", flush=True)
+                if side == "torus":
+                    rss = peak_rss_mib(proc.pid)
+            finally:
+                stop(proc)
+    print()
+    print(f"target={args.target} size={size // (1024 * 1024)} MiB fio runtime={runtime:g}s")
+    print(f"{'workload':20} {'unit':5} {'torus':>12} {'nbdkit file':>12} {'ratio':>7}")
+    for w in workloads:
+        t, k = results["torus"][w.name], results["nbdkit"][w.name]
+        print(f"{w.name:20} {w.unit:5} {t:12.1f} {k:12.1f} {t / k:7.2f}")
+    print(f"torus server peak RSS: {rss:.0f} MiB")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
