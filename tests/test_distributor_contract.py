@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import pytest
+from hypothesis import settings
 
 from torus_core.distributor import Distributor, PeerDirectory
 from torus_core.distributor.testing import mem_store_factory
 from torus_core.ring.base import RingMember
 from torus_core.ring.mod import ModRing
-from torus_core.testing.blockstore import BlockStoreContract, StoreFactory
+from torus_core.testing.blockstore import BlockStoreContract, BlockStoreMachine, StoreFactory
 
 
 def _single_peer(capacity_blocks: int, block_size: int) -> Distributor:
@@ -34,3 +35,14 @@ def test_single_peer_distributor_honours_every_write_level(level: str) -> None:
         assert dist.local_store.get_block(BlockRef(1, 1, 1)) == b"abc" + bytes(509)
     finally:
         dist.close()
+
+
+class SinglePeerDistributorMachine(BlockStoreMachine):
+    def open_store(self) -> Distributor:
+        return _single_peer(self.capacity_blocks, self.block_size)
+
+
+TestSinglePeerDistributorMachine = SinglePeerDistributorMachine.TestCase
+TestSinglePeerDistributorMachine.settings = settings(
+    TestSinglePeerDistributorMachine.settings, stateful_step_count=30
+)
