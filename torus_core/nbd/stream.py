@@ -41,10 +41,17 @@ class BufferedStream(asyncio.BufferedProtocol):
         self._eof = False
         self._paused = False
         self._reading_paused = False
+        self._hold = False
+        #: Consumer-mode callback (see :meth:`set_consumer`).
+        self.consumer: Callable[[], None] | None = None
         self._drain_waiter: asyncio.Future[None] | None = None
         self.lost: asyncio.Future[None] | None = None
         #: Called once the connection is made (the server starts its handler from here).
         self.on_made: Callable[[BufferedStream], None] | None = None
+        #: Called on EOF or connection loss (consumer mode has no pending read to fail).
+        self.on_lost: Callable[[], None] | None = None
+        #: Called when the transport's write buffer drained (consumer mode back-pressure).
+        self.on_resume_writing: Callable[[], None] | None = None
 
     # --- protocol callbacks ----------------------------------------------------------------
 
@@ -75,35 +82,96 @@ class BufferedStream(asyncio.BufferedProtocol):
         return self._bufview[self._end :]
 
     def buffer_updated(self, nbytes: int) -> None:
-        """Account received bytes and wake the reader if its request is satisfied."""
+        """Account received bytes; wake the reader or run the consumer."""
         if self._target is not None and self._start == self._end:
             self._target_pos += nbytes
             if self._target_pos >= len(self._target):
-                self._wake()
+                if self.consumer is not None:
+                    self._target = None
+                    self.consumer()
+                else:
+                    self._wake()
             return
         self._end += nbytes
-        if self._target is not None or self._end - self._start >= self._need:
+        if self.consumer is not None:
+            if self._target is not None and not self._fill_target():
+                return
+            self.consumer()
+        elif self._target is not None or self._end - self._start >= self._need:
             self._wake()
-        if (
-            not self._reading_paused
-            and self._end - self._start >= len(self._buf) // 2
-            and self.transport is not None
-        ):
-            # The reader is not keeping up (e.g. its in-flight budget is full): stop reading
-            # from the socket so the internal buffer stays bounded.
-            self._reading_paused = True
-            self.transport.pause_reading()
+        self._update_reading()
+
+    def _fill_target(self) -> bool:
+        """Move buffered bytes into the pending payload target; True once it is complete."""
+        target = self._target
+        assert target is not None
+        k = min(self._end - self._start, len(target) - self._target_pos)
+        if k:
+            target[self._target_pos : self._target_pos + k] = self._bufview[self._start : self._start + k]
+            self._start += k
+            self._target_pos += k
+        if self._target_pos >= len(target):
+            self._target = None
+            return True
+        return False
+
+    def _update_reading(self) -> None:
+        """Pause reading from the socket while the consumer holds or the buffer is half full."""
+        t = self.transport
+        if t is None or t.is_closing():
+            return
+        want_pause = self._hold or self._end - self._start >= len(self._buf) // 2
+        if want_pause != self._reading_paused:
+            self._reading_paused = want_pause
+            if want_pause:
+                t.pause_reading()
+            else:
+                t.resume_reading()
 
     def _consumed(self) -> None:
-        if self._reading_paused and self._end - self._start < len(self._buf) // 4:
-            self._reading_paused = False
-            if self.transport is not None and not self.transport.is_closing():
-                self.transport.resume_reading()
+        if self._reading_paused:
+            self._update_reading()
+
+    # --- synchronous consumer mode (transmission phase) -------------------------------------
+
+    def set_consumer(self, consumer: Callable[[], None] | None) -> None:
+        """Switch to consumer mode: ``consumer()`` is called whenever bytes arrive and pulls
+        them with :meth:`unpack_nowait` / :meth:`begin_payload` (no coroutine per message)."""
+        self.consumer = consumer
+        if consumer is not None and self._end > self._start:
+            asyncio.get_running_loop().call_soon(consumer)
+
+    def begin_payload(self, target: memoryview) -> bool:
+        """Start filling ``target``; True if it is already complete, else the consumer is
+        called again once it is (the bytes are received straight into ``target``)."""
+        self._target = target
+        self._target_pos = 0
+        done = self._fill_target()
+        if self._reading_paused:
+            self._update_reading()
+        return done
+
+    @property
+    def payload_pending(self) -> bool:
+        """Whether a :meth:`begin_payload` target is still being filled."""
+        return self._target is not None
+
+    @property
+    def holding(self) -> bool:
+        """Whether :meth:`hold_reading` is in effect."""
+        return self._hold
+
+    def hold_reading(self, hold: bool) -> None:
+        """Stop (or resume) reading from the socket, e.g. while the in-flight budget is full."""
+        self._hold = hold
+        self._update_reading()
 
     def eof_received(self) -> bool:
         """Peer half-closed: fail pending reads; let the transport close."""
         self._eof = True
         self._wake()
+        if self.on_lost is not None:
+            self.on_lost()
         return False
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -115,6 +183,8 @@ class BufferedStream(asyncio.BufferedProtocol):
             self._drain_waiter.set_result(None)
         if self.lost is not None and not self.lost.done():
             self.lost.set_result(None)
+        if self.on_lost is not None:
+            self.on_lost()
 
     def pause_writing(self) -> None:
         """The transport's write buffer is above its high-water mark."""
@@ -125,6 +195,8 @@ class BufferedStream(asyncio.BufferedProtocol):
         self._paused = False
         if self._drain_waiter is not None and not self._drain_waiter.done():
             self._drain_waiter.set_result(None)
+        if self.on_resume_writing is not None:
+            self.on_resume_writing()
 
     def _wake(self) -> None:
         w = self._waiter

@@ -21,18 +21,18 @@ from torus_core.nbd.constants import REQUEST_MAGIC, Cmd, CmdFlag, Errno
 from torus_core.nbd.errmap import errno_for
 from torus_core.nbd.export import Export
 from torus_core.nbd.session import ServerOptions, Session
-from torus_core.nbd.stream import BufferedStream
+from torus_core.nbd.stream import BufferedStream, ConnectionClosed
 
 log = logging.getLogger(__name__)
 
 _READ, _WRITE, _DISC, _FLUSH, _TRIM, _ZEROES, _STATUS = (
-    Cmd.READ,
-    Cmd.WRITE,
-    Cmd.DISC,
-    Cmd.FLUSH,
-    Cmd.TRIM,
-    Cmd.WRITE_ZEROES,
-    Cmd.BLOCK_STATUS,
+    int(Cmd.READ),
+    int(Cmd.WRITE),
+    int(Cmd.DISC),
+    int(Cmd.FLUSH),
+    int(Cmd.TRIM),
+    int(Cmd.WRITE_ZEROES),
+    int(Cmd.BLOCK_STATUS),
 )
 _FUA = int(CmdFlag.FUA)
 _NO_HOLE = int(CmdFlag.NO_HOLE)
@@ -58,10 +58,9 @@ class Transmission:
         self.loop = asyncio.get_running_loop()
         self.inflight = 0
         self.inflight_bytes = 0
-        self._budget: asyncio.Future[None] | None = None
         self._idle: asyncio.Future[None] | None = None
         self.max_payload = min(options.max_payload, session.max_block_size)
-        allowed = {
+        allowed: dict[int, int] = {
             _READ: int(CmdFlag.DF) if session.structured else 0,
             _WRITE: _FUA,
             _FLUSH: 0,
@@ -77,80 +76,188 @@ class Transmission:
     async def run(self) -> None:
         """Serve until NBD_CMD_DISC or the connection ends; then wait for in-flight work and
         close the export (always, also on errors)."""
+        s = self.stream
+        self._finished: asyncio.Future[None] = self.loop.create_future()
+        self._pending: tuple[int, int, int, int, bytearray] | None = None  # write awaiting payload
+        self._discard_left = 0
+        self._discard_reply: tuple[int, str] | None = None
+        self._disc = False
+        s.on_lost = self._on_lost
+        s.on_resume_writing = self._unblock
         try:
-            await self._serve()
+            s.set_consumer(self._consume)
+            if s.lost is not None and s.lost.done():
+                self._on_lost()
+            await self._finished
         finally:
+            s.set_consumer(None)
+            s.on_lost = None
+            s.on_resume_writing = None
             try:
                 await self._wait_idle()
             finally:
                 await self.loop.run_in_executor(self.executor, self.export.close)
 
-    async def _serve(self) -> None:
-        s = self.stream
-        req = wire.REQUEST
-        size = self.export.size
-        read_only = self.export.read_only
-        allowed = self._allowed
-        max_payload = self.max_payload
+    def _on_lost(self) -> None:
+        if not self._finished.done():
+            self._finished.set_exception(ConnectionClosed("connection closed by peer"))
+
+    def _finish(self, exc: BaseException | None = None) -> None:
+        if self._finished.done():
+            return
+        if exc is None:
+            self._finished.set_result(None)
+        else:
+            self._finished.set_exception(exc)
+
+    def _blocked(self) -> bool:
         opts = self.options
-        while True:
-            fields = s.unpack_nowait(req)
-            if fields is None:
-                fields = req.unpack(await s.readexactly(req.size))
-            magic, flags, cmd, handle, offset, length = fields
-            if magic != REQUEST_MAGIC:
-                s.abort()
-                raise ProtocolError(f"bad request magic {magic:#x}")
-            payload: bytearray | None = None
-            if cmd == _WRITE:
-                if length > max_payload:
-                    await s.discard(length)
-                    self._reply_error(handle, Errno.EINVAL, f"write of {length} bytes exceeds {max_payload}")
-                    continue
-                payload = bytearray(length)
-                await s.readinto(memoryview(payload))
-            elif cmd == _DISC:
+        return (
+            self.inflight >= opts.max_inflight
+            or (self.inflight_bytes >= opts.max_inflight_bytes and self.inflight > 0)
+            or self.stream.write_paused
+        )
+
+    def _unblock(self) -> None:
+        """Budget or write buffer freed: resume reading and process what is buffered."""
+        if self.stream.consumer is not None and not self._blocked():
+            self.stream.hold_reading(False)
+            self._consume()
+
+    def _consume(self) -> None:
+        """Parse and dispatch every complete request in the buffer (called on data arrival)."""
+        s = self.stream
+        if self._finished.done() or self._disc:
+            return
+        if s.payload_pending:
+            return  # called early (e.g. a completion freed budget); the payload is not in yet
+        try:
+            if self._discard_reply is not None and not self._continue_discard():
                 return
-            # --- validation (spec: EINVAL unknown command/flags, EPERM read-only, ENOSPC/EINVAL range)
-            ok = allowed.get(cmd)
-            if ok is None:
-                self._reply_error(handle, Errno.EINVAL, f"unsupported command {cmd}")
-                continue
-            if flags & ~ok:
-                self._reply_error(handle, Errno.EINVAL, f"unsupported flags {flags:#x} for command {cmd}")
-                continue
-            if read_only and cmd in _MODIFYING:
-                self._reply_error(handle, Errno.EPERM, "export is read-only")
-                continue
-            if cmd != _FLUSH and offset + length > size:
-                err = Errno.ENOSPC if cmd in _MODIFYING else Errno.EINVAL
-                self._reply_error(handle, err, f"range {offset}+{length} is beyond the export size {size}")
-                continue
-            if cmd == _READ and length > max_payload:
-                self._reply_error(handle, Errno.EINVAL, f"read of {length} bytes exceeds {max_payload}")
-                continue
-            if cmd == _STATUS and length == 0:
-                self._reply_error(handle, Errno.EINVAL, "block status of zero length")
-                continue
+            pending = self._pending
+            if pending is not None:
+                # The payload of this write has just been completed by the stream.
+                self._pending = None
+                self._dispatch(_WRITE, *pending)
+            req = wire.REQUEST
+            size = self.export.size
+            read_only = self.export.read_only
+            allowed = self._allowed
+            max_payload = self.max_payload
+            while True:
+                if self._blocked():
+                    s.hold_reading(True)
+                    return
+                fields = s.unpack_nowait(req)
+                if fields is None:
+                    return
+                magic, flags, cmd, handle, offset, length = fields
+                if magic != REQUEST_MAGIC:
+                    s.abort()
+                    self._finish(ProtocolError(f"bad request magic {magic:#x}"))
+                    return
+                if cmd == _WRITE:
+                    err = self._validate(cmd, flags, offset, length, allowed, size, read_only, max_payload)
+                    if err is not None:
+                        # Consume and drop the payload in bounded chunks, then reply.
+                        self._discard_left = length
+                        self._discard_reply = (handle, err)
+                        if not self._continue_discard():
+                            return
+                        continue
+                    payload = bytearray(length)
+                    if not s.begin_payload(memoryview(payload)):
+                        self._pending = (flags, handle, offset, length, payload)
+                        return
+                    self._dispatch(_WRITE, flags, handle, offset, length, payload)
+                    continue
+                if cmd == _DISC:
+                    self._disc = True
+                    if self.inflight == 0:
+                        self._finish()
+                    return
+                err = self._validate(cmd, flags, offset, length, allowed, size, read_only, max_payload)
+                if err is not None:
+                    self._reply_error(handle, self._last_errno, err)
+                    continue
+                self._dispatch(cmd, flags, handle, offset, length, None)
+        except Exception as e:  # never let a bug kill the event loop callback silently
+            log.exception("NBD transmission failed")
+            s.abort()
+            self._finish(e)
+
+    def _continue_discard(self) -> bool:
+        """Drop payload bytes of a refused write; True once all are gone and replied to."""
+        s = self.stream
+        while self._discard_left:
+            if self._scratch is None:
+                self._scratch = memoryview(bytearray(1 << 20))
+            k = min(self._discard_left, len(self._scratch))
+            self._discard_left -= k
+            if not s.begin_payload(self._scratch[:k]):
+                return False
+        assert self._discard_reply is not None
+        handle, msg = self._discard_reply
+        self._discard_reply = None
+        self._reply_error(handle, self._discard_errno, msg)
+        return True
+
+    _scratch: memoryview | None = None
+    _last_errno: int = 0
+    _discard_errno: int = 0
+
+    def _validate(
+        self,
+        cmd: int,
+        flags: int,
+        offset: int,
+        length: int,
+        allowed: dict[int, int],
+        size: int,
+        read_only: bool,
+        max_payload: int,
+    ) -> str | None:
+        """None if the request may run, else the error message (errno in _last_errno).
+
+        Spec: EINVAL for unknown commands and flags, EPERM for writes to read-only exports,
+        ENOSPC for modifications beyond the end, EINVAL for other out-of-range requests."""
+        ok = allowed.get(cmd)
+        err: int
+        msg: str | None = None
+        if ok is None:
+            err, msg = Errno.EINVAL, f"unsupported command {cmd}"
+        elif flags & ~ok:
+            err, msg = Errno.EINVAL, f"unsupported flags {flags:#x} for command {cmd}"
+        elif read_only and cmd in _MODIFYING:
+            err, msg = Errno.EPERM, "export is read-only"
+        elif cmd != _FLUSH and offset + length > size:
+            err = Errno.ENOSPC if cmd in _MODIFYING else Errno.EINVAL
+            msg = f"range {offset}+{length} is beyond the export size {size}"
+        elif cmd in (_READ, _WRITE) and length > max_payload:
+            err, msg = Errno.EINVAL, f"payload of {length} bytes exceeds the maximum {max_payload}"
+        elif cmd == _STATUS and length == 0:
+            err, msg = Errno.EINVAL, "block status of zero length"
+        else:
+            return None
+        self._last_errno = self._discard_errno = err
+        return msg
+
+    def _dispatch(
+        self, cmd: int, flags: int, handle: int, offset: int, length: int, payload: bytearray | None
+    ) -> None:
+        if self.export.blocking:
             nbytes = length if cmd in (_READ, _WRITE) else 0
-            if self.export.blocking:
-                self.inflight += 1
-                self.inflight_bytes += nbytes
-                fut = self.executor.submit(self._execute, cmd, flags, offset, length, payload)
-                fut.add_done_callback(
-                    partial(self._done_in_thread, cmd, flags, handle, offset, length, nbytes)
-                )
-                if self.inflight >= opts.max_inflight or self.inflight_bytes >= opts.max_inflight_bytes:
-                    await self._wait_budget()
-            else:
-                try:
-                    result = self._execute(cmd, flags, offset, length, payload)
-                except Exception as e:
-                    self._failed(handle, cmd, e)
-                else:
-                    self._succeeded(handle, cmd, offset, length, result)
-            if s.write_paused:
-                await s.drain()
+            self.inflight += 1
+            self.inflight_bytes += nbytes
+            fut = self.executor.submit(self._execute, cmd, flags, offset, length, payload)
+            fut.add_done_callback(partial(self._done_in_thread, cmd, flags, handle, offset, length, nbytes))
+            return
+        try:
+            result = self._execute(cmd, flags, offset, length, payload)
+        except Exception as e:
+            self._failed(handle, cmd, e)
+        else:
+            self._succeeded(handle, cmd, offset, length, result)
 
     # --- execution (worker thread or inline) ------------------------------------------------
 
@@ -212,20 +319,13 @@ class Transmission:
             self._failed(handle, cmd, exc)
         else:
             self._succeeded(handle, cmd, offset, length, fut.result())
-        b = self._budget
-        if b is not None and not b.done() and self.inflight < self.options.max_inflight:
-            if self.inflight_bytes < self.options.max_inflight_bytes:
-                b.set_result(None)
-        if self.inflight == 0 and self._idle is not None and not self._idle.done():
-            self._idle.set_result(None)
-
-    async def _wait_budget(self) -> None:
-        while self.inflight >= self.options.max_inflight or (
-            self.inflight_bytes >= self.options.max_inflight_bytes and self.inflight > 0
-        ):
-            self._budget = self.loop.create_future()
-            await self._budget
-        self._budget = None
+        if self.inflight == 0:
+            if self._idle is not None and not self._idle.done():
+                self._idle.set_result(None)
+            if self._disc:
+                self._finish()
+        if self.stream.holding:
+            self._unblock()
 
     async def _wait_idle(self) -> None:
         while self.inflight > 0:
