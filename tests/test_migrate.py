@@ -97,7 +97,7 @@ def test_migration_copies_every_event_with_equal_positions_and_projection(
     assert target.leases.get("nodes/x") is None
     assert target.log.load_snapshot("some-cache") is None
     # the copy continues as a normal log: the next append gets the next position
-    assert target.log.append([NewEvent("volume-1", 3, "test.opaque", b"")]) == [132]
+    assert target.log.append([NewEvent("after-migration", 1, "test.opaque", b"")]) == [132]
 
 
 def test_migration_refuses_a_non_empty_target_and_writes_nothing(
