@@ -6,6 +6,8 @@ import time
 from collections.abc import Iterator
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from torus_core.distributor import Distributor, DistributorTimeouts, PeerDirectory, ReadLevel, WriteLevel
 from torus_core.distributor.testing import LocalCluster, mem_store_factory
@@ -478,3 +480,38 @@ def test_write_to_full_owners_raises_out_of_space(cluster: LocalCluster) -> None
 
     with pytest.raises(OutOfSpace):
         client.write_block(ref, data(1))
+
+
+_volumes = iter(range(1000, 1_000_000))
+
+
+@given(
+    indexes=st.lists(st.integers(0, 10_000), min_size=1, max_size=8, unique=True),
+    down=st.sampled_from([None, *PEERS]),
+    level=st.sampled_from([WriteLevel.ALL, WriteLevel.ONE]),
+)
+@settings(max_examples=25)
+def test_writes_never_spill_to_non_owners_and_succeed_exactly_when_the_level_is_met(
+    cluster: LocalCluster, indexes: list[int], down: str | None, level: WriteLevel
+) -> None:
+    volume = next(_volumes)
+    client = cluster.client(f"prop-{volume}", timeouts=FAST, read_cache_bytes=0)
+    if down is not None:
+        client.peers.set_down(down)
+    items = [(BlockRef(volume, 1, i), data(i)) for i in indexes]
+    owner_sets = [set(owners(cluster, ref)) for ref, _ in items]
+    needs_down = down is not None and any(down in o for o in owner_sets)
+    if level is WriteLevel.ALL and needs_down:
+        with pytest.raises(ReplicationFailed):
+            client.write_blocks(items, level=level)
+    else:
+        client.write_blocks(items, level=level)
+    for (ref, d), owner_set in zip(items, owner_sets, strict=True):
+        holders = cluster.holders(ref)
+        assert holders <= owner_set  # never on a non-owner
+        assert down not in holders
+        if level is WriteLevel.ALL and not needs_down:
+            assert holders == owner_set
+        if holders:
+            assert client.get_block(ref) == d
+    client.close()
