@@ -83,3 +83,21 @@ def test_plugin_installed_alone_with_core_is_discovered(tmp_path: Path, wheelhou
     assert found[kind] == [name]
     other_kind = "block_stores" if kind == "metadata" else "metadata"
     assert found[other_kind] == []
+
+
+def test_user_story_with_sqlite_and_file_installed_from_wheels(tmp_path: Path, wheelhouse: Path) -> None:
+    """`pip install torus-core torus-sqlite torus-blockstore-file`, then format and manage volumes."""
+    py = _fresh_env(tmp_path, wheelhouse, ["torus-core", "torus-sqlite", "torus-blockstore-file"])
+    ctl = [str(py.parent / "torusctl"), "--metadata", f"sqlite:///{tmp_path}/meta.db"]
+    _run([*ctl, "init"], cwd=tmp_path)
+    _run([*ctl, "volume", "create-block", "vol1", "1GiB"], cwd=tmp_path)
+    _run([*ctl, "volume", "resize", "vol1", "2GiB"], cwd=tmp_path)
+    _run([*ctl, "volume", "create-block", "vol2", "512MiB"], cwd=tmp_path)
+    _run([*ctl, "volume", "delete", "vol2"], cwd=tmp_path)
+    assert _run([*ctl, "volume", "list", "--csv"], cwd=tmp_path).stdout.splitlines() == [
+        "vol1,2147483648,block,free"
+    ]
+    history = _run([*ctl, "events"], cwd=tmp_path).stdout
+    assert "torus.volume.resized" in history and "torus.volume.deleted" in history
+    plugins = _run([str(py.parent / "torusctl"), "plugins"], cwd=tmp_path).stdout
+    assert "torus-sqlite" in plugins and "torus-blockstore-file" in plugins and "FAILED" not in plugins

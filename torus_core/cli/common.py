@@ -49,7 +49,9 @@ class CliContext:
             self._backend = backend
         return backend
 
-    def open_block_store(self, block_size: int, *, name: str | None = None, path: str | None = None) -> BlockStore:
+    def open_block_store(
+        self, block_size: int, *, name: str | None = None, path: str | None = None
+    ) -> BlockStore:
         """Open the configured block store with the cluster's block size."""
         cls = self.registries.block_stores.get(name or self.config.block_store)
         store: BlockStore = cls.open(
@@ -75,10 +77,20 @@ class CliContext:
 def config_options(func: F) -> F:
     """Add the shared ``--config``/``--metadata``/level flags (the original's config flags)."""
     options = [
-        click.option("--config", "config_path", type=click.Path(dir_okay=False), envvar="TORUS_CONFIG",
-                     help="TOML config file."),
-        click.option("--metadata", "-C", "metadata", envvar="TORUS_METADATA",
-                     help="Metadata URL: sqlite:///path.db, etcd://host:2379[,host:2379], redis://host:6379/0."),
+        click.option(
+            "--config",
+            "config_path",
+            type=click.Path(dir_okay=False),
+            envvar="TORUS_CONFIG",
+            help="TOML config file.",
+        ),
+        click.option(
+            "--metadata",
+            "-C",
+            "metadata",
+            envvar="TORUS_METADATA",
+            help="Metadata URL: sqlite:///path.db, etcd://host:2379[,host:2379], redis://host:6379/0.",
+        ),
         click.option("--data-dir", default=None, help="Data directory (default: torus-data)."),
         click.option("--read-cache-size", default=None, help="Read cache size, e.g. 50MiB."),
         click.option("--read-level", type=click.Choice(["block", "seq", "spread"]), default=None),

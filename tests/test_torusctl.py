@@ -1,0 +1,78 @@
+"""torusctl against a real SQLite metadata file: the foundation's user story, end to end."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner, Result
+
+from torus_core.cli.torusctl import cli
+
+
+@pytest.fixture
+def run(tmp_path: Path):
+    url = f"sqlite:///{tmp_path}/meta.db"
+
+    def invoke(*args: str, ok: bool = True, input: str | None = None) -> Result:
+        result = CliRunner().invoke(cli, ["--metadata", url, *args], input=input)
+        if ok:
+            assert result.exit_code == 0, result.output
+        else:
+            assert result.exit_code != 0, result.output
+        return result
+
+    return invoke
+
+
+def test_format_create_list_resize_delete_and_read_history(run) -> None:
+    assert "formatted" in run("init", "--block-size", "64KiB").output
+    assert "already formatted" in run("init", ok=False).output
+    assert "already formatted" in run("init", "--if-needed").output
+    assert "block size: 65536" in run("init", "--view").output
+    run("volume", "create-block", "alpha", "1GiB")
+    run("volume", "create-block", "beta", "2G")
+    listing = run("volume", "list", "--csv").output.splitlines()
+    assert listing == ["alpha,1073741824,block,free", "beta,2000000000,block,free"]
+    run("volume", "resize", "alpha", "3GiB")
+    assert "shrinking" in run("volume", "resize", "alpha", "1GiB", ok=False).output
+    run("volume", "delete", "beta")
+    assert run("volume", "list", "--csv").output.splitlines() == ["alpha,3221225472,block,free"]
+    events = [json.loads(line) for line in run("events", "--json").output.splitlines()]
+    topics = [e["topic"] for e in events]
+    assert topics[0] == "torus.cluster.formatted"
+    assert "torus.volume.resized" in topics and "torus.volume.deleted" in topics
+    assert [e["position"] for e in events] == list(range(1, len(events) + 1))
+    ring_only = run("events", "--stream", "ring", "--json").output.splitlines()
+    assert [json.loads(x)["topic"] for x in ring_only] == ["torus.ring.changed"]
+
+
+def test_commands_on_an_unformatted_cluster_fail_with_a_clear_message(run) -> None:
+    result = run("ring", "get", ok=False)
+    assert "not formatted" in result.output and "Traceback" not in result.output
+
+
+def test_bad_sizes_and_duplicate_names_are_reported_not_crashed(run) -> None:
+    run("init")
+    assert "cannot parse size" in run("volume", "create-block", "v", "lots", ok=False).output
+    run("volume", "create-block", "v", "1MiB")
+    assert "already exists" in run("volume", "create-block", "v", "1MiB", ok=False).output
+    assert "already exists" in run("volume", "create-block", "v", "1MiB", "--if-missing").output
+    assert "does not exist" in run("volume", "delete", "nope", ok=False).output
+
+
+def test_ring_replication_change_is_a_new_ring_version(run) -> None:
+    run("init", "--replication", "2")
+    run("ring", "set-replication", "3")
+    described = run("ring", "get").output
+    assert "Version: 2" in described
+    assert "aborted" in run("wipe", input="no\n", ok=False).output
+    run("wipe", "--yes-i-am-sure")
+    run("init")  # a wiped cluster can be formatted again
+
+
+def test_unknown_metadata_scheme_lists_available_backends(tmp_path: Path) -> None:
+    result = CliRunner().invoke(cli, ["--metadata", "foo://x", "volume", "list"])
+    assert result.exit_code == 1
+    assert "unknown metadata 'foo'; available:" in result.output and "sqlite" in result.output
