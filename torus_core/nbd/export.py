@@ -81,11 +81,17 @@ class Export(ABC):
 
     @abstractmethod
     def read(self, offset: int, length: int) -> Buffer:
-        """Return exactly ``length`` bytes starting at ``offset``."""
+        """Return exactly ``length`` bytes starting at ``offset``.
+
+        A memoryview onto the export's own storage is allowed if that storage stays valid until
+        the reply is sent (for a blocking export: some time after this call returned)."""
 
     @abstractmethod
     def write(self, offset: int, data: Buffer, fua: bool) -> None:
-        """Write ``data`` at ``offset``; if ``fua``, return only once it is durable."""
+        """Write ``data`` at ``offset``; if ``fua``, return only once it is durable.
+
+        ``data`` is only valid during the call (the server reuses the buffer afterwards): copy
+        what must be kept."""
 
     @abstractmethod
     def flush(self) -> None:

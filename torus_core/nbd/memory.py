@@ -28,9 +28,9 @@ class MemoryStore:
         self._alloc = bytearray((size + GRAIN - 1) // GRAIN)
         self._lock = threading.Lock()
 
-    def read(self, offset: int, length: int) -> bytes:
-        """Copy out ``length`` bytes at ``offset``."""
-        return self._mem[offset : offset + length]
+    def read(self, offset: int, length: int) -> memoryview:
+        """A view of ``length`` bytes at ``offset`` (the server copies it when sending)."""
+        return self._view[offset : offset + length]
 
     def write(self, offset: int, data: Buffer) -> None:
         """Store ``data`` at ``offset`` and mark the touched grains allocated."""
@@ -127,7 +127,7 @@ class MemoryExport(Export):
         self._on_close = on_close
         self.closed = False
 
-    def read(self, offset: int, length: int) -> bytes:
+    def read(self, offset: int, length: int) -> memoryview:
         """Read from the shared store."""
         return self.store.read(offset, length)
 

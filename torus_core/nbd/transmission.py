@@ -17,6 +17,7 @@ from typing import Any
 
 from torus_core.errors import ProtocolError
 from torus_core.nbd import wire
+from torus_core.nbd.bufpool import BufferPool
 from torus_core.nbd.constants import REQUEST_MAGIC, Cmd, CmdFlag, Errno
 from torus_core.nbd.errmap import errno_for
 from torus_core.nbd.export import Export
@@ -59,6 +60,7 @@ class Transmission:
         self.inflight = 0
         self.inflight_bytes = 0
         self._idle: asyncio.Future[None] | None = None
+        self._pool = BufferPool()
         self.max_payload = min(options.max_payload, session.max_block_size)
         allowed: dict[int, int] = {
             _READ: int(CmdFlag.DF) if session.structured else 0,
@@ -165,7 +167,7 @@ class Transmission:
                         if not self._continue_discard():
                             return
                         continue
-                    payload = bytearray(length)
+                    payload = self._pool.get(length)
                     if not s.begin_payload(memoryview(payload)):
                         self._pending = (flags, handle, offset, length, payload)
                         return
@@ -250,7 +252,7 @@ class Transmission:
             self.inflight += 1
             self.inflight_bytes += nbytes
             fut = self.executor.submit(self._execute, cmd, flags, offset, length, payload)
-            fut.add_done_callback(partial(self._done_in_thread, cmd, flags, handle, offset, length, nbytes))
+            fut.add_done_callback(partial(self._done_in_thread, cmd, handle, offset, length, nbytes, payload))
             return
         try:
             result = self._execute(cmd, flags, offset, length, payload)
@@ -258,6 +260,8 @@ class Transmission:
             self._failed(handle, cmd, e)
         else:
             self._succeeded(handle, cmd, offset, length, result)
+        if payload is not None:
+            self._pool.put(payload)
 
     # --- execution (worker thread or inline) ------------------------------------------------
 
@@ -305,12 +309,26 @@ class Transmission:
         return out
 
     def _done_in_thread(
-        self, cmd: int, flags: int, handle: int, offset: int, length: int, nbytes: int, fut: Future[Any]
+        self,
+        cmd: int,
+        handle: int,
+        offset: int,
+        length: int,
+        nbytes: int,
+        payload: bytearray | None,
+        fut: Future[Any],
     ) -> None:
-        self.loop.call_soon_threadsafe(self._complete, cmd, handle, offset, length, nbytes, fut)
+        self.loop.call_soon_threadsafe(self._complete, cmd, handle, offset, length, nbytes, payload, fut)
 
     def _complete(
-        self, cmd: int, handle: int, offset: int, length: int, nbytes: int, fut: Future[Any]
+        self,
+        cmd: int,
+        handle: int,
+        offset: int,
+        length: int,
+        nbytes: int,
+        payload: bytearray | None,
+        fut: Future[Any],
     ) -> None:
         self.inflight -= 1
         self.inflight_bytes -= nbytes
@@ -319,6 +337,8 @@ class Transmission:
             self._failed(handle, cmd, exc)
         else:
             self._succeeded(handle, cmd, offset, length, fut.result())
+        if payload is not None:
+            self._pool.put(payload)
         if self.inflight == 0:
             if self._idle is not None and not self._idle.done():
                 self._idle.set_result(None)
