@@ -129,7 +129,10 @@ def from_env(environ: Mapping[str, str] | None = None) -> dict[str, Any]:
         var = f"TORUS_{name.upper()}"
         if env.get(var):
             values[name] = env[var]
-    tls = {k: env[f"TORUS_TLS_{k.upper()}"] for k in ("ca_file", "cert_file", "key_file") if env.get(f"TORUS_TLS_{k.upper()}")}
+    tls = {}
+    for key in ("ca_file", "cert_file", "key_file"):
+        if env.get(f"TORUS_TLS_{key.upper()}"):
+            tls[key] = env[f"TORUS_TLS_{key.upper()}"]
     if tls:
         values["tls"] = tls
     return _coerce(values, "environment")

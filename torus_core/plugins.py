@@ -96,7 +96,7 @@ class TorusPluginManager(pluggy.PluginManager):
             self.plugin_info[ep.name] = info
             try:
                 plugin: ModuleType | object = ep.load()
-            except Exception as exc:  # noqa: BLE001 - any import failure must be isolated
+            except Exception as exc:
                 info.error = f"{type(exc).__name__}: {exc}"
                 self.failed_plugins[ep.name] = info.error
                 continue

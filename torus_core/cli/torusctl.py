@@ -181,13 +181,13 @@ def volume_list(as_csv: bool) -> None:
     md = metadata_service()
     rows = []
     for vol in md.list_volumes():
-        status = md.lock_status(vol.name)
+        lock = md.lock_status(vol.name)
         rows.append(
             (
                 vol.name,
                 str(vol.size) if as_csv else format_size(vol.size),
                 vol.type,
-                "in-use" if status.locked else "free",
+                "in-use" if lock.locked else "free",
             )
         )
     if as_csv:
@@ -275,7 +275,7 @@ def ring_manual_change(ring_type: str, uuids: str, all_peers: bool, replication:
     """Replace the ring with a fresh one of TYPE over the given peers (version + 1)."""
     md = metadata_service()
     current = md.get_ring()
-    live = {p.get("uuid"): p for p in md.list_peers()}
+    live = {str(p.get("uuid")): p for p in md.list_peers()}
     wanted = (
         [u for u in uuids.split(",") if u]
         if not all_peers
