@@ -41,6 +41,18 @@ from torus_etcd._transport import EtcdTransport, translate
 #: How many head races one append may lose before giving up with :class:`Again`.
 MAX_HEAD_RETRIES = 200
 
+#: One lock per (endpoints, prefix) in this process: threads of one process queue for the
+#: global head instead of racing each other with failed transactions (processes still race).
+_APPEND_LOCKS: dict[tuple[tuple[str, ...], bytes], threading.Lock] = {}
+_APPEND_LOCKS_GUARD = threading.Lock()
+
+
+def _append_lock(endpoints: list[str], prefix: bytes) -> threading.Lock:
+    key = (tuple(sorted(endpoints)), prefix)
+    with _APPEND_LOCKS_GUARD:
+        return _APPEND_LOCKS.setdefault(key, threading.Lock())
+
+
 _SNAP = ">Q"
 
 
@@ -109,6 +121,7 @@ class EtcdEventLog(EventLog):
         self._cache_lock = threading.Lock()
         self._head: tuple[int, int] = (0, 0)  # (position, mod_revision) last seen
         self._uncertain: tuple[tuple[NewEvent, ...], bytes] | None = None
+        self._append_lock = _append_lock(transport.config.endpoints, prefix)
 
     # --- keys ---------------------------------------------------------------------------
 
@@ -131,6 +144,16 @@ class EtcdEventLog(EventLog):
         if not events:
             return []
         streams = check_batch(events)
+        # Queue behind appends of other threads of this process (bounded: after one call
+        # timeout, go ahead and race; correctness never depends on the lock).
+        locked = self._append_lock.acquire(timeout=self._t.config.timeout)
+        try:
+            return self._append(events, streams)
+        finally:
+            if locked:
+                self._append_lock.release()
+
+    def _append(self, events: tuple[NewEvent, ...], streams: dict[str, tuple[int, int]]) -> list[int]:
         batch_id = uuid.uuid4().bytes
         if self._uncertain is not None and self._uncertain[0] == events:
             batch_id = self._uncertain[1]
