@@ -1,0 +1,230 @@
+"""The single-node torus server object behind ``torusd`` and ``torusblk nbdserve``.
+
+A :class:`Server` owns the metadata backend, the :class:`MetadataService`, the local block
+store and the volume export provider, and optionally runs the NBD listener and the metrics HTTP
+endpoint. It is built from a :class:`~torus_core.config.Config` with :meth:`Server.from_config`
+and is meant to be extended (peer RPC, ring membership) by adding components that are started
+after it and stopped before :meth:`Server.close`.
+
+Shutdown order (:meth:`close`): stop the NBD listener (disconnects clients, whose exports close:
+sync + unlock), close any still-open volumes, stop HTTP, close the block store (flush), close
+the metadata backend.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import ssl
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from torus_core.block.nbd_export import VolumeExportProvider
+from torus_core.block.volume import DEFAULT_LEASE_TTL, check_store, default_owner
+from torus_core.blockstore import BlockStore, BlockStoreConfig
+from torus_core.config import Config
+from torus_core.errors import AlreadyExists, InvalidArgument, TorusError
+from torus_core.eventlog import MetadataBackend
+from torus_core.file import DEFAULT_CACHE_BYTES
+from torus_core.http import MetricsServer, MetricValue
+from torus_core.metadata import MetadataService
+from torus_core.nbd.server import NBDServer, ServerThread
+from torus_core.plugins import Registries, load_registries
+
+log = logging.getLogger(__name__)
+
+#: What ``--debug-init`` formats an empty cluster with (the lead's ``torusctl init`` defaults).
+DEBUG_INIT_BLOCK_SIZE = 512 * 1024
+DEBUG_INIT_BLOCK_SPEC = "crc,base"
+
+
+def parse_listen(value: str, default_port: int = 10809) -> tuple[str, int]:
+    """``HOST:PORT`` / ``:PORT`` / ``HOST`` → ``(host, port)``; empty host means 127.0.0.1."""
+    if not isinstance(value, str) or not value.strip():
+        raise InvalidArgument("listen address must be HOST:PORT")
+    host, sep, port_s = value.strip().rpartition(":")
+    if not sep:
+        host, port_s = port_s, str(default_port)
+    host = host.strip("[]") or "127.0.0.1"
+    try:
+        port = int(port_s)
+    except ValueError:
+        raise InvalidArgument(f"bad port in listen address {value!r}") from None
+    if not 0 <= port <= 65535:
+        raise InvalidArgument(f"port out of range in listen address {value!r}")
+    return host, port
+
+
+def tls_context(cert_file: str, key_file: str, ca_file: str | None = None) -> ssl.SSLContext:
+    """A server-side TLS context (client certificates required when ``ca_file`` is given)."""
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    try:
+        ctx.load_cert_chain(cert_file, key_file)
+        if ca_file:
+            ctx.load_verify_locations(ca_file)
+            ctx.verify_mode = ssl.CERT_REQUIRED
+    except (OSError, ssl.SSLError) as exc:
+        raise InvalidArgument(f"cannot load TLS certificate/key: {exc}") from None
+    return ctx
+
+
+class Server:
+    """Metadata + block store + volume exports of one node."""
+
+    def __init__(
+        self,
+        md: MetadataService,
+        store: BlockStore,
+        *,
+        backend: MetadataBackend | None = None,
+        owner: str | None = None,
+        lease_ttl: float = DEFAULT_LEASE_TTL,
+        cache_bytes: int = DEFAULT_CACHE_BYTES,
+        registries: Registries | None = None,
+    ) -> None:
+        self.md = md
+        self.store = store
+        self.backend = backend if backend is not None else md.backend
+        self.registries = registries
+        self.owner = owner or default_owner()
+        self.exports = VolumeExportProvider(
+            md,
+            store,
+            owner=self.owner,
+            lease_ttl=lease_ttl,
+            cache_bytes=cache_bytes,
+            layer_registry=registries.blockset_layers if registries is not None else None,
+        )
+        self.nbd: ServerThread | None = None
+        self.http: MetricsServer | None = None
+        #: extra components' stop functions, called newest first before the core shuts down
+        self._stoppers: list[Callable[[], None]] = []
+        self._closed = False
+
+    @classmethod
+    def from_config(
+        cls,
+        config: Config,
+        *,
+        debug_init: bool = False,
+        registries: Registries | None = None,
+        lease_ttl: float = DEFAULT_LEASE_TTL,
+    ) -> Server:
+        """Open the configured metadata backend and block store.
+
+        An unformatted cluster raises :class:`~torus_core.errors.NoGlobalMetadata` unless
+        ``debug_init`` is set, which formats it (512 KiB blocks, ``crc,base``, empty ring).
+        """
+        regs = registries if registries is not None else load_registries()
+        backend_cls = regs.metadata.get(config.metadata_backend)
+        store_cls = regs.block_stores.get(config.block_store)
+        if getattr(store_cls, "persistent", False):
+            os.makedirs(config.data_dir, exist_ok=True)
+        if config.metadata.startswith("sqlite:///"):
+            parent = os.path.dirname(config.metadata[len("sqlite:///") :].split("?", 1)[0])
+            if parent:
+                os.makedirs(parent, exist_ok=True)
+        backend: MetadataBackend = backend_cls.from_url(config.metadata, dict(config.metadata_options))
+        try:
+            md = MetadataService(backend, ring_types=regs.ring_types)
+            if debug_init:
+                with contextlib.suppress(AlreadyExists):
+                    if md.state().global_metadata is None:
+                        md.format(DEBUG_INIT_BLOCK_SIZE, DEBUG_INIT_BLOCK_SPEC)
+                        log.info("formatted the cluster (--debug-init)")
+            gm = md.global_metadata()
+            store: BlockStore = store_cls.open(
+                BlockStoreConfig(
+                    block_size=gm.block_size,
+                    capacity_bytes=config.storage_size,
+                    path=os.path.join(config.data_dir, "block"),
+                    options=dict(config.blockstore_options),
+                )
+            )
+            try:
+                check_store(store, gm)
+            except BaseException:
+                store.close()
+                raise
+        except BaseException:
+            backend.close()
+            raise
+        return cls(md, store, backend=backend, lease_ttl=lease_ttl, registries=regs)
+
+    # --- components ----------------------------------------------------------------------------
+
+    def serve_nbd(
+        self,
+        host: str = "127.0.0.1",
+        port: int = 10809,
+        *,
+        tls: ssl.SSLContext | None = None,
+        tls_required: bool = False,
+        **options: Any,
+    ) -> ServerThread:
+        """Start the NBD listener in a thread; returns it (``.port`` is the bound port)."""
+        if self.nbd is not None:
+            raise InvalidArgument("the NBD server is already running")
+        server = NBDServer(self.exports, host, port, tls=tls, tls_required=tls_required, **options)
+        self.nbd = ServerThread(server).start()
+        return self.nbd
+
+    def serve_http(self, host: str = "127.0.0.1", port: int = 4321) -> MetricsServer:
+        """Start the metrics endpoint."""
+        if self.http is not None:
+            raise InvalidArgument("the HTTP server is already running")
+        self.http = MetricsServer(self.metrics, host, port).start()
+        return self.http
+
+    def add_stopper(self, stop: Callable[[], None]) -> None:
+        """Register a component's stop function (run newest first at :meth:`close`)."""
+        self._stoppers.append(stop)
+
+    def metrics(self) -> Mapping[str, MetricValue]:
+        """Current gauges for ``/metrics``."""
+        opened = self.exports.open_names()
+        values: dict[str, MetricValue] = {
+            "torus_server_open_volumes": len(opened),
+            "torus_server_open_connections": [({"volume": n}, c) for n, c in sorted(opened.items())],
+            "torus_storage_blocks": self.store.used_blocks(),
+            "torus_storage_blocks_total": self.store.num_blocks(),
+            "torus_storage_block_bytes": self.store.block_size,
+            "torus_volumes": len(self.md.list_volumes()),
+        }
+        if self.nbd is not None:
+            values["torus_nbd_connections"] = self.nbd.server.connections
+        return values
+
+    # --- shutdown ------------------------------------------------------------------------------
+
+    def close(self) -> None:
+        """Stop everything in order; sync and unlock open volumes. Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        while self._stoppers:
+            self._quietly("component", self._stoppers.pop())
+        if self.nbd is not None:
+            self._quietly("NBD server", self.nbd.stop)
+        self._quietly("open volumes", self.exports.close)
+        if self.http is not None:
+            self._quietly("HTTP server", self.http.stop)
+        self._quietly("block store", self.store.close)
+        self._quietly("metadata backend", self.backend.close)
+
+    @staticmethod
+    def _quietly(what: str, fn: Callable[[], None]) -> None:
+        try:
+            fn()
+        except TorusError as exc:
+            log.error("closing %s: %s", what, exc)
+        except Exception:
+            log.exception("closing %s failed", what)
+
+    def __enter__(self) -> Server:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
