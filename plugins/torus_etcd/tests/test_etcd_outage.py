@@ -102,3 +102,12 @@ def test_second_endpoint_is_used_when_the_first_is_down(server: EtcdServer) -> N
             assert b.log.append([ev("f", i + 1)]) == [i + 1]
     finally:
         b.close()
+
+
+def test_batch_beyond_etcd_txn_limit_is_invalid_and_writes_nothing(backend: EtcdBackend) -> None:
+    from torus_core.errors import InvalidArgument
+
+    with pytest.raises(InvalidArgument, match="too many operations"):
+        backend.log.append([ev("big", i + 1) for i in range(70)])  # 141 ops > etcd's default 128
+    assert backend.log.head_position() == 0
+    assert backend.log.append([ev("big", i + 1) for i in range(63)])[-1] == 63
