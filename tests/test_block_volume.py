@@ -1,3 +1,4 @@
+# mypy: allow-untyped-defs
 """BlockVolume on the real SQLite backend and real block stores: locking, fencing, lease loss,
 resize, snapshots, clones, dump/load."""
 
@@ -141,6 +142,7 @@ def test_unsynced_writes_are_not_visible_to_a_reader_of_the_committed_inode(md, 
 def test_fencing_expired_holder_cannot_commit_after_another_took_over(md, store, open_md):
     md.create_volume("v", MiB)
     old = BlockVolume.open(md, store, "v", owner="old", lease_ttl=0.3)
+    assert old.keeper is not None
     old.keeper.stop()  # simulate a partitioned client: its lease runs out
     old.write_at(0, b"stale" * 100)
     deadline = time.monotonic() + 10

@@ -301,5 +301,10 @@ def main() -> None:
     cli(prog_name="torusctl")
 
 
+from torus_core.cli.block_cmds import block  # noqa: E402
+
+cli.add_command(block)
+
+
 if __name__ == "__main__":
     main()

@@ -1,0 +1,80 @@
+"""``torusblk``: serve torus volumes to block clients.
+
+``torusblk nbdserve --listen 127.0.0.1:10809`` serves every volume over NBD (export name = volume
+name, ``VOL@SNAP`` read-only), opening the configured metadata and the local block store directly:
+a single-node tool for when no ``torusd`` holds the data directory (the file store is locked by
+one process at a time). TLS with ``--tls-cert/--tls-key`` (``--require-tls`` refuses plain
+clients).
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from typing import Any
+
+import click
+
+from torus_core import __version__
+from torus_core.block.server import Server, parse_listen, tls_context
+from torus_core.cli.common import build_context, config_options, handle_errors
+from torus_core.cli.torusd import run_until_signalled
+from torus_core.errors import UsageError
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="torusblk")
+def cli() -> None:
+    """Serve torus block volumes."""
+
+
+@cli.command("nbdserve")
+@config_options
+@click.option("--listen", "-l", default="127.0.0.1:10809", show_default=True, metavar="HOST:PORT")
+@click.option("--block-store", default=None, help="Block store plugin (default: file).")
+@click.option("--size", default=None, help="Capacity of the local block store, e.g. 4GiB.")
+@click.option("--tls-cert", default=None, type=click.Path(dir_okay=False), help="TLS certificate.")
+@click.option("--tls-key", default=None, type=click.Path(dir_okay=False), help="TLS private key.")
+@click.option("--require-tls", is_flag=True, help="Refuse clients that do not start TLS.")
+@click.option("--lease-ttl", default=30.0, show_default=True, type=float, help="Volume lock lease TTL (s).")
+@click.option("--debug", is_flag=True, help="Debug logging.")
+@handle_errors
+def nbdserve(
+    config_path: str | None,
+    listen: str,
+    block_store: str | None,
+    size: str | None,
+    tls_cert: str | None,
+    tls_key: str | None,
+    require_tls: bool,
+    lease_ttl: float,
+    debug: bool,
+    **overrides: Any,
+) -> None:
+    """Serve every volume over NBD until SIGTERM/SIGINT (then sync and unlock)."""
+    logging.basicConfig(level=logging.DEBUG if debug else logging.INFO, stream=sys.stderr)
+    if bool(tls_cert) != bool(tls_key):
+        raise UsageError("--tls-cert and --tls-key go together")
+    if require_tls and not tls_cert:
+        raise UsageError("--require-tls needs --tls-cert and --tls-key")
+    host, port = parse_listen(listen)
+    ctx = build_context(config_path, storage_size=size, block_store=block_store, **overrides)
+    server = Server.from_config(ctx.config, lease_ttl=lease_ttl)
+    try:
+        tls = tls_context(tls_cert, tls_key, ctx.config.tls.ca_file) if tls_cert and tls_key else None
+        nbd = server.serve_nbd(host, port, tls=tls, tls_required=require_tls)
+        click.echo(f"NBD LISTENING {host}:{nbd.port}")
+        sys.stdout.flush()
+    except BaseException:
+        server.close()
+        raise
+    run_until_signalled(server)
+
+
+def main() -> None:
+    """Console-script entry point."""
+    cli(prog_name="torusblk")
+
+
+if __name__ == "__main__":
+    main()

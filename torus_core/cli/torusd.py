@@ -1,0 +1,118 @@
+"""``torusd``: the torus storage daemon (single node: local block store + metadata).
+
+Single-node quick start (what ``scripts/run-single-node.sh`` runs)::
+
+    torusd --data-dir D --size 4GiB --block-store file --nbd-listen 127.0.0.1:10809
+
+opens the metadata (default ``sqlite:///D/metadata.db``), the block store under ``D/block`` and
+serves every volume over NBD. An unformatted cluster is an error (``NoGlobalMetadata``) unless
+``--debug-init`` is given, which formats it. ``--host/--port`` serve ``/metrics`` over HTTP.
+SIGTERM/SIGINT shut down gracefully: NBD clients are disconnected, open volumes synced and
+unlocked, the store flushed and closed. Prints ``NBD LISTENING host:port`` / ``HTTP LISTENING``
+lines once bound (scripts and tests wait for them).
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import sys
+import threading
+from typing import Any
+
+import click
+
+from torus_core import __version__
+from torus_core.block.server import Server, parse_listen, tls_context
+from torus_core.cli.common import build_context, config_options, handle_errors
+from torus_core.errors import NoGlobalMetadata, UsageError
+
+
+def run_until_signalled(server: Server, stop: threading.Event | None = None) -> None:
+    """Block until SIGTERM/SIGINT (or ``stop``), then close ``server`` gracefully."""
+    event = stop or threading.Event()
+
+    def _handler(signum: int, _frame: Any) -> None:
+        logging.getLogger("torusd").info("signal %d: shutting down", signum)
+        event.set()
+
+    previous = {sig: signal.signal(sig, _handler) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        while not event.wait(1.0):
+            pass
+    finally:
+        try:
+            server.close()
+        finally:
+            for sig, old in previous.items():
+                signal.signal(sig, old)
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@config_options
+@click.option("--size", default=None, help="Capacity of the local block store, e.g. 4GiB.")
+@click.option("--block-store", default=None, help="Block store plugin (default: file).")
+@click.option("--host", default=None, help="Serve HTTP /metrics on this host (e.g. 127.0.0.1).")
+@click.option("--port", default=4321, show_default=True, type=int, help="HTTP port (with --host).")
+@click.option("--nbd-listen", default=None, metavar="HOST:PORT", help="Also serve volumes over NBD.")
+@click.option("--tls-cert", default=None, type=click.Path(dir_okay=False), help="NBD TLS certificate.")
+@click.option("--tls-key", default=None, type=click.Path(dir_okay=False), help="NBD TLS private key.")
+@click.option("--require-tls", is_flag=True, help="Refuse NBD clients that do not start TLS.")
+@click.option("--debug-init", is_flag=True, help="Format the cluster if it is not formatted yet.")
+@click.option("--lease-ttl", default=30.0, show_default=True, type=float, help="Volume lock lease TTL (s).")
+@click.option("--debug", is_flag=True, help="Debug logging.")
+@click.version_option(__version__, prog_name="torusd")
+@handle_errors
+def cli(
+    config_path: str | None,
+    size: str | None,
+    block_store: str | None,
+    host: str | None,
+    port: int,
+    nbd_listen: str | None,
+    tls_cert: str | None,
+    tls_key: str | None,
+    require_tls: bool,
+    debug_init: bool,
+    lease_ttl: float,
+    debug: bool,
+    **overrides: Any,
+) -> None:
+    """Run a torus storage node."""
+    logging.basicConfig(
+        level=logging.DEBUG if debug else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    ctx = build_context(config_path, storage_size=size, block_store=block_store, **overrides)
+    if bool(tls_cert) != bool(tls_key):
+        raise UsageError("--tls-cert and --tls-key go together")
+    if require_tls and not tls_cert:
+        raise UsageError("--require-tls needs --tls-cert and --tls-key")
+    try:
+        server = Server.from_config(ctx.config, debug_init=debug_init, lease_ttl=lease_ttl)
+    except NoGlobalMetadata as exc:
+        raise NoGlobalMetadata(f"{exc}; or start torusd with --debug-init to format it") from None
+    try:
+        if nbd_listen:
+            nhost, nport = parse_listen(nbd_listen)
+            tls = tls_context(tls_cert, tls_key, ctx.config.tls.ca_file) if tls_cert and tls_key else None
+            nbd = server.serve_nbd(nhost, nport, tls=tls, tls_required=require_tls)
+            click.echo(f"NBD LISTENING {nhost}:{nbd.port}")
+        if host:
+            http = server.serve_http(host, port)
+            click.echo(f"HTTP LISTENING {host}:{http.port}")
+        sys.stdout.flush()
+    except BaseException:
+        server.close()
+        raise
+    run_until_signalled(server)
+
+
+def main() -> None:
+    """Console-script entry point."""
+    cli(prog_name="torusd")
+
+
+if __name__ == "__main__":
+    main()
