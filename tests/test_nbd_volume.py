@@ -165,9 +165,9 @@ def test_qemu_img_convert_and_compare_round_trip(uri, tmp_path):
 
 def test_qemu_io_pattern_writes_read_back(uri):
     writes = ["write -P 0xab 0 128k", "write -P 0xcd 1000000 4k", "write -z 64k 64k", "flush"]
-    run("qemu-io", "-f", "raw", *sum((["-c", c] for c in writes), []), uri)
+    run("qemu-io", "-f", "raw", *[a for c in writes for a in ("-c", c)], uri)
     reads = ["read -P 0xab 0 64k", "read -P 0 64k 64k", "read -P 0xcd 1000000 4k", "read -P 0 2M 1M"]
-    out = run("qemu-io", "-f", "raw", *sum((["-c", c] for c in reads), []), uri).stdout
+    out = run("qemu-io", "-f", "raw", *[a for c in reads for a in ("-c", c)], uri).stdout
     assert "Pattern verification failed" not in out and out.count("read ") == 4
 
 
