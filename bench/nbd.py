@@ -94,12 +94,14 @@ def start_nbdkit(size: int, workdir: Path) -> tuple[subprocess.Popen[bytes], str
     with img.open("wb") as f:
         f.truncate(size)
     port = free_port()
-    proc = subprocess.Popen(
-        ["nbdkit", "-f", "-i", "127.0.0.1", "-p", str(port), "file", str(img)],
-        stdout=subprocess.DEVNULL,
-        stdin=subprocess.DEVNULL,
-        start_new_session=True,
-    )
+    with (workdir / "nbdkit.log").open("wb") as log:  # the readiness probe makes it log a reset
+        proc = subprocess.Popen(
+            ["nbdkit", "-f", "-i", "127.0.0.1", "-p", str(port), "file", str(img)],
+            stdout=log,
+            stderr=log,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+        )
     wait_listening(port, proc)
     return proc, f"nbd://127.0.0.1:{port}/"
 

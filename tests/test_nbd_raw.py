@@ -522,7 +522,7 @@ class GatedExport(MemoryExport):
         self.gate = gate
         self.fail_flush = False
 
-    def read(self, offset: int, length: int) -> bytes:
+    def read(self, offset: int, length: int) -> memoryview:
         if offset == 0:
             assert self.gate.wait(5.0)
         return super().read(offset, length)
@@ -645,4 +645,48 @@ def test_tls_required_closes_export_name_without_tls(provider, tls_contexts):
         c.greet()
         c.option(Opt.EXPORT_NAME, b"disk")
         assert c.is_closed_by_server()
+        c.close()
+
+
+class CountingExport(GatedExport):
+    """Counts how many reads run at once."""
+
+    def __init__(self, store: MemoryStore, gate: threading.Event) -> None:
+        super().__init__(store, gate)
+        self.lock = threading.Lock()
+        self.running = 0
+        self.peak = 0
+
+    def read(self, offset: int, length: int) -> memoryview:
+        with self.lock:
+            self.running += 1
+            self.peak = max(self.peak, self.running)
+        try:
+            return super().read(offset, length)
+        finally:
+            with self.lock:
+                self.running -= 1
+
+
+def test_in_flight_requests_per_connection_are_bounded():
+    p = GatedProvider()
+    exports: list[CountingExport] = []
+
+    def open_export(name: str) -> CountingExport:
+        MemoryExportProvider.open_export(p, name)
+        e = CountingExport(p.store, p.gate)
+        exports.append(e)
+        return e
+
+    p.open_export = open_export  # type: ignore[method-assign]
+    with _start(p, max_inflight=2, workers=8) as st:
+        c = RawClient(st.port)
+        c.greet()
+        c.go()
+        handles = [c.request(Cmd.READ, 0, 512) for _ in range(6)]
+        time.sleep(0.3)  # give a server without the bound time to start all six
+        assert exports[0].peak == 2
+        p.gate.set()
+        assert sorted(c.structured_reply()[0] for _ in handles) == handles
+        assert exports[0].peak == 2
         c.close()
