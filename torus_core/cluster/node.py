@@ -1,0 +1,371 @@
+"""``ClusterNode``: one process's membership in a torus cluster.
+
+A storage peer (``ClusterNode(md, uuid, store=..., listen="127.0.0.1:40000")``) wires:
+
+* its local block store behind a :class:`~torus_core.rpc.PeerServer`,
+* a :class:`~torus_core.distributor.Distributor` over the current ring (what volumes use as
+  their block store),
+* a :class:`~torus_core.cluster.heartbeat.Heartbeat` publishing its
+  :class:`~torus_core.cluster.peerinfo.PeerInfo` and feeding
+  :class:`~torus_core.cluster.membership.Membership` (the peer directory),
+* a :class:`~torus_core.cluster.membership.RingWatcher` applying ring changes within a second,
+* a maintenance thread running GC cycles and rebalance passes (storage peers only).
+
+A client (``store=None``, no ``listen``) gets the distributor, heartbeat (empty address, so
+``peer list`` hides it) and ring watcher, but never runs GC or rebalancing (fix of §12.2 #2).
+
+Shutdown: :meth:`stop_background` stops the threads and the RPC server (the distributor keeps
+working, so open volumes can still sync); :meth:`close` also closes the distributor and pool.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import random
+import threading
+import time
+import uuid as uuidlib
+from dataclasses import dataclass, field
+
+from torus_core.blockstore import BlockStore
+from torus_core.cluster.gc import GarbageCollector
+from torus_core.cluster.heartbeat import Heartbeat
+from torus_core.cluster.membership import Membership, RingWatcher
+from torus_core.cluster.peerinfo import MIN_PROTOCOL_VERSION, PeerInfo
+from torus_core.cluster.rebalancer import RebalanceOptions, Rebalancer
+from torus_core.distributor.distributor import DEFAULT_READ_CACHE_BYTES, Distributor, DistributorTimeouts
+from torus_core.distributor.peers import PeerDirectory
+from torus_core.errors import (
+    Again,
+    AlreadyExists,
+    ConfigError,
+    InvalidArgument,
+    NonSequentialRing,
+    NotSupported,
+    TorusError,
+)
+from torus_core.metadata import MetadataService
+from torus_core.registry import Registry
+from torus_core.ring.base import Ring, RingMember
+from torus_core.ring.codec import make_ring, ring_from_spec
+from torus_core.rpc.client import PeerClientPool
+from torus_core.rpc.options import RPCTimeouts
+from torus_core.rpc.server import PeerServer
+from torus_core.rpc.tls import TLSConfig
+
+log = logging.getLogger(__name__)
+
+#: Attempts of ``join`` against concurrent ring changes.
+JOIN_ATTEMPTS = 50
+
+
+@dataclass(frozen=True)
+class ClusterOptions:
+    """Settings of a :class:`ClusterNode` (all times in seconds).
+
+    :param heartbeat_interval: seconds between heartbeats.
+    :param lease_ttl: heartbeat lease TTL (default 3 x interval).
+    :param maintenance_interval: pause between GC + rebalance rounds.
+    :param gc: run GC on this storage peer.
+    :param gc_grace: seconds a block must stay dead before GC deletes it.
+    :param rebalance: rebalancer tuning (rate limit, batch, settle time).
+    :param read_level: distributor read level.
+    :param write_level: distributor write level.
+    :param read_cache_bytes: distributor LRU size.
+    :param timeouts: distributor deadlines.
+    :param rpc_timeouts: RPC deadlines of the shared client pool.
+    """
+
+    heartbeat_interval: float = 2.0
+    lease_ttl: float | None = None
+    maintenance_interval: float = 1.0
+    gc: bool = True
+    gc_grace: float = 30.0
+    rebalance: RebalanceOptions = field(default_factory=RebalanceOptions)
+    read_level: str = "block"
+    write_level: str = "all"
+    read_cache_bytes: int = DEFAULT_READ_CACHE_BYTES
+    timeouts: DistributorTimeouts | None = None
+    rpc_timeouts: RPCTimeouts | None = None
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.maintenance_interval, int | float) or self.maintenance_interval < 0:
+            raise InvalidArgument(f"maintenance interval must be >= 0, got {self.maintenance_interval!r}")
+
+
+def load_or_create_uuid(data_dir: str) -> str:
+    """This peer's UUID from ``<data_dir>/metadata/uuid``, created on first start."""
+    path = os.path.join(data_dir, "metadata", "uuid")
+    try:
+        with open(path, encoding="ascii") as fh:
+            value = fh.read().strip()
+        if value:
+            return value
+    except FileNotFoundError:
+        pass
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"cannot read peer uuid file {path}: {exc}") from exc
+    value = str(uuidlib.uuid4())
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = f"{path}.tmp"
+    with open(tmp, "w", encoding="ascii") as fh:
+        fh.write(value + "\n")
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+    return value
+
+
+class ClusterNode:
+    """Membership, data path and maintenance of one process (see the module docstring).
+
+    :param md: metadata service (not closed by the node).
+    :param uuid: this process's peer UUID.
+    :param store: the local block store (None for a client).
+    :param listen: ``host:port`` for the peer RPC server (None: no listener, like a client).
+    :param advertise: address published to others (default: the bound address).
+    :param block_size: required for a client without a store (default: the cluster's).
+    :param tls: mutual TLS for peer RPC.
+    :param options: timing and levels.
+    :param ring_types: ring registry (built-ins if None).
+    :param layer_registry: blockset layers (built-ins if None), for GC's INode decoding.
+    :param close_store: whether closing the distributor closes ``store``.
+    """
+
+    def __init__(
+        self,
+        md: MetadataService,
+        uuid: str,
+        *,
+        store: BlockStore | None = None,
+        listen: str | None = None,
+        advertise: str | None = None,
+        block_size: int | None = None,
+        tls: TLSConfig | None = None,
+        options: ClusterOptions | None = None,
+        ring_types: Registry | None = None,
+        layer_registry: Registry | None = None,
+        close_store: bool = False,
+    ) -> None:
+        if not isinstance(uuid, str) or not uuid:
+            raise InvalidArgument("a cluster node needs a non-empty uuid")
+        if listen is not None and store is None:
+            raise ConfigError("a peer RPC listener needs a local block store")
+        self.md = md
+        self.uuid = uuid
+        self.store = store
+        self.options = options or ClusterOptions()
+        self.ring_types = ring_types if ring_types is not None else md.ring_types
+        self.layer_registry = layer_registry
+        self.tls = tls
+        gm = md.global_metadata()
+        if store is not None and store.block_size != gm.block_size:
+            raise ConfigError(
+                f"store block size {store.block_size} differs from the cluster's {gm.block_size}"
+            )
+        self.block_size = block_size or gm.block_size
+        self.server: PeerServer | None = None
+        if listen is not None and store is not None:
+            self.server = PeerServer(store, uuid=uuid, address=listen, tls=tls)
+        self._advertise = advertise
+        self.directory = PeerDirectory()
+        self.pool = PeerClientPool(tls=tls, timeouts=self.options.rpc_timeouts)
+        ring = ring_from_spec(self.ring_types, md.get_ring())
+        self.distributor = Distributor(
+            uuid,
+            store,
+            ring,
+            self.directory,
+            self.pool,
+            read_level=self.options.read_level,
+            write_level=self.options.write_level,
+            read_cache_bytes=self.options.read_cache_bytes,
+            timeouts=self.options.timeouts,
+            block_size=None if store is not None else self.block_size,
+            close_local_store=close_store,
+        )
+        self.membership = Membership(
+            self.directory, uuid, ring_members=lambda: self.distributor.ring.members()
+        )
+        self.rebalancer: Rebalancer | None = None
+        self.gc: GarbageCollector | None = None
+        if self.is_storage:
+            assert store is not None
+            self.rebalancer = Rebalancer(
+                uuid, store, lambda: self.distributor.ring, self.directory, self.pool, self.options.rebalance
+            )
+            self.rebalancer.ring_changed(ring.version)
+            if self.options.gc:
+                self.gc = GarbageCollector(
+                    md, self.distributor, store, grace=self.options.gc_grace, layer_registry=layer_registry
+                )
+        self.heartbeat = Heartbeat(
+            md,
+            self.peer_info,
+            self.membership.apply,
+            interval=self.options.heartbeat_interval,
+            ttl=self.options.lease_ttl,
+        )
+        self.watcher = RingWatcher(md, self._apply_ring, ring_types=self.ring_types)
+        self._stop = threading.Event()
+        self._maint: threading.Thread | None = None
+        self._started = False
+        self._closed = False
+
+    # --- identity ------------------------------------------------------------------------------
+
+    @property
+    def is_storage(self) -> bool:
+        """A storage peer: it has a store and serves it to others."""
+        return self.store is not None and self.server is not None
+
+    @property
+    def address(self) -> str:
+        """The advertised peer address ('' for clients)."""
+        if self.server is None:
+            return ""
+        return self._advertise or self.server.address
+
+    def peer_info(self) -> PeerInfo:
+        """This node's current :class:`PeerInfo` (what the heartbeat publishes)."""
+        store = self.store
+        info = PeerInfo(
+            uuid=self.uuid,
+            address=self.address,
+            total_blocks=store.num_blocks() if store is not None else 0,
+            used_blocks=store.used_blocks() if store is not None else 0,
+            block_size=self.block_size,
+        )
+        if self.rebalancer is not None:
+            info.rebalance = self.rebalancer.info()
+            if self.gc is not None:
+                info.rebalance.gc_deleted = self.gc.total_deleted
+                info.rebalance.gc_skipped = self.gc.skipped_cycles
+        return info
+
+    # --- ring ----------------------------------------------------------------------------------
+
+    def _apply_ring(self, ring: Ring) -> None:
+        if self.distributor.set_ring(ring) and self.rebalancer is not None:
+            self.rebalancer.ring_changed(ring.version)
+
+    def join(self) -> bool:
+        """Add this storage peer to the ring (``--auto-join``); False if already a member.
+
+        Retries on concurrent ring changes (NonSequentialRing / Again). An ``empty`` ring is
+        replaced by a ketama ring with the cluster's replication.
+        """
+        if not self.is_storage:
+            raise ConfigError("only a storage peer (with a listener and a store) can join the ring")
+        assert self.store is not None
+        me = RingMember(self.uuid, max(1, self.store.num_blocks()), self.address)
+        for attempt in range(JOIN_ATTEMPTS):
+            spec = self.md.get_ring()
+            ring = ring_from_spec(self.ring_types, spec)
+            if self.uuid in ring.members():
+                return False
+            try:
+                new = ring.add_peers([me])
+            except AlreadyExists:
+                return False
+            except NotSupported:
+                rep = self.md.global_metadata().replication or 2
+                new = make_ring(
+                    "ketama", [me], replication=rep, version=ring.version + 1, registry=self.ring_types
+                )
+            try:
+                self.md.set_ring(new.to_spec())
+            except (NonSequentialRing, Again):
+                time.sleep(random.uniform(0.01, 0.05) * (1 + attempt % 5))
+                continue
+            log.info("joined the ring as %s (ring v%d)", self.uuid, new.version)
+            with contextlib.suppress(TorusError):
+                self._apply_ring(new)
+            return True
+        raise Again(f"could not join the ring after {JOIN_ATTEMPTS} attempts (too many concurrent changes)")
+
+    # --- life cycle ----------------------------------------------------------------------------
+
+    def start(self, *, auto_join: bool = False) -> ClusterNode:
+        """Start the RPC server, one synchronous heartbeat (protocol check), the ring watcher,
+        optionally join the ring, then the background threads."""
+        if self._started:
+            return self
+        self._started = True
+        try:
+            if self.server is not None:
+                self.server.start()
+                self.membership.self_address = self.address
+            peers = self.heartbeat.beat()
+            old = [p for p in peers.values() if p.protocol_version < MIN_PROTOCOL_VERSION]
+            if old:
+                raise ConfigError(
+                    "peers with an unsupported protocol version: "
+                    + ", ".join(f"{p.uuid} (v{p.protocol_version})" for p in old)
+                )
+            self.watcher.start()
+            if auto_join:
+                self.join()
+            self.heartbeat.start()
+            if self.is_storage:
+                self._maint = threading.Thread(target=self._maintenance, name="torus-maint", daemon=True)
+                self._maint.start()
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    def maintenance_round(self) -> None:
+        """One GC cycle then one rebalance pass (what the maintenance thread loops over)."""
+        if self.gc is not None:
+            self.gc.run_cycle()
+        if self.rebalancer is not None:
+            self.rebalancer.run_pass(self._stop)
+
+    def _maintenance(self) -> None:
+        self._stop.wait(random.uniform(0.25, 0.5))
+        while not self._stop.is_set():
+            try:
+                self.maintenance_round()
+            except TorusError as exc:
+                log.warning("maintenance round failed: %s", exc)
+            except Exception:
+                log.exception("maintenance round crashed")
+            self._stop.wait(self.options.maintenance_interval)
+
+    def stop_background(self, *, unregister: bool = True) -> None:
+        """Stop heartbeat (unregistering), ring watcher, maintenance and the RPC server."""
+        self._stop.set()
+        self.heartbeat.stop(unregister=unregister)
+        self.watcher.stop()
+        if self._maint is not None:
+            self._maint.join(30)
+            self._maint = None
+        if self.server is not None:
+            self.server.stop()
+
+    def abort(self) -> None:
+        """Like a crash: stop at once without revoking the lease (peers see us time out)."""
+        if self.server is not None:
+            self.server.stop(grace=0)
+        self._close(unregister=False)
+
+    def close(self) -> None:
+        """Stop everything and close the distributor and the client pool. Idempotent."""
+        self._close(unregister=True)
+
+    def _close(self, *, unregister: bool) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        self.stop_background(unregister=unregister)
+        self.distributor.close()
+        self.pool.close()
+
+    def __enter__(self) -> ClusterNode:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
