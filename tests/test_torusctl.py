@@ -76,3 +76,14 @@ def test_unknown_metadata_scheme_lists_available_backends(tmp_path: Path) -> Non
     result = CliRunner().invoke(cli, ["--metadata", "foo://x", "volume", "list"])
     assert result.exit_code == 1
     assert "unknown metadata 'foo'; available:" in result.output and "sqlite" in result.output
+
+
+def test_metadata_migrate_copies_history_and_refuses_a_non_empty_target(run, tmp_path: Path) -> None:
+    run("init")
+    run("volume", "create-block", "v", "1GiB")
+    target = f"sqlite:///{tmp_path}/target.db"
+    assert "projections match" in run("metadata", "migrate", "--to", target).output
+    copied = CliRunner().invoke(cli, ["--metadata", target, "volume", "list", "--csv"])
+    assert copied.output.splitlines() == ["v,1073741824,block,free"]
+    again = run("metadata", "migrate", "--to", target, ok=False)
+    assert "must be empty" in again.output
