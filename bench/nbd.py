@@ -8,7 +8,8 @@ fio (nbd engine) 4 KiB random read/write at iodepth 1 and 32; 1 MiB sequential w
 iodepth 8. Prints a table with torus/nbdkit ratios and the torus server's peak RSS.
 
 The torus side is started by :func:`start_torus`, switched by ``--target``: ``memory`` serves
-:class:`~torus_core.nbd.memory.MemoryExport` (the protocol layer's ceiling); ``volume`` is the
+:class:`~torus_core.nbd.memory.MemoryExport` (the protocol layer's ceiling), ``memory-threads``
+the same through the worker-thread path that blocking exports take; ``volume`` is the
 hook for the block-volume export (add its command in :data:`TARGETS`).
 """
 
@@ -67,6 +68,11 @@ def _start_memory(port: int, size: int, workdir: Path) -> subprocess.Popen[bytes
     return subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stdin=subprocess.DEVNULL)
 
 
+def _start_memory_threads(port: int, size: int, workdir: Path) -> subprocess.Popen[bytes]:
+    cmd = [PY, "-m", "torus_core.nbd.memory_server", "--port", str(port), "--size", str(size), "--blocking"]
+    return subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stdin=subprocess.DEVNULL)
+
+
 def _start_volume(port: int, size: int, workdir: Path) -> subprocess.Popen[bytes]:
     raise SystemExit(
         "--target volume: no volume export server yet; add its command to bench/nbd.py:_start_volume"
@@ -76,6 +82,7 @@ def _start_volume(port: int, size: int, workdir: Path) -> subprocess.Popen[bytes
 #: How to start the torus server for each ``--target``: (port, export size, work dir) -> process.
 TARGETS: dict[str, Callable[[int, int, Path], subprocess.Popen[bytes]]] = {
     "memory": _start_memory,
+    "memory-threads": _start_memory_threads,
     "volume": _start_volume,
 }
 

@@ -27,6 +27,7 @@ from torus_core.nbd.handshake import Negotiator
 from torus_core.nbd.session import ServerOptions
 from torus_core.nbd.stream import BufferedStream, ConnectionClosed
 from torus_core.nbd.transmission import Transmission
+from torus_core.nbd.workers import WorkerPool
 
 log = logging.getLogger(__name__)
 
@@ -72,7 +73,9 @@ class NBDServer:
         if self.options.max_inflight_bytes < max_payload:
             raise InvalidArgument("max_inflight_bytes must be at least max_payload")
         workers = self.options.workers or min(32, (os.cpu_count() or 1) + 4)
-        self._executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="nbd-io")
+        # Control calls (open/describe/close/list) and data calls of blocking exports.
+        self._executor = ThreadPoolExecutor(max_workers=4, thread_name_prefix="nbd-ctl")
+        self._workers = WorkerPool(workers)
         self._server: asyncio.Server | None = None
         self._streams: set[BufferedStream] = set()
         self._tasks: set[asyncio.Task[None]] = set()
@@ -114,6 +117,7 @@ class NBDServer:
             for t in pending:
                 t.cancel()
         self._executor.shutdown(wait=False, cancel_futures=False)
+        self._workers.shutdown()
 
     # --- per connection ---------------------------------------------------------------------
 
@@ -150,7 +154,7 @@ class NBDServer:
                 return
             if session is None:
                 return
-            await Transmission(stream, session, opts, self._executor).run()
+            await Transmission(stream, session, opts, self._executor, self._workers).run()
         except (ConnectionClosed, ConnectionError, ssl.SSLError) as e:
             log.debug("NBD connection %s ended: %r", peer, e)
         except ProtocolError as e:

@@ -11,8 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from concurrent.futures import Executor, Future
-from functools import partial
+from concurrent.futures import Executor
 from typing import Any
 
 from torus_core.errors import ProtocolError
@@ -23,6 +22,7 @@ from torus_core.nbd.errmap import errno_for
 from torus_core.nbd.export import Export
 from torus_core.nbd.session import ServerOptions, Session
 from torus_core.nbd.stream import BufferedStream, ConnectionClosed
+from torus_core.nbd.workers import CompletionSink, WorkerPool
 
 log = logging.getLogger(__name__)
 
@@ -49,14 +49,21 @@ class Transmission:
     """Serves one connection's requests against its negotiated :class:`Session`."""
 
     def __init__(
-        self, stream: BufferedStream, session: Session, options: ServerOptions, executor: Executor
+        self,
+        stream: BufferedStream,
+        session: Session,
+        options: ServerOptions,
+        executor: Executor,
+        workers: WorkerPool,
     ) -> None:
         self.stream = stream
         self.session = session
         self.export: Export = session.export
         self.options = options
         self.executor = executor
+        self.workers = workers
         self.loop = asyncio.get_running_loop()
+        self._sink = CompletionSink(self.loop, self._complete)
         self.inflight = 0
         self.inflight_bytes = 0
         self._idle: asyncio.Future[None] | None = None
@@ -251,8 +258,12 @@ class Transmission:
             nbytes = length if cmd in (_READ, _WRITE) else 0
             self.inflight += 1
             self.inflight_bytes += nbytes
-            fut = self.executor.submit(self._execute, cmd, flags, offset, length, payload)
-            fut.add_done_callback(partial(self._done_in_thread, cmd, handle, offset, length, nbytes, payload))
+            self.workers.submit(
+                self._execute,
+                (cmd, flags, offset, length, payload),
+                self._sink,
+                (cmd, handle, offset, length, nbytes, payload),
+            )
             return
         try:
             result = self._execute(cmd, flags, offset, length, payload)
@@ -308,35 +319,14 @@ class Transmission:
             raise OSError("export returned no extents")
         return out
 
-    def _done_in_thread(
-        self,
-        cmd: int,
-        handle: int,
-        offset: int,
-        length: int,
-        nbytes: int,
-        payload: bytearray | None,
-        fut: Future[Any],
-    ) -> None:
-        self.loop.call_soon_threadsafe(self._complete, cmd, handle, offset, length, nbytes, payload, fut)
-
-    def _complete(
-        self,
-        cmd: int,
-        handle: int,
-        offset: int,
-        length: int,
-        nbytes: int,
-        payload: bytearray | None,
-        fut: Future[Any],
-    ) -> None:
+    def _complete(self, tag: tuple[Any, ...], ok: bool, result: Any) -> None:
+        cmd, handle, offset, length, nbytes, payload = tag
         self.inflight -= 1
         self.inflight_bytes -= nbytes
-        exc = fut.exception()
-        if exc is not None:
-            self._failed(handle, cmd, exc)
+        if ok:
+            self._succeeded(handle, cmd, offset, length, result)
         else:
-            self._succeeded(handle, cmd, offset, length, fut.result())
+            self._failed(handle, cmd, result)
         if payload is not None:
             self._pool.put(payload)
         if self.inflight == 0:
