@@ -28,7 +28,7 @@ class ServerOptions:
     max_inflight: int = 128
     #: Per-connection bound on payload bytes of requests being processed at once.
     max_inflight_bytes: int = 64 * MiB
-    #: Worker threads for blocking exports (None: ``min(32, cpus + 4)``).
+    #: Worker threads for data calls of blocking exports (None: ``min(32, cpus + 4)``).
     workers: int | None = None
 
 
