@@ -210,3 +210,33 @@ def test_nbdsh_write_to_read_only_export_fails_with_eperm(server):
         """,
     )
     assert out.strip() == "ERRNO EPERM"
+
+
+def test_libnbd_upgrades_to_tls_when_the_server_requires_it(provider, tmp_path: Path):
+    import ssl
+
+    run(
+        "openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
+        "-nodes", "-keyout", str(tmp_path / "key.pem"), "-out", str(tmp_path / "cert.pem"),
+        "-days", "1", "-subj", "/CN=localhost",
+    )  # fmt: skip
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.load_cert_chain(tmp_path / "cert.pem", tmp_path / "key.pem")
+    with ServerThread(NBDServer(provider, port=0, tls=ctx, tls_required=True)) as st:
+        prog = textwrap.dedent(
+            f"""
+            import nbd
+            h = nbd.NBD()
+            h.set_tls(nbd.TLS_REQUIRE)
+            h.set_tls_verify_peer(False)
+            h.set_export_name("disk")
+            h.connect_tcp("127.0.0.1", "{st.port}")
+            assert h.get_tls_negotiated()
+            h.pwrite(b"secret", 4096)
+            print(h.pread(6, 4096).decode())
+            """
+        )
+        assert run(SYSTEM_PYTHON, "-c", prog).stdout.strip() == "secret"
+        plain = run(SYSTEM_PYTHON, "-c", prog.replace("TLS_REQUIRE", "TLS_DISABLE"), check=False)
+        assert plain.returncode != 0  # without TLS the server refuses to serve
+        assert "connect_tcp" in plain.stderr and "TLS" in plain.stderr.upper(), plain.stderr
