@@ -332,6 +332,10 @@ from torus_core.cli.block_cmds import block  # noqa: E402
 
 cli.add_command(block)
 
+from torus_core.cli.peer_cmds import peer  # noqa: E402
+
+cli.add_command(peer)
+
 
 if __name__ == "__main__":
     main()
