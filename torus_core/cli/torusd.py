@@ -25,6 +25,8 @@ import click
 from torus_core import __version__
 from torus_core.block.server import Server, parse_listen, tls_context
 from torus_core.cli.common import build_context, config_options, handle_errors
+from torus_core.cluster.cli_options import cluster_options, make_cluster_options
+from torus_core.cluster.daemon import start_cluster_server
 from torus_core.errors import NoGlobalMetadata, UsageError
 
 
@@ -61,6 +63,7 @@ def run_until_signalled(server: Server, stop: threading.Event | None = None) -> 
 @click.option("--debug-init", is_flag=True, help="Format the cluster if it is not formatted yet.")
 @click.option("--lease-ttl", default=30.0, show_default=True, type=float, help="Volume lock lease TTL (s).")
 @click.option("--debug", is_flag=True, help="Debug logging.")
+@cluster_options
 @click.version_option(__version__, prog_name="torusd")
 @handle_errors
 def cli(
@@ -76,6 +79,15 @@ def cli(
     debug_init: bool,
     lease_ttl: float,
     debug: bool,
+    peer_address: str | None,
+    auto_join: bool,
+    heartbeat_interval: float,
+    peer_ttl: float | None,
+    rebalance_rate: str,
+    rebalance_interval: float,
+    rebalance_settle: float,
+    gc_grace: float,
+    no_gc: bool,
     **overrides: Any,
 ) -> None:
     """Run a torus storage node."""
@@ -93,6 +105,24 @@ def cli(
         server = Server.from_config(ctx.config, debug_init=debug_init, lease_ttl=lease_ttl)
     except NoGlobalMetadata as exc:
         raise NoGlobalMetadata(f"{exc}; or start torusd with --debug-init to format it") from None
+    if peer_address:
+        opts = make_cluster_options(
+            ctx.config,
+            heartbeat_interval,
+            peer_ttl,
+            rebalance_rate,
+            rebalance_interval,
+            rebalance_settle,
+            gc_grace,
+            no_gc,
+        )
+        server, node = start_cluster_server(
+            server, ctx.config, listen=peer_address, auto_join=auto_join, options=opts, lease_ttl=lease_ttl
+        )
+        click.echo(f"PEER LISTENING {node.address} {node.uuid}")
+    elif auto_join:
+        server.close()
+        raise UsageError("--auto-join needs --peer-address")
     try:
         if nbd_listen:
             nhost, nport = parse_listen(nbd_listen)

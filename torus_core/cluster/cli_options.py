@@ -1,0 +1,75 @@
+"""The ``torusd`` command-line options of the cluster layer (``--peer-address`` and friends)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import click
+
+from torus_core.cluster.node import ClusterOptions
+from torus_core.cluster.rebalancer import RebalanceOptions
+from torus_core.config import Config
+from torus_core.errors import InvalidArgument, UsageError
+from torus_core.units import parse_size
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def cluster_options(func: F) -> F:
+    """Add ``--peer-address``, ``--auto-join``, heartbeat, rebalance and GC options."""
+    options = [
+        click.option(
+            "--peer-address",
+            default=None,
+            metavar="HOST:PORT",
+            help="Serve peer RPC here and run as a cluster storage peer (port 0 = any free port).",
+        ),
+        click.option("--auto-join", is_flag=True, help="Add this peer to the ring at start-up."),
+        click.option(
+            "--heartbeat-interval", default=2.0, show_default=True, type=float, help="Seconds between beats."
+        ),
+        click.option("--peer-ttl", default=None, type=float, help="Peer lease TTL (default 3 x interval)."),
+        click.option("--rebalance-rate", default="0", show_default=True, help="Push limit/s (0 = none)."),
+        click.option("--rebalance-interval", default=1.0, show_default=True, type=float, help="Pause (s)."),
+        click.option(
+            "--rebalance-settle",
+            default=3.0,
+            show_default=True,
+            type=float,
+            help="Seconds a ring must be in force before copies are dropped.",
+        ),
+        click.option("--gc-grace", default=30.0, show_default=True, type=float, help="Dead-block grace (s)."),
+        click.option("--no-gc", is_flag=True, help="Do not garbage-collect on this peer."),
+    ]
+    for opt in reversed(options):
+        func = opt(func)
+    return func
+
+
+def make_cluster_options(
+    config: Config,
+    heartbeat_interval: float,
+    peer_ttl: float | None,
+    rebalance_rate: str,
+    rebalance_interval: float,
+    rebalance_settle: float,
+    gc_grace: float,
+    no_gc: bool,
+) -> ClusterOptions:
+    """Build :class:`ClusterOptions` from the flags and the config (levels, read cache)."""
+    try:
+        rate = parse_size(rebalance_rate) if rebalance_rate not in ("", "0") else 0
+        return ClusterOptions(
+            heartbeat_interval=heartbeat_interval,
+            lease_ttl=peer_ttl,
+            maintenance_interval=rebalance_interval,
+            gc=not no_gc,
+            gc_grace=gc_grace,
+            rebalance=RebalanceOptions(rate_bytes=float(rate), settle=rebalance_settle),
+            read_level=config.read_level,
+            write_level=config.write_level,
+            read_cache_bytes=config.read_cache_size,
+        )
+    except InvalidArgument as exc:
+        raise UsageError(str(exc)) from None

@@ -1,0 +1,78 @@
+"""Wiring a :class:`ClusterNode` into the ``torusd`` server (``--peer-address``).
+
+:func:`start_cluster_server` takes the single-node :class:`~torus_core.block.server.Server` that
+``Server.from_config`` built (metadata + local store) and returns a server whose volumes and NBD
+exports use the node's :class:`~torus_core.distributor.Distributor` as their block store, so
+every block a client writes goes to its ring owners. The node's background threads are stopped
+first at shutdown (before the NBD listener and the volumes), and closing the server's store
+closes the distributor and, through it, the local store.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+from torus_core.block.server import Server
+from torus_core.cluster.node import ClusterNode, ClusterOptions, load_or_create_uuid
+from torus_core.config import Config
+from torus_core.errors import ConfigError, TorusError
+from torus_core.rpc.tls import TLSConfig
+
+
+def peer_tls(config: Config) -> TLSConfig | None:
+    """Mutual TLS for peer RPC from the config's certificate paths, or None (loopback only)."""
+    tls = config.tls
+    if not tls.enabled:
+        return None
+    if not (tls.cert_file and tls.key_file and tls.ca_file):
+        raise ConfigError("peer TLS needs a certificate, a key and a CA file")
+    return TLSConfig(cert_file=tls.cert_file, key_file=tls.key_file, ca_file=tls.ca_file)
+
+
+def start_cluster_server(
+    server: Server,
+    config: Config,
+    *,
+    listen: str,
+    advertise: str | None = None,
+    auto_join: bool = False,
+    options: ClusterOptions | None = None,
+    lease_ttl: float = 30.0,
+) -> tuple[Server, ClusterNode]:
+    """Start a storage :class:`ClusterNode` over ``server``'s store; returns the cluster server.
+
+    On failure everything opened (including ``server``) is closed and the error propagates.
+    """
+    try:
+        node = ClusterNode(
+            server.md,
+            load_or_create_uuid(config.data_dir),
+            store=server.store,
+            listen=listen,
+            advertise=advertise,
+            options=options,
+            tls=peer_tls(config),
+            ring_types=server.registries.ring_types if server.registries is not None else None,
+            layer_registry=server.registries.blockset_layers if server.registries is not None else None,
+            close_store=True,
+        )
+    except BaseException:
+        server.close()
+        raise
+    try:
+        node.start(auto_join=auto_join)
+    except BaseException:
+        with contextlib.suppress(TorusError):
+            node.close()
+        server.close()
+        raise
+    clustered = Server(
+        server.md,
+        node.distributor,
+        backend=server.backend,
+        owner=server.owner,
+        lease_ttl=lease_ttl,
+        registries=server.registries,
+    )
+    clustered.add_stopper(node.stop_background)
+    return clustered, node
