@@ -174,6 +174,7 @@ def main() -> None:
     ap.add_argument("--ops", type=int, default=1000, help="operations per measurement (redis: x4)")
     ap.add_argument("--writers", type=int, default=8)
     ap.add_argument("--repeat", type=int, default=3, help="runs per cell; the median is printed")
+    ap.add_argument("--backends", default="sqlite,etcd,redis", help="comma-separated subset to run")
     args = ap.parse_args()
 
     from torus_etcd.backend import EtcdBackend
@@ -206,7 +207,10 @@ def main() -> None:
                     args.ops * 4,
                 ),
             ]
+            wanted = set(args.backends.split(","))
             for name, log_w, raw_w, ops in cases:
+                if name not in wanted:
+                    continue
                 for writers in (1, args.writers):
                     logs, raws = [], []
                     for _ in range(args.repeat):  # interleave log and raw runs to share the noise

@@ -97,6 +97,11 @@ class EtcdTransport:
         if config.ca_file or config.cert_file or force_tls:
             self._creds = self._load_creds()
 
+    @property
+    def closed(self) -> bool:
+        """Whether :meth:`close` was called."""
+        return self._closed
+
     def _load_creds(self) -> grpc.ChannelCredentials:
         def read(path: str | None) -> bytes | None:
             if path is None:

@@ -1,4 +1,4 @@
-"""The event log on etcd v3: one transaction per appended batch.
+"""The event log on etcd v3: one transaction per appended batch (or group of concurrent batches).
 
 Key layout under the backend prefix ``P`` (default ``/torus/``)::
 
@@ -8,11 +8,12 @@ Key layout under the backend prefix ``P`` (default ``/torus/``)::
     P snap/<quoted name>            u64 position + snapshot state
 
 An append is a single etcd ``Txn``: it compares the head key's ``mod_revision`` with the one
-this client last saw and, per stream, that the key of the stream's first new version is absent
-and the key of the version before it exists. On success it writes the head and every event key
-(positions are therefore gap-free and assigned in the same atomic write). On failure the same
-round trip reads the head and each stream's last version, so the client can tell a stale stream
-version (:class:`CompareFailed`, nothing written) from a race on the head (retry, bounded).
+last seen and, per stream, that the key of the stream's first new version is absent and the key
+of the version before it exists. On success it writes the head and every event key (positions
+are therefore gap-free and assigned in the same atomic write). On failure the same round trip
+reads the head and each stream's last version, so a stale stream version
+(:class:`CompareFailed`, nothing written) is told from a race on the head (retry, bounded).
+Concurrent appends of one process share that transaction (group commit, :mod:`._append`).
 
 Unknown outcomes: when a transaction times out, the client cannot know whether it committed. It
 raises :class:`MetadataUnavailable` and remembers the batch id; an identical retry that then
@@ -22,7 +23,6 @@ their positions instead of :class:`CompareFailed`.
 
 from __future__ import annotations
 
-import random
 import threading
 import time
 import uuid
@@ -33,41 +33,16 @@ from urllib.parse import quote
 import grpc
 from etcd3 import etcdrpc
 
-from torus_core.errors import Again, CompareFailed, InvalidArgument, MetadataUnavailable
+from torus_core.errors import CompareFailed, InvalidArgument, MetadataUnavailable
 from torus_core.eventlog import EventLog, NewEvent, StoredEvent
-from torus_etcd._codec import decode_event, encode_event
+from torus_etcd._append import AppendRequest, appender_for, num, prefix_end
+from torus_etcd._codec import decode_event
 from torus_etcd._transport import EtcdTransport, translate
-
-#: How many head races one append may lose before giving up with :class:`Again`.
-MAX_HEAD_RETRIES = 200
-
-#: One lock per (endpoints, prefix) in this process: threads of one process queue for the
-#: global head instead of racing each other with failed transactions (processes still race).
-_APPEND_LOCKS: dict[tuple[tuple[str, ...], bytes], threading.Lock] = {}
-_APPEND_LOCKS_GUARD = threading.Lock()
-
-
-def _append_lock(endpoints: list[str], prefix: bytes) -> threading.Lock:
-    key = (tuple(sorted(endpoints)), prefix)
-    with _APPEND_LOCKS_GUARD:
-        return _APPEND_LOCKS.setdefault(key, threading.Lock())
-
 
 _SNAP = ">Q"
 
-
-def prefix_end(prefix: bytes) -> bytes:
-    """The etcd ``range_end`` that selects every key starting with ``prefix``."""
-    b = bytearray(prefix)
-    for i in range(len(b) - 1, -1, -1):
-        if b[i] < 0xFF:
-            b[i] += 1
-            return bytes(b[: i + 1])
-    return b"\0"
-
-
-def _num(n: int) -> bytes:
-    return b"%020d" % n
+#: Kept for importers of the old names.
+_num = num
 
 
 def check_batch(events: Sequence[NewEvent]) -> dict[str, tuple[int, int]]:
@@ -114,164 +89,46 @@ class EtcdEventLog(EventLog):
     def __init__(self, transport: EtcdTransport, prefix: bytes) -> None:
         self._t = transport
         self._p = prefix
-        self._head_key = prefix + b"log/head"
-        self._event_prefix = prefix + b"log/e/"
-        self._stream_root = prefix + b"log/s/"
+        self._appender = appender_for(transport, prefix)
+        self._head_key = self._appender.head_key
+        self._event_prefix = self._appender.event_prefix
         self._snap_prefix = prefix + b"snap/"
-        self._cache_lock = threading.Lock()
-        self._head: tuple[int, int] = (0, 0)  # (position, mod_revision) last seen
         self._uncertain: tuple[tuple[NewEvent, ...], bytes] | None = None
-        self._append_lock = _append_lock(transport.config.endpoints, prefix)
 
     # --- keys ---------------------------------------------------------------------------
 
     def _stream_prefix(self, stream_id: str) -> bytes:
-        return self._stream_root + quote(stream_id, safe="").encode() + b"/"
-
-    def _stream_key(self, stream_id: str, version: int) -> bytes:
-        return self._stream_prefix(stream_id) + _num(version)
+        return self._appender.stream_prefix(stream_id)
 
     def reset_cache(self) -> None:
         """Forget the cached head (after a wipe)."""
-        with self._cache_lock:
-            self._head = (0, 0)
+        self._appender.reset_cache()
 
     # --- append -------------------------------------------------------------------------
 
     def append(self, events: Sequence[NewEvent]) -> list[int]:
-        """Atomically append ``events`` in one etcd transaction; return their positions."""
+        """Atomically append ``events``; return their positions.
+
+        Concurrent appends of this process are group-committed (see :mod:`torus_etcd._append`):
+        one etcd transaction carries several callers' batches, each still atomic, contiguous
+        and accepted or rejected on its own.
+        """
         events = tuple(events)
         if not events:
             return []
         streams = check_batch(events)
-        # Queue behind appends of other threads of this process (bounded: after one call
-        # timeout, go ahead and race; correctness never depends on the lock).
-        locked = self._append_lock.acquire(timeout=self._t.config.timeout)
+        uncertain = self._uncertain
+        retry = uncertain is not None and uncertain[0] == events
+        batch_id = uncertain[1] if retry and uncertain is not None else uuid.uuid4().bytes
+        request = AppendRequest(self._t, events, streams, batch_id, retry)
         try:
-            return self._append(events, streams)
-        finally:
-            if locked:
-                self._append_lock.release()
-
-    def _append(self, events: tuple[NewEvent, ...], streams: dict[str, tuple[int, int]]) -> list[int]:
-        batch_id = uuid.uuid4().bytes
-        if self._uncertain is not None and self._uncertain[0] == events:
-            batch_id = self._uncertain[1]
-        with self._cache_lock:
-            head, rev = self._head
-        for attempt in range(MAX_HEAD_RETRIES):
-            now = time.time()
-            cmp = [
-                etcdrpc.Compare(
-                    result=etcdrpc.Compare.EQUAL,
-                    target=etcdrpc.Compare.MOD,
-                    key=self._head_key,
-                    mod_revision=rev,
-                )
-            ]
-            failure = [etcdrpc.RequestOp(request_range=etcdrpc.RangeRequest(key=self._head_key))]
-            for sid, (first, _last) in streams.items():
-                cmp.append(
-                    etcdrpc.Compare(
-                        result=etcdrpc.Compare.EQUAL,
-                        target=etcdrpc.Compare.CREATE,
-                        key=self._stream_key(sid, first),
-                        create_revision=0,
-                    )
-                )
-                if first > 1:
-                    cmp.append(
-                        etcdrpc.Compare(
-                            result=etcdrpc.Compare.GREATER,
-                            target=etcdrpc.Compare.CREATE,
-                            key=self._stream_key(sid, first - 1),
-                            create_revision=0,
-                        )
-                    )
-                sp = self._stream_prefix(sid)
-                failure.append(
-                    etcdrpc.RequestOp(
-                        request_range=etcdrpc.RangeRequest(
-                            key=sp,
-                            range_end=prefix_end(sp),
-                            limit=1,
-                            keys_only=True,
-                            sort_order=etcdrpc.RangeRequest.DESCEND,
-                            sort_target=etcdrpc.RangeRequest.KEY,
-                        )
-                    )
-                )
-            success = [
-                etcdrpc.RequestOp(
-                    request_put=etcdrpc.PutRequest(key=self._head_key, value=str(head + len(events)).encode())
-                )
-            ]
-            for i, ev in enumerate(events):
-                data = encode_event(ev, head + 1 + i, now, batch_id)
-                success.append(
-                    etcdrpc.RequestOp(
-                        request_put=etcdrpc.PutRequest(
-                            key=self._event_prefix + _num(head + 1 + i), value=data
-                        )
-                    )
-                )
-                success.append(
-                    etcdrpc.RequestOp(
-                        request_put=etcdrpc.PutRequest(
-                            key=self._stream_key(ev.stream_id, ev.version), value=data
-                        )
-                    )
-                )
-            req = etcdrpc.TxnRequest(compare=cmp, success=success, failure=failure)
-            try:
-                resp = self._t.call("KV", "Txn", req)
-            except MetadataUnavailable:
-                self._uncertain = (events, batch_id)
-                raise
-            if resp.succeeded:
-                with self._cache_lock:
-                    if resp.header.revision > self._head[1]:
-                        self._head = (head + len(events), resp.header.revision)
-                if self._uncertain is not None and self._uncertain[0] == events:
-                    self._uncertain = None
-                return list(range(head + 1, head + 1 + len(events)))
-            # Failed: learn the head and each stream's version from the same round trip.
-            kvs = resp.responses[0].response_range.kvs
-            head, rev = (int(kvs[0].value), kvs[0].mod_revision) if kvs else (0, 0)
-            with self._cache_lock:
-                if rev >= self._head[1]:
-                    self._head = (head, rev)
-            for j, (sid, (first, _last)) in enumerate(streams.items()):
-                skvs = resp.responses[j + 1].response_range.kvs
-                current = int(skvs[0].key.rsplit(b"/", 1)[1]) if skvs else 0
-                if current != first - 1:
-                    done = self._committed_earlier(events, batch_id)
-                    if done is not None:
-                        return done
-                    raise CompareFailed(
-                        f"stream {sid!r} is at version {current}; append expected {first - 1}",
-                        stream_id=sid,
-                        version=first,
-                    )
-            if attempt > 3:
-                time.sleep(random.uniform(0, 0.001 * min(attempt, 20)))
-        raise Again(f"append lost {MAX_HEAD_RETRIES} races for the global head; retry")
-
-    def _committed_earlier(self, events: tuple[NewEvent, ...], batch_id: bytes) -> list[int] | None:
-        """If an earlier attempt of this very batch (timed out) did commit, return its positions."""
-        if self._uncertain is None or self._uncertain != (events, batch_id):
-            return None
-        first = events[0]
-        resp = self._t.call(
-            "KV", "Range", etcdrpc.RangeRequest(key=self._stream_key(first.stream_id, first.version))
-        )
-        if not resp.kvs:
-            return None
-        stored, stored_batch = decode_event(resp.kvs[0].value)
-        if stored_batch != batch_id:
-            return None
-        self._uncertain = None
-        return list(range(stored.position, stored.position + len(events)))
+            positions = self._appender.append(request)
+        except MetadataUnavailable:
+            self._uncertain = (events, batch_id)
+            raise
+        if retry:
+            self._uncertain = None
+        return positions
 
     # --- reads --------------------------------------------------------------------------
 
