@@ -144,6 +144,7 @@ def test_nbdcopy_keeps_a_sparse_image_sparse(uri, tmp_path, store, md, provider)
         f.seek(5 * MiB)
         f.write(os.urandom(MiB))
     run("nbdcopy", str(src), uri)
+    wait_until(released(md, provider), what="the volume to be released")
     assert data_blocks(store) == MiB // BS
     mapping = json.loads(run("nbdinfo", "--map", "--json", uri).stdout)
     runs = [(m["offset"], m["length"], m["type"]) for m in mapping]

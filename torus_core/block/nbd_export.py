@@ -23,12 +23,13 @@ from __future__ import annotations
 import contextlib
 import logging
 import threading
+import time
 from dataclasses import dataclass
 
 from torus_core.block.snapshots import open_snapshot, parse_target
 from torus_core.block.volume import DEFAULT_LEASE_TTL, BlockVolume
 from torus_core.blockstore import BlockStore
-from torus_core.errors import Closed, TorusError
+from torus_core.errors import Closed, Locked, TorusError
 from torus_core.file import DEFAULT_CACHE_BYTES
 from torus_core.metadata import MetadataService
 from torus_core.nbd.constants import STATE_HOLE, STATE_ZERO
@@ -42,6 +43,8 @@ log = logging.getLogger(__name__)
 #: clients (fio, qemu, the kernel) from padding 4 KiB I/O up to the cluster block size.
 PREFERRED_BLOCK = 4096
 MAX_BLOCK = 32 * 1024 * 1024
+#: Seconds a new connection waits for the previous last connection's close (sync + unlock).
+CLOSE_WAIT = 60.0
 
 
 @dataclass
@@ -129,6 +132,8 @@ class VolumeExportProvider(ExportProvider):
         self.cache_bytes = cache_bytes
         self.layer_registry = layer_registry
         self._open: dict[str, _Shared] = {}
+        #: names whose last connection is still closing (sync + unlock); new opens wait for it
+        self._closing: dict[str, threading.Event] = {}
         self._lock = threading.Lock()
         self._closed = False
 
@@ -160,6 +165,14 @@ class VolumeExportProvider(ExportProvider):
     def open_export(self, name: str) -> VolumeExport:
         """Open (or share) a volume; a snapshot opens read-only. Locked if held elsewhere."""
         vol, snap = parse_target(name)
+        deadline = time.monotonic() + CLOSE_WAIT
+        while True:
+            with self._lock:
+                closing = self._closing.get(name)
+            if closing is None:
+                break
+            if not closing.wait(max(0.0, deadline - time.monotonic())):
+                raise Locked(f"volume {vol!r} is still being closed by a previous connection")
         with self._lock:
             if self._closed:
                 raise Closed("the export provider is closed")
@@ -192,7 +205,14 @@ class VolumeExportProvider(ExportProvider):
             if shared.refs > 0:
                 return
             del self._open[export.name]
-        shared.volume.close()
+            done = self._closing[export.name] = threading.Event()
+        try:
+            shared.volume.close()
+        finally:
+            with self._lock:
+                if self._closing.get(export.name) is done:
+                    del self._closing[export.name]
+            done.set()
 
     def open_names(self) -> dict[str, int]:
         """Opened export names and their connection counts."""
