@@ -7,39 +7,72 @@ single Redis (or a primary with replicas), not Redis Cluster.
 
 from __future__ import annotations
 
-#: KEYS: head, log, notify, cluster-id, stream keys...
-#: ARGV: expected cluster id ('' = unknown), new cluster id, min head, expected stream lengths...,
-#:       then (stream index, body) pairs in batch order.
-#: Returns {1, first position, cluster id} | {0, stream index, current length}
-#:       | {-1, server cluster id or ''} | {-2, server head}.
-APPEND = r"""
-local S = #KEYS - 4
+#: Appends a group of batches (group commit), each checked and applied on its own, in order.
+#: KEYS: head, log, notify, cluster-id, stream keys... (each stream once per call)
+#: ARGV: new cluster id, number of batches, then per batch:
+#:       expected cluster id ('' = unknown), min head, number of streams S,
+#:       S pairs (stream key index, expected length), number of events E,
+#:       E pairs (stream key index, body) in batch order.
+#: Returns a flat array: per batch {1, first position, 0} | {0, stream number in the batch,
+#:       current length} | {-1, server cluster id or '', 0} | {-2, server head, 0}; then the
+#:       server's cluster id ('' if none). A refused batch writes nothing; later batches see the
+#:       effects of earlier ones (so two batches of one stream in one call are checked in order).
+APPEND_GROUP = r"""
 local cid = redis.call('GET', KEYS[4])
-if ARGV[1] ~= '' and cid ~= ARGV[1] then
-  if cid then return {-1, cid} else return {-1, ''} end
-end
 local head = tonumber(redis.call('GET', KEYS[1]) or '0')
-if head < tonumber(ARGV[3]) then return {-2, tostring(head)} end
-for i = 1, S do
-  local n = redis.call('LLEN', KEYS[4 + i])
-  if n ~= tonumber(ARGV[3 + i]) then return {0, i, n} end
+local out = {}
+local a = 3
+local committed = false
+for b = 1, tonumber(ARGV[2]) do
+  local exp_cid = ARGV[a]
+  local min_head = tonumber(ARGV[a + 1])
+  local ns = tonumber(ARGV[a + 2])
+  a = a + 3
+  local status, x, y = 1, 0, 0
+  if exp_cid ~= '' and cid ~= exp_cid then
+    status = -1
+    x = cid or ''
+  elseif head < min_head then
+    status = -2
+    x = string.format('%d', head)
+  else
+    for i = 1, ns do
+      local n = redis.call('LLEN', KEYS[4 + tonumber(ARGV[a + 2 * i - 2])])
+      if n ~= tonumber(ARGV[a + 2 * i - 1]) then
+        status, x, y = 0, i, n
+        break
+      end
+    end
+  end
+  a = a + 2 * ns
+  local ne = tonumber(ARGV[a])
+  a = a + 1
+  if status == 1 then
+    if not cid then
+      cid = ARGV[1]
+      redis.call('SET', KEYS[4], cid)
+    end
+    x = head + 1
+    for j = a, a + 2 * ne - 2, 2 do
+      head = head + 1
+      local rec = string.format('%d', head) .. '|' .. ARGV[j + 1]
+      redis.call('RPUSH', KEYS[2], rec)
+      redis.call('RPUSH', KEYS[4 + tonumber(ARGV[j])], rec)
+    end
+    committed = true
+  end
+  a = a + 2 * ne
+  out[#out + 1] = status
+  out[#out + 1] = x
+  out[#out + 1] = y
 end
-if not cid then
-  cid = ARGV[2]
-  redis.call('SET', KEYS[4], cid)
+if committed then
+  local spos = string.format('%d', head)
+  redis.call('SET', KEYS[1], spos)
+  redis.call('XADD', KEYS[3], 'MAXLEN', '~', '128', spos .. '-1', 'h', spos)
 end
-local first = head + 1
-local pos = head
-for j = 4 + S, #ARGV, 2 do
-  pos = pos + 1
-  local rec = string.format('%d', pos) .. '|' .. ARGV[j + 1]
-  redis.call('RPUSH', KEYS[2], rec)
-  redis.call('RPUSH', KEYS[4 + tonumber(ARGV[j])], rec)
-end
-local spos = string.format('%d', pos)
-redis.call('SET', KEYS[1], spos)
-redis.call('XADD', KEYS[3], 'MAXLEN', '~', '128', spos .. '-1', 'h', spos)
-return {1, first, cid}
+out[#out + 1] = cid or ''
+return out
 """
 
 #: KEYS: kv key, lease key, lease key-set. ARGV: lease id ('0' = none), value, nx ('1'/'0').

@@ -1,4 +1,4 @@
-"""The event log on Redis: one Lua script call per appended batch.
+"""The event log on Redis: one Lua script call per appended batch (or group of concurrent batches).
 
 Keys under the prefix ``P`` (default ``torus:``)::
 
@@ -10,10 +10,11 @@ Keys under the prefix ``P`` (default ``torus:``)::
     P snap:<name>     u64 position + snapshot state
 
 The append script checks every stream's length (= version) and the cluster identity, then
-pushes all events and advances the head, all-or-nothing. ``wait_for_events`` blocks on
-``XREAD BLOCK`` of the notify stream from ID ``<after>-1`` — no window between the read and the
-wait, no polling. Blocking reads are cut into chunks shorter than the socket timeout, so an
-outage is still noticed within bounded time.
+pushes all events and advances the head, all-or-nothing per batch. Concurrent appends of one
+process share one script call (group commit, :mod:`._append`), each batch checked on its own.
+``wait_for_events`` blocks on ``XREAD BLOCK`` of the notify stream from ID ``<after>-1`` — no
+window between the read and the wait, no polling. Blocking reads are cut into chunks shorter
+than the socket timeout, so an outage is still noticed within bounded time.
 
 Unknown outcomes: if the script call times out, the batch id is remembered; an identical retry
 that fails its version check reads the stream back and, if the events there carry that batch
@@ -25,13 +26,13 @@ from __future__ import annotations
 import time
 import uuid
 from collections.abc import Sequence
-from typing import Any
 
-from torus_core.errors import CompareFailed, InvalidArgument, MetadataError, MetadataUnavailable
+from torus_core.errors import CompareFailed, InvalidArgument, MetadataUnavailable
 from torus_core.eventlog import EventLog, NewEvent, StoredEvent
 from torus_redis import _scripts
+from torus_redis._append import AppendRequest, appender_for
 from torus_redis._client import RedisClient
-from torus_redis._codec import decode_entry, encode_body
+from torus_redis._codec import decode_entry
 
 
 def check_batch(events: Sequence[NewEvent]) -> dict[str, tuple[int, int]]:
@@ -69,7 +70,8 @@ class RedisEventLog(EventLog):
         self._p = p
         self._log_key = f"{p}log"
         self._notify_key = f"{p}notify"
-        self._append = client.redis.register_script(_scripts.APPEND)
+        self._appender = appender_for(client)
+        self._script = client.redis.register_script(_scripts.APPEND_GROUP)
         self._uncertain: tuple[tuple[NewEvent, ...], bytes] | None = None
 
     def _stream_key(self, stream_id: str) -> str:
@@ -78,65 +80,30 @@ class RedisEventLog(EventLog):
     # --- append -------------------------------------------------------------------------
 
     def append(self, events: Sequence[NewEvent]) -> list[int]:
-        """Atomically append ``events`` with one EVALSHA; return their positions."""
+        """Atomically append ``events``; return their positions.
+
+        Concurrent appends of this process are group-committed (see :mod:`torus_redis._append`):
+        one script call carries several callers' batches, each still atomic, contiguous and
+        accepted or refused on its own.
+        """
         events = tuple(events)
         if not events:
             return []
         streams = check_batch(events)
-        batch_id = uuid.uuid4().bytes
-        if self._uncertain is not None and self._uncertain[0] == events:
-            batch_id = self._uncertain[1]
-        index = {sid: i + 1 for i, sid in enumerate(streams)}
-        keys = [self._c.head_key, self._log_key, self._notify_key, self._c.cluster_key]
-        keys += [self._stream_key(sid) for sid in streams]
-        now = time.time()
-        baseline = self._c.seen_head
-        args: list[Any] = [self._c.known_cluster_id or "", uuid.uuid4().hex, baseline]
-        args += [first - 1 for first, _ in streams.values()]
-        for ev in events:
-            args += [index[ev.stream_id], encode_body(ev, now, batch_id)]
+        uncertain = self._uncertain
+        retry = uncertain is not None and uncertain[0] == events
+        batch_id = uncertain[1] if retry and uncertain is not None else uuid.uuid4().bytes
+        request = AppendRequest(
+            self._c, self._script, events, streams, batch_id, retry, baseline=self._c.seen_head
+        )
         try:
-            res = self._c.call(lambda: self._append(keys=keys, args=args))
+            positions = self._appender.append(request)
         except MetadataUnavailable:
             self._uncertain = (events, batch_id)
             raise
-        code = int(res[0])
-        if code == 1:
-            first_pos = int(res[1])
-            self._c.observe(res[2].decode(), first_pos + len(events) - 1, baseline)
-            if self._uncertain is not None and self._uncertain[0] == events:
-                self._uncertain = None
-            return list(range(first_pos, first_pos + len(events)))
-        if code == 0:
-            sid = list(streams)[int(res[1]) - 1]
-            done = self._committed_earlier(events, batch_id)
-            if done is not None:
-                return done
-            raise CompareFailed(
-                f"stream {sid!r} is at version {int(res[2])}; append expected {streams[sid][0] - 1}",
-                stream_id=sid,
-                version=streams[sid][0],
-            )
-        if code == -1:
-            self._c.observe(res[1].decode() or None, baseline, baseline)
-        elif code == -2:
-            self._c.observe(self._c.known_cluster_id, int(res[1]), baseline)
-        raise MetadataError(f"unexpected reply from the append script: {res!r}")
-
-    def _committed_earlier(self, events: tuple[NewEvent, ...], batch_id: bytes) -> list[int] | None:
-        if self._uncertain is None or self._uncertain != (events, batch_id):
-            return None
-        first = events[0]
-        entry = self._c.call(
-            lambda: self._c.redis.lindex(self._stream_key(first.stream_id), first.version - 1)
-        )
-        if entry is None:
-            return None
-        stored, stored_batch = decode_entry(entry)
-        if stored_batch != batch_id:
-            return None
-        self._uncertain = None
-        return list(range(stored.position, stored.position + len(events)))
+        if retry:
+            self._uncertain = None
+        return positions
 
     # --- reads --------------------------------------------------------------------------
 
