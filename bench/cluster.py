@@ -1,0 +1,249 @@
+#!/usr/bin/env python3
+"""Benchmark a torus cluster on loopback against single-node torus and ``nbdkit file``, in one run.
+
+    .venv/bin/python bench/cluster.py [--quick] [--size 128MiB] [--runtime 5] [--block-size 64KiB]
+
+Configurations (each on a fresh etcd): ``nbdkit file`` (reference), single-node torus (one
+``torusd`` peer, R=1), then three ``torusd`` peers with R = 1, 2, 3. Workloads through the first
+peer's NBD export: nbdcopy sequential write and read, fio (nbd engine) 4 KiB random write/read at
+iodepth 32, and flushed 4 KiB random writes (``--fsync=1``, QD1). Printed as figures plus ratios
+to single-node torus and to nbdkit. Then, for R=2: a peer is SIGKILLed and removed with
+``peer remove --force``; the time until every surviving peer reports a complete rebalance pass
+with nothing under-replicated gives the re-replication rate (MB/s of the dead peer's data).
+Peak RSS of all torus processes together is reported per configuration. The Ceph RBD figures
+are a constant reference column (from the task brief), not measured here.
+
+All processes are started and stopped by PID; every wait is bounded.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from torus_core.cluster.peerinfo import parse_peers  # noqa: E402
+from torus_core.cluster.procs import TorusdProcess, peak_rss_kib, torusctl, wait_for  # noqa: E402
+from torus_core.metadata import MetadataService  # noqa: E402
+from torus_core.plugins import make_plugin_manager  # noqa: E402
+from torus_core.testing.services import etcd_service, free_port  # noqa: E402
+from torus_core.units import parse_size  # noqa: E402
+
+CEPH = {
+    "seq write MB/s": "453 MiB/s",
+    "seq read MB/s": "1.1 GiB/s",
+    "4k randwrite QD32 IOPS": "2.1k",
+    "4k randread QD32 IOPS": "14k",
+    "4k randwrite fsync QD1 IOPS": "-",
+}
+FAST = ("--heartbeat-interval", "0.5", "--rebalance-interval", "0.2", "--rebalance-settle", "1")
+
+Run = Callable[[str], float]
+
+
+def nbdcopy_write(src: Path, size: int) -> Run:
+    """MB/s of ``nbdcopy --flush SRC URI``."""
+
+    def run(uri: str) -> float:
+        t0 = time.perf_counter()
+        subprocess.run(["nbdcopy", "--flush", str(src), uri], check=True, timeout=900)
+        return size / (time.perf_counter() - t0) / 1e6
+
+    return run
+
+
+def nbdcopy_read(size: int) -> Run:
+    """MB/s of ``nbdcopy --no-extents URI null:``."""
+
+    def run(uri: str) -> float:
+        t0 = time.perf_counter()
+        subprocess.run(["nbdcopy", "--no-extents", uri, "null:"], check=True, timeout=900)
+        return size / (time.perf_counter() - t0) / 1e6
+
+    return run
+
+
+def fio(rw: str, depth: int, runtime: float, size: int, fsync: bool = False) -> Run:
+    """IOPS of one 4 KiB fio job with the nbd engine."""
+
+    def run(uri: str) -> float:
+        cmd = [
+            "fio", "--name=j", "--ioengine=nbd", f"--uri={uri}", f"--rw={rw}", "--bs=4k",
+            f"--iodepth={depth}", f"--size={size}", "--time_based", f"--runtime={runtime}",
+            "--output-format=json",
+        ]  # fmt: skip
+        if fsync:
+            cmd.append("--fsync=1")
+        out = subprocess.run(cmd, check=True, capture_output=True, text=True, timeout=runtime + 300).stdout
+        job = json.loads(out[out.index("{") :])["jobs"][0]
+        return float((job["read"] if "read" in rw else job["write"])["iops"])
+
+    return run
+
+
+def workloads(src: Path, size: int, runtime: float) -> list[tuple[str, Run]]:
+    """The measured workloads, in order (writes first so reads hit real data)."""
+    return [
+        ("seq write MB/s", nbdcopy_write(src, size)),
+        ("seq read MB/s", nbdcopy_read(size)),
+        ("4k randwrite QD32 IOPS", fio("randwrite", 32, runtime, size)),
+        ("4k randread QD32 IOPS", fio("randread", 32, runtime, size)),
+        ("4k randwrite fsync QD1 IOPS", fio("randwrite", 1, runtime, size, fsync=True)),
+    ]
+
+
+def measure_nbdkit(work: list[tuple[str, Run]], size: int, tmp: Path) -> dict[str, float]:
+    """Figures of ``nbdkit file`` on a sparse file."""
+    img = tmp / "nbdkit.img"
+    with img.open("wb") as f:
+        f.truncate(size)
+    port = free_port()
+    proc = subprocess.Popen(
+        ["nbdkit", "-f", "-i", "127.0.0.1", "-p", str(port), "file", str(img)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    try:
+        uri = f"nbd://127.0.0.1:{port}/"
+        ok = wait_for(
+            lambda: (
+                subprocess.run(["nbdinfo", "--size", uri], capture_output=True, timeout=10).returncode == 0
+            ),
+            20.0,
+        )
+        if not ok:
+            raise RuntimeError("nbdkit did not start")
+        return {name: run(uri) for name, run in work}
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(10)
+
+
+def measure_torus(
+    work: list[tuple[str, Run]], size: int, tmp: Path, peers: int, replication: int, block_size: str,
+    recovery: bool = False,
+) -> tuple[dict[str, float], float, float | None]:  # fmt: skip
+    """Figures of a torus cluster, its peak RSS (MiB, all peers) and (optionally) recovery MB/s."""
+    root = tmp / f"torus-{peers}-r{replication}"
+    with etcd_service() as etcd:
+        url = etcd.url
+        torusctl(url, "init", "--block-size", block_size, "--replication", str(replication))
+        procs: list[TorusdProcess] = []
+        backend = make_plugin_manager().collect_registries().metadata.get("etcd").from_url(url)
+        md = MetadataService(backend)
+        try:
+            store_size = str(max(8 * size * replication // peers, 256 << 20))
+            for i in range(peers):
+                p = TorusdProcess(url, root / f"p{i}", size=store_size, extra=(*FAST, "--gc-grace", "2"))
+                procs.append(p.start())
+            torusctl(url, "volume", "create-block", "bench", str(size))
+            uri = f"{procs[0].nbd_uri}/bench"
+            figures = {name: run(uri) for name, run in work}
+            rss = sum(peak_rss_kib(p.pid) for p in procs if p.pid) / 1024
+            rate = _recovery(md, url, procs, parse_size(block_size)) if recovery else None
+            return figures, rss, rate
+        finally:
+            for p in procs:
+                p.stop()
+            backend.close()
+            shutil.rmtree(root, ignore_errors=True)
+
+
+def _recovery(md: MetadataService, url: str, procs: list[TorusdProcess], block_size: int) -> float:
+    """SIGKILL the last peer, force-remove it, and time re-replication; MB/s of its data."""
+    victim = procs[-1]
+    infos = parse_peers(md.list_peers())
+    lost_bytes = infos[victim.uuid].used_blocks * block_size
+    victim.kill()
+    wait_for(lambda: "DOWN" in torusctl(url, "peer", "list"), 20.0)
+    t0 = time.time()
+    torusctl(url, "peer", "remove", "--force", victim.uuid)
+    version = md.get_ring().version
+
+    def done() -> bool:
+        now = parse_peers(md.list_peers())
+        for p in procs[:-1]:
+            r = now[p.uuid].rebalance
+            if r.ring_version != version or r.last_finish <= t0 or r.under_replicated or r.unconfirmed:
+                return False
+        return True
+
+    if not wait_for(done, 600.0, 0.1):
+        raise RuntimeError("re-replication did not finish within 600 s")
+    elapsed = time.time() - t0
+    print(f"  re-replication: {lost_bytes / 2**20:.1f} MiB of the dead peer's data in {elapsed:.1f} s")
+    return lost_bytes / elapsed / 1e6
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run every configuration and print the table."""
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--quick", action="store_true", help="64 MiB volume, 2 s fio runs")
+    ap.add_argument("--size", default=None, help="volume size (default 128MiB, 64MiB with --quick)")
+    ap.add_argument("--runtime", type=float, default=None, help="seconds per fio run (5, 2 with --quick)")
+    ap.add_argument("--block-size", default="64KiB", help="torus block size")
+    args = ap.parse_args(argv)
+    size = parse_size(args.size or ("64MiB" if args.quick else "128MiB"))
+    runtime = args.runtime or (2.0 if args.quick else 5.0)
+    tmp = Path(tempfile.mkdtemp(prefix="torus-bench-cluster-"))
+    try:
+        src = tmp / "src.bin"
+        with src.open("wb") as f:
+            f.write(os.urandom(size))
+        work = workloads(src, size, runtime)
+        print(
+            f"volume {size >> 20} MiB, block size {args.block_size}, fio runtime {runtime:g}s; 2 cores shared"
+        )
+        columns: dict[str, dict[str, float]] = {}
+        rss: dict[str, float] = {}
+        print("measuring nbdkit file ...")
+        columns["nbdkit"] = measure_nbdkit(work, size, tmp)
+        recovery = None
+        for label, peers, rep in (("single", 1, 1), ("3p R1", 3, 1), ("3p R2", 3, 2), ("3p R3", 3, 3)):
+            print(f"measuring torus {label} ...")
+            figures, peak, rate = measure_torus(
+                work, size, tmp, peers, rep, args.block_size, recovery=(rep == 2 and peers == 3)
+            )
+            columns[label], rss[label] = figures, peak
+            if rate is not None:
+                recovery = rate
+        labels = list(columns)
+        print()
+        head = f"{'workload':<28}" + "".join(f"{lab:>10}" for lab in labels)
+        head += "".join(f"{lab + '/1n':>10}" for lab in labels[2:]) + "".join(
+            f"{lab + '/kit':>10}" for lab in labels[1:]
+        )
+        print(head + f"{'Ceph RBD':>12}")
+        for name, _ in work:
+            row = f"{name:<28}" + "".join(f"{columns[lab][name]:>10.1f}" for lab in labels)
+            single = columns["single"][name] or float("nan")
+            kit = columns["nbdkit"][name] or float("nan")
+            row += "".join(f"{columns[lab][name] / single:>10.2f}" for lab in labels[2:])
+            row += "".join(f"{columns[lab][name] / kit:>10.2f}" for lab in labels[1:])
+            print(row + f"{CEPH[name]:>12}")
+        print()
+        print("peak RSS of all torusd processes (MiB): " + ", ".join(f"{k} {v:.0f}" for k, v in rss.items()))
+        if recovery is not None:
+            print(f"re-replication after a peer removal (R=2): {recovery:.1f} MB/s   (Ceph RBD: 10-20 MiB/s)")
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
