@@ -51,6 +51,11 @@ class Database:
         finally:
             cur.close()
 
+    @property
+    def closed(self) -> bool:
+        """Whether :meth:`close` was called."""
+        return self._closed
+
     def _check_open(self) -> None:
         if self._closed:
             raise Closed(f"sqlite metadata backend {self.path!r} is closed")
@@ -84,6 +89,37 @@ class Database:
         """Context manager: a ``BEGIN IMMEDIATE`` transaction (holds the write lock)."""
         return self._tx("BEGIN IMMEDIATE")
 
+    @contextmanager
+    def raw_write(self) -> Iterator[sqlite3.Connection]:
+        """A ``BEGIN IMMEDIATE`` transaction on the DB-API connection itself (hot paths).
+
+        Skips SQLAlchemy's statement layer; errors are translated like :meth:`write`'s
+        (a constraint violation is :class:`CompareFailed`, anything else
+        :class:`MetadataUnavailable`), and an exception rolls the transaction back.
+        """
+        self._check_open()
+        with self._translate():
+            fairy = self.engine.raw_connection()
+            try:
+                conn = fairy.driver_connection
+                assert isinstance(conn, sqlite3.Connection)
+                try:
+                    conn.execute("BEGIN IMMEDIATE")
+                    try:
+                        yield conn
+                    except BaseException:
+                        _raw_rollback(conn)
+                        raise
+                    conn.execute("COMMIT")
+                except sqlite3.IntegrityError as exc:
+                    _raw_rollback(conn)
+                    raise CompareFailed(f"append conflicts with a stored event: {exc}") from exc
+                except sqlite3.Error:
+                    _raw_rollback(conn)
+                    raise
+            finally:
+                fairy.close()
+
     def read(self) -> Any:
         """Context manager: a deferred read transaction (one consistent snapshot)."""
         return self._tx("BEGIN")
@@ -101,6 +137,14 @@ class Database:
             if not self._closed:
                 self._closed = True
                 self.engine.dispose()
+
+
+def _raw_rollback(conn: sqlite3.Connection) -> None:
+    if conn.in_transaction:
+        try:
+            conn.execute("ROLLBACK")
+        except sqlite3.Error:
+            pass  # the connection is gone: SQLite rolls back on its own
 
 
 def _rollback(conn: Connection) -> None:

@@ -1,4 +1,7 @@
-"""The event log on SQLite: one ``events`` table, positions assigned ``max + 1`` under the write lock."""
+"""The event log on SQLite: one ``events`` table, positions assigned ``max + 1`` under the write lock.
+
+Appends of one process are group-committed (:mod:`torus_sqlite._append`).
+"""
 
 from __future__ import annotations
 
@@ -9,6 +12,7 @@ from sqlalchemy import Row, delete, func, insert, select
 
 from torus_core.errors import CompareFailed, InvalidArgument
 from torus_core.eventlog import EventLog, NewEvent, StoredEvent
+from torus_sqlite._append import AppendRequest, appender_for
 from torus_sqlite.backend import DEFAULT_POLL_INTERVAL
 from torus_sqlite.db import Database
 from torus_sqlite.schema import events, snapshots
@@ -50,48 +54,30 @@ class SQLiteEventLog(EventLog):
     def __init__(self, db: Database, *, poll_interval: float = DEFAULT_POLL_INTERVAL) -> None:
         self._db = db
         self.poll_interval = poll_interval
+        self._appender = appender_for(db.path)
 
     def append(self, events_: Sequence[NewEvent]) -> list[int]:
-        """Atomically append a batch (see the ABC); CompareFailed writes nothing."""
+        """Atomically append a batch (see the ABC); CompareFailed writes nothing.
+
+        Concurrent appends of this process are group-committed (see :mod:`torus_sqlite._append`):
+        one transaction carries several callers' batches, each still atomic, contiguous and
+        accepted or refused on its own.
+        """
         batch = list(events_)
         if not batch:
             return []
         _validate(batch)
-        with self._db.write() as conn:
-            current: dict[str, int] = {}
-            for e in batch:
-                if e.stream_id not in current:
-                    current[e.stream_id] = conn.execute(
-                        select(func.coalesce(func.max(events.c.version), 0)).where(
-                            events.c.stream_id == e.stream_id
-                        )
-                    ).scalar_one()
-                if e.version != current[e.stream_id] + 1:
-                    raise CompareFailed(
-                        f"stream {e.stream_id!r} is at version {current[e.stream_id]}, "
-                        f"cannot append version {e.version}",
-                        stream_id=e.stream_id,
-                        version=e.version,
-                    )
-                current[e.stream_id] = e.version
-            head = conn.execute(select(func.coalesce(func.max(events.c.position), 0))).scalar_one()
-            now = time.time()
-            positions = list(range(head + 1, head + 1 + len(batch)))
-            conn.execute(
-                insert(events),
-                [
-                    {
-                        "position": p,
-                        "stream_id": e.stream_id,
-                        "version": e.version,
-                        "topic": e.topic,
-                        "state": bytes(e.state),
-                        "timestamp": now,
-                    }
-                    for p, e in zip(positions, batch, strict=True)
-                ],
-            )
-        return positions
+        streams: dict[str, tuple[int, int]] = {}
+        for e in batch:
+            seen = streams.get(e.stream_id)
+            if seen is not None and e.version != seen[1] + 1:
+                raise CompareFailed(
+                    f"stream {e.stream_id!r}: version {e.version} does not follow {seen[1]} in the batch",
+                    stream_id=e.stream_id,
+                    version=e.version,
+                )
+            streams[e.stream_id] = (e.version if seen is None else seen[0], e.version)
+        return self._appender.append(AppendRequest(self._db, batch, streams))
 
     def read_stream(self, stream_id: str, *, after: int = 0, limit: int | None = None) -> list[StoredEvent]:
         """Events of ``stream_id`` with version > ``after``, oldest first."""
