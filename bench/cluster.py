@@ -225,16 +225,16 @@ def main(argv: list[str] | None = None) -> int:
         labels = list(columns)
         print()
         head = f"{'workload':<28}" + "".join(f"{lab:>10}" for lab in labels)
-        head += "".join(f"{lab + '/1n':>10}" for lab in labels[2:]) + "".join(
-            f"{lab + '/kit':>10}" for lab in labels[1:]
+        head += "".join(f"{lab + '/1n':>11}" for lab in labels[2:]) + "".join(
+            f"{lab + '/kit':>11}" for lab in labels[1:]
         )
         print(head + f"{'Ceph RBD':>12}")
         for name, _ in work:
             row = f"{name:<28}" + "".join(f"{columns[lab][name]:>10.1f}" for lab in labels)
             single = columns["single"][name] or float("nan")
             kit = columns["nbdkit"][name] or float("nan")
-            row += "".join(f"{columns[lab][name] / single:>10.2f}" for lab in labels[2:])
-            row += "".join(f"{columns[lab][name] / kit:>10.2f}" for lab in labels[1:])
+            row += "".join(f"{columns[lab][name] / single:>11.2f}" for lab in labels[2:])
+            row += "".join(f"{columns[lab][name] / kit:>11.2f}" for lab in labels[1:])
             print(row + f"{CEPH[name]:>12}")
         print()
         print("peak RSS of all torusd processes (MiB): " + ", ".join(f"{k} {v:.0f}" for k, v in rss.items()))
