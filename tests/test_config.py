@@ -15,8 +15,15 @@ from torus_core.units import parse_size
 
 @pytest.mark.parametrize(
     ("text", "expected"),
-    [("512KiB", 512 * 1024), ("1GiB", 1 << 30), ("2G", 2 * 10**9), ("4096", 4096), ("1.5MiB", 3 << 19),
-     ("10MB", 10**7), ("0", 0)],
+    [
+        ("512KiB", 512 * 1024),
+        ("1GiB", 1 << 30),
+        ("2G", 2 * 10**9),
+        ("4096", 4096),
+        ("1.5MiB", 3 << 19),
+        ("10MB", 10**7),
+        ("0", 0),
+    ],
 )
 def test_parse_size_accepts_binary_and_si_units(text: str, expected: int) -> None:
     assert parse_size(text) == expected
@@ -67,7 +74,9 @@ def test_default_metadata_is_sqlite_inside_the_data_dir(tmp_path: Path) -> None:
         ("this is = = not toml", "not valid TOML"),
     ],
 )
-def test_bad_config_file_raises_config_error_naming_the_problem(tmp_path: Path, content: str, message: str) -> None:
+def test_bad_config_file_raises_config_error_naming_the_problem(
+    tmp_path: Path, content: str, message: str
+) -> None:
     cfg_file = tmp_path / "torus.toml"
     cfg_file.write_text(content)
     with pytest.raises(ConfigError, match=message):

@@ -46,8 +46,9 @@ def fake_site(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 
 
 def test_entry_point_plugin_registers_its_block_store_by_name(fake_site: Path) -> None:
-    _fake_distribution(fake_site, "torus-fakestore", {"fakestore": "fake_store_plugin"},
-                       {"fake_store_plugin": GOOD_PLUGIN})
+    _fake_distribution(
+        fake_site, "torus-fakestore", {"fakestore": "fake_store_plugin"}, {"fake_store_plugin": GOOD_PLUGIN}
+    )
     pm = make_plugin_manager()
     regs = pm.collect_registries()
     assert "fake" in regs.block_stores
@@ -59,10 +60,15 @@ def test_entry_point_plugin_registers_its_block_store_by_name(fake_site: Path) -
 
 
 def test_plugin_that_fails_to_import_is_isolated_and_reported(fake_site: Path) -> None:
-    _fake_distribution(fake_site, "torus-broken", {"broken": "broken_plugin"},
-                       {"broken_plugin": "raise ImportError('needs libfoo')\n"})
-    _fake_distribution(fake_site, "torus-fakestore", {"fakestore": "fake_store_plugin2"},
-                       {"fake_store_plugin2": GOOD_PLUGIN})
+    _fake_distribution(
+        fake_site,
+        "torus-broken",
+        {"broken": "broken_plugin"},
+        {"broken_plugin": "raise ImportError('needs libfoo')\n"},
+    )
+    _fake_distribution(
+        fake_site, "torus-fakestore", {"fakestore": "fake_store_plugin2"}, {"fake_store_plugin2": GOOD_PLUGIN}
+    )
     pm = make_plugin_manager()
     regs = pm.collect_registries()
     assert "needs libfoo" in pm.failed_plugins["broken"]
@@ -78,8 +84,9 @@ def test_duplicate_name_from_two_plugins_is_an_error(fake_site: Path) -> None:
 
 
 def test_blocked_plugin_is_not_loaded(fake_site: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    _fake_distribution(fake_site, "torus-fakestore", {"fakestore": "fake_store_plugin3"},
-                       {"fake_store_plugin3": GOOD_PLUGIN})
+    _fake_distribution(
+        fake_site, "torus-fakestore", {"fakestore": "fake_store_plugin3"}, {"fake_store_plugin3": GOOD_PLUGIN}
+    )
     monkeypatch.setenv("TORUS_BLOCK_PLUGINS", "fakestore")
     regs = make_plugin_manager().collect_registries()
     assert "fake" not in regs.block_stores
@@ -106,8 +113,12 @@ def test_unknown_backend_names_available_ones_and_the_distribution_to_install(
 
 
 def test_torusctl_plugins_lists_distributions_and_failures(fake_site: Path) -> None:
-    _fake_distribution(fake_site, "torus-broken", {"broken2": "broken_plugin2"},
-                       {"broken_plugin2": "raise RuntimeError('boom')\n"})
+    _fake_distribution(
+        fake_site,
+        "torus-broken",
+        {"broken2": "broken_plugin2"},
+        {"broken_plugin2": "raise RuntimeError('boom')\n"},
+    )
     result = CliRunner().invoke(cli, ["plugins"])
     assert result.exit_code == 0, result.output
     assert "torus-core" in result.output
