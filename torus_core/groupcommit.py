@@ -31,6 +31,7 @@ from torus_core.errors import MetadataError, MetadataUnavailable
 Req = TypeVar("Req")
 Res = TypeVar("Res")
 
+
 class _Pending(Generic[Req, Res]):
     """One caller's request and, once committed, its outcome."""
 
@@ -74,6 +75,18 @@ class GroupCommitter(Generic[Req, Res]):
         #: Number of commits run and requests committed (for tests and benchmarks).
         self.commits = 0
         self.committed = 0
+
+    @property
+    def queued(self) -> int:
+        """Requests waiting for a group (not yet taken into a commit)."""
+        with self._lock:
+            return len(self._queue)
+
+    @property
+    def busy(self) -> bool:
+        """Whether a leader is committing (or about to)."""
+        with self._lock:
+            return self._leading
 
     def submit(self, request: Req, *, wait_timeout: float) -> Res:
         """Commit ``request`` (alone or grouped with concurrent ones); return its result or raise."""

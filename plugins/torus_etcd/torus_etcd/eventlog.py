@@ -35,6 +35,7 @@ from etcd3 import etcdrpc
 
 from torus_core.errors import CompareFailed, InvalidArgument, MetadataUnavailable
 from torus_core.eventlog import EventLog, NewEvent, StoredEvent
+from torus_core.groupcommit import GroupCommitter
 from torus_etcd._append import AppendRequest, appender_for, num, prefix_end
 from torus_etcd._codec import decode_event
 from torus_etcd._transport import EtcdTransport, translate
@@ -105,6 +106,11 @@ class EtcdEventLog(EventLog):
         self._appender.reset_cache()
 
     # --- append -------------------------------------------------------------------------
+
+    @property
+    def committer(self) -> GroupCommitter[AppendRequest, list[int]]:
+        """The process-wide group committer this log's appends go through (tests, metrics)."""
+        return self._appender.committer
 
     def append(self, events: Sequence[NewEvent]) -> list[int]:
         """Atomically append ``events``; return their positions.

@@ -29,6 +29,7 @@ from collections.abc import Sequence
 
 from torus_core.errors import CompareFailed, InvalidArgument, MetadataUnavailable
 from torus_core.eventlog import EventLog, NewEvent, StoredEvent
+from torus_core.groupcommit import GroupCommitter
 from torus_redis import _scripts
 from torus_redis._append import AppendRequest, appender_for
 from torus_redis._client import RedisClient
@@ -78,6 +79,11 @@ class RedisEventLog(EventLog):
         return f"{self._p}s:{stream_id}"
 
     # --- append -------------------------------------------------------------------------
+
+    @property
+    def committer(self) -> GroupCommitter[AppendRequest, list[int]]:
+        """The process-wide group committer this log's appends go through (tests, metrics)."""
+        return self._appender.committer
 
     def append(self, events: Sequence[NewEvent]) -> list[int]:
         """Atomically append ``events``; return their positions.

@@ -12,6 +12,7 @@ from sqlalchemy import Row, delete, func, insert, select
 
 from torus_core.errors import CompareFailed, InvalidArgument
 from torus_core.eventlog import EventLog, NewEvent, StoredEvent
+from torus_core.groupcommit import GroupCommitter
 from torus_sqlite._append import AppendRequest, appender_for
 from torus_sqlite.backend import DEFAULT_POLL_INTERVAL
 from torus_sqlite.db import Database
@@ -55,6 +56,11 @@ class SQLiteEventLog(EventLog):
         self._db = db
         self.poll_interval = poll_interval
         self._appender = appender_for(db.path)
+
+    @property
+    def committer(self) -> GroupCommitter[AppendRequest, list[int]]:
+        """The process-wide group committer this log's appends go through (tests, metrics)."""
+        return self._appender.committer
 
     def append(self, events_: Sequence[NewEvent]) -> list[int]:
         """Atomically append a batch (see the ABC); CompareFailed writes nothing.
