@@ -112,7 +112,7 @@ def test_nbdinfo_shows_volume_size_features_and_block_sizes(uri, md, provider):
     for key in ("can_flush", "can_fua", "can_trim", "can_zero", "can_multi_conn", "can_df"):
         assert exp[key] is True, key
     assert exp["is_read_only"] is False
-    assert (exp["block_size_minimum"], exp["block_size_preferred"]) == (1, 4096)
+    assert (exp["block_size_minimum"], exp["block_size_preferred"]) == (1, BS)
     wait_until(released(md, provider), what="nbdinfo's connection to release the volume")
 
 

@@ -177,6 +177,7 @@ def test_debug_init_formats_then_serves_volumes_with_advertised_features(data, d
     assert exp["export-size"] == 16 * MiB and info["structured"] is True
     for key in ("can_flush", "can_fua", "can_trim", "can_zero", "can_multi_conn", "can_df"):
         assert exp[key] is True, key
+    assert exp["block_size_preferred"] == 512 * 1024  # the --debug-init cluster block size
     body = urllib.request.urlopen(f"http://127.0.0.1:{d.http_port}/metrics", timeout=10).read().decode()
     assert "torus_volumes 1" in body and "torus_storage_block_bytes 524288" in body
 

@@ -15,7 +15,8 @@ Durability: FLUSH (and FUA writes) call :meth:`BlockVolume.sync`, so they are ac
 after the blocks, the new INode and its fenced metadata commit are durable; a failed sync raises
 and the client gets an error reply. Writes after the lock was lost fail with ``Locked`` (EPERM).
 
-Block-size hints: minimum 1, preferred 4096 (see ``PREFERRED_BLOCK`` for why), maximum 32 MiB.
+Block-size hints: minimum 1, preferred = the cluster block size (see ``PREFERRED_BLOCK`` for the
+measurement behind that choice), maximum 32 MiB.
 """
 
 from __future__ import annotations
@@ -38,9 +39,11 @@ from torus_core.registry import Registry
 
 log = logging.getLogger(__name__)
 
-#: Preferred NBD request granularity. The write-back cache merges partial-block writes without
-#: reading the old block, so small aligned requests cost no read-modify-write; 4096 keeps
-#: clients (fio, qemu, the kernel) from padding 4 KiB I/O up to the cluster block size.
+#: Fallback preferred NBD request size. By default the provider advertises the cluster block size
+#: instead: measured with 512 KiB blocks (SQLite + file store, 2 cores), nbdcopy wrote 64 MiB at
+#: 364-386 MiB/s with preferred = 512 KiB versus 271-295 MiB/s with 4096, while fio 4k randwrite
+#: (fixed bs) was the same within noise (24-29k IOPS either way). Pass ``preferred_block_size``
+#: to override.
 PREFERRED_BLOCK = 4096
 MAX_BLOCK = 32 * 1024 * 1024
 #: Seconds a new connection waits for the previous last connection's close (sync + unlock).
@@ -58,14 +61,16 @@ class VolumeExport(Export):
 
     blocking = True
 
-    def __init__(self, name: str, volume: BlockVolume, release: object) -> None:
+    def __init__(
+        self, name: str, volume: BlockVolume, release: object, preferred_block_size: int = PREFERRED_BLOCK
+    ) -> None:
         self.name = name
         self.volume = volume
         self.size = volume.size
         self.read_only = volume.read_only
         self.description = f"torus volume {volume.info.name} (id {volume.volume_id})"
         self.min_block_size = 1
-        self.preferred_block_size = PREFERRED_BLOCK
+        self.preferred_block_size = preferred_block_size
         self.max_block_size = MAX_BLOCK
         self.multi_conn = True
         self._release = release
@@ -124,8 +129,11 @@ class VolumeExportProvider(ExportProvider):
         lease_ttl: float = DEFAULT_LEASE_TTL,
         cache_bytes: int = DEFAULT_CACHE_BYTES,
         layer_registry: Registry | None = None,
+        preferred_block_size: int | None = None,
     ) -> None:
         self.md = md
+        pref = preferred_block_size if preferred_block_size is not None else store.block_size
+        self.preferred_block_size = min(max(pref, 1), MAX_BLOCK)
         self.store = store
         self.owner = owner
         self.lease_ttl = lease_ttl
@@ -157,7 +165,7 @@ class VolumeExportProvider(ExportProvider):
             read_only=snap is not None,
             description=f"torus volume {vol} (id {info.id})",
             min_block_size=1,
-            preferred_block_size=PREFERRED_BLOCK,
+            preferred_block_size=self.preferred_block_size,
             max_block_size=MAX_BLOCK,
             multi_conn=True,
         )
@@ -194,7 +202,7 @@ class VolumeExportProvider(ExportProvider):
             elif shared.volume.lost:
                 raise TorusError(f"volume {vol!r} lost its lock; reconnect after the others closed")
             shared.refs += 1
-            return VolumeExport(name, shared.volume, self._release)
+            return VolumeExport(name, shared.volume, self._release, self.preferred_block_size)
 
     def _release(self, export: VolumeExport) -> None:
         with self._lock:
