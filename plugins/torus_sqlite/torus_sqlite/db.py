@@ -30,6 +30,8 @@ class Database:
         self.busy_timeout = busy_timeout
         self._closed = False
         self._close_lock = threading.Lock()
+        self._writer: sqlite3.Connection | None = None  # raw_write's dedicated connection
+        self._writer_lock = threading.Lock()
         self.engine: Engine = create_engine(
             f"sqlite:///{path}",
             connect_args={"timeout": busy_timeout, "check_same_thread": False},
@@ -91,34 +93,40 @@ class Database:
 
     @contextmanager
     def raw_write(self) -> Iterator[sqlite3.Connection]:
-        """A ``BEGIN IMMEDIATE`` transaction on the DB-API connection itself (hot paths).
+        """A ``BEGIN IMMEDIATE`` transaction on a dedicated DB-API connection (the append hot path).
 
-        Skips SQLAlchemy's statement layer; errors are translated like :meth:`write`'s
-        (a constraint violation is :class:`CompareFailed`, anything else
-        :class:`MetadataUnavailable`), and an exception rolls the transaction back.
+        Skips SQLAlchemy's pool and statement layer. One caller at a time uses the connection
+        (the others wait); errors are translated like :meth:`write`'s (a constraint violation is
+        :class:`CompareFailed`, anything else :class:`MetadataUnavailable`), and an exception
+        rolls the transaction back.
         """
         self._check_open()
-        with self._translate():
-            fairy = self.engine.raw_connection()
+        with self._writer_lock, self._translate():
+            conn = self._writer
+            if conn is None:
+                conn = sqlite3.connect(
+                    self.path, timeout=self.busy_timeout, check_same_thread=False, isolation_level=None
+                )
+                self._on_connect(conn, None)
+                self._writer = conn
             try:
-                conn = fairy.driver_connection
-                assert isinstance(conn, sqlite3.Connection)
+                conn.execute("BEGIN IMMEDIATE")
                 try:
-                    conn.execute("BEGIN IMMEDIATE")
-                    try:
-                        yield conn
-                    except BaseException:
-                        _raw_rollback(conn)
-                        raise
-                    conn.execute("COMMIT")
-                except sqlite3.IntegrityError as exc:
-                    _raw_rollback(conn)
-                    raise CompareFailed(f"append conflicts with a stored event: {exc}") from exc
-                except sqlite3.Error:
+                    yield conn
+                except BaseException:
                     _raw_rollback(conn)
                     raise
+                conn.execute("COMMIT")
+            except sqlite3.IntegrityError as exc:
+                _raw_rollback(conn)
+                raise CompareFailed(f"append conflicts with a stored event: {exc}") from exc
+            except sqlite3.Error:
+                _raw_rollback(conn)
+                raise
             finally:
-                fairy.close()
+                if self._closed:  # closed meanwhile: close() left the connection to us
+                    self._writer = None
+                    conn.close()
 
     def read(self) -> Any:
         """Context manager: a deferred read transaction (one consistent snapshot)."""
@@ -137,6 +145,13 @@ class Database:
             if not self._closed:
                 self._closed = True
                 self.engine.dispose()
+                if self._writer_lock.acquire(timeout=1.0):  # else the writer closes it when done
+                    try:
+                        if self._writer is not None:
+                            self._writer.close()
+                            self._writer = None
+                    finally:
+                        self._writer_lock.release()
 
 
 def _raw_rollback(conn: sqlite3.Connection) -> None:
