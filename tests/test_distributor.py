@@ -72,21 +72,52 @@ def test_write_all_puts_the_block_on_both_owners_and_nowhere_else(cluster: Local
         assert len(owners(cluster, ref)) == 2
 
 
-def test_write_all_fails_with_a_typed_retryable_error_when_an_owner_is_down(cluster: LocalCluster) -> None:
+def next_peer(cluster: LocalCluster, ref: BlockRef, skip: str) -> str:
+    """The first peer of ``ref``'s permutation after its owners, other than ``skip``."""
+    return next(p for p in cluster.ring.get_peers(ref).peers[2:] if p != skip)
+
+
+def test_write_all_hands_off_to_the_next_peer_when_an_owner_is_down(cluster: LocalCluster) -> None:
     client = cluster.client(timeouts=FAST, write_level=WriteLevel.ALL)
     ref = refs_owned(cluster, 1, first="peer-b")[0]
     cluster.stop("peer-b")
+    start = time.monotonic()
+    client.write_block(ref, data(1))
+    client.flush()
+    assert time.monotonic() - start < 5.0
+    other = owners(cluster, ref)[1]
+    # R = 2 acknowledgements from 2 distinct live peers: the other owner and the next peer
+    assert cluster.holders(ref) == {other, next_peer(cluster, ref, "peer-b")}
+    assert client.get_block(ref) == data(1)
+
+
+def test_write_all_to_a_peer_marked_down_hands_off_without_calling_it(cluster: LocalCluster) -> None:
+    client = cluster.client(timeouts=FAST, write_level=WriteLevel.ALL)
+    ref = refs_owned(cluster, 1, first="peer-c")[0]
+    client.peers.set_down("peer-c")
+    client.write_block(ref, data(5))
+    client.flush()
+    assert cluster.servers["peer-c"].stats["PutBlocks"] == 0
+    assert cluster.servers["peer-c"].stats["Flush"] == 0
+    assert cluster.holders(ref) == {owners(cluster, ref)[1], next_peer(cluster, ref, "peer-c")}
+
+
+def test_write_all_fails_typed_and_retryable_when_fewer_than_r_peers_are_reachable(
+    cluster: LocalCluster,
+) -> None:
+    client = cluster.client(timeouts=FAST, write_level=WriteLevel.ALL)
+    ref = refs_owned(cluster, 1, first="peer-b")[0]
+    survivor = owners(cluster, ref)[1]
+    for p in PEERS:
+        if p != survivor:
+            cluster.stop(p)
     start = time.monotonic()
     with pytest.raises(ReplicationFailed) as info:
         client.write_block(ref, data(1))
     assert time.monotonic() - start < 5.0
     assert info.value.retryable
-    other = owners(cluster, ref)[1]
-    assert info.value.acked == [other]
-    assert "peer-b" in info.value.failed
-    # no spill-over: the non-owner did not get the block
-    non_owner = next(p for p in PEERS if p not in owners(cluster, ref))
-    assert non_owner not in cluster.holders(ref)
+    assert info.value.acked == [survivor]
+    assert "peer-b" in info.value.failed and len(info.value.failed) == 2
 
 
 def test_write_one_succeeds_when_one_owner_is_down(cluster: LocalCluster) -> None:
@@ -97,19 +128,26 @@ def test_write_one_succeeds_when_one_owner_is_down(cluster: LocalCluster) -> Non
     assert cluster.holders(ref) == {owners(cluster, ref)[1]}
 
 
-def test_write_one_fails_when_every_owner_is_down(cluster: LocalCluster) -> None:
+def test_write_one_hands_off_when_every_owner_is_down_and_fails_when_every_peer_is(
+    cluster: LocalCluster,
+) -> None:
     client = cluster.client(timeouts=FAST, write_level=WriteLevel.ONE)
-    ref = refs_owned(cluster, 1)[0]
+    ref, ref2 = refs_owned(cluster, 2)
     for p in owners(cluster, ref):
         cluster.stop(p)
+    client.write_block(ref, data(3))
+    assert cluster.holders(ref) == set(PEERS) - set(owners(cluster, ref))
+    for p in PEERS:
+        cluster.stop(p)
     with pytest.raises(ReplicationFailed):
-        client.write_block(ref, data(3))
+        client.write_block(ref2, data(3))
 
 
 def test_per_request_level_overrides_the_default(cluster: LocalCluster) -> None:
     client = cluster.client(timeouts=FAST, write_level=WriteLevel.ONE)
     ref = refs_owned(cluster, 1, first="peer-c")[0]
     cluster.stop("peer-c")
+    cluster.stop(next_peer(cluster, ref, "peer-c"))  # only one peer left: "all" cannot be met
     with pytest.raises(ReplicationFailed):
         client.write_block(ref, data(4), level=WriteLevel.ALL)
     client.write_block(ref, data(4))  # default "one" succeeds
@@ -491,7 +529,7 @@ _volumes = iter(range(1000, 1_000_000))
     level=st.sampled_from([WriteLevel.ALL, WriteLevel.ONE]),
 )
 @settings(max_examples=25)
-def test_writes_never_spill_to_non_owners_and_succeed_exactly_when_the_level_is_met(
+def test_writes_land_on_the_first_live_peers_of_the_permutation_and_meet_the_level(
     cluster: LocalCluster, indexes: list[int], down: str | None, level: WriteLevel
 ) -> None:
     volume = next(_volumes)
@@ -499,19 +537,18 @@ def test_writes_never_spill_to_non_owners_and_succeed_exactly_when_the_level_is_
     if down is not None:
         client.peers.set_down(down)
     items = [(BlockRef(volume, 1, i), data(i)) for i in indexes]
-    owner_sets = [set(owners(cluster, ref)) for ref, _ in items]
-    needs_down = down is not None and any(down in o for o in owner_sets)
-    if level is WriteLevel.ALL and needs_down:
-        with pytest.raises(ReplicationFailed):
-            client.write_blocks(items, level=level)
-    else:
-        client.write_blocks(items, level=level)
-    for (ref, d), owner_set in zip(items, owner_sets, strict=True):
+    client.write_blocks(items, level=level)
+    client.flush()
+    for ref, d in items:
+        perm = cluster.ring.get_peers(ref)
+        live = [p for p in perm.peers if p != down]
         holders = cluster.holders(ref)
-        assert holders <= owner_set  # never on a non-owner
         assert down not in holders
-        if level is WriteLevel.ALL and not needs_down:
-            assert holders == owner_set
-        if holders:
-            assert client.get_block(ref) == d
+        if level is WriteLevel.ALL:
+            # R distinct peers: the owners, a down owner replaced by the next live peer
+            assert holders == set(live[: perm.replication])
+        else:
+            # "one" aims at the same peers but returns after the first acknowledgement
+            assert holders and holders <= set(live[: perm.replication])
+        assert client.get_block(ref) == d
     client.close()

@@ -260,3 +260,24 @@ def test_rebalance_progress_is_published_in_peer_info(cluster: InProcessCluster)
     assert wait_until(lambda: parse_peers(cluster.md.list_peers())["a"].rebalance.passes > 0, 5.0)
     info: PeerInfo = parse_peers(cluster.md.list_peers())["a"]
     assert info.rebalance.last_finish > 0 and info.total_blocks == cluster.capacity_blocks
+
+
+def test_handoff_copies_written_while_an_owner_was_down_move_to_it_when_it_returns(
+    cluster: InProcessCluster,
+) -> None:
+    for name in ("a", "b", "c"):
+        cluster.add_node(name)
+    client = cluster.client()
+    _sync_client(cluster, client)
+    ring = _ring(cluster)
+    cluster.crash("c")  # its lease is not revoked: c stays in the ring, just unreachable
+    blocks = _write(client, 40, volume=9)  # write level "all" (the default)
+    client.distributor.flush()
+    c_owned = [r for r in blocks if "c" in ring.get_peers(r).owners]
+    assert c_owned
+    for ref in blocks:
+        live = [p for p in ring.get_peers(ref).peers if p != "c"]
+        assert cluster.holders(ref) == set(live[:2])  # R acks from R distinct live peers
+    cluster.add_node("c")  # same store, back in service
+    assert wait_until(lambda: _placed_exactly(cluster, list(blocks)), 15.0)
+    assert _content_intact(cluster, blocks)

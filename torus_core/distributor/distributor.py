@@ -30,6 +30,7 @@ from torus_core.blockstore import BlockStore, BlockStoreConfig
 from torus_core.distributor.cache import BlockCache
 from torus_core.distributor.levels import ReadLevel, WriteLevel
 from torus_core.distributor.peers import PeerDirectory
+from torus_core.distributor.unflushed import UnflushedBlock, UnflushedWrites
 from torus_core.errors import (
     BlockExists,
     BlockNotExist,
@@ -47,7 +48,7 @@ from torus_core.errors import (
     TorusError,
 )
 from torus_core.refs import BlockRef
-from torus_core.ring.base import Ring
+from torus_core.ring.base import PeerPermutation, Ring
 from torus_core.rpc.client import PeerClientPool
 from torus_core.rpc.server import write_replacing_corrupt
 
@@ -57,6 +58,8 @@ BlockData = bytes | bytearray | memoryview
 
 #: Default read cache size.
 DEFAULT_READ_CACHE_BYTES = 64 * 1024 * 1024
+#: Default bound of deferred (not yet flushed) write bytes before a write forces a flush.
+DEFAULT_MAX_UNFLUSHED_BYTES = 64 * 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -71,6 +74,8 @@ class DistributorTimeouts:
     :param write: deadline of one PutBlocks call (includes the remote flush).
     :param check: deadline of one RebalanceCheck (``has_block``).
     :param repair: deadline of one read-repair write.
+    :param suspect: seconds a peer whose call failed is tried after the others (writes hand
+        off to the next peer at once instead of waiting on it again).
     """
 
     read_peer: float = 0.5
@@ -81,9 +86,10 @@ class DistributorTimeouts:
     write: float = 5.0
     check: float = 2.0
     repair: float = 5.0
+    suspect: float = 2.0
 
     def __post_init__(self) -> None:
-        for name in ("read_peer", "read_peer_max", "read_total", "write", "check", "repair"):
+        for name in ("read_peer", "read_peer_max", "read_total", "write", "check", "repair", "suspect"):
             value = getattr(self, name)
             if not isinstance(value, int | float) or isinstance(value, bool) or not value > 0:
                 raise InvalidArgument(f"timeout {name!r} must be a positive number, got {value!r}")
@@ -103,6 +109,7 @@ class DistributorStats:
     repairs: int = 0
     repair_failures: int = 0
     repairs_skipped: int = 0
+    flush_rewrites: int = 0
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
 
     def inc(self, name: str, by: int = 1) -> None:
@@ -162,6 +169,10 @@ class Distributor(BlockStore):
     :param max_workers: threads for parallel replica writes and spread reads.
     :param max_pending_repairs: read repairs queued beyond this are skipped (the rebalancer
         catches up later).
+    :param defer_flush: send writes without a remote flush and flush the peers written to in
+        :meth:`flush` (default); False makes every PutBlocks durable before it is acknowledged.
+    :param max_unflushed_bytes: a write that leaves more than this many bytes unflushed
+        triggers a :meth:`flush` (bounds the memory kept for re-replication).
     """
 
     name: ClassVar[str] = "distributor"
@@ -184,6 +195,8 @@ class Distributor(BlockStore):
         max_workers: int = 16,
         max_pending_repairs: int = 64,
         close_local_store: bool = True,
+        defer_flush: bool = True,
+        max_unflushed_bytes: int = DEFAULT_MAX_UNFLUSHED_BYTES,
     ) -> None:
         if local_store is not None:
             if block_size is not None and block_size != local_store.block_size:
@@ -215,6 +228,12 @@ class Distributor(BlockStore):
         self._repairs_lock = threading.Lock()
         self._max_pending_repairs = max_pending_repairs
         self._close_local_store = close_local_store
+        self.defer_flush = defer_flush
+        self.max_unflushed_bytes = max_unflushed_bytes
+        self._unflushed = UnflushedWrites()
+        self._flush_lock = threading.Lock()
+        self._suspects: dict[str, float] = {}
+        self._suspects_lock = threading.Lock()
         self._closed = False
         peers.on_address_dropped(self._drop_address)
 
@@ -293,6 +312,8 @@ class Distributor(BlockStore):
             self.stats.inc("remote_failures")
             log.debug("read %s from %s failed: %s", ref, uuid, exc)
             outcome.record(uuid, exc)
+            if isinstance(exc, PeerUnavailable):
+                self._suspect(uuid)
             return None
         self.stats.inc("remote_reads")
         return data
@@ -322,7 +343,7 @@ class Distributor(BlockStore):
             except (BlockNotExist, CorruptBlock) as exc:
                 outcome.record(self.self_uuid, exc)
         if data is None:
-            remote = [p for p in perm.peers if p != self.self_uuid]
+            remote = self._healthy_first([p for p in perm.peers if p != self.self_uuid])
             remote_owners = [p for p in owners if p != self.self_uuid]
             deadline = time.monotonic() + self.timeouts.read_total
             if read_level is ReadLevel.SPREAD:
@@ -338,6 +359,13 @@ class Distributor(BlockStore):
         if bad:
             self._schedule_repair(ref, data, bad)
         return data
+
+    def _healthy_first(self, uuids: list[str]) -> list[str]:
+        """``uuids`` with peers marked down or recently failed moved to the end (order kept)."""
+        good = [u for u in uuids if not self._is_suspect(u) and not self.peers.is_down(u)]
+        if len(good) == len(uuids):
+            return uuids
+        return good + [u for u in uuids if u not in good]
 
     def _read_pass(
         self, ref: BlockRef, sources: Sequence[str], per_peer: float, deadline: float, outcome: _ReadOutcome
@@ -498,13 +526,20 @@ class Distributor(BlockStore):
     def write_blocks(
         self, items: Iterable[tuple[BlockRef, BlockData]], *, level: WriteLevel | str | None = None
     ) -> None:
-        """Store several blocks, sending one PutBlocks per peer.
+        """Store several blocks, sending one PutBlocks per peer (all peers in parallel).
 
-        ``all``: every owner of every block acknowledged, else :class:`ReplicationFailed`
-        (retryable; blocks are immutable so a retry is safe). ``one``: at least one owner of
-        each block. ``local``: the local store, falling back to ``one`` if it is full.
-        A content conflict (:class:`BlockExists`) or bad input (:class:`InvalidArgument`) is
-        raised as such, and :class:`OutOfSpace` when every failed owner was full.
+        ``all``: each block was acknowledged by R distinct peers -- its owners, or, for an owner
+        that is down or fails, the next peers of its permutation (hinted handoff; the
+        rebalancer later moves such copies to the owners). Fewer than R reachable peers raises
+        :class:`ReplicationFailed` (retryable; blocks are immutable so a retry is safe).
+        ``one``: at least one peer, owners first. ``local``: the local store, falling back to
+        ``one`` if it is full. A content conflict (:class:`BlockExists`) or bad input
+        (:class:`InvalidArgument`) is raised as such, and :class:`OutOfSpace` when every failed
+        peer was full.
+
+        With ``defer_flush`` (the default) the copies are durable only after :meth:`flush`,
+        which is exactly what NBD asks (durability at FLUSH/FUA); until then the bytes are kept
+        here so a copy lost before the flush can be written again.
         """
         self._check_open()
         write_level = self.write_level if level is None else WriteLevel.parse(level)
@@ -518,9 +553,13 @@ class Distributor(BlockStore):
             if not batch:
                 return
             write_level = WriteLevel.ONE
-        self._replicate(batch, write_level)
+        acks = self._replicate(batch, write_level, durable=not self.defer_flush)
+        if self.defer_flush:
+            self._unflushed.add(batch, acks, write_level)
         for ref, data in batch:
             self.cache.put(ref, data)
+        if self.defer_flush and self._unflushed.nbytes > self.max_unflushed_bytes:
+            self.flush()
 
     def _write_local(self, batch: list[tuple[BlockRef, bytes]]) -> list[tuple[BlockRef, bytes]]:
         assert self.local_store is not None
@@ -533,19 +572,68 @@ class Distributor(BlockStore):
             self.cache.put(ref, data)
         return []
 
-    def _put_to(self, uuid: str, batch: list[tuple[BlockRef, bytes]]) -> None:
+    # peers that just failed are tried after the others for a while
+
+    def _suspect(self, uuid: str) -> None:
+        with self._suspects_lock:
+            self._suspects[uuid] = time.monotonic() + self.timeouts.suspect
+
+    def _is_suspect(self, uuid: str) -> bool:
+        with self._suspects_lock:
+            until = self._suspects.get(uuid)
+            if until is None:
+                return False
+            if until <= time.monotonic():
+                del self._suspects[uuid]
+                return False
+            return True
+
+    def _pick(
+        self, perm: PeerPermutation, tried: set[str], k: int, failed: dict[str, BaseException]
+    ) -> list[str]:
+        """The next ``k`` untried peers of ``perm`` in permutation order; peers marked down are
+        skipped (and recorded as failed), recently failed ones are used only as a last resort."""
+        picked: list[str] = []
+        later: list[str] = []
+        for uuid in perm.peers:
+            if len(picked) >= k:
+                break
+            if uuid in tried:
+                continue
+            if uuid == self.self_uuid:
+                if self.local_store is None:
+                    tried.add(uuid)
+                    continue
+            elif self.peers.address(uuid) is None:
+                tried.add(uuid)
+                failed.setdefault(uuid, PeerUnavailable(f"peer {uuid} is down or has no known address"))
+                continue
+            if self._is_suspect(uuid):
+                later.append(uuid)
+                continue
+            picked.append(uuid)
+        for uuid in later:
+            if len(picked) >= k:
+                break
+            picked.append(uuid)
+        tried.update(picked)
+        return picked
+
+    def _put_to(self, uuid: str, batch: list[tuple[BlockRef, bytes]], durable: bool = True) -> str:
+        """Store ``batch`` on one peer; returns the boot id it reported (``""`` for self)."""
         if uuid == self.self_uuid:
             if self.local_store is None:
                 raise NoPeer(f"peer {uuid} is this process, which has no local store")
             for ref, data in batch:
                 self.local_store.write_block(ref, data)
-            return
+            return ""
         address = self.peers.address(uuid)
         if address is None:
             raise PeerUnavailable(f"peer {uuid} has no known address or is down")
         client = self.pool.get(address)
         limit = max(self._block_size, client.max_message_bytes // 2)
         start = 0
+        boot = ""
         try:
             while start < len(batch):
                 end, size = start, 0
@@ -553,32 +641,100 @@ class Distributor(BlockStore):
                     size += len(batch[end][1])
                     end += 1
                 chunk = batch[start:end]
-                client.put_blocks([r for r, _ in chunk], [d for _, d in chunk], timeout=self.timeouts.write)
+                _, b = client.put_blocks_deferred(
+                    [r for r, _ in chunk],
+                    [d for _, d in chunk],
+                    defer_flush=not durable,
+                    timeout=self.timeouts.write,
+                )
+                if boot and b != boot:
+                    raise PeerUnavailable(f"peer {uuid} restarted during a write")
+                boot = b
                 start = end
         except PeerUnavailable:
             self.pool.reset(address)
             raise
+        return boot
 
-    def _replicate(self, batch: list[tuple[BlockRef, bytes]], level: WriteLevel) -> None:
+    def _replicate(
+        self,
+        batch: list[tuple[BlockRef, bytes]],
+        level: WriteLevel,
+        *,
+        durable: bool,
+        seed: Sequence[dict[str, str]] | None = None,
+        exclude: Sequence[set[str]] | None = None,
+    ) -> list[dict[str, str]]:
+        """Write ``batch`` until each block has enough acknowledgements from distinct peers.
+
+        Round 1 sends every block to its owners that are not marked down (one PutBlocks per
+        peer, in parallel). Each later round sends the blocks still short of acknowledgements to
+        the next untried peers of their permutations (handoff), until the level is met or the
+        permutation is exhausted. ``seed`` gives acknowledgements already held per block and
+        ``exclude`` peers not to use. Returns, per block, ``peer -> boot id`` of the acks.
+        """
         ring = self._ring
-        owners_of: list[list[str]] = []
-        plans: dict[str, list[int]] = {}
-        for i, (ref, _) in enumerate(batch):
-            owners = ring.get_peers(ref).owners
-            if not owners:
+        n = len(batch)
+        perms: list[PeerPermutation] = []
+        for ref, _ in batch:
+            perm = ring.get_peers(ref)
+            if not perm.owners:
                 raise NoPeer(f"ring v{ring.version} has no owners for {ref}")
-            owners_of.append(owners)
-            for uuid in owners:
-                plans.setdefault(uuid, []).append(i)
-        futures: dict[Future[None], str] = {}
+            perms.append(perm)
+        acks: list[dict[str, str]] = [dict(seed[i]) if seed is not None else {} for i in range(n)]
+        tried: list[set[str]] = [
+            set(acks[i]) | (exclude[i] if exclude is not None else set()) for i in range(n)
+        ]
+        want = [len(p.owners) if level is WriteLevel.ALL else 1 for p in perms]
+        failed: dict[str, BaseException] = {}
+        first = True
+        while True:
+            plans: dict[str, list[int]] = {}
+            for i in range(n):
+                k = (len(perms[i].owners) if first else want[i]) - len(acks[i])
+                if k <= 0:
+                    continue
+                for uuid in self._pick(perms[i], tried[i], k, failed):
+                    plans.setdefault(uuid, []).append(i)
+            first = False
+            if not plans:
+                break
+            self._write_round(batch, plans, acks, want, failed, level, durable)
+            if all(len(acks[i]) >= want[i] for i in range(n)):
+                return acks
+        short = [i for i in range(n) if len(acks[i]) < want[i]]
+        if not short:
+            return acks
+        if failed and all(isinstance(e, OutOfSpace) for e in failed.values()):
+            raise OutOfSpace("no room for the block on " + "; ".join(f"{u}: {e}" for u, e in failed.items()))
+        i = short[0]
+        acked = sorted(acks[i])
+        raise ReplicationFailed(
+            f"write level {level.value}: {len(short)} of {n} block(s) short of replicas; "
+            f"{batch[i][0]} acknowledged by {len(acked)}/{want[i]} distinct peer(s) {acked}; "
+            + "; ".join(f"{u}: {e}" for u, e in failed.items()),
+            acked=acked,
+            failed=failed,
+        )
+
+    def _write_round(
+        self,
+        batch: list[tuple[BlockRef, bytes]],
+        plans: dict[str, list[int]],
+        acks: list[dict[str, str]],
+        want: list[int],
+        failed: dict[str, BaseException],
+        level: WriteLevel,
+        durable: bool,
+    ) -> None:
+        futures: dict[Future[str], str] = {}
         for uuid, indexes in plans.items():
-            fut = self._executor.submit(self._put_to, uuid, [batch[i] for i in indexes])
+            fut = self._executor.submit(self._put_to, uuid, [batch[i] for i in indexes], durable)
             fut.add_done_callback(_log_failure(uuid))
             futures[fut] = uuid
-        acks: list[set[str]] = [set() for _ in batch]
-        failed: dict[str, BaseException] = {}
+        most = max(len(ix) for ix in plans.values())
+        bound = time.monotonic() + self.timeouts.write * (1 + most // 64) + 1.0
         pending = set(futures)
-        bound = time.monotonic() + self.timeouts.write * (1 + len(batch) // 64) + 1.0
         while pending:
             done, pending = wait(
                 pending, timeout=max(0.0, bound - time.monotonic()), return_when=FIRST_COMPLETED
@@ -589,41 +745,27 @@ class Distributor(BlockStore):
                 uuid = futures[fut]
                 exc = fut.exception()
                 if exc is None:
+                    boot = fut.result()
                     for i in plans[uuid]:
-                        acks[i].add(uuid)
-                else:
-                    failed[uuid] = exc
-            if level is WriteLevel.ONE and all(acks):
-                return
+                        acks[i][uuid] = boot
+                    continue
+                if isinstance(exc, BlockExists | InvalidArgument):
+                    raise exc
+                failed[uuid] = exc
+                if isinstance(exc, PeerUnavailable):
+                    self._suspect(uuid)
+            if level is WriteLevel.ONE and all(len(acks[i]) >= want[i] for i in range(len(batch))):
+                return  # the other owners' writes finish in the background
         for fut in pending:
-            failed[futures[fut]] = PeerUnavailable(f"write to {futures[fut]} did not finish in time")
-        for exc in failed.values():
-            if isinstance(exc, BlockExists | InvalidArgument):
-                raise exc
-        if level is WriteLevel.ONE:
-            short = [i for i, a in enumerate(acks) if not a]
-        else:
-            short = [i for i, a in enumerate(acks) if len(a) < len(owners_of[i])]
-        if short:
-            if failed and all(isinstance(e, OutOfSpace) for e in failed.values()):
-                raise OutOfSpace(
-                    "no room for the block on " + "; ".join(f"{u}: {e}" for u, e in failed.items())
-                )
-            first = short[0]
-            acked = sorted(acks[first])
-            need = 1 if level is WriteLevel.ONE else len(owners_of[first])
-            raise ReplicationFailed(
-                f"write level {level.value}: {len(short)} of {len(batch)} block(s) short of replicas; "
-                f"{batch[first][0]} acknowledged by {len(acked)}/{need} owner(s) {acked}; "
-                + "; ".join(f"{u}: {e}" for u, e in failed.items()),
-                acked=acked,
-                failed=failed,
-            )
+            uuid = futures[fut]
+            failed[uuid] = PeerUnavailable(f"write to {uuid} did not finish in time")
+            self._suspect(uuid)
 
     # --- the rest of the BlockStore API -----------------------------------------------------
 
     def has_block(self, ref: BlockRef) -> bool:
-        """Whether the block exists: cache, local store, then the owners (RebalanceCheck).
+        """Whether the block exists: cache, local store, then the owners (RebalanceCheck) and,
+        if some owner could not be asked, the other peers (which may hold a handoff copy).
 
         False only when every owner answered; raises :class:`NoPeersBlock` when no source
         has it and some owner could not be asked.
@@ -634,7 +776,10 @@ class Distributor(BlockStore):
         if self.local_store is not None and self.local_store.has_block(ref):
             return True
         unreachable: dict[str, BaseException] = {}
-        for uuid in self._ring.get_peers(ref).owners:
+        perm = self._ring.get_peers(ref)
+        for uuid in perm.peers:
+            if uuid not in perm.owners and not unreachable:
+                break  # every owner answered: a handoff copy elsewhere does not matter
             if uuid == self.self_uuid:
                 if self.local_store is None:
                     unreachable[uuid] = NoPeer("this process has no local store")
@@ -680,14 +825,89 @@ class Distributor(BlockStore):
         return self.local_store.iter_refs()
 
     def flush(self) -> None:
-        """Flush the local store; remote writes were flushed before they were acknowledged."""
+        """Make every write acknowledged so far durable on as many distinct peers as its level
+        required, then flush the local store.
+
+        Sends ``Flush`` (in parallel) to every peer that took a deferred write since the last
+        flush. A peer whose flush fails, or that restarted since it took the write (its boot id
+        changed), no longer counts: its blocks are written again, durably, to the next peers of
+        their permutations (handoff). If that cannot reach the level the writes stay pending
+        (a later flush retries them) and :class:`ReplicationFailed` is raised.
+        """
         self._check_open()
-        if self.local_store is not None:
-            self.local_store.flush()
+        with self._flush_lock:
+            entries = self._unflushed.take()
+            try:
+                self._flush_entries(entries)
+                if self.local_store is not None:
+                    self.local_store.flush()
+            except BaseException:
+                self._unflushed.restore(entries)
+                raise
+
+    def _flush_peer(self, uuid: str) -> str:
+        if uuid == self.self_uuid:
+            if self.local_store is not None:
+                self.local_store.flush()
+            return ""
+        address = self.peers.address(uuid)
+        if address is None:
+            raise PeerUnavailable(f"peer {uuid} has no known address or is down")
+        try:
+            return self.pool.get(address).flush(timeout=self.timeouts.write)
+        except PeerUnavailable:
+            self.pool.reset(address)
+            raise
+
+    def _flush_entries(self, entries: dict[BlockRef, UnflushedBlock]) -> None:
+        if not entries:
+            return
+        peers: set[str] = set()
+        for entry in entries.values():
+            peers.update(entry.acks)
+        futures = {self._executor.submit(self._flush_peer, uuid): uuid for uuid in peers}
+        done, not_done = wait(futures, timeout=self.timeouts.write + 1.0)
+        boots: dict[str, str] = {}
+        for fut in done:
+            uuid = futures[fut]
+            exc = fut.exception()
+            if exc is None:
+                boots[uuid] = fut.result()
+            else:
+                log.warning("flush of %s failed; re-replicating its unflushed blocks: %s", uuid, exc)
+                if isinstance(exc, PeerUnavailable):
+                    self._suspect(uuid)
+        for fut in not_done:
+            log.warning("flush of %s timed out; re-replicating its unflushed blocks", futures[fut])
+            self._suspect(futures[fut])
+        # entries keep their recorded acks until the rewrite succeeded: a failed flush is
+        # restored as it was, and its retry flushes the same peers again
+        redo: dict[WriteLevel, list[tuple[BlockRef, UnflushedBlock, dict[str, str]]]] = {}
+        for ref, entry in entries.items():
+            good = {u: b for u, b in entry.acks.items() if u in boots and boots[u] == b}
+            if len(good) < len(entry.acks):
+                redo.setdefault(entry.level, []).append((ref, entry, good))
+        for level, items in redo.items():
+            self.stats.inc("flush_rewrites", len(items))
+            acks = self._replicate(
+                [(ref, e.data) for ref, e, _ in items],
+                level,
+                durable=True,
+                seed=[good for _, _, good in items],
+                exclude=[set(e.acks) - set(good) for _, e, good in items],
+            )
+            for (_, entry, _), got in zip(items, acks, strict=True):
+                entry.acks = got
 
     def close(self) -> None:
-        """Stop worker threads (in-flight calls are bounded by their deadlines), then close the
-        local store (unless ``close_local_store`` was false) and an internally created pool."""
+        """Flush pending writes (best effort, bounded), stop worker threads (in-flight calls are
+        bounded by their deadlines), then close the local store (unless ``close_local_store``
+        was false) and an internally created pool."""
+        if not self._closed and len(self._unflushed):
+            try:
+                self.flush()
+            except TorusError as exc:
+                log.warning("closing with %d unflushed block(s): %s", len(self._unflushed), exc)
         with self._repairs_lock:
             if self._closed:
                 return
@@ -701,8 +921,8 @@ class Distributor(BlockStore):
             self.pool.close()
 
 
-def _log_failure(uuid: str) -> Callable[[Future[None]], None]:
-    def callback(fut: Future[None]) -> None:
+def _log_failure(uuid: str) -> Callable[[Future[Any]], None]:
+    def callback(fut: Future[Any]) -> None:
         if fut.cancelled():
             return
         exc = fut.exception()

@@ -15,7 +15,7 @@ from typing import Any
 
 import grpc
 
-from torus_core.errors import Closed, InvalidArgument, PeerUnavailable
+from torus_core.errors import Closed, InvalidArgument, NotSupported, PeerUnavailable
 from torus_core.refs import BlockRef
 from torus_core.rpc import torus_storage_pb2 as pb
 from torus_core.rpc import torus_storage_pb2_grpc as pb_grpc
@@ -97,13 +97,43 @@ class PeerClient:
 
         With ``repair=True`` the peer replaces copies that fail their integrity check.
         """
+        return self.put_blocks_deferred(refs, blocks, repair=repair, defer_flush=False, timeout=timeout)[0]
+
+    def put_blocks_deferred(
+        self,
+        refs: Sequence[BlockRef],
+        blocks: Sequence[BlockData],
+        *,
+        repair: bool = False,
+        defer_flush: bool = True,
+        timeout: float | None = None,
+    ) -> tuple[int, str]:
+        """Store several blocks; with ``defer_flush`` the peer does not flush before replying.
+
+        Returns ``(count, boot_id)``; the blocks are durable only after a :meth:`flush` that
+        reports the same ``boot_id`` (a different one means the peer restarted in between).
+        """
         if len(refs) != len(blocks):
             raise InvalidArgument(f"put_blocks got {len(refs)} refs but {len(blocks)} blocks")
         req = pb.PutBlocksRequest(
-            refs=[r.to_bytes() for r in refs], blocks=[bytes(b) for b in blocks], repair=repair
+            refs=[r.to_bytes() for r in refs],
+            blocks=[b if isinstance(b, bytes) else bytes(b) for b in blocks],
+            repair=repair,
+            defer_flush=defer_flush,
         )
         resp = self._call("PutBlocks", self._stub.PutBlocks, req, timeout or self.timeouts.put)
-        return int(resp.written)
+        return int(resp.written), str(resp.boot_id)
+
+    def flush(self, *, timeout: float | None = None) -> str:
+        """Make every block the peer stored so far durable; returns the peer's ``boot_id``.
+
+        A peer without the Flush RPC (it flushes every PutBlocks) returns ``""``.
+        """
+        try:
+            resp = self._call("Flush", self._stub.Flush, pb.FlushRequest(), timeout or self.timeouts.put)
+        except NotSupported:
+            return ""
+        return str(resp.boot_id)
 
     def put_block_stream(
         self,

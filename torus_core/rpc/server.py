@@ -8,13 +8,17 @@ Usage (a storage daemon)::
 
 Torus errors from the store become gRPC status codes (see :mod:`torus_core.rpc.status`);
 ``PutBlocks`` and ``PutBlockStream`` flush the store before they reply, so an acknowledged
-write is durable.
+write is durable -- unless the client sets ``defer_flush`` on ``PutBlocks``; it then sends
+``Flush`` before it relies on durability (an NBD FLUSH), which is how the distributor avoids one
+fsync per write. Both replies carry the server's ``boot_id`` (random per process), so a client
+can tell that a peer restarted between its deferred writes and the flush.
 """
 
 from __future__ import annotations
 
 import logging
 import threading
+import uuid as uuidlib
 from collections import Counter
 from collections.abc import Callable, Iterator
 from concurrent import futures
@@ -107,6 +111,8 @@ class StorageServicer(pb_grpc.TorusStorageServicer):
         self.uuid = uuid
         self.on_put = on_put
         self.stats = ServerStats()
+        #: Random per servicer (per process): changes when the peer restarts.
+        self.boot_id = uuidlib.uuid4().hex
 
     def _run(self, context: grpc.ServicerContext, method: str, fn: Callable[[], T]) -> T:
         self.stats.inc(method)
@@ -142,14 +148,17 @@ class StorageServicer(pb_grpc.TorusStorageServicer):
         return len(decoded)
 
     def PutBlocks(self, request: pb.PutBlocksRequest, context: grpc.ServicerContext) -> pb.PutBlocksResponse:
-        """Store a batch, flush, then acknowledge."""
+        """Store a batch, flush (unless ``defer_flush``), then acknowledge."""
 
         def do() -> pb.PutBlocksResponse:
+            if request.defer_flush:
+                written = self._write_batch(list(request.refs), list(request.blocks), request.repair)
+                return pb.PutBlocksResponse(written=written, boot_id=self.boot_id)
             try:
                 written = self._write_batch(list(request.refs), list(request.blocks), request.repair)
             finally:
                 self.store.flush()  # make whatever was written durable, even on a partial failure
-            return pb.PutBlocksResponse(written=written)
+            return pb.PutBlocksResponse(written=written, boot_id=self.boot_id)
 
         return self._run(context, "PutBlocks", do)
 
@@ -165,9 +174,18 @@ class StorageServicer(pb_grpc.TorusStorageServicer):
                     written += self._write_batch(list(req.refs), list(req.blocks), req.repair)
             finally:
                 self.store.flush()
-            return pb.PutBlocksResponse(written=written)
+            return pb.PutBlocksResponse(written=written, boot_id=self.boot_id)
 
         return self._run(context, "PutBlockStream", do)
+
+    def Flush(self, request: pb.FlushRequest, context: grpc.ServicerContext) -> pb.FlushResponse:
+        """Flush the store: every block stored before the call is durable when it returns."""
+
+        def do() -> pb.FlushResponse:
+            self.store.flush()
+            return pb.FlushResponse(boot_id=self.boot_id)
+
+        return self._run(context, "Flush", do)
 
     def RebalanceCheck(
         self, request: pb.RebalanceCheckRequest, context: grpc.ServicerContext

@@ -19,20 +19,24 @@ class GetBlockResponse(_message.Message):
     def __init__(self, data: _Optional[bytes] = ...) -> None: ...
 
 class PutBlocksRequest(_message.Message):
-    __slots__ = ("refs", "blocks", "repair")
+    __slots__ = ("refs", "blocks", "repair", "defer_flush")
     REFS_FIELD_NUMBER: _ClassVar[int]
     BLOCKS_FIELD_NUMBER: _ClassVar[int]
     REPAIR_FIELD_NUMBER: _ClassVar[int]
+    DEFER_FLUSH_FIELD_NUMBER: _ClassVar[int]
     refs: _containers.RepeatedScalarFieldContainer[bytes]
     blocks: _containers.RepeatedScalarFieldContainer[bytes]
     repair: bool
-    def __init__(self, refs: _Optional[_Iterable[bytes]] = ..., blocks: _Optional[_Iterable[bytes]] = ..., repair: _Optional[bool] = ...) -> None: ...
+    defer_flush: bool
+    def __init__(self, refs: _Optional[_Iterable[bytes]] = ..., blocks: _Optional[_Iterable[bytes]] = ..., repair: _Optional[bool] = ..., defer_flush: _Optional[bool] = ...) -> None: ...
 
 class PutBlocksResponse(_message.Message):
-    __slots__ = ("written",)
+    __slots__ = ("written", "boot_id")
     WRITTEN_FIELD_NUMBER: _ClassVar[int]
+    BOOT_ID_FIELD_NUMBER: _ClassVar[int]
     written: int
-    def __init__(self, written: _Optional[int] = ...) -> None: ...
+    boot_id: str
+    def __init__(self, written: _Optional[int] = ..., boot_id: _Optional[str] = ...) -> None: ...
 
 class RebalanceCheckRequest(_message.Message):
     __slots__ = ("refs",)
@@ -63,3 +67,13 @@ class PingResponse(_message.Message):
     total_blocks: int
     used_blocks: int
     def __init__(self, uuid: _Optional[str] = ..., protocol_version: _Optional[int] = ..., block_size: _Optional[int] = ..., total_blocks: _Optional[int] = ..., used_blocks: _Optional[int] = ...) -> None: ...
+
+class FlushRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class FlushResponse(_message.Message):
+    __slots__ = ("boot_id",)
+    BOOT_ID_FIELD_NUMBER: _ClassVar[int]
+    boot_id: str
+    def __init__(self, boot_id: _Optional[str] = ...) -> None: ...
