@@ -60,3 +60,24 @@ class TestEtcdGroupCommit(GroupCommitContract):
         assert outcomes == [list(range(2 + i * per_batch, 2 + (i + 1) * per_batch)) for i in range(3)]
         assert commits == 3  # the lead alone, then two batches, then the third
         assert backend.log.head_position() == 1 + 3 * per_batch
+
+
+def test_a_closed_connection_cannot_append_through_another_open_one(private_etcd: EtcdServer) -> None:
+    import uuid
+
+    from torus_core.errors import Closed
+
+    url = f"{private_etcd.url}?prefix=/gc-closed-{uuid.uuid4().hex}/"
+    open_one = EtcdBackend.from_url(url)
+    try:
+        closed = EtcdBackend.from_url(url)
+        log = closed.log
+        assert log.committer is open_one.log.committer  # type: ignore[attr-defined]
+        closed.close()
+        with pytest.raises(Closed):
+            log.append([ev("s", 1)])
+        assert open_one.log.head_position() == 0
+        assert open_one.log.append([ev("s", 1)]) == [1]
+    finally:
+        open_one.wipe()
+        open_one.close()

@@ -33,7 +33,7 @@ from urllib.parse import quote
 import grpc
 from etcd3 import etcdrpc
 
-from torus_core.errors import CompareFailed, InvalidArgument, MetadataUnavailable
+from torus_core.errors import Closed, CompareFailed, InvalidArgument, MetadataUnavailable
 from torus_core.eventlog import EventLog, NewEvent, StoredEvent
 from torus_core.groupcommit import GroupCommitter
 from torus_etcd._append import AppendRequest, appender_for, num, prefix_end
@@ -123,6 +123,8 @@ class EtcdEventLog(EventLog):
         if not events:
             return []
         streams = check_batch(events)
+        if self._t.closed:
+            raise Closed("etcd backend is closed")
         uncertain = self._uncertain
         retry = uncertain is not None and uncertain[0] == events
         batch_id = uncertain[1] if retry and uncertain is not None else uuid.uuid4().bytes

@@ -37,3 +37,19 @@ class TestSQLiteGroupCommit(GroupCommitContract):
                 holder.close()
 
         return hold_write_lock
+
+
+def test_a_closed_connection_cannot_append_through_another_open_one(tmp_path: Path) -> None:
+    from torus_core.errors import Closed
+    from torus_core.testing.eventlog import ev
+
+    url = f"sqlite:///{tmp_path}/meta.db"
+    with SQLiteBackend.from_url(url) as open_one:
+        closed = SQLiteBackend.from_url(url)
+        log = closed.log
+        assert log.committer is open_one.log.committer  # one group committer per file
+        closed.close()
+        with pytest.raises(Closed):
+            log.append([ev("s", 1)])
+        assert open_one.log.head_position() == 0
+        assert open_one.log.append([ev("s", 1)]) == [1]

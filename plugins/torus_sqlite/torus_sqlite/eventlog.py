@@ -10,7 +10,7 @@ from collections.abc import Sequence
 
 from sqlalchemy import Row, delete, func, insert, select
 
-from torus_core.errors import CompareFailed, InvalidArgument
+from torus_core.errors import Closed, CompareFailed, InvalidArgument
 from torus_core.eventlog import EventLog, NewEvent, StoredEvent
 from torus_core.groupcommit import GroupCommitter
 from torus_sqlite._append import AppendRequest, appender_for
@@ -73,6 +73,8 @@ class SQLiteEventLog(EventLog):
         if not batch:
             return []
         _validate(batch)
+        if self._db.closed:
+            raise Closed(f"sqlite metadata backend {self._db.path!r} is closed")
         streams: dict[str, tuple[int, int]] = {}
         for e in batch:
             seen = streams.get(e.stream_id)
