@@ -86,7 +86,7 @@ def cluster() -> Iterator[Cluster]:
     root = Path(tempfile.mkdtemp(prefix="torus-mp-"))
     (root / "etcd").mkdir()
     etcd = start_etcd(root / "etcd")
-    c = Cluster(root, etcd, ("--write-level", "one"))
+    c = Cluster(root, etcd)  # the default write level "all"
     try:
         torusctl(c.url, "init", "--block-size", "64KiB", "--replication", "2")
         for _ in range(3):
