@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """Benchmark a torus cluster on loopback against single-node torus and ``nbdkit file``, in one run.
 
-    .venv/bin/python bench/cluster.py [--quick] [--size 128MiB] [--runtime 5] [--block-size 64KiB]
+    .venv/bin/python bench/cluster.py [--quick] [--size 128MiB] [--runtime 5] [--block-size 512KiB]
+                                      [--only "single,3p R2"]
 
 Configurations (each on a fresh etcd): ``nbdkit file`` (reference), single-node torus (one
 ``torusd`` peer, R=1), then three ``torusd`` peers with R = 1, 2, 3. Workloads through the first
@@ -196,8 +197,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--quick", action="store_true", help="64 MiB volume, 2 s fio runs")
     ap.add_argument("--size", default=None, help="volume size (default 128MiB, 64MiB with --quick)")
     ap.add_argument("--runtime", type=float, default=None, help="seconds per fio run (5, 2 with --quick)")
-    ap.add_argument("--block-size", default="64KiB", help="torus block size")
+    ap.add_argument("--block-size", default="512KiB", help="torus block size (default: torusctl init's)")
+    ap.add_argument(
+        "--only",
+        default="single,3p R1,3p R2,3p R3",
+        help="comma-separated torus configurations to measure (nbdkit is always measured)",
+    )
     args = ap.parse_args(argv)
+    only = {c.strip() for c in args.only.split(",")}
+    if "single" not in only:
+        only.add("single")  # the ratios need it
     size = parse_size(args.size or ("64MiB" if args.quick else "128MiB"))
     runtime = args.runtime or (2.0 if args.quick else 5.0)
     tmp = Path(tempfile.mkdtemp(prefix="torus-bench-cluster-"))
@@ -214,7 +223,8 @@ def main(argv: list[str] | None = None) -> int:
         print("measuring nbdkit file ...")
         columns["nbdkit"] = measure_nbdkit(work, size, tmp)
         recovery = None
-        for label, peers, rep in (("single", 1, 1), ("3p R1", 3, 1), ("3p R2", 3, 2), ("3p R3", 3, 3)):
+        configs = (("single", 1, 1), ("3p R1", 3, 1), ("3p R2", 3, 2), ("3p R3", 3, 3))
+        for label, peers, rep in [c for c in configs if c[0] in only]:
             print(f"measuring torus {label} ...")
             figures, peak, rate = measure_torus(
                 work, size, tmp, peers, rep, args.block_size, recovery=(rep == 2 and peers == 3)

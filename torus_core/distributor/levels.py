@@ -8,11 +8,14 @@ from torus_core.errors import ConfigError
 
 
 class WriteLevel(StrEnum):
-    """How many owners must acknowledge a write before it succeeds.
+    """How many distinct peers must acknowledge a write before it succeeds (docs/cluster.md).
 
-    * ``ALL`` -- every one of the R owners (P[:R]); anything less raises
-      :class:`~torus_core.errors.ReplicationFailed`. Writes never spill onto non-owners.
-    * ``ONE`` -- at least one owner; the others are attempted in parallel, failures logged.
+    * ``ALL`` -- R distinct peers: the owners P[:R], an owner that is down or fails replaced by
+      the next peer of the permutation (hinted handoff; the rebalancer later moves the copy to
+      the owner). Fewer than R reachable peers raises
+      :class:`~torus_core.errors.ReplicationFailed`.
+    * ``ONE`` -- at least one peer; the owners are attempted in parallel (the next peers if
+      every owner fails), failures logged.
     * ``LOCAL`` -- the local store only (a client's write cache); the rebalancer pushes the
       block to its owners later. Falls back to ``ONE`` when the local store refuses it.
     """
