@@ -13,8 +13,13 @@ if [ ${#missing[@]} -gt 0 ]; then
 fi
 PY=${PYTHON:-python3}
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
-.venv/bin/pip install -q -U pip setuptools wheel build
-.venv/bin/pip install -q -e ".[testing]" \
-  -e plugins/torus_sqlite -e plugins/torus_blockstore_file -e plugins/torus_blockstore_mem \
-  -e plugins/torus_etcd -e plugins/torus_redis
-.venv/bin/pip install -q ruff mypy pytest-timeout
+# Reinstall only when a pyproject changed since the last successful bootstrap.
+STAMP=.venv/.torus-bootstrap
+if [ ! -f "$STAMP" ] || [ -n "$(find pyproject.toml plugins/*/pyproject.toml -newer "$STAMP" 2>/dev/null)" ]; then
+  .venv/bin/pip install -q -U pip "setuptools>=77" wheel build
+  .venv/bin/pip install -q -e ".[testing]" \
+    -e plugins/torus_sqlite -e plugins/torus_blockstore_file -e plugins/torus_blockstore_mem \
+    -e plugins/torus_etcd -e plugins/torus_redis
+  .venv/bin/pip install -q ruff mypy pytest-timeout
+  touch "$STAMP"
+fi
