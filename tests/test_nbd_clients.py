@@ -140,7 +140,8 @@ def test_qemu_io_pattern_write_then_read(uri):
 def test_fio_random_writes_verify_with_crc32c(uri):
     out = run(
         "fio", "--name=verify", "--ioengine=nbd", f"--uri={uri}", "--rw=randwrite", "--bs=4k",
-        "--iodepth=16", "--size=8M", "--verify=crc32c", "--do_verify=1", "--verify_fatal=1", "--verify_state_save=0",
+        "--iodepth=16", "--size=8M", "--verify=crc32c", "--do_verify=1", "--verify_fatal=1",
+        "--verify_state_save=0",
         "--output-format=json",
     )  # fmt: skip
     report = json.loads(out.stdout[out.stdout.index("{") :])
