@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import select
 import socket
 import subprocess
 import sys
@@ -63,36 +64,77 @@ def stop(proc: subprocess.Popen[bytes]) -> None:
             proc.wait(10)
 
 
-def _start_memory(port: int, size: int, workdir: Path) -> subprocess.Popen[bytes]:
+def _start_memory(size: int, workdir: Path, quick: bool) -> tuple[subprocess.Popen[bytes], str]:
+    port = free_port()
     cmd = [PY, "-m", "torus_core.nbd.memory_server", "--port", str(port), "--size", str(size)]
-    return subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stdin=subprocess.DEVNULL)
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stdin=subprocess.DEVNULL)
+    wait_listening(port, proc)
+    return proc, f"nbd://127.0.0.1:{port}/"
 
 
-def _start_memory_threads(port: int, size: int, workdir: Path) -> subprocess.Popen[bytes]:
+def _start_memory_threads(size: int, workdir: Path, quick: bool) -> tuple[subprocess.Popen[bytes], str]:
+    port = free_port()
     cmd = [PY, "-m", "torus_core.nbd.memory_server", "--port", str(port), "--size", str(size), "--blocking"]
-    return subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stdin=subprocess.DEVNULL)
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stdin=subprocess.DEVNULL)
+    wait_listening(port, proc)
+    return proc, f"nbd://127.0.0.1:{port}/"
 
 
-def _start_volume(port: int, size: int, workdir: Path) -> subprocess.Popen[bytes]:
-    raise SystemExit(
-        "--target volume: no volume export server yet; add its command to bench/nbd.py:_start_volume"
+def _bin(name: str) -> str:
+    return str(Path(PY).parent / name)
+
+
+def _start_volume(size: int, workdir: Path, quick: bool) -> tuple[subprocess.Popen[bytes], str]:
+    """A single-node ``torusd`` (file store, default 512 KiB blocks, ``crc,base``) serving a
+    fresh volume ``bench`` of ``size`` bytes; its URI names the export."""
+    data = workdir / "torus"
+    data.mkdir()
+    url = f"sqlite:///{data}/metadata.db"
+    subprocess.run(
+        [_bin("torusctl"), "--metadata", url, "init"], check=True, timeout=120, capture_output=True
     )
+    subprocess.run(
+        [_bin("torusctl"), "--metadata", url, "volume", "create-block", "bench", str(size)],
+        check=True,
+        timeout=120,
+        capture_output=True,
+    )
+    capacity = str(2 * size + 256 * 1024 * 1024)  # room for every block written twice (no GC)
+    cmd = [
+        _bin("torusd"), "--data-dir", str(data), "--metadata", url, "--size", capacity,
+        "--block-store", "file", "--nbd-listen", "127.0.0.1:0",
+    ]  # fmt: skip
+    log = (workdir / "torusd.log").open("wb")
+    proc = subprocess.Popen(cmd, cwd=workdir, stdout=subprocess.PIPE, stderr=log, stdin=subprocess.DEVNULL)
+    log.close()
+    assert proc.stdout is not None
+    deadline = time.monotonic() + 60
+    while (left := deadline - time.monotonic()) > 0:
+        if not select.select([proc.stdout], [], [], left)[0]:
+            continue
+        line = proc.stdout.readline().decode()
+        if not line:
+            stop(proc)
+            raise RuntimeError(f"torusd exited with {proc.wait(10)}; see {workdir / 'torusd.log'}")
+        if line.startswith("NBD LISTENING "):
+            return proc, f"nbd://{line.split()[2]}/bench"
+    stop(proc)
+    raise TimeoutError("torusd did not print NBD LISTENING within 60 s")
 
 
-#: How to start the torus server for each ``--target``: (port, export size, work dir) -> process.
-TARGETS: dict[str, Callable[[int, int, Path], subprocess.Popen[bytes]]] = {
+#: How to start the torus server for each ``--target``: (export size, work dir, quick) -> (process, URI).
+TARGETS: dict[str, Callable[[int, Path, bool], tuple[subprocess.Popen[bytes], str]]] = {
     "memory": _start_memory,
     "memory-threads": _start_memory_threads,
     "volume": _start_volume,
 }
 
 
-def start_torus(target: str, size: int, workdir: Path) -> tuple[subprocess.Popen[bytes], str]:
+def start_torus(
+    target: str, size: int, workdir: Path, quick: bool = False
+) -> tuple[subprocess.Popen[bytes], str]:
     """Start the torus NBD server for ``target``; returns the process and its URI."""
-    port = free_port()
-    proc = TARGETS[target](port, size, workdir)
-    wait_listening(port, proc)
-    return proc, f"nbd://127.0.0.1:{port}/"
+    return TARGETS[target](size, workdir, quick)
 
 
 def start_nbdkit(size: int, workdir: Path) -> tuple[subprocess.Popen[bytes], str]:
@@ -173,7 +215,7 @@ def main(argv: list[str] | None = None) -> int:
     """Run the benchmark and print the table."""
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="256 MiB and 2 s fio runs")
-    ap.add_argument("--target", choices=sorted(TARGETS), default="memory")
+    ap.add_argument("--target", choices=sorted(TARGETS), default="volume")
     ap.add_argument("--size", default=None, help="export/copy size (default 1 GiB, 256 MiB with --quick)")
     ap.add_argument("--runtime", type=float, default=None, help="seconds per fio run (10, 2 with --quick)")
     args = ap.parse_args(argv)
@@ -204,7 +246,11 @@ def main(argv: list[str] | None = None) -> int:
         results: dict[str, dict[str, float]] = {"torus": {}, "nbdkit": {}}
         rss = float("nan")
         for side in ("torus", "nbdkit"):
-            proc, uri = start_torus(args.target, size, work) if side == "torus" else start_nbdkit(size, work)
+            proc, uri = (
+                start_torus(args.target, size, work, args.quick)
+                if side == "torus"
+                else start_nbdkit(size, work)
+            )
             try:
                 for w in workloads:
                     results[side][w.name] = w.run(uri)
