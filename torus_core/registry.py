@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -73,3 +73,16 @@ class Registry:
 
     def __contains__(self, name: object) -> bool:
         return name in self._entries
+
+
+def builtin_registry(kind: str, plugin_name: str, register: Callable[..., None]) -> Registry:
+    """A registry filled by one built-in plugin's hook only (no entry points loaded).
+
+    Used where a caller passes no registry: built-in rings and layers then still resolve, the
+    same way the plugin manager would register them.
+    """
+    reg = Registry(kind)
+    reg.current_plugin = plugin_name
+    register(registry=reg)
+    reg.current_plugin = "?"
+    return reg

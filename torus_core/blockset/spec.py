@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from torus_core.blockset.layer import Blockset
 from torus_core.blockstore import BlockStore
 from torus_core.errors import InvalidArgument
-from torus_core.registry import Registry
+from torus_core.registry import Registry, builtin_registry
 
 #: The original's default block spec.
 DEFAULT_BLOCK_SPEC = "crc,base"
@@ -36,11 +36,7 @@ def default_layer_registry() -> Registry:
     """A registry holding only the built-in layers (base, crc, rep)."""
     from torus_core.blockset import builtin
 
-    reg = Registry("blockset layer")
-    reg.current_plugin = "builtin-blockset"
-    builtin.torus_register_blockset_layers(registry=reg)
-    reg.current_plugin = "?"
-    return reg
+    return builtin_registry("blockset layer", "builtin-blockset", builtin.torus_register_blockset_layers)
 
 
 _DEFAULT: Registry | None = None

@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 
 from torus_core.errors import InvalidArgument, UnknownBackendError
-from torus_core.registry import Registry
+from torus_core.registry import Registry, builtin_registry
 from torus_core.ring import wire
 from torus_core.ring.base import Ring, RingMember, RingSpec
 
@@ -20,11 +20,7 @@ def default_ring_registry() -> Registry:
     """A registry holding only the built-in ring types (no entry points loaded)."""
     from torus_core.ring import builtin
 
-    reg = Registry("ring type")
-    reg.current_plugin = "builtin-ring"
-    builtin.torus_register_ring_types(registry=reg)
-    reg.current_plugin = "?"
-    return reg
+    return builtin_registry("ring type", "builtin-ring", builtin.torus_register_ring_types)
 
 
 _DEFAULT: Registry | None = None
