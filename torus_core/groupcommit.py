@@ -37,13 +37,19 @@ class _Pending(Generic[Req, Res]):
 
     __slots__ = ("cond", "done", "leader", "outcome", "request", "taken")
 
-    def __init__(self, request: Req, lock: threading.Lock) -> None:
+    def __init__(self, request: Req) -> None:
         self.request = request
         self.outcome: Res | BaseException | None = None
         self.done = False
         self.taken = False
         self.leader = False
-        self.cond = threading.Condition(lock)
+        #: Created (with the committer's lock) only when the caller has to wait.
+        self.cond: threading.Condition | None = None
+
+    def wake(self) -> None:
+        """Wake the waiting caller, if any (lock held)."""
+        if self.cond is not None:
+            self.cond.notify()
 
 
 class GroupCommitter(Generic[Req, Res]):
@@ -90,7 +96,7 @@ class GroupCommitter(Generic[Req, Res]):
 
     def submit(self, request: Req, *, wait_timeout: float) -> Res:
         """Commit ``request`` (alone or grouped with concurrent ones); return its result or raise."""
-        p: _Pending[Req, Res] = _Pending(request, self._lock)
+        p: _Pending[Req, Res] = _Pending(request)
         with self._lock:
             self._queue.append(p)
             if not self._leading:
@@ -109,6 +115,7 @@ class GroupCommitter(Generic[Req, Res]):
         """Wait (lock held) until ``p`` is done or promoted to leader; bounded by ``wait_timeout``."""
         deadline = time.monotonic() + wait_timeout
         extended = False
+        p.cond = cond = threading.Condition(self._lock)
         while not p.done and not p.leader:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
@@ -130,7 +137,7 @@ class GroupCommitter(Generic[Req, Res]):
                 extended = True
                 deadline = time.monotonic() + wait_timeout
                 continue
-            p.cond.wait(remaining)
+            cond.wait(remaining)
 
     def _take_group(self) -> list[_Pending[Req, Res]]:
         """Pop the next group off the queue (lock held); at least one request."""
@@ -169,7 +176,7 @@ class GroupCommitter(Generic[Req, Res]):
                     self._leading = False
                 else:
                     successor.leader = True
-                    successor.cond.notify()
+                    successor.wake()
 
     def _run(self, group: list[_Pending[Req, Res]]) -> None:
         """Run ``commit`` for ``group`` and deliver every outcome."""
@@ -187,4 +194,4 @@ class GroupCommitter(Generic[Req, Res]):
                 if not g.done:  # a follower that gave up keeps its MetadataUnavailable
                     g.outcome = outcome
                     g.done = True
-                g.cond.notify()
+                g.wake()

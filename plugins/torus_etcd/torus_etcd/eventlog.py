@@ -23,9 +23,9 @@ their positions instead of :class:`CompareFailed`.
 
 from __future__ import annotations
 
+import os
 import threading
 import time
-import uuid
 from collections.abc import Iterator, Sequence
 from typing import Any
 from urllib.parse import quote
@@ -127,7 +127,7 @@ class EtcdEventLog(EventLog):
             raise Closed("etcd backend is closed")
         uncertain = self._uncertain
         retry = uncertain is not None and uncertain[0] == events
-        batch_id = uncertain[1] if retry and uncertain is not None else uuid.uuid4().bytes
+        batch_id = uncertain[1] if retry and uncertain is not None else os.urandom(16)
         request = AppendRequest(self._t, events, streams, batch_id, retry)
         try:
             positions = self._appender.append(request)

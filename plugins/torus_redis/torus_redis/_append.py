@@ -17,7 +17,6 @@ import time
 import uuid
 import weakref
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from typing import Any
 
 from torus_core.errors import CompareFailed, MetadataError, TorusError
@@ -32,28 +31,46 @@ MAX_GROUP = 64
 GROUP_BYTES = 1024 * 1024
 
 
-@dataclass(slots=True)
 class AppendRequest:
-    """One caller's validated batch, as queued for a group commit."""
+    """One caller's validated batch, as queued for a group commit (events encoded up front)."""
 
-    client: RedisClient
-    #: The ``APPEND_GROUP`` script registered on ``client``.
-    script: Any
-    events: tuple[NewEvent, ...]
-    #: ``{stream: (first_version, last_version)}`` in batch order.
-    streams: dict[str, tuple[int, int]]
-    batch_id: bytes
-    #: True when this is a retry of a batch whose earlier attempt's outcome is unknown.
-    retry_of_uncertain: bool
-    #: ``client.seen_head`` when the request was made (the head may not be behind it).
-    baseline: int
-    #: The encoded events (:func:`~torus_redis._codec.encode_body`), made by the caller.
-    bodies: list[bytes] = field(init=False, default_factory=list)
-    size: int = field(init=False, default=0)
+    __slots__ = (
+        "baseline",
+        "batch_id",
+        "bodies",
+        "client",
+        "events",
+        "retry_of_uncertain",
+        "script",
+        "size",
+        "streams",
+    )
 
-    def __post_init__(self) -> None:
+    def __init__(
+        self,
+        client: RedisClient,
+        script: Any,
+        events: tuple[NewEvent, ...],
+        streams: dict[str, tuple[int, int]],
+        batch_id: bytes,
+        retry_of_uncertain: bool,
+        *,
+        baseline: int,
+    ) -> None:
+        self.client = client
+        #: The ``APPEND_GROUP`` script registered on ``client``.
+        self.script = script
+        self.events = events
+        #: ``{stream: (first_version, last_version)}`` in batch order.
+        self.streams = streams
+        self.batch_id = batch_id
+        #: True when this is a retry of a batch whose earlier attempt's outcome is unknown.
+        self.retry_of_uncertain = retry_of_uncertain
+        #: ``client.seen_head`` when the request was made (the head may not be behind it).
+        self.baseline = baseline
         now = time.time()
-        self.bodies = [encode_body(ev, now, self.batch_id) for ev in self.events]
+        #: The encoded events (:func:`~torus_redis._codec.encode_body`).
+        self.bodies = [encode_body(ev, now, batch_id) for ev in events]
         self.size = sum(len(b) for b in self.bodies)
 
 
@@ -83,27 +100,31 @@ class RedisAppender:
     def _fits(group: Sequence[AppendRequest], request: AppendRequest) -> bool:
         return sum(r.size for r in group) + request.size <= GROUP_BYTES
 
-    def _call_args(self, group: Sequence[AppendRequest], new_cid: str) -> tuple[list[str], list[Any]]:
+    def _call_args(self, group: Sequence[AppendRequest]) -> tuple[list[str], list[Any]]:
+        """Keys and arguments of one ``APPEND_GROUP`` call for ``group``."""
         keys = [self.head_key, self.log_key, self.notify_key, self.cluster_key]
         index: dict[str, int] = {}
-        args: list[Any] = [new_cid, len(group)]
+        args: list[Any] = ["", len(group)]
         for r in group:
-            args += [r.client.known_cluster_id or "", r.baseline, len(r.streams)]
+            expected = r.client.known_cluster_id or ""
+            if not expected:  # the server may have no cluster id yet: offer a new one
+                args[0] = args[0] or uuid.uuid4().hex
+            header = [r.baseline, len(r.streams)]
             for sid, (first, _last) in r.streams.items():
                 i = index.get(sid)
                 if i is None:
                     keys.append(self.stream_key(sid))
                     i = index[sid] = len(keys) - 4
-                args += [i, first - 1]
-            args.append(len(r.events))
-            for ev, body in zip(r.events, r.bodies, strict=True):
-                args += [index[ev.stream_id], body]
+                header += [i, first - 1]
+            header.append(len(r.events))
+            header += [index[ev.stream_id] for ev in r.events]
+            args += [expected, " ".join(map(str, header)), *r.bodies]
         return keys, args
 
     def _commit(self, group: Sequence[AppendRequest]) -> list[list[int] | BaseException]:
         """Send ``group`` as one script call; settle each request from its own result."""
         sender = group[0]
-        keys, args = self._call_args(group, uuid.uuid4().hex)
+        keys, args = self._call_args(group)
         res = sender.client.call(lambda: sender.script(keys=keys, args=args), check_identity=False)
         server_cid = res[-1].decode() if isinstance(res[-1], bytes) else str(res[-1])
         outcomes: list[list[int] | BaseException] = []

@@ -9,59 +9,63 @@ from __future__ import annotations
 
 #: Appends a group of batches (group commit), each checked and applied on its own, in order.
 #: KEYS: head, log, notify, cluster-id, stream keys... (each stream once per call)
-#: ARGV: new cluster id, number of batches, then per batch:
-#:       expected cluster id ('' = unknown), min head, number of streams S,
-#:       S pairs (stream key index, expected length), number of events E,
-#:       E pairs (stream key index, body) in batch order.
+#: ARGV: new cluster id ('' if every caller knows one), number of batches, then per batch:
+#:       expected cluster id ('' = unknown); a header of space-separated integers
+#:       ``min_head S (stream key index, expected length) * S E (stream key index) * E``;
+#:       then the E event bodies in batch order.
 #: Returns a flat array: per batch {1, first position, 0} | {0, stream number in the batch,
 #:       current length} | {-1, server cluster id or '', 0} | {-2, server head, 0}; then the
 #:       server's cluster id ('' if none). A refused batch writes nothing; later batches see the
 #:       effects of earlier ones (so two batches of one stream in one call are checked in order).
 APPEND_GROUP = r"""
-local cid = redis.call('GET', KEYS[4])
-local head = tonumber(redis.call('GET', KEYS[1]) or '0')
+local ids = redis.call('MGET', KEYS[4], KEYS[1])
+local cid = ids[1]
+local head = tonumber(ids[2] or '0')
 local out = {}
 local a = 3
 local committed = false
 for b = 1, tonumber(ARGV[2]) do
   local exp_cid = ARGV[a]
-  local min_head = tonumber(ARGV[a + 1])
-  local ns = tonumber(ARGV[a + 2])
-  a = a + 3
+  local h = {}
+  for n in string.gmatch(ARGV[a + 1], '%d+') do h[#h + 1] = tonumber(n) end
+  a = a + 2
+  local ns = h[2]
+  local ne = h[3 + 2 * ns]
   local status, x, y = 1, 0, 0
   if exp_cid ~= '' and cid ~= exp_cid then
     status = -1
     x = cid or ''
-  elseif head < min_head then
+  elseif head < h[1] then
     status = -2
     x = string.format('%d', head)
   else
     for i = 1, ns do
-      local n = redis.call('LLEN', KEYS[4 + tonumber(ARGV[a + 2 * i - 2])])
-      if n ~= tonumber(ARGV[a + 2 * i - 1]) then
+      local n = redis.call('LLEN', KEYS[4 + h[1 + 2 * i]])
+      if n ~= h[2 + 2 * i] then
         status, x, y = 0, i, n
         break
       end
     end
   end
-  a = a + 2 * ns
-  local ne = tonumber(ARGV[a])
-  a = a + 1
   if status == 1 then
     if not cid then
       cid = ARGV[1]
       redis.call('SET', KEYS[4], cid)
     end
     x = head + 1
-    for j = a, a + 2 * ne - 2, 2 do
+    local recs = {}
+    for e = 1, ne do
       head = head + 1
-      local rec = string.format('%d', head) .. '|' .. ARGV[j + 1]
-      redis.call('RPUSH', KEYS[2], rec)
-      redis.call('RPUSH', KEYS[4 + tonumber(ARGV[j])], rec)
+      local rec = string.format('%d', head) .. '|' .. ARGV[a + e - 1]
+      recs[e] = rec
+      redis.call('RPUSH', KEYS[4 + h[3 + 2 * ns + e]], rec)
+    end
+    for i = 1, ne, 1000 do
+      redis.call('RPUSH', KEYS[2], unpack(recs, i, math.min(i + 999, ne)))
     end
     committed = true
   end
-  a = a + 2 * ne
+  a = a + ne
   out[#out + 1] = status
   out[#out + 1] = x
   out[#out + 1] = y

@@ -23,8 +23,8 @@ id, returns their positions instead of :class:`CompareFailed`.
 
 from __future__ import annotations
 
+import os
 import time
-import uuid
 from collections.abc import Sequence
 
 from torus_core.errors import CompareFailed, InvalidArgument, MetadataUnavailable
@@ -98,7 +98,7 @@ class RedisEventLog(EventLog):
         streams = check_batch(events)
         uncertain = self._uncertain
         retry = uncertain is not None and uncertain[0] == events
-        batch_id = uncertain[1] if retry and uncertain is not None else uuid.uuid4().bytes
+        batch_id = uncertain[1] if retry and uncertain is not None else os.urandom(16)
         request = AppendRequest(
             self._c, self._script, events, streams, batch_id, retry, baseline=self._c.seen_head
         )
