@@ -85,7 +85,11 @@ def fio(rw: str, depth: int, runtime: float, size: int, fsync: bool = False) -> 
         ]  # fmt: skip
         if fsync:
             cmd.append("--fsync=1")
-        out = subprocess.run(cmd, check=True, capture_output=True, text=True, timeout=runtime + 300).stdout
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=runtime + 300)
+        out = proc.stdout
+        if proc.returncode != 0 or "{" not in out:
+            print(f"  fio {rw} QD{depth} failed ({proc.returncode}): {proc.stderr.strip()[-300:]}")
+            return float("nan")
         job = json.loads(out[out.index("{") :])["jobs"][0]
         return float((job["read"] if "read" in rw else job["write"])["iops"])
 
@@ -148,7 +152,9 @@ def measure_torus(
         backend = make_plugin_manager().collect_registries().metadata.get("etcd").from_url(url)
         md = MetadataService(backend)
         try:
-            store_size = str(max(8 * size * replication // peers, 256 << 20))
+            # copy-on-write: every rewrite of a block takes a new one until GC frees the old, so
+            # small random writes on big blocks need room (the file store is sparse)
+            store_size = str(max(32 * size * replication // peers, 1 << 30))
             for i in range(peers):
                 p = TorusdProcess(url, root / f"p{i}", size=store_size, extra=(*FAST, "--gc-grace", "2"))
                 procs.append(p.start())

@@ -122,3 +122,38 @@ def test_unflushed_bytes_beyond_the_bound_force_a_flush(cluster: LocalCluster) -
     for i in range(6):
         client.write_block(BlockRef(4, 1, i), data(i))
     assert sum(s.stats["Flush"] for s in cluster.servers.values()) >= 2
+
+
+# --- write-behind ------------------------------------------------------------------------------
+
+
+def test_write_behind_batches_one_put_per_peer_and_flush_makes_every_block_placed(
+    cluster: LocalCluster,
+) -> None:
+    client = cluster.client(timeouts=FAST, write_behind=True)
+    items = [(BlockRef(5, 1, i), data(i)) for i in range(40)]
+    for ref, d in items:  # one block per call, like a volume evicting dirty blocks
+        client.write_block(ref, d)
+        assert client.get_block(ref) == d  # readable while queued or in flight
+    client.flush()
+    for ref, _ in items:
+        assert cluster.holders(ref) == set(cluster.ring.get_peers(ref).owners)
+    # far fewer PutBlocks than blocks x R: queued blocks travel together
+    assert sum(s.stats["PutBlocks"] for s in cluster.servers.values()) < len(items) * 2
+
+
+def test_write_behind_reports_replication_failure_at_flush_and_keeps_the_blocks_for_a_retry(
+    cluster: LocalCluster,
+) -> None:
+    client = cluster.client(timeouts=FAST, write_behind=True, read_cache_bytes=0)
+    ref = refs_first(cluster, "peer-a")[0]
+    for p in ("peer-a", "peer-b"):
+        client.peers.set_down(p)  # only peer-c is reachable: R = 2 cannot be met
+    client.write_block(ref, data(6))  # accepted into the queue
+    with pytest.raises(ReplicationFailed):
+        client.flush()
+    assert client.get_block(ref) == data(6)  # still held, still readable
+    for p in ("peer-a", "peer-b"):
+        client.peers.set_down(p, False)
+    client.flush()
+    assert len(cluster.holders(ref)) >= 2

@@ -45,6 +45,7 @@ def _ring(cluster: InProcessCluster):  # type: ignore[no-untyped-def]
 def _write(client: ClusterNode, n: int, volume: int = 7) -> dict[BlockRef, bytes]:
     blocks = {BlockRef(volume, 2, i + 1): os.urandom(64) + bytes(BS - 64) for i in range(n)}
     client.distributor.write_blocks(blocks.items())
+    client.distributor.flush()  # write-behind: placed (and durable) once flushed
     return blocks
 
 

@@ -76,6 +76,8 @@ class ClusterOptions:
     :param read_cache_bytes: distributor LRU size.
     :param timeouts: distributor deadlines.
     :param rpc_timeouts: RPC deadlines of the shared client pool.
+    :param write_behind: the distributor replicates in background workers and surfaces errors
+        at flush (see :mod:`torus_core.distributor.writebehind`).
     """
 
     heartbeat_interval: float = 2.0
@@ -89,6 +91,7 @@ class ClusterOptions:
     read_cache_bytes: int = DEFAULT_READ_CACHE_BYTES
     timeouts: DistributorTimeouts | None = None
     rpc_timeouts: RPCTimeouts | None = None
+    write_behind: bool = True
 
     def __post_init__(self) -> None:
         if not isinstance(self.maintenance_interval, int | float) or self.maintenance_interval < 0:
@@ -181,6 +184,7 @@ class ClusterNode:
             self.pool,
             read_level=self.options.read_level,
             write_level=self.options.write_level,
+            write_behind=self.options.write_behind,
             read_cache_bytes=self.options.read_cache_bytes,
             timeouts=self.options.timeouts,
             block_size=None if store is not None else self.block_size,

@@ -31,6 +31,7 @@ from torus_core.distributor.cache import BlockCache
 from torus_core.distributor.levels import ReadLevel, WriteLevel
 from torus_core.distributor.peers import PeerDirectory
 from torus_core.distributor.unflushed import UnflushedBlock, UnflushedWrites
+from torus_core.distributor.writebehind import WriteBehind
 from torus_core.errors import (
     BlockExists,
     BlockNotExist,
@@ -173,6 +174,9 @@ class Distributor(BlockStore):
         :meth:`flush` (default); False makes every PutBlocks durable before it is acknowledged.
     :param max_unflushed_bytes: a write that leaves more than this many bytes unflushed
         triggers a :meth:`flush` (bounds the memory kept for re-replication).
+    :param write_behind: replicate in background workers (see
+        :mod:`~torus_core.distributor.writebehind`): ``write_blocks`` returns once the blocks
+        are queued, and replication errors surface at :meth:`flush`. Off by default.
     """
 
     name: ClassVar[str] = "distributor"
@@ -197,6 +201,7 @@ class Distributor(BlockStore):
         close_local_store: bool = True,
         defer_flush: bool = True,
         max_unflushed_bytes: int = DEFAULT_MAX_UNFLUSHED_BYTES,
+        write_behind: bool = False,
     ) -> None:
         if local_store is not None:
             if block_size is not None and block_size != local_store.block_size:
@@ -234,6 +239,7 @@ class Distributor(BlockStore):
         self._flush_lock = threading.Lock()
         self._suspects: dict[str, float] = {}
         self._suspects_lock = threading.Lock()
+        self._wb = WriteBehind(self._replicate_recorded) if write_behind else None
         self._closed = False
         peers.on_address_dropped(self._drop_address)
 
@@ -330,6 +336,10 @@ class Distributor(BlockStore):
         cached = self.cache.get(ref)
         if cached is not None:
             return cached
+        if self._wb is not None:
+            queued = self._wb.get(ref)
+            if queued is not None:
+                return queued
         perm = self._ring.get_peers(ref)
         owners = perm.owners
         outcome = _ReadOutcome()
@@ -553,13 +563,22 @@ class Distributor(BlockStore):
             if not batch:
                 return
             write_level = WriteLevel.ONE
-        acks = self._replicate(batch, write_level, durable=not self.defer_flush)
-        if self.defer_flush:
-            self._unflushed.add(batch, acks, write_level)
-        for ref, data in batch:
-            self.cache.put(ref, data)
+        if self._wb is not None:
+            for ref, data in batch:
+                self.cache.put(ref, data)
+            self._wb.submit(batch, write_level)
+        else:
+            self._replicate_recorded(batch, write_level)
+            for ref, data in batch:
+                self.cache.put(ref, data)
         if self.defer_flush and self._unflushed.nbytes > self.max_unflushed_bytes:
             self.flush()
+
+    def _replicate_recorded(self, batch: list[tuple[BlockRef, bytes]], level: WriteLevel) -> None:
+        """Replicate ``batch`` and remember deferred copies for the next :meth:`flush`."""
+        acks = self._replicate(batch, level, durable=not self.defer_flush)
+        if self.defer_flush:
+            self._unflushed.add(batch, acks, level)
 
     def _write_local(self, batch: list[tuple[BlockRef, bytes]]) -> list[tuple[BlockRef, bytes]]:
         assert self.local_store is not None
@@ -771,7 +790,7 @@ class Distributor(BlockStore):
         has it and some owner could not be asked.
         """
         self._check_open()
-        if ref in self.cache:
+        if ref in self.cache or (self._wb is not None and ref in self._wb):
             return True
         if self.local_store is not None and self.local_store.has_block(ref):
             return True
@@ -836,6 +855,8 @@ class Distributor(BlockStore):
         """
         self._check_open()
         with self._flush_lock:
+            if self._wb is not None:
+                self._retry_failed_background_writes()
             entries = self._unflushed.take()
             try:
                 self._flush_entries(entries)
@@ -844,6 +865,32 @@ class Distributor(BlockStore):
             except BaseException:
                 self._unflushed.restore(entries)
                 raise
+
+    def _retry_failed_background_writes(self) -> None:
+        assert self._wb is not None
+        bound = self.timeouts.write * 8 + 30.0
+        failed = self._wb.drain(bound)
+        if not failed:
+            return
+        fatal = [(item, exc) for item, exc in failed if isinstance(exc, BlockExists | InvalidArgument)]
+        if fatal:  # not retryable: reported once, then dropped
+            self._wb.settle([item for item, _ in fatal], ok=True)
+        by_level: dict[WriteLevel, list[tuple[BlockRef, bytes, WriteLevel]]] = {}
+        for item, exc in failed:
+            if not isinstance(exc, BlockExists | InvalidArgument):
+                by_level.setdefault(item[2], []).append(item)
+        levels = list(by_level)
+        for n, level in enumerate(levels):
+            items = by_level[level]
+            try:
+                self._replicate_recorded([(r, d) for r, d, _ in items], level)
+            except BaseException as exc:
+                rest = [it for lv in levels[n:] for it in by_level[lv]]
+                self._wb.settle(rest, ok=False, error=exc)
+                raise
+            self._wb.settle(items, ok=True)
+        if fatal:
+            raise fatal[0][1]
 
     def _flush_peer(self, uuid: str) -> str:
         if uuid == self.self_uuid:
@@ -903,7 +950,7 @@ class Distributor(BlockStore):
         """Flush pending writes (best effort, bounded), stop worker threads (in-flight calls are
         bounded by their deadlines), then close the local store (unless ``close_local_store``
         was false) and an internally created pool."""
-        if not self._closed and len(self._unflushed):
+        if not self._closed and (len(self._unflushed) or (self._wb is not None and self._wb.pending_bytes)):
             try:
                 self.flush()
             except TorusError as exc:
@@ -912,6 +959,8 @@ class Distributor(BlockStore):
             if self._closed:
                 return
             self._closed = True
+        if self._wb is not None:
+            self._wb.close()
         self._repair_executor.shutdown(wait=True, cancel_futures=True)
         self._executor.shutdown(wait=True, cancel_futures=True)
         self.cache.clear()

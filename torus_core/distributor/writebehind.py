@@ -1,0 +1,179 @@
+"""Write-behind: blocks accepted by ``write_blocks`` and replicated by background workers.
+
+With write-behind the caller (a volume flushing its dirty blocks one at a time, under its own
+lock) does not wait for the network: blocks are queued, and worker threads take everything
+queued (up to ``batch_bytes``, one write level at a time) and replicate it as **one batch per
+peer**, all peers in parallel. While a batch is on the wire the next one accumulates, so the
+batch size adapts to the load. ``flush`` drains the queue first, then makes the writes durable,
+so an NBD FLUSH still means every acknowledged byte is durable on R peers; replication errors
+surface there (like a page cache's write-back errors at fsync).
+
+Queued and in-flight blocks stay readable through :meth:`WriteBehind.get`. The queue holds at
+most ``max_bytes``; ``submit`` blocks (bounded waits) while it is full.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+
+from torus_core.distributor.levels import WriteLevel
+from torus_core.errors import Closed, ReplicationFailed
+from torus_core.refs import BlockRef
+
+log = logging.getLogger(__name__)
+
+#: ``replicate(batch, level)``: replicate and record one batch; raises on failure.
+Replicate = Callable[[list[tuple[BlockRef, bytes]], WriteLevel], None]
+#: A queued block.
+Item = tuple[BlockRef, bytes, WriteLevel]
+
+
+class WriteBehind:
+    """Background replication queue (see the module docstring).
+
+    :param replicate: called by the workers with each batch.
+    :param max_bytes: queued + in-flight bytes beyond which ``submit`` waits.
+    :param batch_bytes: largest batch a worker takes at once.
+    :param workers: worker threads (batches in flight at once).
+    """
+
+    def __init__(
+        self,
+        replicate: Replicate,
+        *,
+        max_bytes: int = 32 * 1024 * 1024,
+        batch_bytes: int = 16 * 1024 * 1024,
+        workers: int = 2,
+    ) -> None:
+        self._replicate = replicate
+        self.max_bytes = max_bytes
+        self.batch_bytes = batch_bytes
+        self._cond = threading.Condition()
+        self._queue: deque[Item] = deque()
+        self._pending: dict[BlockRef, bytes] = {}
+        self._pending_bytes = 0
+        self._busy = 0
+        self._failed: list[tuple[Item, BaseException]] = []
+        self._closed = False
+        self._threads = [
+            threading.Thread(target=self._run, name=f"torus-writebehind-{i}", daemon=True)
+            for i in range(workers)
+        ]
+        for t in self._threads:
+            t.start()
+
+    def submit(self, batch: Sequence[tuple[BlockRef, bytes]], level: WriteLevel) -> None:
+        """Queue ``batch``; waits while the queue is over ``max_bytes`` (workers always progress:
+        every replication round is bounded by the write deadlines)."""
+        with self._cond:
+            while self._pending_bytes >= self.max_bytes and not self._closed:
+                self._cond.wait(1.0)
+            if self._closed:
+                raise Closed("write-behind queue is closed")
+            for ref, data in batch:
+                old = self._pending.get(ref)
+                if old is not None:
+                    self._pending_bytes -= len(old)
+                self._pending[ref] = data
+                self._pending_bytes += len(data)
+                self._queue.append((ref, data, level))
+            self._cond.notify_all()
+
+    def get(self, ref: BlockRef) -> bytes | None:
+        """The bytes of a queued, in-flight or failed block, else None."""
+        with self._cond:
+            return self._pending.get(ref)
+
+    def __contains__(self, ref: object) -> bool:
+        with self._cond:
+            return ref in self._pending
+
+    @property
+    def pending_bytes(self) -> int:
+        """Bytes queued, in flight or failed."""
+        with self._cond:
+            return self._pending_bytes
+
+    def _take(self) -> list[Item]:
+        first = self._queue.popleft()
+        items = [first]
+        size = len(first[1])
+        while (
+            self._queue
+            and self._queue[0][2] is first[2]
+            and size + len(self._queue[0][1]) <= self.batch_bytes
+        ):
+            item = self._queue.popleft()
+            items.append(item)
+            size += len(item[1])
+        return items
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                while not self._queue and not self._closed:
+                    self._cond.wait(1.0)
+                if not self._queue:
+                    return  # closed and drained
+                items = self._take()
+                self._busy += 1
+            error: BaseException | None = None
+            try:
+                self._replicate([(r, d) for r, d, _ in items], items[0][2])
+            except BaseException as exc:  # kept for flush; the worker must survive
+                error = exc
+                log.warning("background replication of %d block(s) failed: %s", len(items), exc)
+            with self._cond:
+                self._busy -= 1
+                if error is None:
+                    for ref, data, _ in items:
+                        if self._pending.get(ref) is data:
+                            del self._pending[ref]
+                            self._pending_bytes -= len(data)
+                else:
+                    self._failed.extend((item, error) for item in items)
+                self._cond.notify_all()
+
+    def drain(self, timeout: float) -> list[tuple[Item, BaseException]]:
+        """Wait until nothing is queued or in flight; return (and forget) the failed items.
+
+        Raises :class:`ReplicationFailed` if the queue did not drain within ``timeout``.
+        """
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while self._queue or self._busy:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise ReplicationFailed(
+                        f"background replication did not drain in {timeout:g}s "
+                        f"({len(self._queue)} queued, {self._busy} batch(es) in flight)"
+                    )
+                self._cond.wait(min(remaining, 1.0))
+            failed, self._failed = self._failed, []
+            return failed
+
+    def settle(self, items: Sequence[Item], ok: bool, error: BaseException | None = None) -> None:
+        """After a retry of failed items: forget them (``ok``) or keep them failed with ``error``."""
+        with self._cond:
+            if ok:
+                for ref, data, _ in items:
+                    if self._pending.get(ref) is data:
+                        del self._pending[ref]
+                        self._pending_bytes -= len(data)
+            else:
+                assert error is not None
+                self._failed.extend((item, error) for item in items)
+            self._cond.notify_all()
+
+    def close(self, timeout: float = 30.0) -> None:
+        """Stop the workers after the queue drained (bounded by ``timeout``). Idempotent."""
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+        deadline = time.monotonic() + timeout
+        for t in self._threads:
+            t.join(max(0.0, deadline - time.monotonic()))
