@@ -78,6 +78,16 @@ class BlockStore(ABC):
     def get_block(self, ref: BlockRef) -> bytes:
         """Return the block's ``block_size`` bytes."""
 
+    def read_block_range(self, ref: BlockRef, start: int, length: int) -> bytes:
+        """Bytes ``[start, start + length)`` of block ``ref``, possibly **without** the store's
+        own integrity check: the caller verifies them (the ``crc`` blockset layer checks each
+        4 KiB page against CRCs taken from a verified full read). Missing ref: BlockNotExist.
+
+        The default slices :meth:`get_block` (which verifies); stores that can read a part of a
+        block cheaply (the file store: one ``pread``) override it.
+        """
+        return bytes(memoryview(self.get_block(ref))[start : start + length])
+
     @abstractmethod
     def write_block(self, ref: BlockRef, data: bytes | bytearray | memoryview) -> None:
         """Store ``data`` under ``ref``."""

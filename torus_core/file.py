@@ -2,13 +2,18 @@
 
 Data path (inventory §1.3/§1.4, improved):
 
-* Writes land in a bounded **write-back cache** of dirty blocks (``cache_bytes``). A partial
-  write does not read the old block up front: the cache records which byte ranges are new and
-  merges them with the stored block only when the block is flushed or read (a hole needs no read
-  at all). When the cache is full the least recently written blocks are flushed with
-  ``put_block``; whole aligned blocks that do not fit go straight to the blockset.
-* Reads see dirty data; clean blocks come from the blockset (holes without I/O) through a small
-  read cache.
+* **Whole-block writes** land in a bounded in-memory cache of dirty blocks (``cache_bytes``);
+  when it is full they go straight to the blockset.
+* **Partial writes** never read the old block up front and never hold a whole block in memory:
+  their bytes go to a *staging file* (an unlinked temporary file, sparse, one block-sized region
+  per block; it lives in the page cache, not in the process) and the file records which byte
+  ranges of the block are new. The stored block is merged in only when the block is flushed
+  (a hole needs no read at all). At most ``staging_bytes`` worth of blocks are staged; beyond
+  that the least recently written staged block is flushed. A partial write to a block held in
+  memory updates that buffer.
+* Reads see dirty data (memory, staged ranges); clean bytes come from the blockset (holes
+  without I/O). A partial read of a clean block asks the blockset for just that range
+  (:meth:`Blockset.get_block_range`: the ``crc`` layer checks it page by page).
 * The first mutation after a sync asks the injected ``allocate_inode()`` for the new INode number;
   new blocks get refs minted under it. :meth:`File.sync` flushes dirty blocks and the store,
   writes the new INode through the :class:`~torus_core.inode.INodeStore` and calls the injected
@@ -25,9 +30,13 @@ All public methods hold one re-entrant lock, so the file may be shared between t
 
 from __future__ import annotations
 
+import os
+import tempfile
 import threading
+from bisect import bisect_left, bisect_right
 from collections import OrderedDict
 from collections.abc import Callable
+from typing import BinaryIO
 
 from torus_core.blockset import DEFAULT_BLOCK_SPEC, Blockset, create_blockset, unmarshal_blockset
 from torus_core.blockstore import BlockStore
@@ -36,36 +45,60 @@ from torus_core.inode import VIRTUAL_INODE, INode, INodeStore, virtual_inode
 from torus_core.refs import INodeRef
 from torus_core.registry import Registry
 
-#: Default bound of the write-back cache.
+#: Default bound of the in-memory write-back cache (whole dirty blocks).
 DEFAULT_CACHE_BYTES = 32 * 1024 * 1024
-_READ_CACHE_BLOCKS = 8
+#: Default bound of staged blocks for served volumes (staged bytes live in the page cache, not
+#: in the process; a FLUSH has to merge and write them all, about 0.5 ms per 512 KiB block).
+DEFAULT_STAGING_BYTES = 1024 * 1024 * 1024
 _U64 = (1 << 64) - 1
 
 Data = bytes | bytearray | memoryview
 
 
-class _Dirty:
-    """One dirty block: its buffer and, until merged with the stored block, the new ranges."""
+class _Ranges:
+    """Sorted disjoint ``[start, end)`` byte ranges of one staged block (touching ones merge)."""
 
-    __slots__ = ("buf", "ranges")
+    __slots__ = ("ends", "starts")
 
-    def __init__(self, buf: bytearray, ranges: list[tuple[int, int]] | None) -> None:
-        self.buf = buf
-        #: sorted disjoint ``(start, end)`` ranges holding new bytes; None = whole buffer valid
-        self.ranges = ranges
+    def __init__(self) -> None:
+        self.starts: list[int] = []
+        self.ends: list[int] = []
 
-    def add_range(self, start: int, end: int, size: int) -> None:
-        if self.ranges is None:
-            return
-        merged: list[tuple[int, int]] = []
-        for s, e in self.ranges:
-            if e < start or s > end:
-                merged.append((s, e))
-            else:
-                start, end = min(s, start), max(e, end)
-        merged.append((start, end))
-        merged.sort()
-        self.ranges = None if merged == [(0, size)] else merged
+    def add(self, start: int, end: int) -> None:
+        starts, ends = self.starts, self.ends
+        lo = bisect_left(ends, start)
+        hi = bisect_right(starts, end)
+        if lo < hi:
+            start = min(start, starts[lo])
+            end = max(end, ends[hi - 1])
+        starts[lo:hi] = [start]
+        ends[lo:hi] = [end]
+
+    def covers(self, start: int, end: int) -> bool:
+        """Whether one range holds all of ``[start, end)``."""
+        k = bisect_right(self.starts, start) - 1
+        return k >= 0 and self.ends[k] >= end
+
+    def segments(self, start: int, end: int) -> list[tuple[int, int, bool]]:
+        """``(s, e, staged)`` pieces covering ``[start, end)`` in order."""
+        out: list[tuple[int, int, bool]] = []
+        starts, ends = self.starts, self.ends
+        k = bisect_right(ends, start)
+        pos = start
+        while pos < end and k < len(starts):
+            s, e = starts[k], ends[k]
+            if s >= end:
+                break
+            if s > pos:
+                out.append((pos, s, False))
+                pos = s
+            stop = min(e, end)
+            out.append((pos, stop, True))
+            pos = stop
+            k += 1
+        if pos < end:
+            out.append((pos, end, False))
+        return out
 
 
 def _check_int(name: str, value: int) -> None:
@@ -88,14 +121,20 @@ class File:
         block_spec: str = DEFAULT_BLOCK_SPEC,
         layer_registry: Registry | None = None,
         cache_bytes: int = DEFAULT_CACHE_BYTES,
+        staging_bytes: int | None = None,
+        staging_dir: str | None = None,
     ) -> None:
         """Open ``inode``; an INode without layers (a fresh volume) gets a ``block_spec`` blockset.
 
-        ``allocate_inode`` and ``commit`` are required for writable files.
+        ``allocate_inode`` and ``commit`` are required for writable files. ``staging_bytes``
+        bounds the blocks with staged partial writes (default: ``cache_bytes``); the staging
+        file is created in ``staging_dir`` (default: the system temporary directory).
         """
         if not read_only and (allocate_inode is None or commit is None):
             raise InvalidArgument("a writable File needs allocate_inode and commit callbacks")
         _check_int("cache_bytes", cache_bytes)
+        if staging_bytes is not None:
+            _check_int("staging_bytes", staging_bytes)
         self._store = store
         self._bs = store.block_size
         self._inode_store = inode_store if inode_store is not None else INodeStore(store)
@@ -116,8 +155,14 @@ class File:
         self._write_inode: int | None = None
         self._pending: INode | None = None
         self._max_dirty = max(1, cache_bytes // self._bs)
-        self._dirty: OrderedDict[int, _Dirty] = OrderedDict()
-        self._read_cache: OrderedDict[int, bytes] = OrderedDict()
+        self._max_staged = max(1, (cache_bytes if staging_bytes is None else staging_bytes) // self._bs)
+        #: whole dirty blocks held in memory (every byte valid), least recently written first
+        self._dirty: OrderedDict[int, bytearray] = OrderedDict()
+        #: blocks with partial writes in the staging file: the byte ranges that are new
+        self._staged: OrderedDict[int, _Ranges] = OrderedDict()
+        self._staging_dir = staging_dir
+        self._staging: BinaryIO | None = None
+        self._staging_fd = -1
         self._zero_block = bytes(self._bs)
         self._lock = threading.RLock()
 
@@ -164,8 +209,8 @@ class File:
         return self._blockset
 
     def dirty_blocks(self) -> int:
-        """Number of blocks waiting in the write-back cache."""
-        return len(self._dirty)
+        """Number of blocks waiting to be flushed (in memory or staged)."""
+        return len(self._dirty) + len(self._staged)
 
     def is_write_open(self) -> bool:
         """True between the first mutation and the next successful sync."""
@@ -181,40 +226,68 @@ class File:
             n = self._allocate()
             _check_int("allocated inode number", n)
             self._write_inode = n
+            if self._pending is None:
+                # No INode numbered n exists anywhere yet: blocks minted under it that get
+                # replaced before the next sync are garbage and are deleted right away.
+                self._blockset.set_reclaim(INodeRef(self._volume, n))
         return INodeRef(self._volume, self._write_inode)
 
-    def _clean_block(self, i: int) -> bytes:
+    def _staging_file(self) -> int:
+        if self._staging_fd < 0:
+            self._staging = tempfile.TemporaryFile(prefix="torus-staging-", dir=self._staging_dir)
+            self._staging_fd = self._staging.fileno()
+        return self._staging_fd
+
+    def _clean_range(self, i: int, s: int, k: int) -> bytes:
+        """Bytes ``[s, s+k)`` of block ``i`` as stored (not dirty)."""
         if self._blockset.is_hole(i):
-            return self._zero_block
-        data = self._read_cache.get(i)
-        if data is None:
-            data = self._blockset.get_block(i)
-            self._read_cache[i] = data
-            if len(self._read_cache) > _READ_CACHE_BLOCKS:
-                self._read_cache.popitem(last=False)
-        return data
+            return self._zero_block[:k] if k < self._bs else self._zero_block
+        if k == self._bs:
+            return self._blockset.get_block(i)
+        return self._blockset.get_block_range(i, s, k)
 
-    def _materialize(self, i: int, entry: _Dirty) -> bytearray:
-        if entry.ranges is not None:
-            if not self._blockset.is_hole(i):
-                merged = bytearray(self._clean_block(i))
-                buf = entry.buf
-                for s, e in entry.ranges:
-                    merged[s:e] = buf[s:e]
-                entry.buf = merged
-            entry.ranges = None
-        return entry.buf
+    def _staged_range(self, i: int, ranges: _Ranges, s: int, k: int) -> bytes:
+        """Bytes ``[s, s+k)`` of staged block ``i``: staged ranges over the stored block."""
+        fd = self._staging_fd
+        base = i * self._bs
+        if ranges.covers(s, s + k):
+            return os.pread(fd, k, base + s)
+        parts = [
+            os.pread(fd, b - a, base + a) if staged else self._clean_range(i, a, b - a)
+            for a, b, staged in ranges.segments(s, s + k)
+        ]
+        return b"".join(parts)
 
-    def _flush_one(self, i: int, entry: _Dirty, ref: INodeRef) -> None:
-        buf = self._materialize(i, entry)
-        self._blockset.put_block(ref, i, buf)
-        self._read_cache.pop(i, None)
+    def _materialize(self, i: int, ranges: _Ranges) -> bytearray:
+        """The whole new content of staged block ``i``."""
+        bs = self._bs
+        if ranges.covers(0, bs) or self._blockset.is_hole(i):
+            buf = bytearray(bs)
+        else:
+            buf = bytearray(self._blockset.get_block(i))
+        mv = memoryview(buf)
+        fd = self._staging_fd
+        base = i * bs
+        for a, b in zip(ranges.starts, ranges.ends, strict=True):
+            got = os.preadv(fd, [mv[a:b]], base + a)
+            if got != b - a:
+                raise OSError(f"short read of the staging file: {got} of {b - a} bytes")
+        return buf
+
+    def _flush_staged(self, i: int, ref: INodeRef) -> None:
+        ranges = self._staged[i]
+        self._blockset.put_block(ref, i, self._materialize(i, ranges))
+        del self._staged[i]
+
+    def _flush_mem(self, i: int, ref: INodeRef) -> None:
+        self._blockset.put_block(ref, i, self._dirty[i])
+        del self._dirty[i]
 
     def _evict(self, ref: INodeRef) -> None:
         while len(self._dirty) > self._max_dirty:
-            i, entry = next(iter(self._dirty.items()))
-            self._flush_one(i, entry, ref)
-            del self._dirty[i]
+            self._flush_mem(next(iter(self._dirty)), ref)
+        while len(self._staged) > self._max_staged:
+            self._flush_staged(next(iter(self._staged)), ref)
 
     def _grow(self, new_size: int) -> None:
         n_blocks = -(-new_size // self._bs)
@@ -222,25 +295,35 @@ class File:
             self._blockset.truncate(n_blocks)
         self._size = new_size
 
-    def _write_partial(self, i: int, start: int, chunk: Data | None) -> None:
-        """Put ``chunk`` (None = zeros of the remaining length) at ``start`` in block ``i``."""
-        end = start + (len(chunk) if chunk is not None else 0)
-        entry = self._dirty.get(i)
-        if entry is None:
-            entry = _Dirty(bytearray(self._bs), [])
-            self._dirty[i] = entry
-        else:
+    def _write_partial(self, i: int, start: int, chunk: Data) -> None:
+        """Put ``chunk`` at ``start`` in block ``i`` (less than a whole block)."""
+        end = start + len(chunk)
+        buf = self._dirty.get(i)
+        if buf is not None:
+            buf[start:end] = chunk
             self._dirty.move_to_end(i)
-        if chunk is not None:
-            entry.buf[start:end] = chunk
-        entry.add_range(start, end, self._bs)
-        self._read_cache.pop(i, None)
+            return
+        fd = self._staging_file()
+        written = os.pwrite(fd, chunk, i * self._bs + start)
+        if written != end - start:
+            raise OSError(f"short write to the staging file: {written} of {end - start} bytes")
+        ranges = self._staged.get(i)
+        if ranges is None:
+            ranges = self._staged[i] = _Ranges()
+        else:
+            self._staged.move_to_end(i)
+        ranges.add(start, end)
 
     def _zero_partial(self, i: int, start: int, end: int) -> None:
-        entry = self._dirty.get(i)
-        if entry is None and self._blockset.is_hole(i):
+        if i not in self._dirty and i not in self._staged and self._blockset.is_hole(i):
             return  # already zeros
         self._write_partial(i, start, self._zero_block[: end - start])
+
+    def _drop_dirty(self, first: int, last: int | None = None) -> None:
+        """Forget dirty state of blocks ``first <= i < last`` (to the end if ``last`` is None)."""
+        for cache in (self._dirty, self._staged):
+            for i in [i for i in cache if i >= first and (last is None or i < last)]:
+                del cache[i]  # type: ignore[attr-defined]
 
     # --- public API -------------------------------------------------------------------------
 
@@ -253,17 +336,23 @@ class File:
             if offset >= end:
                 return b""
             bs = self._bs
-            parts: list[memoryview] = []
+            parts: list[bytes | memoryview] = []
             pos = offset
             while pos < end:
                 i, s = divmod(pos, bs)
                 k = min(bs - s, end - pos)
-                entry = self._dirty.get(i)
-                data: bytes | bytearray = (
-                    self._materialize(i, entry) if entry is not None else self._clean_block(i)
-                )
-                parts.append(memoryview(data)[s : s + k])
+                buf = self._dirty.get(i)
+                if buf is not None:
+                    parts.append(memoryview(buf)[s : s + k])
+                else:
+                    ranges = self._staged.get(i)
+                    if ranges is not None:
+                        parts.append(self._staged_range(i, ranges, s, k))
+                    else:
+                        parts.append(self._clean_range(i, s, k))
                 pos += k
+            if len(parts) == 1 and isinstance(parts[0], bytes):
+                return parts[0]
             return b"".join(parts)
 
     def write_at(self, offset: int, data: Data) -> int:
@@ -285,16 +374,15 @@ class File:
                 k = min(bs - s, end - pos)
                 chunk = mv[pos - offset : pos - offset + k]
                 if k == bs:
-                    entry = self._dirty.get(i)
-                    if entry is not None:
-                        entry.buf[:] = chunk
-                        entry.ranges = None
+                    self._staged.pop(i, None)
+                    buf = self._dirty.get(i)
+                    if buf is not None:
+                        buf[:] = chunk
                         self._dirty.move_to_end(i)
                     elif len(self._dirty) < self._max_dirty:
-                        self._dirty[i] = _Dirty(bytearray(chunk), None)
+                        self._dirty[i] = bytearray(chunk)
                     else:  # cache full: whole blocks go straight through
                         self._blockset.put_block(ref, i, chunk)
-                    self._read_cache.pop(i, None)
                 else:
                     self._write_partial(i, s, chunk)
                     self._evict(ref)
@@ -311,10 +399,8 @@ class File:
                 return
             bs = self._bs
             n_blocks = -(-size // bs)
-            for i in [i for i in self._dirty if i >= n_blocks]:
-                del self._dirty[i]
+            self._drop_dirty(n_blocks)
             self._blockset.truncate(n_blocks)
-            self._read_cache.clear()
             if size % bs:
                 self._zero_partial(n_blocks - 1, size % bs, bs)
             self._size = size
@@ -334,10 +420,7 @@ class File:
             last_full = end // bs
             if first_full < last_full:
                 self._blockset.trim(first_full, last_full)
-                for i in [i for i in self._dirty if first_full <= i < last_full]:
-                    del self._dirty[i]
-                for i in [i for i in self._read_cache if first_full <= i < last_full]:
-                    del self._read_cache[i]
+                self._drop_dirty(first_full, last_full)
                 edges = [(offset, first_full * bs), (last_full * bs, end)]
             else:
                 edges = [(offset, end)]
@@ -382,7 +465,7 @@ class File:
             while pos < end:
                 i, s = divmod(pos, bs)
                 k = min(bs - s, end - pos)
-                hole = i not in self._dirty and self._blockset.is_hole(i)
+                hole = i not in self._dirty and i not in self._staged and self._blockset.is_hole(i)
                 if out and out[-1][1] == hole:
                     out[-1] = (out[-1][0] + k, hole)
                 else:
@@ -393,11 +476,14 @@ class File:
     def flush_blocks(self) -> None:
         """Write every dirty block to the blockset and flush the store (no INode commit)."""
         with self._lock:
-            if self._dirty:
+            if self._dirty or self._staged:
                 ref = self._open_write()
                 for i in sorted(self._dirty):
-                    self._flush_one(i, self._dirty[i], ref)
-                    del self._dirty[i]
+                    self._flush_mem(i, ref)
+                for i in sorted(self._staged):
+                    self._flush_staged(i, ref)
+                if self._staging_fd >= 0:
+                    os.ftruncate(self._staging_fd, 0)  # drop the staged bytes (page cache, disk)
             self._store.flush()
 
     def sync(self) -> INodeRef | None:
@@ -418,6 +504,7 @@ class File:
                 self._write_inode = None
                 self._open_write()
                 inode = self._current_inode()
+            self._blockset.set_reclaim(None)  # from here on an INode may name these refs
             self._inode_store.write_inode(inode)
             self._pending = inode
             self._store.flush()
@@ -428,6 +515,15 @@ class File:
             self._committed = inode.ref
             return inode.ref
 
+    def close(self) -> None:
+        """Release the staging file (dirty data not synced is dropped). Idempotent."""
+        with self._lock:
+            self._staged.clear()
+            if self._staging is not None:
+                self._staging.close()
+                self._staging = None
+                self._staging_fd = -1
+
     def _current_inode(self) -> INode:
         assert self._write_inode is not None
         return INode(self._volume, self._write_inode, self._size, dict(self._attrs), self._blockset.marshal())
@@ -435,5 +531,5 @@ class File:
     def __repr__(self) -> str:
         return (
             f"<File vol={self._volume} size={self._size} committed={self._committed.inode} "
-            f"dirty={len(self._dirty)}{' ro' if self.read_only else ''}>"
+            f"dirty={self.dirty_blocks()}{' ro' if self.read_only else ''}>"
         )

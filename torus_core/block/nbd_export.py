@@ -31,7 +31,7 @@ from torus_core.block.snapshots import open_snapshot, parse_target
 from torus_core.block.volume import DEFAULT_LEASE_TTL, BlockVolume
 from torus_core.blockstore import BlockStore
 from torus_core.errors import Closed, Locked, TorusError
-from torus_core.file import DEFAULT_CACHE_BYTES
+from torus_core.file import DEFAULT_CACHE_BYTES, DEFAULT_STAGING_BYTES
 from torus_core.metadata import MetadataService
 from torus_core.nbd.constants import STATE_HOLE, STATE_ZERO
 from torus_core.nbd.export import Buffer, Export, ExportInfo, ExportProvider
@@ -130,8 +130,12 @@ class VolumeExportProvider(ExportProvider):
         cache_bytes: int = DEFAULT_CACHE_BYTES,
         layer_registry: Registry | None = None,
         preferred_block_size: int | None = None,
+        staging_bytes: int = DEFAULT_STAGING_BYTES,
+        staging_dir: str | None = None,
     ) -> None:
         self.md = md
+        self.staging_bytes = staging_bytes
+        self.staging_dir = staging_dir
         pref = preferred_block_size if preferred_block_size is not None else store.block_size
         self.preferred_block_size = min(max(pref, 1), MAX_BLOCK)
         self.store = store
@@ -197,6 +201,8 @@ class VolumeExportProvider(ExportProvider):
                         lease_ttl=self.lease_ttl,
                         cache_bytes=self.cache_bytes,
                         layer_registry=self.layer_registry,
+                        staging_bytes=self.staging_bytes,
+                        staging_dir=self.staging_dir,
                     )
                 shared = self._open[name] = _Shared(volume, 0)
             elif shared.volume.lost:

@@ -107,8 +107,13 @@ class BlockVolume:
         lease_ttl: float = DEFAULT_LEASE_TTL,
         cache_bytes: int = DEFAULT_CACHE_BYTES,
         layer_registry: Registry | None = None,
+        staging_bytes: int | None = None,
+        staging_dir: str | None = None,
     ) -> BlockVolume:
         """Lock volume ``name`` for writing and open its current INode.
+
+        ``cache_bytes``, ``staging_bytes`` and ``staging_dir`` configure the file's write-back
+        cache (see :class:`~torus_core.file.File`).
 
         Raises NotExist (no such volume), Locked (someone else holds it), NoGlobalMetadata
         (unformatted cluster), InvalidArgument (bad TTL or store block size).
@@ -146,6 +151,8 @@ class BlockVolume:
                 block_spec=gm.block_spec,
                 layer_registry=layer_registry,
                 cache_bytes=cache_bytes,
+                staging_bytes=staging_bytes,
+                staging_dir=staging_dir,
             )
             vol = cls(md, store, info, file, lock=lock, lease=lease)
             holder.append(vol)
@@ -290,6 +297,7 @@ class BlockVolume:
                     self.file.sync()
             finally:
                 self._closed = True
+                self.file.close()
                 self._release()
 
     def _release(self) -> None:

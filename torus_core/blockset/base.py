@@ -73,6 +73,14 @@ class BaseLayer(Blockset):
             return self._zero_block
         return self.store.get_block(ref)
 
+    def read_range_unverified(self, i: int, start: int, length: int) -> bytes:
+        """Read just the range from the store (no integrity check); a hole gives zeros."""
+        self._check_range(start, length)
+        ref = self.ref_at(i)
+        if ref.is_zero():
+            return bytes(length)
+        return self.store.read_block_range(ref, start, length)
+
     def mint(self, inode: INodeRef) -> BlockRef:
         """A fresh data ref for ``inode`` (n = 1, 2, 3, … per blockset instance)."""
         self._counter += 1
@@ -88,14 +96,19 @@ class BaseLayer(Blockset):
         if i == self.length:
             self._raw += raw
         else:
+            old = self.ref_at(i) if self._reclaim is not None else None
             self._raw[i * _SIZE : (i + 1) * _SIZE] = raw
+            if old is not None:
+                self._delete_reclaimable([old])
 
     def truncate(self, n_blocks: int) -> None:
         """Append holes or cut."""
         self._check_count(n_blocks)
         want = n_blocks * _SIZE
         if want <= len(self._raw):
+            gone = self._refs_in(n_blocks, self.length)
             del self._raw[want:]
+            self._delete_reclaimable(gone)
         else:
             self._raw += bytes(want - len(self._raw))
 
@@ -103,7 +116,20 @@ class BaseLayer(Blockset):
         """Zero the refs in ``[start, end)``."""
         start, end = max(0, start), min(end, self.length)
         if start < end:
+            gone = self._refs_in(start, end)
             self._raw[start * _SIZE : end * _SIZE] = bytes((end - start) * _SIZE)
+            self._delete_reclaimable(gone)
+
+    def _refs_in(self, start: int, end: int) -> list[BlockRef]:
+        """Reclaimable refs in slots ``[start, end)`` (none while reclaiming is off)."""
+        if self._reclaim is None or start >= end:
+            return []
+        raw = memoryview(self._raw)[start * _SIZE : end * _SIZE]
+        return [
+            BlockRef(word & VOLUME_MAX, inode, index, BlockType(word >> 40))
+            for word, inode, index in _REF.iter_unpack(raw)
+            if inode == self._reclaim.inode and (word & VOLUME_MAX) == self._reclaim.volume and index
+        ]
 
     def check_block(self, i: int, data: BlockData) -> bool:
         """The base layer has no integrity data."""

@@ -1,14 +1,22 @@
-"""The ``crc`` layer (kind 1): a CRC32-IEEE per block, verified on every read."""
+"""The ``crc`` layer (kind 1): a CRC32-IEEE per block, verified on every read.
+
+Partial reads (:meth:`CRCLayer.get_block_range`) do not read and checksum the whole block each
+time: the first one reads the block in full, verifies it against the stored CRC and keeps a CRC
+per 4 KiB page of it in memory (a bounded LRU of such tables, 512 B per 512 KiB block); later
+ones read only the pages they need from the store and check each against that table. Every
+byte returned is therefore checked against a CRC that was itself verified against the INode.
+"""
 
 from __future__ import annotations
 
 import sys
-import zlib
 from array import array
+from collections import OrderedDict
 from typing import ClassVar
 
 from torus_core.blockset.layer import BlockData, Blockset
 from torus_core.blockstore import BlockStore
+from torus_core.crc32 import crc32
 from torus_core.errors import CorruptBlock, InvalidArgument
 from torus_core.refs import INodeRef
 
@@ -21,6 +29,12 @@ def _u32_array(content: bytes = b"") -> array:
     if sys.byteorder != "little":  # pragma: no cover
         arr.byteswap()
     return arr
+
+
+#: Granularity of partial-read verification.
+PAGE_SIZE = 4096
+#: Most per-page CRC tables kept (16384 tables of a 512 KiB block = 8 GiB of data, ~9 MiB).
+MAX_PAGE_TABLES = 16384
 
 
 class CRCLayer(Blockset):
@@ -39,9 +53,10 @@ class CRCLayer(Blockset):
             raise InvalidArgument(f"the crc layer takes no option, got {option!r}")
         super().__init__(store, sub)
         self._sub: Blockset = sub
-        self._zero_crc = zlib.crc32(bytes(self.block_size))
+        self._zero_crc = crc32(bytes(self.block_size))
         self._crcs = _u32_array()
         self._crcs.extend([self._zero_crc] * sub.length)
+        self._pages: OrderedDict[int, array] = OrderedDict()
 
     def content(self) -> bytes:
         """Concatenated little-endian u32 CRCs."""
@@ -60,6 +75,7 @@ class CRCLayer(Blockset):
                 f"crc layer holds {len(content) // 4} CRCs but the inner layer has {self._sub.length} blocks"
             )
         self._crcs = _u32_array(content)
+        self._pages.clear()
 
     @property
     def length(self) -> int:
@@ -70,21 +86,68 @@ class CRCLayer(Blockset):
         """Read from the inner layer and verify the CRC."""
         self._check_index(i)
         data = self._sub.get_block(i)
-        if zlib.crc32(data) != self._crcs[i]:
+        if crc32(data) != self._crcs[i]:
             raise CorruptBlock(f"block {i}: CRC mismatch (expected {self._crcs[i]:#010x})")
         return data
+
+    def get_block_range(self, i: int, start: int, length: int) -> bytes:
+        """Bytes ``[start, start + length)`` of block ``i``, checked page by page (see module)."""
+        self._check_index(i)
+        self._check_range(start, length)
+        bs = self.block_size
+        if length == bs:
+            return self.get_block(i)
+        table = self._pages.get(i)
+        if table is None:
+            data = self.get_block(i)
+            self._remember_pages(i, data)
+            return bytes(memoryview(data)[start : start + length])
+        self._pages.move_to_end(i)
+        a = start - start % PAGE_SIZE
+        b = min(bs, -(-(start + length) // PAGE_SIZE) * PAGE_SIZE)
+        raw = self._sub.read_range_unverified(i, a, b - a)
+        if len(raw) != b - a:
+            raise CorruptBlock(f"block {i}: short read of {len(raw)} bytes at {a}")
+        mv = memoryview(raw)
+        page = a // PAGE_SIZE
+        for off in range(0, b - a, PAGE_SIZE):
+            if crc32(mv[off : off + PAGE_SIZE]) != table[page]:
+                raise CorruptBlock(f"block {i}: CRC mismatch in page {page}")
+            page += 1
+        if a == start and b - a == length:
+            return raw
+        return bytes(mv[start - a : start - a + length])
+
+    def _remember_pages(self, i: int, data: BlockData) -> None:
+        mv = memoryview(data)
+        table = _u32_array()
+        table.extend([crc32(mv[off : off + PAGE_SIZE]) for off in range(0, len(mv), PAGE_SIZE)])
+        self._pages[i] = table
+        if len(self._pages) > MAX_PAGE_TABLES:
+            self._pages.popitem(last=False)
+
+    def _forget_pages(self, start: int, end: int) -> None:
+        if not self._pages:
+            return
+        if end - start < len(self._pages):
+            for i in range(start, end):
+                self._pages.pop(i, None)
+        else:
+            for i in [i for i in self._pages if start <= i < end]:
+                del self._pages[i]
 
     def check_block(self, i: int, data: BlockData) -> bool:
         """Whether ``data`` matches the stored CRC (and every inner check)."""
         self._check_index(i)
-        return zlib.crc32(data) == self._crcs[i] and self._sub.check_block(i, data)
+        return crc32(data) == self._crcs[i] and self._sub.check_block(i, data)
 
     def put_block(self, inode: INodeRef, i: int, data: BlockData) -> None:
         """Record the CRC and delegate the write."""
         self._check_index(i, allow_append=True)
         data = self._padded(data)
-        crc = zlib.crc32(data)
+        crc = crc32(data)
         self._sub.put_block(inode, i, data)
+        self._pages.pop(i, None)
         if i == len(self._crcs):
             self._crcs.append(crc)
         else:
@@ -94,6 +157,7 @@ class CRCLayer(Blockset):
         """Truncate the inner layer; new slots get the zero-block CRC."""
         self._check_count(n_blocks)
         self._sub.truncate(n_blocks)
+        self._forget_pages(n_blocks, max(n_blocks, len(self._crcs)))
         have = len(self._crcs)
         if n_blocks <= have:
             del self._crcs[n_blocks:]
@@ -104,5 +168,6 @@ class CRCLayer(Blockset):
         """Trim the inner layer; trimmed slots get the zero-block CRC."""
         self._sub.trim(start, end)
         start, end = max(0, start), min(end, len(self._crcs))
+        self._forget_pages(start, end)
         if start < end:
             self._crcs[start:end] = array(self._crcs.typecode, [self._zero_crc]) * (end - start)

@@ -90,6 +90,45 @@ class Blockset(ABC):
             raise NotImplementedError
         return self.sub.is_hole(i)
 
+    #: Refs minted under this INode were never part of a written INode: blocks they name are
+    #: deleted as soon as they are replaced, trimmed or cut (see :meth:`set_reclaim`).
+    _reclaim: INodeRef | None = None
+
+    def set_reclaim(self, inode: INodeRef | None) -> None:
+        """Declare that no INode (committed or not) holds refs minted under ``inode`` yet, so a
+        block of it that is overwritten, trimmed or cut can be deleted at once instead of being
+        left for GC; ``None`` turns this off. Applies to this layer and every inner one."""
+        for layer in self.layers():
+            layer._reclaim = inode
+
+    def _reclaimable(self, ref: BlockRef) -> bool:
+        r = self._reclaim
+        return r is not None and ref.inode == r.inode and ref.volume == r.volume and not ref.is_zero()
+
+    def _delete_reclaimable(self, refs: Sequence[BlockRef]) -> None:
+        """Delete the blocks of ``refs`` that :meth:`set_reclaim` allows to delete."""
+        for ref in refs:
+            if self._reclaimable(ref):
+                try:
+                    self.store.delete_block(ref)
+                except BlockNotExist:
+                    pass
+
+    def get_block_range(self, i: int, start: int, length: int) -> bytes:
+        """Bytes ``[start, start + length)`` of block ``i``, verified like :meth:`get_block`.
+
+        The default reads the whole block; the ``crc`` layer reads only the pages needed and
+        checks them against per-page CRCs derived from a verified full read.
+        """
+        self._check_range(start, length)
+        return bytes(memoryview(self.get_block(i))[start : start + length])
+
+    def read_range_unverified(self, i: int, start: int, length: int) -> bytes:
+        """Bytes ``[start, start + length)`` of block ``i`` for an outer layer that verifies
+        them itself. The default is :meth:`get_block_range`; ``base`` reads just the range
+        from the store (:meth:`BlockStore.read_block_range`)."""
+        return self.get_block_range(i, start, length)
+
     def check_block(self, i: int, data: BlockData) -> bool:
         """Whether ``data`` passes every integrity check the stack holds for slot ``i``."""
         return True if self.sub is None else self.sub.check_block(i, data)
@@ -149,6 +188,10 @@ class Blockset(ABC):
         if n > self.block_size:
             raise InvalidArgument(f"block data of {n} bytes exceeds the block size {self.block_size}")
         return bytes(data) + bytes(self.block_size - n)
+
+    def _check_range(self, start: int, length: int) -> None:
+        if start < 0 or length < 0 or start + length > self.block_size:
+            raise InvalidArgument(f"range {start}+{length} is outside a {self.block_size}-byte block")
 
     def _check_count(self, n_blocks: int) -> None:
         if not isinstance(n_blocks, int) or isinstance(n_blocks, bool) or n_blocks < 0:

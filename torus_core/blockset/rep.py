@@ -143,15 +143,18 @@ class RepLayer(Blockset):
             self.store.write_block(ref, data)
             refs.append(ref.to_bytes())
         self._sub.put_block(inode, i, data)
+        replaced = [] if appending or self._reclaim is None else self.copy_refs(i)
         for raw, ref_bytes in zip(self._copies, refs, strict=True):
             if appending:
                 raw += ref_bytes
             else:
                 raw[i * _SIZE : (i + 1) * _SIZE] = ref_bytes
+        self._delete_reclaimable(replaced)
 
     def truncate(self, n_blocks: int) -> None:
         """Truncate the inner layer and every copy list."""
         self._check_count(n_blocks)
+        gone = self._copy_refs_in(n_blocks, self.length)
         self._sub.truncate(n_blocks)
         want = n_blocks * _SIZE
         for raw in self._copies:
@@ -159,14 +162,24 @@ class RepLayer(Blockset):
                 del raw[want:]
             else:
                 raw += bytes(want - len(raw))
+        self._delete_reclaimable(gone)
 
     def trim(self, start: int, end: int) -> None:
         """Trim the inner layer and every copy list."""
         self._sub.trim(start, end)
         start, end = max(0, start), min(end, self.length)
         if start < end:
+            gone = self._copy_refs_in(start, end)
             for raw in self._copies:
                 raw[start * _SIZE : end * _SIZE] = bytes((end - start) * _SIZE)
+            self._delete_reclaimable(gone)
+
+    def _copy_refs_in(self, start: int, end: int) -> list[BlockRef]:
+        """Copies' refs in slots ``[start, end)`` while reclaiming is on (else none)."""
+        if self._reclaim is None or start >= end:
+            return []
+        n = len(self._copies[0]) // _SIZE if self._copies else 0
+        return [_ref_at(raw, i) for raw in self._copies for i in range(start, min(end, n))]
 
     def get_live_inodes(self) -> BitMap:
         """INodes of the inner layer's refs and of every copy."""

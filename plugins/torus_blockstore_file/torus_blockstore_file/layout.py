@@ -35,13 +35,15 @@ import struct
 import zlib
 from dataclasses import dataclass
 
+from torus_core.crc32 import crc32
 from torus_core.errors import InvalidArgument
 from torus_core.refs import BlockRef
 
 MAGIC = b"TORUSBS1"
 VERSION = 1
-#: Checksum algorithm ids stored in the header. Only zlib's CRC-32 is implemented: it runs at
-#: ~1.7 GB/s here against ~0.4 GB/s for blake2b-8 (measured on 512 KiB blocks).
+#: Checksum algorithm ids stored in the header. Only CRC-32 (IEEE, zlib's) is implemented: zlib
+#: runs at ~1.7-2.3 GB/s here, ISA-L's (torus_core.crc32) at ~15 GB/s, blake2b-8 at ~0.4 GB/s
+#: (measured on 512 KiB blocks).
 CHECKSUM_CRC32 = 1
 
 HEADER_SIZE = 4096
@@ -58,8 +60,8 @@ ZERO_RECORD = bytes(RECORD_SIZE)
 
 
 def block_checksum(data: bytes | bytearray | memoryview) -> int:
-    """Checksum of one full (padded) block."""
-    return zlib.crc32(data)
+    """Checksum of one full (padded) block: CRC-32 (IEEE), via :mod:`torus_core.crc32`."""
+    return crc32(data)
 
 
 def _seal(body: bytes) -> bytes:
