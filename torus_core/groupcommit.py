@@ -1,13 +1,14 @@
 """Group commit: concurrent callers in one process share one write to the metadata server.
 
 A metadata backend's ``append`` hands its prepared request to a :class:`GroupCommitter` and
-blocks for its own outcome. The first caller to arrive while no commit is running becomes the
-*leader*: it takes the queued requests (FIFO, as many as ``fits`` admits, at least one) and
-runs the backend's ``commit`` function once for the whole group, which returns one outcome per
-request (a result or an exception). Callers arriving meanwhile queue up and are committed
-together in the next group, so N concurrent writers cost about one round trip (one fsync, one
-consensus write) per group instead of one each. When its own request is done, the leader hands
-leadership to the oldest queued caller, so no thread keeps working for others indefinitely.
+blocks for its own outcome. A caller arriving while no commit is running commits its request
+at once, alone. Callers arriving while a commit runs queue up; when the running commit is done,
+the oldest queued caller becomes the *leader*: it takes the queued requests (FIFO, as many as
+``fits`` admits, at least one) and runs the backend's ``commit`` function once for the whole
+group, which returns one outcome per request (a result or an exception). So N concurrent writers
+cost about one round trip (one fsync, one consensus write) per group instead of one each. When
+its own request is done, a leader hands leadership to the oldest queued caller, so no thread
+keeps working for others indefinitely.
 
 There is no background thread: nothing to start or stop, nothing left running after close.
 
@@ -96,20 +97,42 @@ class GroupCommitter(Generic[Req, Res]):
 
     def submit(self, request: Req, *, wait_timeout: float) -> Res:
         """Commit ``request`` (alone or grouped with concurrent ones); return its result or raise."""
-        p: _Pending[Req, Res] = _Pending(request)
+        p: _Pending[Req, Res] | None
         with self._lock:
-            self._queue.append(p)
-            if not self._leading:
+            if not self._leading:  # no commit running (so nothing queued): commit right away
                 self._leading = True
-                p.leader = True
+                p = None
             else:
+                p = _Pending(request)
+                self._queue.append(p)
                 self._wait_as_follower(p, wait_timeout)
-        if not p.done:  # this caller leads
+        if p is None:
+            return self._solo(request)
+        if not p.done:  # promoted: this caller leads
             self._lead(p)
         outcome = p.outcome
         if isinstance(outcome, BaseException):
             raise outcome
         return outcome  # type: ignore[return-value]
+
+    def _solo(self, request: Req) -> Res:
+        """Commit ``request`` alone (the uncontended path), then hand leadership on."""
+        outcome: Res | BaseException
+        try:
+            outcomes = self._commit([request])
+            if len(outcomes) != 1:
+                raise MetadataError(f"group commit returned {len(outcomes)} outcomes for 1")
+            outcome = outcomes[0]
+        except Exception as exc:
+            outcome = exc
+        finally:
+            with self._lock:
+                self.commits += 1
+                self.committed += 1
+                self._hand_off()
+        if isinstance(outcome, BaseException):
+            raise outcome
+        return outcome
 
     def _wait_as_follower(self, p: _Pending[Req, Res], wait_timeout: float) -> None:
         """Wait (lock held) until ``p`` is done or promoted to leader; bounded by ``wait_timeout``."""
@@ -171,12 +194,16 @@ class GroupCommitter(Generic[Req, Res]):
                 if not me.done:  # the loop was left by an exception; never leave the caller hanging
                     me.outcome = MetadataError("group commit ended without an outcome")
                     me.done = True
-                successor = next((q for q in self._queue if not q.done), None)
-                if successor is None:
-                    self._leading = False
-                else:
-                    successor.leader = True
-                    successor.wake()
+                self._hand_off()
+
+    def _hand_off(self) -> None:
+        """Make the oldest queued caller the leader, or end leadership (lock held)."""
+        successor = next((q for q in self._queue if not q.done), None)
+        if successor is None:
+            self._leading = False
+        else:
+            successor.leader = True
+            successor.wake()
 
     def _run(self, group: list[_Pending[Req, Res]]) -> None:
         """Run ``commit`` for ``group`` and deliver every outcome."""

@@ -16,7 +16,7 @@ import threading
 import time
 import uuid
 import weakref
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from torus_core.errors import CompareFailed, MetadataError, TorusError
@@ -40,6 +40,8 @@ class AppendRequest:
         "bodies",
         "client",
         "events",
+        "header",
+        "keys",
         "retry_of_uncertain",
         "script",
         "size",
@@ -56,6 +58,7 @@ class AppendRequest:
         retry_of_uncertain: bool,
         *,
         baseline: int,
+        stream_key: Callable[[str], str],
     ) -> None:
         self.client = client
         #: The ``APPEND_GROUP`` script registered on ``client``.
@@ -72,6 +75,15 @@ class AppendRequest:
         #: The encoded events (:func:`~torus_redis._codec.encode_body`).
         self.bodies = [encode_body(ev, now, batch_id) for ev in events]
         self.size = sum(len(b) for b in self.bodies)
+        #: This batch's stream keys and its ``APPEND_GROUP`` header (see ``_scripts``).
+        self.keys = [stream_key(sid) for sid in streams]
+        number = {sid: i for i, sid in enumerate(streams, start=1)}
+        header = [baseline, len(streams)]
+        for sid, (first, _last) in streams.items():
+            header += [number[sid], first - 1]
+        header.append(len(events))
+        header += [number[ev.stream_id] for ev in events]
+        self.header = " ".join(map(str, header))
 
 
 class RedisAppender:
@@ -103,22 +115,13 @@ class RedisAppender:
     def _call_args(self, group: Sequence[AppendRequest]) -> tuple[list[str], list[Any]]:
         """Keys and arguments of one ``APPEND_GROUP`` call for ``group``."""
         keys = [self.head_key, self.log_key, self.notify_key, self.cluster_key]
-        index: dict[str, int] = {}
         args: list[Any] = ["", len(group)]
         for r in group:
             expected = r.client.known_cluster_id or ""
             if not expected:  # the server may have no cluster id yet: offer a new one
                 args[0] = args[0] or uuid.uuid4().hex
-            header = [r.baseline, len(r.streams)]
-            for sid, (first, _last) in r.streams.items():
-                i = index.get(sid)
-                if i is None:
-                    keys.append(self.stream_key(sid))
-                    i = index[sid] = len(keys) - 4
-                header += [i, first - 1]
-            header.append(len(r.events))
-            header += [index[ev.stream_id] for ev in r.events]
-            args += [expected, " ".join(map(str, header)), *r.bodies]
+            keys += r.keys
+            args += [expected, r.header, *r.bodies]
         return keys, args
 
     def _commit(self, group: Sequence[AppendRequest]) -> list[list[int] | BaseException]:

@@ -8,11 +8,11 @@ single Redis (or a primary with replicas), not Redis Cluster.
 from __future__ import annotations
 
 #: Appends a group of batches (group commit), each checked and applied on its own, in order.
-#: KEYS: head, log, notify, cluster-id, stream keys... (each stream once per call)
+#: KEYS: head, log, notify, cluster-id, then each batch's S stream keys in turn.
 #: ARGV: new cluster id ('' if every caller knows one), number of batches, then per batch:
 #:       expected cluster id ('' = unknown); a header of space-separated integers
-#:       ``min_head S (stream key index, expected length) * S E (stream key index) * E``;
-#:       then the E event bodies in batch order.
+#:       ``min_head S (stream number, expected length) * S E (stream number) * E`` (stream
+#:       numbers 1..S refer to the batch's own stream keys); then the E event bodies in order.
 #: Returns a flat array: per batch {1, first position, 0} | {0, stream number in the batch,
 #:       current length} | {-1, server cluster id or '', 0} | {-2, server head, 0}; then the
 #:       server's cluster id ('' if none). A refused batch writes nothing; later batches see the
@@ -23,6 +23,7 @@ local cid = ids[1]
 local head = tonumber(ids[2] or '0')
 local out = {}
 local a = 3
+local base = 4
 local committed = false
 for b = 1, tonumber(ARGV[2]) do
   local exp_cid = ARGV[a]
@@ -40,7 +41,7 @@ for b = 1, tonumber(ARGV[2]) do
     x = string.format('%d', head)
   else
     for i = 1, ns do
-      local n = redis.call('LLEN', KEYS[4 + h[1 + 2 * i]])
+      local n = redis.call('LLEN', KEYS[base + h[1 + 2 * i]])
       if n ~= h[2 + 2 * i] then
         status, x, y = 0, i, n
         break
@@ -58,7 +59,7 @@ for b = 1, tonumber(ARGV[2]) do
       head = head + 1
       local rec = string.format('%d', head) .. '|' .. ARGV[a + e - 1]
       recs[e] = rec
-      redis.call('RPUSH', KEYS[4 + h[3 + 2 * ns + e]], rec)
+      redis.call('RPUSH', KEYS[base + h[3 + 2 * ns + e]], rec)
     end
     for i = 1, ne, 1000 do
       redis.call('RPUSH', KEYS[2], unpack(recs, i, math.min(i + 999, ne)))
@@ -66,6 +67,7 @@ for b = 1, tonumber(ARGV[2]) do
     committed = true
   end
   a = a + ne
+  base = base + ns
   out[#out + 1] = status
   out[#out + 1] = x
   out[#out + 1] = y

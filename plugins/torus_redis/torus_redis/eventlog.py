@@ -100,7 +100,14 @@ class RedisEventLog(EventLog):
         retry = uncertain is not None and uncertain[0] == events
         batch_id = uncertain[1] if retry and uncertain is not None else os.urandom(16)
         request = AppendRequest(
-            self._c, self._script, events, streams, batch_id, retry, baseline=self._c.seen_head
+            self._c,
+            self._script,
+            events,
+            streams,
+            batch_id,
+            retry,
+            baseline=self._c.seen_head,
+            stream_key=self._stream_key,
         )
         try:
             positions = self._appender.append(request)
