@@ -389,6 +389,46 @@ class File:
                 pos += k
             return n
 
+    def read_nowait(self, offset: int, length: int) -> bytes | None:
+        """:meth:`read_at` if the lock is free right now, else None (nothing done)."""
+        if not self._lock.acquire(blocking=False):
+            return None
+        try:
+            return self.read_at(offset, length)
+        finally:
+            self._lock.release()
+
+    def write_nowait(self, offset: int, data: Data) -> bool:
+        """:meth:`write_at` if it needs neither waiting for the lock nor metadata or block-store
+        I/O (only the cache and the staging file); False with nothing done otherwise."""
+        if not self._lock.acquire(blocking=False):
+            return False
+        try:
+            if self._write_inode is None or self.read_only:
+                return False  # the first write after a sync allocates an INode number
+            n = len(memoryview(data).cast("B"))
+            if not isinstance(offset, int) or offset < 0 or offset + n > self._size:
+                return False
+            bs = self._bs
+            staged_new = 0
+            pos, end = offset, offset + n
+            while pos < end:
+                i, s = divmod(pos, bs)
+                k = min(bs - s, end - pos)
+                if i not in self._dirty:
+                    if k == bs:
+                        if len(self._dirty) >= self._max_dirty:
+                            return False  # would go straight to the block store
+                    elif i not in self._staged:
+                        staged_new += 1
+                pos += k
+            if staged_new and len(self._staged) + staged_new > self._max_staged:
+                return False  # would flush a staged block
+            self.write_at(offset, data)
+            return True
+        finally:
+            self._lock.release()
+
     def truncate(self, size: int) -> None:
         """Set the size; growing adds holes, shrinking drops blocks and zeroes the new tail."""
         _check_int("size", size)

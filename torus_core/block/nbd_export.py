@@ -83,6 +83,17 @@ class VolumeExport(Export):
             data += bytes(length - len(data))
         return data
 
+    def read_nowait(self, offset: int, length: int) -> Buffer | None:
+        """Served on the event loop when the file's lock is free (cache, staging, page reads)."""
+        data = self.volume.read_nowait(offset, length)
+        if data is not None and len(data) < length:
+            data += bytes(length - len(data))
+        return data
+
+    def write_nowait(self, offset: int, data: Buffer, fua: bool) -> bool:
+        """Done on the event loop when it only touches the write-back cache or staging file."""
+        return not fua and self.volume.write_nowait(offset, data)
+
     def write(self, offset: int, data: Buffer, fua: bool) -> None:
         """Write; with ``fua`` also sync before returning."""
         self.volume.write_at(offset, data)

@@ -236,6 +236,16 @@ class BlockVolume:
             )
         return self.file.write_at(offset, data)
 
+    def read_nowait(self, offset: int, length: int) -> bytes | None:
+        """:meth:`read_at` if it can run without waiting for the file's lock, else None."""
+        self._check_open()
+        return self.file.read_nowait(offset, length)
+
+    def write_nowait(self, offset: int, data: Data) -> bool:
+        """:meth:`write_at` if it needs no waiting and no metadata or store I/O, else False."""
+        self._check_writable()
+        return self.file.write_nowait(offset, data)
+
     def trim(self, offset: int, length: int) -> None:
         """Discard a range (whole blocks become holes, edges are zeroed)."""
         self._check_writable()

@@ -93,6 +93,19 @@ class Export(ABC):
         ``data`` is only valid during the call (the server reuses the buffer afterwards): copy
         what must be kept."""
 
+    def read_nowait(self, offset: int, length: int) -> Buffer | None:
+        """Fast path of :meth:`read` for blocking exports, called on the event loop first.
+
+        Return the data if it can be had without waiting (no lock held by another thread, no
+        slow I/O), else None: the read then goes to a worker thread. Errors raised here are
+        replied like errors of :meth:`read`. The default always returns None."""
+        return None
+
+    def write_nowait(self, offset: int, data: Buffer, fua: bool) -> bool:
+        """Fast path of :meth:`write` (see :meth:`read_nowait`): True if the write was done,
+        False (with nothing changed) to have it done by a worker thread. Default: False."""
+        return False
+
     @abstractmethod
     def flush(self) -> None:
         """Make every write that has returned so far durable."""

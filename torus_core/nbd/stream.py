@@ -24,6 +24,10 @@ class ConnectionClosed(ProtocolError):
     """The peer closed the connection (or it broke) while we were waiting for bytes."""
 
 
+#: Writes up to this size are gathered while corked; larger ones are handed over directly.
+_CORK_PIECE = 64 * 1024
+
+
 class BufferedStream(asyncio.BufferedProtocol):
     """asyncio protocol + stream-style reader/writer for one NBD connection."""
 
@@ -52,6 +56,8 @@ class BufferedStream(asyncio.BufferedProtocol):
         self.on_lost: Callable[[], None] | None = None
         #: Called when the transport's write buffer drained (consumer mode back-pressure).
         self.on_resume_writing: Callable[[], None] | None = None
+        self._corked = 0
+        self._out = bytearray()
 
     # --- protocol callbacks ----------------------------------------------------------------
 
@@ -286,10 +292,34 @@ class BufferedStream(asyncio.BufferedProtocol):
     # --- writing ----------------------------------------------------------------------------
 
     def write(self, data: bytes | bytearray | memoryview) -> None:
-        """Queue bytes for sending (no-op once the connection is gone)."""
+        """Queue bytes for sending (no-op once the connection is gone).
+
+        While corked (:meth:`cork`), small writes are gathered and sent by :meth:`uncork` in one
+        go (one ``send`` for a batch of replies); a large one first sends what was gathered."""
         t = self.transport
-        if t is not None and not t.is_closing():
-            t.write(data)
+        if t is None or t.is_closing():
+            return
+        if self._corked:
+            if len(data) <= _CORK_PIECE:
+                self._out += data
+                return
+            if self._out:
+                t.write(self._out)
+                self._out = bytearray()
+        t.write(data)
+
+    def cork(self) -> None:
+        """Gather small writes until the matching :meth:`uncork` (calls nest)."""
+        self._corked += 1
+
+    def uncork(self) -> None:
+        """End one :meth:`cork`; the outermost one sends everything gathered."""
+        self._corked -= 1
+        if self._corked == 0 and self._out:
+            out, self._out = self._out, bytearray()
+            t = self.transport
+            if t is not None and not t.is_closing():
+                t.write(out)
 
     @property
     def write_paused(self) -> bool:

@@ -2,7 +2,9 @@
 
 Requests are read by one coroutine. Each valid request is executed either inline on the event
 loop (exports with ``blocking = False``) or in a worker thread; its reply is written by the event
-loop thread when the operation finishes, so replies may overtake each other. The number and the
+loop thread when the operation finishes, so replies may overtake each other. Small reads and
+non-FUA writes of blocking exports are first offered to ``read_nowait``/``write_nowait`` on the
+loop (no thread hop when the export can serve them without waiting). The number and the
 payload bytes of requests being processed are bounded per connection; when a bound is reached
 the reader stops taking requests (and the socket stops being read) until replies go out.
 """
@@ -41,6 +43,8 @@ _REQ_ONE = int(CmdFlag.REQ_ONE)
 _MODIFYING = frozenset((_WRITE, _TRIM, _ZEROES))
 #: Largest reply that is concatenated into one write (cheaper than a second send for small data).
 _COALESCE = 64 * 1024
+#: Largest read/write a blocking export is offered on the event loop first (``*_nowait``).
+_INLINE_MAX = 128 * 1024
 #: Most block-status descriptors sent in one reply.
 _MAX_EXTENTS = 1024
 
@@ -63,7 +67,7 @@ class Transmission:
         self.executor = executor
         self.workers = workers
         self.loop = asyncio.get_running_loop()
-        self._sink = CompletionSink(self.loop, self._complete)
+        self._sink = CompletionSink(self.loop, self._complete, (stream.cork, stream.uncork))
         self.inflight = 0
         self.inflight_bytes = 0
         self._idle: asyncio.Future[None] | None = None
@@ -140,6 +144,7 @@ class Transmission:
             return
         if s.payload_pending:
             return  # called early (e.g. a completion freed budget); the payload is not in yet
+        s.cork()  # replies of this batch go out together
         try:
             if self._discard_reply is not None and not self._continue_discard():
                 return
@@ -194,6 +199,8 @@ class Transmission:
             log.exception("NBD transmission failed")
             s.abort()
             self._finish(e)
+        finally:
+            s.uncork()
 
     def _continue_discard(self) -> bool:
         """Drop payload bytes of a refused write; True once all are gone and replied to."""
@@ -255,6 +262,9 @@ class Transmission:
         self, cmd: int, flags: int, handle: int, offset: int, length: int, payload: bytearray | None
     ) -> None:
         if self.export.blocking:
+            if length <= _INLINE_MAX and (cmd == _READ or (cmd == _WRITE and not flags & _FUA)):
+                if self._try_inline(cmd, handle, offset, length, payload):
+                    return
             nbytes = length if cmd in (_READ, _WRITE) else 0
             self.inflight += 1
             self.inflight_bytes += nbytes
@@ -273,6 +283,28 @@ class Transmission:
             self._succeeded(handle, cmd, offset, length, result)
         if payload is not None:
             self._pool.put(payload)
+
+    def _try_inline(self, cmd: int, handle: int, offset: int, length: int, payload: bytearray | None) -> bool:
+        """Serve a small read/write of a blocking export on the loop if it needs no waiting."""
+        export = self.export
+        try:
+            if cmd == _READ:
+                data = export.read_nowait(offset, length)
+                if data is None:
+                    return False
+                if len(data) != length:
+                    raise OSError(f"export returned {len(data)} bytes for a read of {length}")
+                self._succeeded(handle, cmd, offset, length, data)
+                return True
+            assert payload is not None
+            if not export.write_nowait(offset, payload, False):
+                return False
+            self._succeeded(handle, cmd, offset, length, None)
+        except Exception as e:
+            self._failed(handle, cmd, e)
+        if payload is not None:
+            self._pool.put(payload)
+        return True
 
     # --- execution (worker thread or inline) ------------------------------------------------
 

@@ -21,9 +21,16 @@ Handler = Callable[[Any, bool, Any], None]
 class CompletionSink:
     """Collects results from worker threads and hands them to ``handler`` on the loop."""
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, handler: Handler) -> None:
+    def __init__(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        handler: Handler,
+        around: tuple[Callable[[], None], Callable[[], None]] | None = None,
+    ) -> None:
+        """``around`` = (before, after) is called around each batch (e.g. cork/uncork)."""
         self._loop = loop
         self._handler = handler
+        self._around = around
         self._done: deque[tuple[Any, bool, Any]] = deque()
         self._scheduled = False
 
@@ -41,9 +48,16 @@ class CompletionSink:
         self._scheduled = False
         done = self._done
         handler = self._handler
-        while done:
-            tag, ok, result = done.popleft()
-            handler(tag, ok, result)
+        around = self._around
+        if around is not None:
+            around[0]()
+        try:
+            while done:
+                tag, ok, result = done.popleft()
+                handler(tag, ok, result)
+        finally:
+            if around is not None:
+                around[1]()
 
 
 class WorkerPool:
