@@ -160,6 +160,13 @@ def measure_torus(
                 procs.append(p.start())
             torusctl(url, "volume", "create-block", "bench", str(size))
             uri = f"{procs[0].nbd_uri}/bench"
+
+            def exported() -> bool:
+                probe = subprocess.run(["nbdinfo", "--size", uri], capture_output=True, timeout=10)
+                return probe.returncode == 0
+
+            if not wait_for(exported, 20.0, 0.2):  # the peer's metadata view may lag a moment
+                raise RuntimeError(f"{uri} is not exported")
             figures = {name: run(uri) for name, run in work}
             rss = sum(peak_rss_kib(p.pid) for p in procs if p.pid) / 1024
             rate = _recovery(md, url, procs, parse_size(block_size)) if recovery else None

@@ -46,8 +46,8 @@ class WriteBehind:
         replicate: Replicate,
         *,
         max_bytes: int = 32 * 1024 * 1024,
-        batch_bytes: int = 16 * 1024 * 1024,
-        workers: int = 2,
+        batch_bytes: int = 4 * 1024 * 1024,
+        workers: int = 4,
     ) -> None:
         self._replicate = replicate
         self.max_bytes = max_bytes
@@ -137,6 +137,14 @@ class WriteBehind:
                 else:
                     self._failed.extend((item, error) for item in items)
                 self._cond.notify_all()
+
+    def steal(self) -> list[Item]:
+        """Remove and return every queued (not yet in-flight) item; they stay readable until
+        :meth:`settle` is called for them. A flush uses this to write the tail itself."""
+        with self._cond:
+            items = list(self._queue)
+            self._queue.clear()
+            return items
 
     def drain(self, timeout: float) -> list[tuple[Item, BaseException]]:
         """Wait until nothing is queued or in flight; return (and forget) the failed items.
