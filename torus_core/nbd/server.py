@@ -25,14 +25,11 @@ from torus_core.errors import InvalidArgument, ProtocolError
 from torus_core.nbd.export import ExportProvider
 from torus_core.nbd.handshake import Negotiator
 from torus_core.nbd.session import ServerOptions
-from torus_core.nbd.stream import BufferedStream, ConnectionClosed
+from torus_core.nbd.stream import TRANSPORT_HIGH, BufferedStream, ConnectionClosed
 from torus_core.nbd.transmission import Transmission
 from torus_core.nbd.workers import WorkerPool
 
 log = logging.getLogger(__name__)
-
-#: Write-buffer high-water mark per connection (large reads would otherwise pause constantly).
-_WRITE_HIGH = 8 * 1024 * 1024
 
 
 class NBDServer:
@@ -132,7 +129,7 @@ class NBDServer:
         sock = transport.get_extra_info("socket")
         if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        transport.set_write_buffer_limits(high=_WRITE_HIGH)
+        transport.set_write_buffer_limits(high=TRANSPORT_HIGH)
         self._streams.add(stream)
         task = asyncio.get_running_loop().create_task(self._handle(stream))
         self._tasks.add(task)

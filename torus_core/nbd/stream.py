@@ -4,7 +4,13 @@
 bulk payloads straight into a caller's buffer (``readinto``): while a ``readinto`` is pending and
 nothing is buffered, ``get_buffer`` hands the kernel the caller's memory, so write payloads are
 not copied in Python. Small reads are served from an internal buffer without suspending when the
-bytes are already there. Writes go straight to the transport, with flow control via ``drain``.
+bytes are already there.
+
+Writes: the transport is kept nearly empty (its high-water mark is :data:`TRANSPORT_HIGH`) and
+the rest waits in a queue of memoryviews, handed over in :data:`_PIECE` slices as the transport
+drains. asyncio's own buffer (3.11) is a ``bytearray`` that copies every unsent byte and moves
+the remainder after each ``send``; letting megabytes of read replies pile up there cost more
+than the reads themselves. Flow control (``write_paused``/``drain``) is on the queued bytes.
 """
 
 from __future__ import annotations
@@ -12,12 +18,20 @@ from __future__ import annotations
 import asyncio
 import ssl
 import struct
+from collections import deque
 from collections.abc import Callable
 from typing import Any
 
 from torus_core.errors import ProtocolError
 
 _BUF_SIZE = 256 * 1024
+#: High-water mark set on the transport's own buffer (see the module docstring).
+TRANSPORT_HIGH = 64 * 1024
+#: Largest slice handed to the transport at once.
+_PIECE = 256 * 1024
+#: Queued bytes above which ``write_paused`` turns true, and below which it turns false again.
+QUEUE_HIGH = 8 * 1024 * 1024
+QUEUE_LOW = 2 * 1024 * 1024
 
 
 class ConnectionClosed(ProtocolError):
@@ -58,6 +72,9 @@ class BufferedStream(asyncio.BufferedProtocol):
         self.on_resume_writing: Callable[[], None] | None = None
         self._corked = 0
         self._out = bytearray()
+        self._queue: deque[memoryview] = deque()
+        self._queued = 0
+        self._tpaused = False
 
     # --- protocol callbacks ----------------------------------------------------------------
 
@@ -193,16 +210,37 @@ class BufferedStream(asyncio.BufferedProtocol):
             self.on_lost()
 
     def pause_writing(self) -> None:
-        """The transport's write buffer is above its high-water mark."""
-        self._paused = True
+        """The transport's write buffer is above its high-water mark: queue further writes."""
+        self._tpaused = True
 
     def resume_writing(self) -> None:
-        """The transport's write buffer drained below its low-water mark."""
-        self._paused = False
-        if self._drain_waiter is not None and not self._drain_waiter.done():
-            self._drain_waiter.set_result(None)
-        if self.on_resume_writing is not None:
-            self.on_resume_writing()
+        """The transport's write buffer drained below its low-water mark: feed it more."""
+        self._tpaused = False
+        self._pump()
+
+    def _pump(self) -> None:
+        """Hand queued bytes to the transport until it pauses or the queue is empty."""
+        t = self.transport
+        q = self._queue
+        while q and not self._tpaused:
+            if t is None or t.is_closing():
+                q.clear()
+                self._queued = 0
+                break
+            head = q[0]
+            if len(head) > _PIECE:
+                piece = head[:_PIECE]
+                q[0] = head[_PIECE:]
+            else:
+                piece = q.popleft()
+            self._queued -= len(piece)
+            t.write(piece)
+        if self._paused and self._queued <= QUEUE_LOW:
+            self._paused = False
+            if self._drain_waiter is not None and not self._drain_waiter.done():
+                self._drain_waiter.set_result(None)
+            if self.on_resume_writing is not None:
+                self.on_resume_writing()
 
     def _wake(self) -> None:
         w = self._waiter
@@ -304,9 +342,21 @@ class BufferedStream(asyncio.BufferedProtocol):
                 self._out += data
                 return
             if self._out:
-                t.write(self._out)
-                self._out = bytearray()
-        t.write(data)
+                out, self._out = self._out, bytearray()
+                self._send(out)
+        self._send(data)
+
+    def _send(self, data: bytes | bytearray | memoryview) -> None:
+        if not self._queue and not self._tpaused and len(data) <= _PIECE:
+            assert self.transport is not None
+            self.transport.write(data)
+            return
+        mv = memoryview(data).cast("B")
+        self._queue.append(mv)
+        self._queued += len(mv)
+        self._pump()
+        if self._queued > QUEUE_HIGH:
+            self._paused = True
 
     def cork(self) -> None:
         """Gather small writes until the matching :meth:`uncork` (calls nest)."""
@@ -319,11 +369,11 @@ class BufferedStream(asyncio.BufferedProtocol):
             out, self._out = self._out, bytearray()
             t = self.transport
             if t is not None and not t.is_closing():
-                t.write(out)
+                self._send(out)
 
     @property
     def write_paused(self) -> bool:
-        """Whether the transport asked us to stop writing."""
+        """Whether too many bytes wait to be sent (writers should hold back)."""
         return self._paused
 
     async def drain(self) -> None:
@@ -344,9 +394,14 @@ class BufferedStream(asyncio.BufferedProtocol):
         self.transport = new
 
     def close(self) -> None:
-        """Close the transport (pending writes are flushed first)."""
-        if self.transport is not None:
-            self.transport.close()
+        """Close the transport (pending writes, queued ones included, are flushed first)."""
+        t = self.transport
+        if t is not None:
+            if self._queue and not t.is_closing():
+                t.set_write_buffer_limits(high=1 << 62)
+                self._tpaused = False
+                self._pump()
+            t.close()
 
     def abort(self) -> None:
         """Drop the connection immediately (protocol violation)."""
