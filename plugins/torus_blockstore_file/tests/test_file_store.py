@@ -371,3 +371,29 @@ def test_free_space_of_a_huge_store_is_a_few_runs_not_a_per_slot_list(tmp_path: 
         assert stats["n_bytes_run_containers"] + stats["n_bytes_array_containers"] < 4096
         s.write_block(_ref(1000), b"y")
         assert _slot_of(s, _ref(1000)) == 0  # lowest free slot, found without a scan
+
+
+def test_read_block_range_returns_exactly_the_requested_bytes(tmp_path: Path) -> None:
+    store = _open(tmp_path)
+    store.write_block(_ref(1), _data(1))
+    assert store.read_block_range(_ref(1), 0, BS) == _data(1)
+    assert store.read_block_range(_ref(1), 100, 37) == _data(1)[100:137]
+    assert store.read_block_range(_ref(1), BS, 0) == b""
+    with pytest.raises(BlockNotExist):
+        store.read_block_range(_ref(2), 0, 10)
+    for start, length in ((-1, 4), (0, BS + 1), (BS - 2, 3), (0, -1)):
+        with pytest.raises(InvalidArgument):
+            store.read_block_range(_ref(1), start, length)
+    store.close()
+
+
+def test_read_block_range_does_not_check_and_leaves_that_to_the_caller(tmp_path: Path) -> None:
+    store = _open(tmp_path)
+    store.write_block(_ref(1), _data(1))
+    store.flush()
+    offset = _slot_of(store, _ref(1)) * BS + 10
+    _flip(tmp_path / DATA_FILE, offset)
+    assert store.read_block_range(_ref(1), 10, 1) != _data(1)[10:11]  # raw bytes, as documented
+    with pytest.raises(CorruptBlock):
+        store.get_block(_ref(1))  # the full read still verifies
+    store.close()
