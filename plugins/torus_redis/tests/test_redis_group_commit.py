@@ -70,3 +70,17 @@ class TestRedisGroupCommit(GroupCommitContract):
             assert backend.log.head_position() == 4
         finally:
             foreign.close()
+
+
+def test_append_reloads_its_script_after_the_server_forgot_it(private_redis: RedisServer) -> None:
+    import redis
+
+    b = RedisBackend.from_url(f"{private_redis.url}?prefix=gc-flush-{uuid.uuid4().hex}:")
+    try:
+        assert b.log.append([ev("s", 1)]) == [1]
+        redis.Redis(host="127.0.0.1", port=private_redis.port).script_flush()
+        assert b.log.append([ev("s", 2)]) == [2]  # NOSCRIPT -> SCRIPT LOAD -> re-run, once
+        assert [e.version for e in b.log.read_stream("s")] == [1, 2]
+    finally:
+        b.wipe()
+        b.close()

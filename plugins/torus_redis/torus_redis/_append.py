@@ -128,7 +128,7 @@ class RedisAppender:
         """Send ``group`` as one script call; settle each request from its own result."""
         sender = group[0]
         keys, args = self._call_args(group)
-        res = sender.client.call(lambda: sender.script(keys=keys, args=args), check_identity=False)
+        res = sender.client.evalsha(sender.script, keys, args)
         server_cid = res[-1].decode() if isinstance(res[-1], bytes) else str(res[-1])
         outcomes: list[list[int] | BaseException] = []
         for n, r in enumerate(group):
