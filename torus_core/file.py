@@ -394,6 +394,17 @@ class File:
         if not self._lock.acquire(blocking=False):
             return None
         try:
+            bs = self._bs
+            if type(offset) is int and type(length) is int and offset >= 0 and length > 0:
+                i, s = divmod(offset, bs)
+                if s + length <= bs and offset + length <= self._size:  # one block: no loop
+                    buf = self._dirty.get(i)
+                    if buf is not None:
+                        return bytes(memoryview(buf)[s : s + length])
+                    ranges = self._staged.get(i)
+                    if ranges is not None:
+                        return self._staged_range(i, ranges, s, length)
+                    return self._clean_range(i, s, length)
             return self.read_at(offset, length)
         finally:
             self._lock.release()
@@ -406,10 +417,23 @@ class File:
         try:
             if self._write_inode is None or self.read_only:
                 return False  # the first write after a sync allocates an INode number
-            n = len(memoryview(data).cast("B"))
-            if not isinstance(offset, int) or offset < 0 or offset + n > self._size:
+            if isinstance(data, memoryview):
+                data = data.cast("B")
+            n = len(data)
+            if type(offset) is not int or offset < 0 or offset + n > self._size:
                 return False
             bs = self._bs
+            i, s = divmod(offset, bs)
+            if (0 < n and s + n < bs) or (s and s + n == bs):  # part of one block: the common case
+                buf = self._dirty.get(i)
+                if buf is not None:
+                    buf[s : s + n] = data
+                    self._dirty.move_to_end(i)
+                    return True
+                if i not in self._staged and len(self._staged) >= self._max_staged:
+                    return False  # would flush a staged block
+                self._write_partial(i, s, data)
+                return True
             staged_new = 0
             pos, end = offset, offset + n
             while pos < end:

@@ -14,6 +14,8 @@ from torus_core.refs import VOLUME_MAX, BlockRef, BlockType, INodeRef
 
 _REF = struct.Struct("<QQQ")
 _SIZE = _REF.size
+#: Bound of the decoded-ref cache of a base layer (entries; ~150 B each).
+_MAX_CACHED_REFS = 65536
 _ZERO = bytes(_SIZE)
 
 
@@ -33,6 +35,8 @@ class BaseLayer(Blockset):
             raise InvalidArgument(f"the base layer takes no option, got {option!r}")
         super().__init__(store, None)
         self._raw = bytearray()
+        #: decoded refs by slot (BlockRef construction validates its fields: not free)
+        self._refs: dict[int, BlockRef] = {}
         self._counter = 0
         self._zero_block = bytes(self.block_size)
 
@@ -48,6 +52,7 @@ class BaseLayer(Blockset):
             if word >> 40 not in (BlockType.DATA, BlockType.INODE):
                 raise InvalidArgument(f"base layer holds a ref of unknown block type {word >> 40}")
         self._raw = bytearray(content)
+        self._refs.clear()
 
     @property
     def length(self) -> int:
@@ -56,9 +61,16 @@ class BaseLayer(Blockset):
 
     def ref_at(self, i: int) -> BlockRef:
         """The ref in slot ``i`` (the zero ref for a hole)."""
+        ref = self._refs.get(i)
+        if ref is not None:
+            return ref
         self._check_index(i)
         word, inode, index = _REF.unpack_from(self._raw, i * _SIZE)
-        return BlockRef(word & VOLUME_MAX, inode, index, BlockType(word >> 40))
+        ref = BlockRef(word & VOLUME_MAX, inode, index, BlockType(word >> 40))
+        if len(self._refs) >= _MAX_CACHED_REFS:
+            self._refs.clear()
+        self._refs[i] = ref
+        return ref
 
     def is_hole(self, i: int) -> bool:
         """Whether slot ``i`` holds the zero ref."""
@@ -98,6 +110,7 @@ class BaseLayer(Blockset):
         else:
             old = self.ref_at(i) if self._reclaim is not None else None
             self._raw[i * _SIZE : (i + 1) * _SIZE] = raw
+            self._refs[i] = ref
             if old is not None:
                 self._delete_reclaimable([old])
 
@@ -108,6 +121,7 @@ class BaseLayer(Blockset):
         if want <= len(self._raw):
             gone = self._refs_in(n_blocks, self.length)
             del self._raw[want:]
+            self._refs.clear()
             self._delete_reclaimable(gone)
         else:
             self._raw += bytes(want - len(self._raw))
@@ -118,6 +132,7 @@ class BaseLayer(Blockset):
         if start < end:
             gone = self._refs_in(start, end)
             self._raw[start * _SIZE : end * _SIZE] = bytes((end - start) * _SIZE)
+            self._refs.clear()
             self._delete_reclaimable(gone)
 
     def _refs_in(self, start: int, end: int) -> list[BlockRef]:

@@ -408,18 +408,12 @@ class FileBlockStore(BlockStore):
         check (the caller verifies them, see :meth:`BlockStore.read_block_range`)."""
         if start < 0 or length < 0 or start + length > self._block_size:
             raise InvalidArgument(f"range {start}+{length} is outside a {self._block_size}-byte block")
-        for _ in range(8):
-            with self._lock:
-                self._check_open()
-                entry = self._entries.get(ref)
+        with self._lock:  # one short pread under the lock: the slot cannot move meanwhile
+            self._check_open()
+            entry = self._entries.get(ref)
             if entry is None:
                 raise BlockNotExist(f"block {ref} not found")
-            offset = entry.slot * self._block_size + start
-            data = self._io(lambda: os.pread(self._data_fd, length, offset))  # noqa: B023
-            with self._lock:
-                if self._entries.get(ref) == entry:
-                    return data
-        raise BlockStoreError(f"block {ref} kept moving while being read")
+            return os.pread(self._data_fd, length, entry.slot * self._block_size + start)
 
     def write_block(self, ref: BlockRef, data: bytes | bytearray | memoryview) -> None:
         """Store ``data`` (zero-padded) under ``ref``; see the module docstring for the protocol."""
