@@ -112,3 +112,21 @@ def test_replaced_blocks_of_an_unwritten_inode_are_deleted_only_while_reclaiming
     bset.put_block(other, 0, _block(8))
     assert store.used_blocks() == 6  # refs of another INode are never reclaimed
     assert bset.get_block(0) == _block(8)
+
+
+def test_full_block_reads_are_checked_once_by_the_crc_layer_and_still_catch_corruption(
+    tmp_path: Path,
+) -> None:
+    store = _file_store(tmp_path)
+    bset = create_blockset("crc,base", store)
+    bset.truncate(2)
+    bset.put_block(INODE, 0, _block(5))
+    assert bset.get_block(0) == _block(5)
+    assert bset.get_block(1) == bytes(BS)
+    [ref] = bset.get_all_block_refs()
+    _flip_byte(tmp_path / DATA_FILE, store._entries[ref].slot * BS + BS - 1)
+    with pytest.raises(CorruptBlock):
+        bset.get_block(0)
+    with pytest.raises(CorruptBlock):
+        store.get_block(ref)  # the store's own checksum (recorded from the crc layer's CRC)
+    store.close()

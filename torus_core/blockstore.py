@@ -88,6 +88,14 @@ class BlockStore(ABC):
         """
         return bytes(memoryview(self.get_block(ref))[start : start + length])
 
+    def write_block_crc32(self, ref: BlockRef, data: bytes | bytearray | memoryview, crc32: int) -> None:
+        """:meth:`write_block`, given ``crc32``: the CRC-32 (IEEE, ``zlib.crc32``) of the
+        zero-padded block, which the caller (the ``crc`` layer) has just computed. A store that
+        checksums blocks with that same CRC may record it instead of computing it again (a
+        wrong value makes later reads fail their check, it cannot pass bad data). The default
+        ignores it."""
+        self.write_block(ref, data)
+
     @abstractmethod
     def write_block(self, ref: BlockRef, data: bytes | bytearray | memoryview) -> None:
         """Store ``data`` under ``ref``."""

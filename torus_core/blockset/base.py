@@ -90,7 +90,7 @@ class BaseLayer(Blockset):
         self._check_range(start, length)
         ref = self.ref_at(i)
         if ref.is_zero():
-            return bytes(length)
+            return self._zero_block if length == self.block_size else bytes(length)
         return self.store.read_block_range(ref, start, length)
 
     def mint(self, inode: INodeRef) -> BlockRef:
@@ -100,10 +100,18 @@ class BaseLayer(Blockset):
 
     def put_block(self, inode: INodeRef, i: int, data: BlockData) -> None:
         """Write ``data`` under a new ref and point slot ``i`` at it."""
+        self.put_block_crc32(inode, i, data, None)
+
+    def put_block_crc32(self, inode: INodeRef, i: int, data: BlockData, crc32: int | None) -> None:
+        """:meth:`put_block`, handing the store the padded block's CRC-32 if known (the crc
+        layer computed it; :meth:`BlockStore.write_block_crc32`)."""
         self._check_index(i, allow_append=True)
         data = self._padded(data)
         ref = self.mint(inode)
-        self.store.write_block(ref, data)
+        if crc32 is None:
+            self.store.write_block(ref, data)
+        else:
+            self.store.write_block_crc32(ref, data, crc32)
         raw = ref.to_bytes()
         if i == self.length:
             self._raw += raw

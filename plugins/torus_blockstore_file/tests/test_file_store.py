@@ -397,3 +397,15 @@ def test_read_block_range_does_not_check_and_leaves_that_to_the_caller(tmp_path:
     with pytest.raises(CorruptBlock):
         store.get_block(_ref(1))  # the full read still verifies
     store.close()
+
+
+def test_a_caller_supplied_crc_is_recorded_and_a_wrong_one_fails_reads(tmp_path: Path) -> None:
+    import zlib
+
+    store = _open(tmp_path)
+    store.write_block_crc32(_ref(1), _data(1), zlib.crc32(_data(1)))
+    assert store.get_block(_ref(1)) == _data(1)
+    store.write_block_crc32(_ref(2), _data(2), zlib.crc32(_data(2)) ^ 1)
+    with pytest.raises(CorruptBlock):
+        store.get_block(_ref(2))
+    store.close()

@@ -415,7 +415,14 @@ class FileBlockStore(BlockStore):
                 raise BlockNotExist(f"block {ref} not found")
             return os.pread(self._data_fd, length, entry.slot * self._block_size + start)
 
-    def write_block(self, ref: BlockRef, data: bytes | bytearray | memoryview) -> None:
+    def write_block_crc32(self, ref: BlockRef, data: bytes | bytearray | memoryview, crc32: int) -> None:
+        """:meth:`write_block` reusing the caller's CRC-32 of the padded block (the record's
+        checksum is that same CRC-32, see :func:`~torus_blockstore_file.layout.block_checksum`)."""
+        self.write_block(ref, data, _checksum=crc32)
+
+    def write_block(
+        self, ref: BlockRef, data: bytes | bytearray | memoryview, *, _checksum: int | None = None
+    ) -> None:
         """Store ``data`` (zero-padded) under ``ref``; see the module docstring for the protocol."""
         view = memoryview(data)
         size = view.nbytes
@@ -425,7 +432,7 @@ class FileBlockStore(BlockStore):
             block: bytes | memoryview = view  # written as is: no copy of a full block
         else:
             block = view.tobytes() + bytes(self._block_size - size)
-        checksum = block_checksum(block)
+        checksum = block_checksum(block) if _checksum is None else _checksum
         with self._lock:
             self._check_open()
             existing = self._entries.get(ref)
