@@ -1,4 +1,4 @@
-"""The glibc mmap-threshold pin used by the NBD-serving process."""
+"""The glibc arena limit used by the NBD-serving process."""
 
 from __future__ import annotations
 
@@ -6,10 +6,10 @@ import platform
 
 import pytest
 
-from torus_core.block.malloc import pin_mmap_threshold
+from torus_core.block.malloc import limit_arenas
 
 
 @pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="mallopt is glibc's")
-def test_pinning_the_mmap_threshold_is_accepted_by_glibc() -> None:
-    assert pin_mmap_threshold() is True
-    assert pin_mmap_threshold(256 * 1024) is True
+def test_limiting_malloc_arenas_is_accepted_by_glibc() -> None:
+    assert limit_arenas(1) is True
+    assert limit_arenas(2) is True

@@ -20,7 +20,7 @@ import ssl
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from torus_core.block.malloc import pin_mmap_threshold
+from torus_core.block.malloc import limit_arenas
 from torus_core.block.nbd_export import VolumeExportProvider
 from torus_core.block.volume import DEFAULT_LEASE_TTL, check_store, default_owner
 from torus_core.blockstore import BlockStore, BlockStoreConfig
@@ -168,7 +168,7 @@ class Server:
         """Start the NBD listener in a thread; returns it (``.port`` is the bound port)."""
         if self.nbd is not None:
             raise InvalidArgument("the NBD server is already running")
-        pin_mmap_threshold()  # freed payload/block buffers go back to the OS (see its module)
+        limit_arenas()  # before the worker threads start: bounds retained buffers (see its module)
         server = NBDServer(self.exports, host, port, tls=tls, tls_required=tls_required, **options)
         self.nbd = ServerThread(server).start()
         return self.nbd
