@@ -226,6 +226,7 @@ def main(argv: list[str] | None = None) -> int:
 
     size = parse_size(args.size) if args.size else (256 if args.quick else 1024) * 1024 * 1024
     runtime = args.runtime or (2.0 if args.quick else 10.0)
+    load0 = os.getloadavg()
     with tempfile.TemporaryDirectory(prefix="torus-nbd-bench-") as tmp:
         work = Path(tmp)
         src = work / "src.img"
@@ -263,6 +264,8 @@ def main(argv: list[str] | None = None) -> int:
                 stop(proc)
     print()
     print(f"target={args.target} size={size // (1024 * 1024)} MiB fio runtime={runtime:g}s")
+    print("load average (1/5/15 min) at start: {:.2f} {:.2f} {:.2f}, at end: {:.2f} {:.2f} {:.2f}".format(
+        *load0, *os.getloadavg()))  # fmt: skip
     print(f"{'workload':20} {'unit':5} {'torus':>12} {'nbdkit file':>12} {'ratio':>7}")
     for w in workloads:
         t, k = results["torus"][w.name], results["nbdkit"][w.name]
