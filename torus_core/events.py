@@ -120,9 +120,40 @@ def _fail(what: str, data: Any) -> SchemaError:
 
 def from_jsonable(data: Any, tp: Any) -> Any:
     """Rebuild a value of type ``tp`` from :func:`to_jsonable` output; SchemaError if malformed."""
-    origin = typing.get_origin(tp)
+    # Plain types first: they are most field values, and ``typing.get_origin`` is not free.
+    if tp is int:
+        if not isinstance(data, int) or isinstance(data, bool):
+            raise _fail("an integer", data)
+        return data
+    if tp is str:
+        if not isinstance(data, str):
+            raise _fail("a string", data)
+        return data
+    if tp is INodeRef:
+        if not isinstance(data, dict) or len(data) != 2 or "volume" not in data or "inode" not in data:
+            raise _fail("an INodeRef object", data)
+        try:
+            return INodeRef(from_jsonable(data["volume"], int), from_jsonable(data["inode"], int))
+        except InvalidArgument as exc:
+            raise SchemaError(str(exc)) from None
     if tp is Any:
         return data
+    if tp is bool:
+        if not isinstance(data, bool):
+            raise _fail("a boolean", data)
+        return data
+    if tp is float:
+        if not isinstance(data, int | float) or isinstance(data, bool):
+            raise _fail("a number", data)
+        return float(data)
+    if tp is bytes:
+        if not isinstance(data, str):
+            raise _fail("base64 text", data)
+        try:
+            return base64.b64decode(data.encode("ascii"), validate=True)
+        except (binascii.Error, UnicodeEncodeError):
+            raise _fail("base64 text", data) from None
+    origin = typing.get_origin(tp)
     if origin in (Union, types.UnionType):
         args = typing.get_args(tp)
         if data is None and type(None) in args:
@@ -136,36 +167,6 @@ def from_jsonable(data: Any, tp: Any) -> Any:
             except SchemaError as exc:
                 last = exc
         raise last or _fail(str(tp), data)
-    if tp is bool:
-        if not isinstance(data, bool):
-            raise _fail("a boolean", data)
-        return data
-    if tp is int:
-        if not isinstance(data, int) or isinstance(data, bool):
-            raise _fail("an integer", data)
-        return data
-    if tp is float:
-        if not isinstance(data, int | float) or isinstance(data, bool):
-            raise _fail("a number", data)
-        return float(data)
-    if tp is str:
-        if not isinstance(data, str):
-            raise _fail("a string", data)
-        return data
-    if tp is bytes:
-        if not isinstance(data, str):
-            raise _fail("base64 text", data)
-        try:
-            return base64.b64decode(data.encode("ascii"), validate=True)
-        except (binascii.Error, UnicodeEncodeError):
-            raise _fail("base64 text", data) from None
-    if tp is INodeRef:
-        if not isinstance(data, dict) or set(data) != {"volume", "inode"}:
-            raise _fail("an INodeRef object", data)
-        try:
-            return INodeRef(from_jsonable(data["volume"], int), from_jsonable(data["inode"], int))
-        except InvalidArgument as exc:
-            raise SchemaError(str(exc)) from None
     if origin is tuple:
         args = typing.get_args(tp)
         if not isinstance(data, list):
@@ -200,21 +201,51 @@ def from_jsonable(data: Any, tp: Any) -> Any:
     raise SchemaError(f"cannot decode type {tp!r}")
 
 
+@dataclass(frozen=True, slots=True)
+class _Plan:
+    """How to decode one dataclass: its init fields (name, type, required) and all field names."""
+
+    fields: tuple[tuple[str, Any, bool], ...]
+    names: frozenset[str]
+
+
+_PLANS: dict[type, _Plan] = {}
+
+
+def _plan(cls: type) -> _Plan:
+    """The cached decoding plan of ``cls`` (``typing.get_type_hints`` is slow: done once per class)."""
+    plan = _PLANS.get(cls)
+    if plan is None:
+        hints = typing.get_type_hints(cls)
+        all_fields = dataclasses.fields(cls)
+        plan = _Plan(
+            fields=tuple(
+                (
+                    f.name,
+                    hints[f.name],
+                    f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING,
+                )
+                for f in all_fields
+                if f.init
+            ),
+            names=frozenset(f.name for f in all_fields),
+        )
+        _PLANS[cls] = plan
+    return plan
+
+
 def _dataclass_from(data: Any, cls: type[T]) -> T:
     if not isinstance(data, dict):
         raise _fail(f"a {cls.__name__} object", data)
-    hints = typing.get_type_hints(cls)
+    plan = _plan(cls)
     kwargs = {}
-    for f in dataclasses.fields(cls):  # type: ignore[arg-type]
-        if not f.init:
-            continue
-        if f.name in data:
-            kwargs[f.name] = from_jsonable(data[f.name], hints[f.name])
-        elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
-            raise SchemaError(f"{cls.__name__}: missing field {f.name!r}")
-    unknown = set(data) - {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
-    if unknown:
-        raise SchemaError(f"{cls.__name__}: unknown fields {sorted(unknown)}")
+    for name, tp, required in plan.fields:
+        if name in data:
+            kwargs[name] = from_jsonable(data[name], tp)
+        elif required:
+            raise SchemaError(f"{cls.__name__}: missing field {name!r}")
+    if len(data) > len(kwargs) and not plan.names.issuperset(data):
+        raise SchemaError(f"{cls.__name__}: unknown fields {sorted(set(data) - plan.names)}")
     try:
         return cls(**kwargs)
     except (InvalidArgument, TypeError, ValueError) as exc:
@@ -428,7 +459,7 @@ class TopicRegistry:
             doc = json.loads(state)
         except (ValueError, UnicodeDecodeError) as exc:
             raise SchemaError(f"{topic}: state is not JSON: {exc}") from None
-        if not isinstance(doc, dict) or set(doc) != {"schema", "data"}:
+        if not isinstance(doc, dict) or len(doc) != 2 or "schema" not in doc or "data" not in doc:
             raise SchemaError(f"{topic}: expected {{'schema', 'data'}}, got {doc!r:.80}")
         schema, data = doc["schema"], doc["data"]
         if not isinstance(schema, int) or isinstance(schema, bool) or schema < 1:

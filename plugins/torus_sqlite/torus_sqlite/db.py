@@ -32,6 +32,8 @@ class Database:
         self._close_lock = threading.Lock()
         self._writer: sqlite3.Connection | None = None  # raw_write's dedicated connection
         self._writer_lock = threading.Lock()
+        self._readers: list[sqlite3.Connection] = []  # raw_read's idle connections
+        self._readers_lock = threading.Lock()
         self.engine: Engine = create_engine(
             f"sqlite:///{path}",
             connect_args={"timeout": busy_timeout, "check_same_thread": False},
@@ -104,10 +106,7 @@ class Database:
         with self._writer_lock, self._translate():
             conn = self._writer
             if conn is None:
-                conn = sqlite3.connect(
-                    self.path, timeout=self.busy_timeout, check_same_thread=False, isolation_level=None
-                )
-                self._on_connect(conn, None)
+                conn = self._connect_raw()
                 self._writer = conn
             try:
                 conn.execute("BEGIN IMMEDIATE")
@@ -132,6 +131,37 @@ class Database:
         """Context manager: a deferred read transaction (one consistent snapshot)."""
         return self._tx("BEGIN")
 
+    def _connect_raw(self) -> sqlite3.Connection:
+        conn = sqlite3.connect(
+            self.path, timeout=self.busy_timeout, check_same_thread=False, isolation_level=None
+        )
+        self._on_connect(conn, None)
+        return conn
+
+    @contextmanager
+    def raw_read(self) -> Iterator[sqlite3.Connection]:
+        """A plain DB-API connection for reads (the hot read paths), in autocommit mode.
+
+        Each statement is its own consistent WAL snapshot; callers needing several statements to
+        agree must not use this. Connections are pooled (one per concurrent reader, created on
+        demand, statements cached by :mod:`sqlite3`); SQLite errors become
+        :class:`MetadataUnavailable` as in :meth:`read`.
+        """
+        self._check_open()
+        with self._translate():
+            with self._readers_lock:
+                conn = self._readers.pop() if self._readers else None
+            if conn is None:
+                conn = self._connect_raw()
+            try:
+                yield conn
+            finally:
+                with self._readers_lock:
+                    if self._closed:
+                        conn.close()
+                    else:
+                        self._readers.append(conn)
+
     def wipe(self) -> None:
         """Delete every row of every table except the schema facts."""
         with self.write() as conn:
@@ -145,6 +175,10 @@ class Database:
             if not self._closed:
                 self._closed = True
                 self.engine.dispose()
+                with self._readers_lock:
+                    idle, self._readers = self._readers, []
+                for conn in idle:
+                    conn.close()
                 if self._writer_lock.acquire(timeout=1.0):  # else the writer closes it when done
                     try:
                         if self._writer is not None:

@@ -8,7 +8,7 @@ from __future__ import annotations
 import time
 from collections.abc import Sequence
 
-from sqlalchemy import Row, delete, func, insert, select
+from sqlalchemy import delete, insert
 
 from torus_core.errors import Closed, CompareFailed, InvalidArgument
 from torus_core.eventlog import EventLog, NewEvent, StoredEvent
@@ -16,7 +16,7 @@ from torus_core.groupcommit import GroupCommitter
 from torus_sqlite._append import AppendRequest, appender_for
 from torus_sqlite.backend import DEFAULT_POLL_INTERVAL
 from torus_sqlite.db import Database
-from torus_sqlite.schema import events, snapshots
+from torus_sqlite.schema import snapshots
 
 
 def _validate(batch: Sequence[NewEvent]) -> None:
@@ -38,14 +38,26 @@ def _check_range(name: str, value: int | None, minimum: int) -> None:
         raise InvalidArgument(f"{name} must be an integer >= {minimum}, got {value!r}")
 
 
-def _stored(row: Row) -> StoredEvent:
+# Hot reads go straight to the DB-API (cached prepared statements), not through SQLAlchemy.
+_COLUMNS = "stream_id, version, topic, state, position, timestamp"
+_READ_STREAM_SQL = (
+    f"SELECT {_COLUMNS} FROM events WHERE stream_id = ? AND version > ? ORDER BY version LIMIT ?"
+)
+_READ_ALL_SQL = f"SELECT {_COLUMNS} FROM events WHERE position > ? ORDER BY position LIMIT ?"
+_STREAM_VERSION_SQL = "SELECT coalesce(max(version), 0) FROM events WHERE stream_id = ?"
+_HEAD_SQL = "SELECT coalesce(max(position), 0) FROM events"
+_LOAD_SNAPSHOT_SQL = "SELECT position, state FROM snapshots WHERE name = ?"
+
+
+def _stored(row: tuple[str, int, str, bytes, int, float]) -> StoredEvent:
+    stream_id, version, topic, state, position, timestamp = row
     return StoredEvent(
-        stream_id=row.stream_id,
-        version=row.version,
-        topic=row.topic,
-        state=bytes(row.state),
-        position=row.position,
-        timestamp=row.timestamp,
+        stream_id=stream_id,
+        version=version,
+        topic=topic,
+        state=bytes(state),
+        position=position,
+        timestamp=timestamp,
     )
 
 
@@ -91,41 +103,31 @@ class SQLiteEventLog(EventLog):
         """Events of ``stream_id`` with version > ``after``, oldest first."""
         _check_range("after", after, 0)
         _check_range("limit", limit, 0)
-        query = (
-            select(events)
-            .where(events.c.stream_id == stream_id, events.c.version > after)
-            .order_by(events.c.version)
-        )
-        if limit is not None:
-            query = query.limit(limit)
-        with self._db.read() as conn:
-            return [_stored(r) for r in conn.execute(query)]
+        with self._db.raw_read() as conn:
+            rows = conn.execute(
+                _READ_STREAM_SQL, (stream_id, after, -1 if limit is None else limit)
+            ).fetchall()
+        return [_stored(r) for r in rows]
 
     def stream_version(self, stream_id: str) -> int:
         """Current version of ``stream_id`` (0 when empty)."""
-        with self._db.read() as conn:
-            return int(
-                conn.execute(
-                    select(func.coalesce(func.max(events.c.version), 0)).where(
-                        events.c.stream_id == stream_id
-                    )
-                ).scalar_one()
-            )
+        with self._db.raw_read() as conn:
+            (version,) = conn.execute(_STREAM_VERSION_SQL, (stream_id,)).fetchone()
+        return int(version)
 
     def read_all(self, *, after: int = 0, limit: int | None = None) -> list[StoredEvent]:
         """Events with position > ``after`` in position order."""
         _check_range("after", after, 0)
         _check_range("limit", limit, 0)
-        query = select(events).where(events.c.position > after).order_by(events.c.position)
-        if limit is not None:
-            query = query.limit(limit)
-        with self._db.read() as conn:
-            return [_stored(r) for r in conn.execute(query)]
+        with self._db.raw_read() as conn:
+            rows = conn.execute(_READ_ALL_SQL, (after, -1 if limit is None else limit)).fetchall()
+        return [_stored(r) for r in rows]
 
     def head_position(self) -> int:
         """Position of the newest event (0 when empty)."""
-        with self._db.read() as conn:
-            return int(conn.execute(select(func.coalesce(func.max(events.c.position), 0))).scalar_one())
+        with self._db.raw_read() as conn:
+            (head,) = conn.execute(_HEAD_SQL).fetchone()
+        return int(head)
 
     def wait_for_events(self, after: int, timeout: float) -> list[StoredEvent]:
         """Poll every ``poll_interval`` seconds until events after ``after`` exist or ``timeout`` passes."""
@@ -146,6 +148,6 @@ class SQLiteEventLog(EventLog):
 
     def load_snapshot(self, name: str) -> tuple[int, bytes] | None:
         """``(position, state)`` of snapshot ``name``, or ``None``."""
-        with self._db.read() as conn:
-            row = conn.execute(select(snapshots).where(snapshots.c.name == name)).first()
-        return None if row is None else (int(row.position), bytes(row.state))
+        with self._db.raw_read() as conn:
+            row = conn.execute(_LOAD_SNAPSHOT_SQL, (name,)).fetchone()
+        return None if row is None else (int(row[0]), bytes(row[1]))

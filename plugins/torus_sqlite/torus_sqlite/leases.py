@@ -21,6 +21,13 @@ def _live_key_clause(now: float) -> ColumnElement[bool]:
     return or_(lease_keys.c.lease_id.is_(None), alive)
 
 
+#: :meth:`SQLiteLeaseStore.get` in plain SQL (same condition as :func:`_live_key_clause`).
+_GET_LIVE_SQL = (
+    "SELECT value FROM lease_keys WHERE key = ? AND (lease_id IS NULL OR EXISTS "
+    "(SELECT 1 FROM leases WHERE leases.id = lease_keys.lease_id AND leases.expires_at > ?))"
+)
+
+
 def _purge_expired(conn: Connection, now: float) -> None:
     expired = select(leases.c.id).where(leases.c.expires_at <= now)
     conn.execute(delete(lease_keys).where(lease_keys.c.lease_id.in_(expired)))
@@ -110,13 +117,11 @@ class SQLiteLeaseStore(LeaseStore):
             return True
 
     def get(self, key: str) -> bytes | None:
-        """Value of a live key, or ``None``."""
+        """Value of a live key, or ``None`` (one cached DB-API statement: the commit path calls this)."""
         _check_key(key)
-        with self._db.read() as conn:
-            row = conn.execute(
-                select(lease_keys.c.value).where(lease_keys.c.key == key, _live_key_clause(time.time()))
-            ).first()
-        return None if row is None else bytes(row.value)
+        with self._db.raw_read() as conn:
+            row = conn.execute(_GET_LIVE_SQL, (key, time.time())).fetchone()
+        return None if row is None else bytes(row[0])
 
     def get_prefix(self, prefix: str) -> dict[str, bytes]:
         """All live keys starting with ``prefix``."""
