@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import threading
 import time
 import uuid
 from collections.abc import Mapping
@@ -83,6 +84,10 @@ MAX_ATTEMPTS = 32
 LOCK_PREFIX = "volume-lock/"
 PEER_PREFIX = "peers/"
 _MAX_NAME = 255
+#: Events after which an earlier lock holder may no longer write (the slow path reports Locked).
+_FENCING_TOPICS = frozenset(
+    cls.TOPIC for cls in (VolumeLockAcquired, VolumeLockReleased, VolumeDeleted, SnapshotRestored)
+)
 
 
 @dataclass(frozen=True)
@@ -169,6 +174,12 @@ class MetadataService:
         self.ring_types = ring_types
         self.registry = registry
         self.projector = Projector(backend.log, registry=registry, snapshot_every=snapshot_every)
+        #: Guards the two maps below and every ``VolumeLock.seen_version`` update.
+        self._mutex = threading.Lock()
+        #: Volume stream -> the lock this service issued on it and still holds (see _note_appended).
+        self._held: dict[str, VolumeLock] = {}
+        #: Volume id -> (INode index reserved by our last commit, stream version after it).
+        self._reserved: dict[int, tuple[int, int]] = {}
 
     # --- plumbing ------------------------------------------------------------------------------
 
@@ -180,8 +191,33 @@ class MetadataService:
         return self.registry.new_event(stream, version, event)
 
     def _append(self, *events: NewEvent) -> list[int]:
-        positions = self.backend.log.append(list(events))
+        batch = list(events)
+        positions = self.backend.log.append(batch)
+        self.projector.applied(batch, positions)
+        self._note_appended(batch)
         return positions
+
+    def _note_appended(self, batch: list[NewEvent]) -> None:
+        """Advance held locks past our own non-fencing appends to their volume streams.
+
+        A lock's ``seen_version`` says "every event of the stream up to here is known not to
+        fence me". An event this service itself appended at exactly ``seen_version + 1`` that is
+        not a fencing event (an INode index allocation, a snapshot save, a resize) keeps that true,
+        so the next fenced commit appends at the right version instead of failing once and
+        re-reading the stream.
+        """
+        if not self._held:
+            return
+        with self._mutex:
+            for e in batch:
+                lock = self._held.get(e.stream_id)
+                if lock is not None and e.topic not in _FENCING_TOPICS and lock.seen_version == e.version - 1:
+                    lock.seen_version = e.version
+
+    def _set_seen(self, lock: VolumeLock, version: int) -> None:
+        with self._mutex:
+            if version > lock.seen_version:
+                lock.seen_version = version
 
     def _volume(self, state: ClusterState, name: str) -> VolumeState:
         vol = state.volume_by_name(name)
@@ -341,7 +377,19 @@ class MetadataService:
         raise Again(f"could not delete volume {name!r}: too much contention")
 
     def allocate_inode_index(self, volume_id: int) -> int:
-        """Reserve and return the volume's next INode index (2, 3, ...; 1 is the virtual INode)."""
+        """Reserve and return the volume's next INode index (2, 3, ...; 1 is the virtual INode).
+
+        Fast path: the index our last :meth:`commit_inode` of this volume reserved in the same
+        append, handed out once and only while nothing was appended to the volume's stream since
+        (one version read), so it is still the highest allocated index, as the GC expects of an
+        index in use. Otherwise an ``INodeIndexAllocated`` event is appended.
+        """
+        with self._mutex:
+            reserved = self._reserved.pop(volume_id, None)
+        if reserved is not None:
+            index, version = reserved
+            if self.backend.log.stream_version(volume_stream(volume_id)) == version:
+                return index
         for _ in range(MAX_ATTEMPTS):
             state = self.state()
             vol = self._volume_id(state, volume_id)
@@ -393,7 +441,10 @@ class MetadataService:
                     )
                 except CompareFailed:
                     continue
-                return VolumeLock(vol.id, name, owner, epoch, lease, token, version)
+                lock = VolumeLock(vol.id, name, owner, epoch, lease, token, version)
+                with self._mutex:
+                    self._held[stream] = lock
+                return lock
             raise Again(f"could not lock volume {name!r}: too much contention")
         except BaseException:
             self.backend.leases.delete(key, expected=value)
@@ -409,40 +460,76 @@ class MetadataService:
             return None
         return owner if isinstance(owner, str) else None
 
-    def _fenced_append(self, lock: VolumeLock, event: DomainEvent) -> None:
-        """Append ``event`` to the locked volume's stream unless the lock moved on (Locked)."""
+    def _fenced_append(self, lock: VolumeLock, event: DomainEvent, *, reserve_next: bool = False) -> None:
+        """Append ``event`` to the locked volume's stream unless the lock moved on (Locked).
+
+        Fencing: the lock key must still hold our value (a holder whose lease expired, or whose
+        key was taken over, fails here), and the append expects the stream version the holder
+        last saw, so an acquisition, release, delete or restore written since makes the log
+        refuse it; the slow path then reads the new events and reports ``Locked`` (or retries
+        past harmless ones). With ``reserve_next`` the same atomic append also allocates the
+        volume's next INode index for the holder's next write session (see
+        :meth:`allocate_inode_index`).
+        """
         stream = volume_stream(lock.volume_id)
         for _ in range(MAX_ATTEMPTS):
             if self.backend.leases.get(lock.key) != lock.value:
                 raise Locked(f"lock on volume {lock.name!r} (epoch {lock.epoch}) was lost")
+            base = lock.seen_version
+            batch = [self._event(stream, base + 1, event)]
+            reserved = self._next_index(lock.volume_id, stream, base) if reserve_next else None
+            if reserved is not None:
+                batch.append(self._event(stream, base + 2, INodeIndexAllocated(lock.volume_id, reserved)))
             try:
-                self._append(self._event(stream, lock.seen_version + 1, event))
+                self._append(*batch)
             except CompareFailed:
-                newer = self.backend.log.read_stream(stream, after=lock.seen_version)
+                newer = self.backend.log.read_stream(stream, after=base)
                 for stored in newer:
-                    e = self.registry.decode(stored.topic, stored.state)
-                    if isinstance(
-                        e, VolumeLockAcquired | VolumeLockReleased | VolumeDeleted | SnapshotRestored
-                    ):
+                    if stored.topic in _FENCING_TOPICS:
+                        e = self.registry.decode(stored.topic, stored.state)
                         raise Locked(
                             f"lock on volume {lock.name!r} (epoch {lock.epoch}) was lost: {type(e).__name__}"
                         ) from None
                 if newer:
-                    lock.seen_version = newer[-1].version
+                    self._set_seen(lock, newer[-1].version)
                 continue
-            lock.seen_version += 1
+            self._set_seen(lock, base + len(batch))
+            if reserved is not None:
+                with self._mutex:
+                    self._reserved[lock.volume_id] = (reserved, base + len(batch))
             return
         raise Again(f"could not write to volume {lock.name!r}: too much contention")
 
+    def _next_index(self, volume_id: int, stream: str, version: int) -> int | None:
+        """The volume's next INode index as of stream ``version``, or None if the projection disagrees."""
+        state = self.projector.state  # usually current: our own appends are applied locally
+        if state.stream_version(stream) != version:
+            state = self.state()
+            if state.stream_version(stream) != version:
+                return None  # the stream moved on: the append will fail and take the slow path
+        vol = state.volumes.get(volume_id)
+        return None if vol is None else vol.last_inode_index + 1
+
     def commit_inode(self, lock: VolumeLock, inode_ref: INodeRef) -> None:
-        """Make ``inode_ref`` the volume's current INode; Locked if ``lock`` is no longer held."""
+        """Make ``inode_ref`` the volume's current INode; Locked if ``lock`` is no longer held.
+
+        The same atomic append reserves the next INode index for this holder, so a write session
+        after a flush costs no extra metadata write.
+        """
         if not isinstance(inode_ref, INodeRef) or inode_ref.volume != lock.volume_id:
             raise InvalidArgument(f"{inode_ref!r} is not an INodeRef of volume {lock.volume_id}")
-        self._fenced_append(lock, INodeCommitted(lock.volume_id, inode_ref, lock.epoch))
+        self._fenced_append(lock, INodeCommitted(lock.volume_id, inode_ref, lock.epoch), reserve_next=True)
 
     def unlock(self, lock: VolumeLock) -> None:
         """Release ``lock``; Locked if it was already lost."""
-        self._fenced_append(lock, VolumeLockReleased(lock.volume_id, lock.owner, lock.epoch))
+        stream = volume_stream(lock.volume_id)
+        try:
+            self._fenced_append(lock, VolumeLockReleased(lock.volume_id, lock.owner, lock.epoch))
+        finally:
+            with self._mutex:
+                if self._held.get(stream) is lock:
+                    del self._held[stream]
+                self._reserved.pop(lock.volume_id, None)
         self.backend.leases.delete(lock.key, expected=lock.value)
 
     def lock_status(self, name: str) -> LockStatus:

@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import threading
-from collections.abc import Iterable
+import time
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
-from torus_core.errors import SchemaError
-from torus_core.eventlog import EventLog
+from torus_core.errors import SchemaError, TorusError
+from torus_core.eventlog import EventLog, NewEvent, StoredEvent
 from torus_core.events import (
     REGISTRY,
     ClusterFormatted,
@@ -53,6 +55,8 @@ __all__ = [
     "state_from_bytes",
     "state_to_bytes",
 ]
+
+log = logging.getLogger(__name__)
 
 #: Version of the snapshot encoding; a snapshot of another format is ignored (full replay).
 SNAPSHOT_FORMAT = 1
@@ -274,9 +278,44 @@ class Projector:
         if state.position == position and position <= self.log.head_position():
             self._state = state
 
+    def applied(self, events: Sequence[NewEvent], positions: Sequence[int]) -> bool:
+        """Fold in events this process just appended at ``positions``, without reading the log.
+
+        Only when they directly follow the current state (no one else appended in between);
+        otherwise nothing changes and the next :meth:`catch_up` reads them. The stored bytes are
+        decoded exactly as a reader of the log would, so the state stays a pure fold of the log.
+        Returns whether they were applied.
+        """
+        if not events or len(events) != len(positions):
+            return False
+        with self._lock:
+            state = self._state
+            if not self._loaded or positions[0] != state.position + 1:
+                return False
+            if any(p != positions[0] + i for i, p in enumerate(positions)):
+                return False
+            now = time.time()
+            try:
+                for e, pos in zip(events, positions, strict=True):
+                    stored = StoredEvent(e.stream_id, e.version, e.topic, bytes(e.state), pos, now)
+                    state = apply(state, self.registry.recorded(stored))
+            except SchemaError:
+                return False  # not ours to judge here: catch_up will read (and report) it
+            self._state = state
+            self._since_snapshot += len(events)
+            if self.snapshot_every and self._since_snapshot >= self.snapshot_every:
+                try:
+                    self._save_snapshot(state)
+                except TorusError as exc:  # a cache: the append succeeded, so do not fail the caller
+                    log.warning("could not save the projection snapshot: %s", exc)
+            return True
+
     def _catch_up(self) -> ClusterState:
         state = self._state
-        if state.position and self.log.head_position() < state.position:
+        head = self.log.head_position()
+        if head == state.position:
+            return state  # nothing new: one cheap head read
+        if head < state.position:
             state = ClusterState()  # the log was wiped: start over
         while True:
             page = self.log.read_all(after=state.position, limit=self.page_size)
