@@ -19,6 +19,7 @@ the stream version the holder last saw; if another acquisition happened since, t
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import threading
 import time
@@ -117,9 +118,9 @@ class VolumeLock:
         """Lease-store key of the lock."""
         return f"{LOCK_PREFIX}{self.volume_id}"
 
-    @property
+    @functools.cached_property
     def value(self) -> bytes:
-        """Lease-store value identifying this holder."""
+        """Lease-store value identifying this holder (computed once: every commit compares it)."""
         return _lock_value(self.owner, self.token)
 
 
