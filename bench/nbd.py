@@ -1,16 +1,24 @@
 #!/usr/bin/env python3
 """Benchmark the torus NBD server against ``nbdkit file`` with the same workloads, in one run.
 
-    .venv/bin/python bench/nbd.py [--quick] [--target memory|volume] [--size 1G]
+    .venv/bin/python bench/nbd.py [--quick] [--target volume|memory|memory-threads] [--size 1G]
+                                  [--runtime S] [--repeat N]
 
 Workloads (each against both servers): nbdcopy write of a urandom file and read to ``null:``;
 fio (nbd engine) 4 KiB random read/write at iodepth 1 and 32; 1 MiB sequential write/read at
-iodepth 8. Prints a table with torus/nbdkit ratios and the torus server's peak RSS.
+iodepth 8. Both servers run side by side; each workload runs on torus, then right away on
+nbdkit (so a ratio's two figures share the box's background load), ``--repeat`` times each
+(median shown). Prints a table with torus/nbdkit ratios, the load average and the torus
+server's peak RSS (VmHWM).
 
-The torus side is started by :func:`start_torus`, switched by ``--target``: ``memory`` serves
-:class:`~torus_core.nbd.memory.MemoryExport` (the protocol layer's ceiling), ``memory-threads``
-the same through the worker-thread path that blocking exports take; ``volume`` is the
-hook for the block-volume export (add its command in :data:`TARGETS`).
+The torus side is started by :func:`start_torus`, switched by ``--target``: ``volume`` (the
+default) is a single-node ``torusd`` serving a fresh volume of a file-store cluster (512 KiB
+blocks, ``crc,base``); ``memory`` serves :class:`~torus_core.nbd.memory.MemoryExport` (the
+protocol layer's ceiling), ``memory-threads`` the same through the worker-thread path that
+blocking exports take. After each torus workload the bench waits until a new connection is
+served (the volume's close: sync + unlock) and prints how long that took; it is not part of
+the workload's figure, as nbdkit's page cache is not flushed either (nbdcopy ends with a FLUSH
+on both, the fio jobs send none).
 """
 
 from __future__ import annotations
@@ -165,6 +173,17 @@ def peak_rss_mib(pid: int) -> float:
     return float("nan")
 
 
+def settle_time(uri: str) -> float:
+    """Seconds until a new connection to ``uri`` is served (``nbdinfo --size``).
+
+    A torus volume is closed (dirty and staged blocks synced, then unlocked) when its last
+    connection ends, and a new connection waits for that: so this waits until the server is
+    idle again, and tells how long the close of the previous workload's connection took."""
+    t0 = time.perf_counter()
+    subprocess.run(["nbdinfo", "--size", uri], check=True, capture_output=True, timeout=300)
+    return time.perf_counter() - t0
+
+
 @dataclass
 class Workload:
     """One measurement; ``run(uri)`` returns the figure (higher is better)."""
@@ -220,6 +239,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--target", choices=sorted(TARGETS), default="volume")
     ap.add_argument("--size", default=None, help="export/copy size (default 1 GiB, 256 MiB with --quick)")
     ap.add_argument("--runtime", type=float, default=None, help="seconds per fio run (10, 2 with --quick)")
+    ap.add_argument("--repeat", type=int, default=1, help="runs per workload and server; the median is shown")
     args = ap.parse_args(argv)
     sys.path.insert(0, str(ROOT))
     from torus_core.units import parse_size
@@ -248,19 +268,29 @@ def main(argv: list[str] | None = None) -> int:
         ]
         results: dict[str, dict[str, float]] = {"torus": {}, "nbdkit": {}}
         rss = float("nan")
-        for side in ("torus", "nbdkit"):
-            proc, uri = (
-                start_torus(args.target, size, work, args.quick)
-                if side == "torus"
-                else start_nbdkit(size, work)
-            )
-            try:
-                for w in workloads:
-                    results[side][w.name] = w.run(uri)
-                    print(f"  {side:6} {w.name:18} {results[side][w.name]:12.1f} {w.unit}", flush=True)
-                if side == "torus":
-                    rss = peak_rss_mib(proc.pid)
-            finally:
+        # Both servers run side by side and each workload runs on one, then at once on the
+        # other, so the two figures of a ratio see the same background load (the box is shared).
+        procs: list[subprocess.Popen[bytes]] = []
+        try:
+            tproc, turi = start_torus(args.target, size, work, args.quick)
+            procs.append(tproc)
+            kproc, kuri = start_nbdkit(size, work)
+            procs.append(kproc)
+            for w in workloads:
+                for side, uri in (("torus", turi), ("nbdkit", kuri)):
+                    runs = []
+                    settle = 0.0
+                    for _ in range(args.repeat):
+                        runs.append(w.run(uri))
+                        if side == "torus":
+                            settle = max(settle, settle_time(uri))
+                    runs.sort()
+                    results[side][w.name] = runs[len(runs) // 2]
+                    note = f"  (then {settle:.2f} s to close: sync + unlock)" if side == "torus" else ""
+                    print(f"  {side:6} {w.name:18} {results[side][w.name]:12.1f} {w.unit}{note}", flush=True)
+            rss = peak_rss_mib(tproc.pid)
+        finally:
+            for proc in procs:
                 stop(proc)
     print()
     print(f"target={args.target} size={size // (1024 * 1024)} MiB fio runtime={runtime:g}s")
