@@ -113,6 +113,8 @@ def test_unknown_topic_raises_schema_error() -> None:
         b'{"schema":1,"data":{"volume_id":1,"name":"a"}}',  # size missing
         b'{"schema":1,"data":{"volume_id":"1","name":"a","size":1}}',
         b'{"schema":1,"data":{"volume_id":1,"name":"a","size":1,"extra":2}}',
+        b'{"schema":1,"data":{"volume_id":true,"name":"a","size":1}}',  # a bool is not an id
+        b'{"schema":1,"data":{"volume_id":1,"name":"a","size":1,"typo":"block"}}',  # default unset
         b'{"schema":1,"data":[]}',
     ],
 )

@@ -215,3 +215,48 @@ def test_sigkill_mid_append_loses_no_acknowledged_event(tmp_path: Path) -> None:
         with backend._db.read() as conn:
             assert conn.exec_driver_sql("PRAGMA integrity_check").scalar() == "ok"
         assert backend.log.append([NewEvent("kill", len(stored) + 1, "t", b"")]) == [len(stored) + 1]
+
+
+def test_pooled_plain_reads_see_other_connections_commits_at_once(tmp_path: Path) -> None:
+    """The hot reads use pooled sqlite3 connections in autocommit: no stale read snapshot is kept."""
+    url = f"sqlite:///{tmp_path}/m.db"
+    with SQLiteBackend.from_url(url) as reader, SQLiteBackend.from_url(url) as writer:
+        assert reader.log.head_position() == 0
+        assert reader.leases.get("k") is None
+        lease = writer.leases.grant(30)
+        for version in (1, 2):
+            writer.log.append([NewEvent("s", version, "t", b"x")])
+            assert reader.log.head_position() == version
+            assert reader.log.stream_version("s") == version
+            assert [e.version for e in reader.log.read_stream("s")] == list(range(1, version + 1))
+        writer.leases.put("k", b"v", lease)
+        assert reader.leases.get("k") == b"v"
+        writer.leases.revoke(lease)
+        assert reader.leases.get("k") is None
+
+
+def test_pooled_reads_from_many_threads_agree_and_fail_closed_after_close(tmp_path: Path) -> None:
+    import threading
+
+    backend = SQLiteBackend.from_url(f"sqlite:///{tmp_path}/m.db")
+    backend.log.append([NewEvent("s", v, "t", b"x") for v in range(1, 11)])
+    results: list[int] = []
+    errors: list[BaseException] = []
+
+    def read() -> None:
+        try:
+            for _ in range(50):
+                results.append(len(backend.log.read_all(after=0)))
+        except BaseException as exc:  # reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=read) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=30)
+    assert not errors and results == [10] * 200
+    backend.close()
+    for call in (backend.log.head_position, lambda: backend.leases.get("k"), lambda: backend.log.read_all()):
+        with pytest.raises(Closed):
+            call()
