@@ -5,9 +5,9 @@ Two pieces, both meant to be subclassed by a plugin's tests:
 * :class:`BlockStoreContract` -- example-based tests of every rule in the ``BlockStore``
   docstring. Subclass it as ``class TestMyStore(BlockStoreContract)`` and override the
   ``store_factory`` fixture so that ``store_factory(capacity_blocks=N, block_size=B)`` opens a
-  store. For a persistent store (``persistent = True`` on the class), calling the factory again
-  with the same arguments must *reopen* the same store (same directory); the reopen tests are
-  skipped for stores whose ``persistent`` flag is false.
+  store. A persistent store (``persistent = True`` on the class) subclasses
+  :class:`PersistentBlockStoreContract` instead, which adds the reopen tests: calling the
+  factory again with the same arguments must *reopen* the same store (same directory).
 * :class:`BlockStoreMachine` -- a hypothesis ``RuleBasedStateMachine`` that checks a store
   against a ``dict[BlockRef, bytes]`` model. Subclass it, implement :meth:`open_store` (and
   :meth:`cleanup` if the store leaves files), and expose ``TestX = MyMachine.TestCase``.
@@ -357,16 +357,18 @@ class BlockStoreContract:
         store.flush()
         assert store.get_block(_ref(1)) == pad(b"a", self.BLOCK_SIZE)
 
-    # --- persistence (only for stores with persistent = True) ------------------------------
 
-    @staticmethod
-    def _require_persistent(store: BlockStore) -> None:
-        if not type(store).persistent:
-            pytest.skip("store is not persistent")
+class PersistentBlockStoreContract(BlockStoreContract):
+    """:class:`BlockStoreContract` plus the reopen rules of stores with ``persistent = True``.
+
+    ``store_factory`` called again with the same arguments must reopen the same store.
+    """
+
+    def test_store_declares_itself_persistent(self, store: BlockStore) -> None:
+        assert type(store).persistent is True
 
     def test_reopen_keeps_flushed_blocks(self, open_store: StoreFactory) -> None:
         store = open_store()
-        self._require_persistent(store)
         for i in range(3):
             store.write_block(_ref(i), _content(i, self.BLOCK_SIZE))
         store.flush()
@@ -379,7 +381,6 @@ class BlockStoreContract:
 
     def test_reopen_keeps_deletes_and_frees_their_space(self, open_store: StoreFactory) -> None:
         store = open_store(capacity_blocks=2)
-        self._require_persistent(store)
         store.write_block(_ref(1), b"a")
         store.write_block(_ref(2), b"b")
         store.delete_block(_ref(1))
@@ -393,7 +394,6 @@ class BlockStoreContract:
 
     def test_reopened_store_still_enforces_immutability(self, open_store: StoreFactory) -> None:
         store = open_store()
-        self._require_persistent(store)
         store.write_block(_ref(1), b"a")
         store.close()
         again = open_store()

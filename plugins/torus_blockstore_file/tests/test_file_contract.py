@@ -12,10 +12,10 @@ from torus_blockstore_file import FileBlockStore
 
 from torus_core.blockstore import BlockStoreConfig
 from torus_core.plugins import make_plugin_manager
-from torus_core.testing.blockstore import BlockStoreContract, BlockStoreMachine, StoreFactory
+from torus_core.testing.blockstore import BlockStoreMachine, PersistentBlockStoreContract, StoreFactory
 
 
-class TestFileBlockStoreContract(BlockStoreContract):
+class TestFilePersistentBlockStoreContract(PersistentBlockStoreContract):
     @pytest.fixture
     def store_factory(self, tmp_path: Path) -> StoreFactory:
         def make(capacity_blocks: int, block_size: int) -> FileBlockStore:
@@ -30,7 +30,7 @@ class TestFileBlockStoreContract(BlockStoreContract):
         return make
 
 
-class TestFileBlockStoreContractNoFsync(TestFileBlockStoreContract):
+class TestFilePersistentBlockStoreContractNoFsync(TestFilePersistentBlockStoreContract):
     @pytest.fixture
     def store_factory(self, tmp_path: Path) -> StoreFactory:
         def make(capacity_blocks: int, block_size: int) -> FileBlockStore:
