@@ -14,6 +14,24 @@ lease (liveness), and each acquisition also appends ``VolumeLockAcquired`` with 
 the volume's stream (history and fencing). :meth:`MetadataService.commit_inode` appends with
 the stream version the holder last saw; if another acquisition happened since, the holder gets
 :class:`~torus_core.errors.Locked` and its commit is not written.
+
+The flush hot path (a write session's ``allocate_inode_index`` + ``commit_inode``) costs one
+append and no projection catch-up:
+
+* the commit appends ``INodeCommitted`` and, in the same atomic batch, ``INodeIndexAllocated``
+  for the holder's *next* session; the next allocation hands that index out after one stream
+  version read proves nothing was appended to the volume since (otherwise it allocates anew).
+  The reserved index is allocated in the projection, so the GC's "index >= highest allocated is
+  in flight" rule keeps the blocks of the session using it, exactly as before;
+* each lock's ``seen_version`` advances past this service's own non-fencing appends to its
+  stream (allocations, snapshot saves, resizes), so the commit does not fail and re-read;
+* the projector applies this service's own appends locally (same decoding as a reader of the
+  log), so ``state()`` is one head read when nobody else wrote.
+
+Fencing is unchanged: before each fenced append the lock key is read from the lease store (a
+holder whose lease expired or was revoked fails its next commit even if nobody took over), and
+the append's expected version makes the log refuse a holder after any acquisition, release,
+delete or restore.
 """
 
 from __future__ import annotations
