@@ -7,12 +7,39 @@ opened with :meth:`BlockStore.open`.
 
 from __future__ import annotations
 
+import threading
 from abc import ABC, abstractmethod
 from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 from torus_core.refs import BlockRef
+
+_nonblocking = threading.local()
+
+
+@contextmanager
+def nonblocking_reads() -> Iterator[None]:
+    """Within this block (on this thread), a store whose read would wait for the network
+    raises :class:`~torus_core.errors.WouldBlock` instead, having done nothing.
+
+    For code on an event loop that offers a read to a fast path and falls back to a worker
+    thread (``File.read_nowait``): local and cached reads still run, remote ones are left to
+    the worker. Stores without network I/O ignore it. Nests.
+    """
+    depth = getattr(_nonblocking, "depth", 0)
+    _nonblocking.depth = depth + 1
+    try:
+        yield
+    finally:
+        _nonblocking.depth = depth
+
+
+def reads_may_block() -> bool:
+    """False inside :func:`nonblocking_reads` on this thread (a networked store then raises
+    :class:`~torus_core.errors.WouldBlock` rather than wait)."""
+    return not getattr(_nonblocking, "depth", 0)
 
 
 @dataclass(frozen=True)

@@ -170,6 +170,12 @@ class CorruptBlock(BlockUnavailable):
     """A stored block failed its integrity check; it was not returned."""
 
 
+class WouldBlock(BlockUnavailable):
+    """The read would have to wait for the network, inside
+    :func:`torus_core.blockstore.nonblocking_reads` (an event loop's fast path): nothing was
+    done; do the same read again where waiting is allowed."""
+
+
 class OutOfSpace(BlockStoreError):
     """The block store is full (Go: ErrOutOfSpace)."""
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 
+from torus_core.block.malloc import limit_arenas
 from torus_core.block.server import Server
 from torus_core.cluster.node import ClusterNode, ClusterOptions, load_or_create_uuid
 from torus_core.config import Config
@@ -42,7 +43,11 @@ def start_cluster_server(
     """Start a storage :class:`ClusterNode` over ``server``'s store; returns the cluster server.
 
     On failure everything opened (including ``server``) is closed and the error propagates.
+    One glibc malloc arena is used from here on (before the RPC, replication and NBD threads
+    start), as for a single-node NBD server: it bounds the block buffers each thread's arena
+    would otherwise keep resident.
     """
+    limit_arenas()
     try:
         node = ClusterNode(
             server.md,

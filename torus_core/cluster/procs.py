@@ -9,6 +9,7 @@ same ports. :func:`torusctl` runs the admin CLI as a subprocess with a timeout.
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import signal
 import subprocess
@@ -17,6 +18,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from importlib.metadata import entry_points
 from pathlib import Path
 
 from torus_core.testing.services import free_port
@@ -27,10 +29,42 @@ START_TIMEOUT = 30.0
 STOP_TIMEOUT = 15.0
 
 
+def source_paths() -> list[str]:
+    """Import roots of the ``torus_core`` and plugin packages this process runs.
+
+    Children get them first on ``PYTHONPATH`` (:func:`child_env`), so a ``torusd`` started from a
+    test or a benchmark runs the very code the caller imported -- not whatever tree the
+    environment's editable installs happen to point at."""
+    roots: list[str] = []
+    names = ["torus_core"]
+    for ep in entry_points(group="torus"):
+        names.append(ep.value.split(":")[0].split(".")[0])
+    for name in names:
+        try:
+            spec = importlib.util.find_spec(name)
+        except (ImportError, ValueError):
+            continue
+        locations = list(spec.submodule_search_locations or []) if spec is not None else []
+        if locations:
+            root = os.path.dirname(os.path.abspath(locations[0]))
+            if root not in roots:
+                roots.append(root)
+    return roots
+
+
+def child_env() -> dict[str, str]:
+    """``os.environ`` with :func:`source_paths` prepended to ``PYTHONPATH``."""
+    env = dict(os.environ)
+    parts = source_paths() + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]
+    env["PYTHONPATH"] = os.pathsep.join(dict.fromkeys(parts))
+    return env
+
+
 def torusctl(metadata: str, *args: str, timeout: float = 60.0, check: bool = True) -> str:
     """Run ``torusctl --metadata URL ARGS`` and return its stdout (RuntimeError on failure)."""
     proc = subprocess.run(
         [sys.executable, "-m", "torus_core.cli.torusctl", "--metadata", metadata, *args],
+        env=child_env(),
         capture_output=True,
         text=True,
         timeout=timeout,
@@ -111,6 +145,7 @@ class TorusdProcess:
         try:
             self.proc = subprocess.Popen(
                 self.command(),
+                env=child_env(),
                 stdout=subprocess.PIPE,
                 stderr=log,
                 text=True,

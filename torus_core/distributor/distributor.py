@@ -26,10 +26,11 @@ from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
-from torus_core.blockstore import BlockStore, BlockStoreConfig
+from torus_core.blockstore import BlockStore, BlockStoreConfig, reads_may_block
 from torus_core.distributor.cache import BlockCache
 from torus_core.distributor.levels import ReadLevel, WriteLevel
 from torus_core.distributor.peers import PeerDirectory
+from torus_core.distributor.prefetch import Prefetcher
 from torus_core.distributor.unflushed import UnflushedBlock, UnflushedWrites
 from torus_core.distributor.writebehind import WriteBehind
 from torus_core.errors import (
@@ -47,6 +48,7 @@ from torus_core.errors import (
     ReplicationFailed,
     StaleRing,
     TorusError,
+    WouldBlock,
 )
 from torus_core.refs import BlockRef
 from torus_core.ring.base import PeerPermutation, Ring
@@ -61,6 +63,11 @@ BlockData = bytes | bytearray | memoryview
 DEFAULT_READ_CACHE_BYTES = 64 * 1024 * 1024
 #: Default bound of deferred (not yet flushed) write bytes before a write forces a flush.
 DEFAULT_MAX_UNFLUSHED_BYTES = 32 * 1024 * 1024
+#: Default read-ahead: refs fetched ahead of a sequential run of remote misses.
+DEFAULT_READAHEAD = 4
+
+#: ``(start, length)`` of a ranged read; None for the whole block.
+Span = tuple[int, int] | None
 
 
 @dataclass(frozen=True)
@@ -106,6 +113,8 @@ class DistributorStats:
 
     local_reads: int = 0
     remote_reads: int = 0
+    ranged_reads: int = 0
+    would_block: int = 0
     remote_failures: int = 0
     repairs: int = 0
     repair_failures: int = 0
@@ -177,6 +186,11 @@ class Distributor(BlockStore):
     :param write_behind: replicate in background workers (see
         :mod:`~torus_core.distributor.writebehind`): ``write_blocks`` returns once the blocks
         are queued, and replication errors surface at :meth:`flush`. Off by default.
+    :param readahead: remote blocks fetched ahead of a sequential run of remote misses, and
+        the bound of :meth:`prefetch` requests in flight (x2); 0 disables the guessing.
+    :param ranged_read_max: :meth:`read_block_range` of a block that is neither cached nor
+        local asks a peer for just the range when it is at most this long (default: a quarter
+        block), else reads (and caches) the whole block.
     """
 
     name: ClassVar[str] = "distributor"
@@ -202,6 +216,8 @@ class Distributor(BlockStore):
         defer_flush: bool = True,
         max_unflushed_bytes: int = DEFAULT_MAX_UNFLUSHED_BYTES,
         write_behind: bool = False,
+        readahead: int = DEFAULT_READAHEAD,
+        ranged_read_max: int | None = None,
     ) -> None:
         if local_store is not None:
             if block_size is not None and block_size != local_store.block_size:
@@ -240,6 +256,13 @@ class Distributor(BlockStore):
         self._suspects: dict[str, float] = {}
         self._suspects_lock = threading.Lock()
         self._wb = WriteBehind(self._replicate_recorded) if write_behind else None
+        self.ranged_read_max = block_size // 4 if ranged_read_max is None else ranged_read_max
+        self._prefetcher = Prefetcher(
+            self._prefetch_load,
+            max_inflight=max(2 * readahead, 2),
+            readahead=readahead,
+            workers=max(1, readahead),
+        )
         self._closed = False
         peers.on_address_dropped(self._drop_address)
 
@@ -296,22 +319,29 @@ class Distributor(BlockStore):
             raw += bytes(self._block_size - len(raw))
         return raw
 
-    def _fetch_remote(self, uuid: str, ref: BlockRef, timeout: float) -> bytes:
+    def _fetch_remote(self, uuid: str, ref: BlockRef, timeout: float, span: Span = None) -> bytes:
         address = self.peers.address(uuid)
         if address is None:
             raise PeerUnavailable(f"peer {uuid} has no known address or is down")
+        client = self.pool.get(address)
         try:
-            data = self.pool.get(address).get_block(ref, timeout=timeout)
+            if span is None:
+                data = client.get_block(ref, timeout=timeout)
+            else:
+                data = client.get_block_range(ref, span[0], span[1], timeout=timeout)
         except PeerUnavailable:
             self.pool.reset(address)
             raise
-        if len(data) != self._block_size:
-            raise CorruptBlock(f"peer {uuid} returned {len(data)} bytes for {ref}")
+        want = self._block_size if span is None else span[1]
+        if len(data) != want:
+            raise CorruptBlock(f"peer {uuid} returned {len(data)} bytes for {ref} (wanted {want})")
         return data
 
-    def _try_remote(self, uuid: str, ref: BlockRef, timeout: float, outcome: _ReadOutcome) -> bytes | None:
+    def _try_remote(
+        self, uuid: str, ref: BlockRef, timeout: float, outcome: _ReadOutcome, span: Span = None
+    ) -> bytes | None:
         try:
-            data = self._fetch_remote(uuid, ref, timeout)
+            data = self._fetch_remote(uuid, ref, timeout, span)
         except InvalidArgument:
             raise
         except TorusError as exc:
@@ -329,17 +359,34 @@ class Distributor(BlockStore):
 
         Raises :class:`BlockNotExist` when every source answered that it lacks the block,
         :class:`CorruptBlock` when the only copies found were corrupt, and
-        :class:`NoPeersBlock` (retryable) when some source could not be reached.
+        :class:`NoPeersBlock` (retryable) when some source could not be reached. Inside
+        :func:`~torus_core.blockstore.nonblocking_reads` a read that needs a peer raises
+        :class:`~torus_core.errors.WouldBlock` instead.
         """
         self._check_open()
-        read_level = self.read_level if level is None else ReadLevel.parse(level)
-        cached = self.cache.get(ref)
+        cached = self._held(ref)
         if cached is not None:
             return cached
-        if self._wb is not None:
-            queued = self._wb.get(ref)
-            if queued is not None:
-                return queued
+        if reads_may_block() and self._prefetcher.join(ref, self.timeouts.read_total):
+            cached = self._held(ref)
+            if cached is not None:
+                return cached
+        return self._load(ref, level)
+
+    def _held(self, ref: BlockRef) -> bytes | None:
+        """The block from the read cache or the write-behind queue, else None."""
+        cached = self.cache.get(ref)
+        if cached is None and self._wb is not None:
+            cached = self._wb.get(ref)
+        return cached
+
+    def _prefetch_load(self, ref: BlockRef) -> bytes:
+        return self._load(ref, guess=False)
+
+    def _load(self, ref: BlockRef, level: ReadLevel | str | None = None, *, guess: bool = True) -> bytes:
+        """:meth:`get_block` past the cache: local store, then peers; caches what it read.
+        ``guess``: a remote miss feeds the sequential read-ahead (not for prefetches)."""
+        read_level = self.read_level if level is None else ReadLevel.parse(level)
         perm = self._ring.get_peers(ref)
         owners = perm.owners
         outcome = _ReadOutcome()
@@ -353,15 +400,13 @@ class Distributor(BlockStore):
             except (BlockNotExist, CorruptBlock) as exc:
                 outcome.record(self.self_uuid, exc)
         if data is None:
-            remote = self._healthy_first([p for p in perm.peers if p != self.self_uuid])
-            remote_owners = [p for p in owners if p != self.self_uuid]
-            deadline = time.monotonic() + self.timeouts.read_total
-            if read_level is ReadLevel.SPREAD:
-                data, source = self._read_spread(ref, remote_owners, remote, deadline, outcome)
-            elif read_level is ReadLevel.SEQ:
-                data, source = self._read_pass(ref, remote, self.timeouts.read_peer, deadline, outcome)
-            else:
-                data, source = self._read_block_level(ref, remote, deadline, outcome)
+            if not reads_may_block():
+                self.stats.inc("would_block")
+                raise WouldBlock(f"block {ref} must be read from a peer")
+            ahead = self._prefetcher.sequential_guess(ref) if guess else []
+            if ahead:
+                self._prefetcher.submit(ahead, self._has_nearby)
+            data, source = self._read_remote(ref, perm, read_level, outcome)
         if data is None:
             raise outcome.error(ref)
         self.cache.put(ref, data)
@@ -369,6 +414,88 @@ class Distributor(BlockStore):
         if bad:
             self._schedule_repair(ref, data, bad)
         return data
+
+    def _read_remote(
+        self,
+        ref: BlockRef,
+        perm: PeerPermutation,
+        read_level: ReadLevel,
+        outcome: _ReadOutcome,
+        span: Span = None,
+    ) -> tuple[bytes | None, str]:
+        """Read ``ref`` (or ``span`` of it) from the peers other than this one, per ``read_level``."""
+        remote = self._healthy_first([p for p in perm.peers if p != self.self_uuid])
+        deadline = time.monotonic() + self.timeouts.read_total
+        if read_level is ReadLevel.SPREAD:
+            remote_owners = [p for p in perm.owners if p != self.self_uuid]
+            return self._read_spread(ref, remote_owners, remote, deadline, outcome, span)
+        if read_level is ReadLevel.SEQ:
+            return self._read_pass(ref, remote, self.timeouts.read_peer, deadline, outcome, span)
+        return self._read_block_level(ref, remote, deadline, outcome, span)
+
+    def _has_nearby(self, ref: BlockRef) -> bool:
+        """Whether ``ref`` is readable without a peer (cache, write-behind queue, local store)."""
+        if ref in self.cache or (self._wb is not None and ref in self._wb):
+            return True
+        try:
+            return self.local_store is not None and self.local_store.has_block(ref)
+        except TorusError:
+            return False
+
+    def read_block_range(self, ref: BlockRef, start: int, length: int) -> bytes:
+        """Bytes ``[start, start + length)`` of ``ref``, **unverified** where that is cheaper (the
+        caller checks them, see :meth:`BlockStore.read_block_range`).
+
+        A whole block is :meth:`get_block` (verified, any good copy, cached). A part comes from
+        the cache or write-behind queue, else from the local store (one ``pread`` for the file
+        store), else from a peer: just the range if it is at most ``ranged_read_max`` bytes, else
+        the whole block (cached, so the next part of it is local).
+        """
+        self._check_open()
+        bs = self._block_size
+        if (
+            type(start) is not int
+            or type(length) is not int
+            or start < 0
+            or length <= 0
+            or start + length > bs
+        ):
+            raise InvalidArgument(f"bad range start={start!r} length={length!r} of a {bs}-byte block")
+        if length == bs:
+            return self.get_block(ref)
+        held = self._held(ref)
+        if held is not None:
+            return bytes(memoryview(held)[start : start + length])
+        if self.local_store is not None:
+            try:
+                data = self.local_store.read_block_range(ref, start, length)
+            except (BlockNotExist, CorruptBlock):
+                pass
+            else:
+                self.stats.inc("local_reads")
+                return data
+        if length > self.ranged_read_max or (
+            reads_may_block() and self._prefetcher.join(ref, self.timeouts.read_total)
+        ):
+            return bytes(memoryview(self.get_block(ref))[start : start + length])
+        if not reads_may_block():
+            self.stats.inc("would_block")
+            raise WouldBlock(f"a range of block {ref} must be read from a peer")
+        outcome = _ReadOutcome()
+        got, _ = self._read_remote(ref, self._ring.get_peers(ref), self.read_level, outcome, (start, length))
+        if got is None:
+            raise outcome.error(ref)
+        self.stats.inc("ranged_reads")
+        return got
+
+    def prefetch(self, refs: Iterable[BlockRef]) -> int:
+        """Start fetching blocks that will be read soon (e.g. a file's next blocks) into the read
+        cache, in the background; refs already cached, queued, local or being fetched are
+        skipped, and at most ``2 * readahead`` fetches run at once (the rest are dropped).
+        Returns how many fetches were started. Never raises for a bad ref: its fetch fails
+        quietly and a later read reports the error."""
+        self._check_open()
+        return self._prefetcher.submit(refs, self._has_nearby)
 
     def _healthy_first(self, uuids: list[str]) -> list[str]:
         """``uuids`` with peers marked down or recently failed moved to the end (order kept)."""
@@ -378,20 +505,26 @@ class Distributor(BlockStore):
         return good + [u for u in uuids if u not in good]
 
     def _read_pass(
-        self, ref: BlockRef, sources: Sequence[str], per_peer: float, deadline: float, outcome: _ReadOutcome
+        self,
+        ref: BlockRef,
+        sources: Sequence[str],
+        per_peer: float,
+        deadline: float,
+        outcome: _ReadOutcome,
+        span: Span = None,
     ) -> tuple[bytes | None, str]:
         for uuid in sources:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 outcome.unavailable.setdefault(uuid, PeerUnavailable("read deadline reached"))
                 break
-            data = self._try_remote(uuid, ref, min(per_peer, remaining), outcome)
+            data = self._try_remote(uuid, ref, min(per_peer, remaining), outcome, span)
             if data is not None:
                 return data, uuid
         return None, ""
 
     def _read_block_level(
-        self, ref: BlockRef, sources: Sequence[str], deadline: float, outcome: _ReadOutcome
+        self, ref: BlockRef, sources: Sequence[str], deadline: float, outcome: _ReadOutcome, span: Span = None
     ) -> tuple[bytes | None, str]:
         t = self.timeouts
         for attempt in range(t.read_attempts):
@@ -403,7 +536,7 @@ class Distributor(BlockStore):
                 outcome.unavailable.clear()
             per_peer = min(t.read_peer * 2**attempt, t.read_peer_max)
             pass_outcome = _ReadOutcome()
-            data, source = self._read_pass(ref, sources, per_peer, deadline, pass_outcome)
+            data, source = self._read_pass(ref, sources, per_peer, deadline, pass_outcome, span)
             outcome.unavailable.update(pass_outcome.unavailable)
             for uuid in pass_outcome.missing:
                 if uuid not in outcome.missing:
@@ -424,11 +557,12 @@ class Distributor(BlockStore):
         sources: Sequence[str],
         deadline: float,
         outcome: _ReadOutcome,
+        span: Span = None,
     ) -> tuple[bytes | None, str]:
         per_peer = min(self.timeouts.read_peer, max(0.001, deadline - time.monotonic()))
         if owners:
             futures: dict[Future[bytes], str] = {
-                self._executor.submit(self._fetch_remote, uuid, ref, per_peer): uuid for uuid in owners
+                self._executor.submit(self._fetch_remote, uuid, ref, per_peer, span): uuid for uuid in owners
             }
             pending = set(futures)
             bound = time.monotonic() + per_peer + 1.0
@@ -451,13 +585,14 @@ class Distributor(BlockStore):
                 if winner is not None:
                     self.stats.inc("remote_reads")
                     data = winner.result()
-                    for fut in pending:  # slower owners may still report a bad copy: repair it then
-                        self._watch_late_read(fut, futures[fut], ref, data)
+                    if span is None:  # slower owners may still report a bad copy: repair it then
+                        for fut in pending:
+                            self._watch_late_read(fut, futures[fut], ref, data)
                     return data, futures[winner]
             for fut in pending:
                 outcome.unavailable[futures[fut]] = PeerUnavailable("spread read timed out")
         rest = [p for p in sources if p not in owners]
-        return self._read_pass(ref, rest, self.timeouts.read_peer, deadline, outcome)
+        return self._read_pass(ref, rest, self.timeouts.read_peer, deadline, outcome, span)
 
     # --- read repair ------------------------------------------------------------------------
 
@@ -978,6 +1113,7 @@ class Distributor(BlockStore):
             self._closed = True
         if self._wb is not None:
             self._wb.close()
+        self._prefetcher.close()
         self._repair_executor.shutdown(wait=True, cancel_futures=True)
         self._executor.shutdown(wait=True, cancel_futures=True)
         self.cache.clear()

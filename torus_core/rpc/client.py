@@ -15,7 +15,7 @@ from typing import Any
 
 import grpc
 
-from torus_core.errors import Closed, InvalidArgument, NotSupported, PeerUnavailable
+from torus_core.errors import Closed, InvalidArgument, NotSupported, PeerUnavailable, ProtocolError
 from torus_core.refs import BlockRef
 from torus_core.rpc import torus_storage_pb2 as pb
 from torus_core.rpc import torus_storage_pb2_grpc as pb_grpc
@@ -84,6 +84,29 @@ class PeerClient:
         req = pb.GetBlockRequest(ref=ref.to_bytes())
         resp = self._call("GetBlock", self._stub.GetBlock, req, timeout or self.timeouts.get)
         return bytes(resp.data)
+
+    def get_block_range(
+        self, ref: BlockRef, start: int, length: int, *, timeout: float | None = None
+    ) -> bytes:
+        """Bytes ``[start, start + length)`` of a block, **unverified** by the peer (the caller
+        checks them, like :meth:`~torus_core.blockstore.BlockStore.read_block_range`).
+
+        A peer that predates ranged reads returns the whole block; it is sliced here. Raises
+        :class:`~torus_core.errors.InvalidArgument` for a negative or empty range and
+        :class:`~torus_core.errors.ProtocolError` for an answer of the wrong length.
+        """
+        if not isinstance(start, int) or not isinstance(length, int) or start < 0 or length <= 0:
+            raise InvalidArgument(f"bad block range start={start!r} length={length!r}")
+        if start + length > 0xFFFFFFFF:
+            raise InvalidArgument(f"block range end {start + length} does not fit the protocol")
+        req = pb.GetBlockRequest(ref=ref.to_bytes(), offset=start, length=length)
+        resp = self._call("GetBlock", self._stub.GetBlock, req, timeout or self.timeouts.get)
+        data = resp.data
+        if len(data) == length:
+            return bytes(data)
+        if len(data) >= start + length:  # an old peer sent the whole block
+            return bytes(memoryview(data)[start : start + length])
+        raise ProtocolError(f"peer {self.address} returned {len(data)} bytes for a range of {length}")
 
     def put_blocks(
         self,
@@ -171,8 +194,6 @@ class PeerClient:
         resp = self._call("RebalanceCheck", self._stub.RebalanceCheck, req, timeout or self.timeouts.check)
         has = [bool(h) for h in resp.has]
         if len(has) != len(refs):
-            from torus_core.errors import ProtocolError
-
             raise ProtocolError(f"peer {self.address} answered {len(has)} of {len(refs)} refs")
         return has
 

@@ -126,11 +126,22 @@ class StorageServicer(pb_grpc.TorusStorageServicer):
             _abort(context, exc)
 
     def GetBlock(self, request: pb.GetBlockRequest, context: grpc.ServicerContext) -> pb.GetBlockResponse:
-        """Return one block's bytes."""
+        """Return one block's bytes, or with ``length`` a range of them (read with
+        :meth:`~torus_core.blockstore.BlockStore.read_block_range`: the caller verifies it)."""
 
         def do() -> pb.GetBlockResponse:
             ref = BlockRef.from_bytes(request.ref)
-            return pb.GetBlockResponse(data=self.store.get_block(ref))
+            offset, length = request.offset, request.length
+            if length == 0:
+                if offset:
+                    raise InvalidArgument(f"GetBlock offset {offset} without a length")
+                return pb.GetBlockResponse(data=self.store.get_block(ref))
+            bs = self.store.block_size
+            if offset + length > bs:
+                raise InvalidArgument(
+                    f"GetBlock range [{offset}, {offset + length}) exceeds the block size {bs}"
+                )
+            return pb.GetBlockResponse(data=self.store.read_block_range(ref, offset, length))
 
         return self._run(context, "GetBlock", do)
 

@@ -20,7 +20,7 @@ _sym_db = _symbol_database.Default()
 
 
 DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(
-    b'\n"torus_core/rpc/torus_storage.proto\x12\x0ctorus.rpc.v1"\x1e\n\x0fGetBlockRequest\x12\x0b\n\x03ref\x18\x01 \x01(\x0c" \n\x10GetBlockResponse\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c"U\n\x10PutBlocksRequest\x12\x0c\n\x04refs\x18\x01 \x03(\x0c\x12\x0e\n\x06\x62locks\x18\x02 \x03(\x0c\x12\x0e\n\x06repair\x18\x03 \x01(\x08\x12\x13\n\x0b\x64\x65\x66\x65r_flush\x18\x04 \x01(\x08"5\n\x11PutBlocksResponse\x12\x0f\n\x07written\x18\x01 \x01(\r\x12\x0f\n\x07\x62oot_id\x18\x02 \x01(\t"%\n\x15RebalanceCheckRequest\x12\x0c\n\x04refs\x18\x01 \x03(\x0c"%\n\x16RebalanceCheckResponse\x12\x0b\n\x03has\x18\x01 \x03(\x08"\r\n\x0bPingRequest"u\n\x0cPingResponse\x12\x0c\n\x04uuid\x18\x01 \x01(\t\x12\x18\n\x10protocol_version\x18\x02 \x01(\r\x12\x12\n\nblock_size\x18\x03 \x01(\x04\x12\x14\n\x0ctotal_blocks\x18\x04 \x01(\x04\x12\x13\n\x0bused_blocks\x18\x05 \x01(\x04"\x0e\n\x0c\x46lushRequest" \n\rFlushResponse\x12\x0f\n\x07\x62oot_id\x18\x01 \x01(\t2\xda\x03\n\x0cTorusStorage\x12I\n\x08GetBlock\x12\x1d.torus.rpc.v1.GetBlockRequest\x1a\x1e.torus.rpc.v1.GetBlockResponse\x12L\n\tPutBlocks\x12\x1e.torus.rpc.v1.PutBlocksRequest\x1a\x1f.torus.rpc.v1.PutBlocksResponse\x12S\n\x0ePutBlockStream\x12\x1e.torus.rpc.v1.PutBlocksRequest\x1a\x1f.torus.rpc.v1.PutBlocksResponse(\x01\x12[\n\x0eRebalanceCheck\x12#.torus.rpc.v1.RebalanceCheckRequest\x1a$.torus.rpc.v1.RebalanceCheckResponse\x12=\n\x04Ping\x12\x19.torus.rpc.v1.PingRequest\x1a\x1a.torus.rpc.v1.PingResponse\x12@\n\x05\x46lush\x12\x1a.torus.rpc.v1.FlushRequest\x1a\x1b.torus.rpc.v1.FlushResponseb\x06proto3'
+    b'\n"torus_core/rpc/torus_storage.proto\x12\x0ctorus.rpc.v1">\n\x0fGetBlockRequest\x12\x0b\n\x03ref\x18\x01 \x01(\x0c\x12\x0e\n\x06offset\x18\x02 \x01(\r\x12\x0e\n\x06length\x18\x03 \x01(\r" \n\x10GetBlockResponse\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c"U\n\x10PutBlocksRequest\x12\x0c\n\x04refs\x18\x01 \x03(\x0c\x12\x0e\n\x06\x62locks\x18\x02 \x03(\x0c\x12\x0e\n\x06repair\x18\x03 \x01(\x08\x12\x13\n\x0b\x64\x65\x66\x65r_flush\x18\x04 \x01(\x08"5\n\x11PutBlocksResponse\x12\x0f\n\x07written\x18\x01 \x01(\r\x12\x0f\n\x07\x62oot_id\x18\x02 \x01(\t"%\n\x15RebalanceCheckRequest\x12\x0c\n\x04refs\x18\x01 \x03(\x0c"%\n\x16RebalanceCheckResponse\x12\x0b\n\x03has\x18\x01 \x03(\x08"\r\n\x0bPingRequest"u\n\x0cPingResponse\x12\x0c\n\x04uuid\x18\x01 \x01(\t\x12\x18\n\x10protocol_version\x18\x02 \x01(\r\x12\x12\n\nblock_size\x18\x03 \x01(\x04\x12\x14\n\x0ctotal_blocks\x18\x04 \x01(\x04\x12\x13\n\x0bused_blocks\x18\x05 \x01(\x04"\x0e\n\x0c\x46lushRequest" \n\rFlushResponse\x12\x0f\n\x07\x62oot_id\x18\x01 \x01(\t2\xda\x03\n\x0cTorusStorage\x12I\n\x08GetBlock\x12\x1d.torus.rpc.v1.GetBlockRequest\x1a\x1e.torus.rpc.v1.GetBlockResponse\x12L\n\tPutBlocks\x12\x1e.torus.rpc.v1.PutBlocksRequest\x1a\x1f.torus.rpc.v1.PutBlocksResponse\x12S\n\x0ePutBlockStream\x12\x1e.torus.rpc.v1.PutBlocksRequest\x1a\x1f.torus.rpc.v1.PutBlocksResponse(\x01\x12[\n\x0eRebalanceCheck\x12#.torus.rpc.v1.RebalanceCheckRequest\x1a$.torus.rpc.v1.RebalanceCheckResponse\x12=\n\x04Ping\x12\x19.torus.rpc.v1.PingRequest\x1a\x1a.torus.rpc.v1.PingResponse\x12@\n\x05\x46lush\x12\x1a.torus.rpc.v1.FlushRequest\x1a\x1b.torus.rpc.v1.FlushResponseb\x06proto3'
 )
 
 _globals = globals()
@@ -29,25 +29,25 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, "torus_core.rpc.torus_storag
 if not _descriptor._USE_C_DESCRIPTORS:
     DESCRIPTOR._loaded_options = None
     _globals["_GETBLOCKREQUEST"]._serialized_start = 52
-    _globals["_GETBLOCKREQUEST"]._serialized_end = 82
-    _globals["_GETBLOCKRESPONSE"]._serialized_start = 84
-    _globals["_GETBLOCKRESPONSE"]._serialized_end = 116
-    _globals["_PUTBLOCKSREQUEST"]._serialized_start = 118
-    _globals["_PUTBLOCKSREQUEST"]._serialized_end = 203
-    _globals["_PUTBLOCKSRESPONSE"]._serialized_start = 205
-    _globals["_PUTBLOCKSRESPONSE"]._serialized_end = 258
-    _globals["_REBALANCECHECKREQUEST"]._serialized_start = 260
-    _globals["_REBALANCECHECKREQUEST"]._serialized_end = 297
-    _globals["_REBALANCECHECKRESPONSE"]._serialized_start = 299
-    _globals["_REBALANCECHECKRESPONSE"]._serialized_end = 336
-    _globals["_PINGREQUEST"]._serialized_start = 338
-    _globals["_PINGREQUEST"]._serialized_end = 351
-    _globals["_PINGRESPONSE"]._serialized_start = 353
-    _globals["_PINGRESPONSE"]._serialized_end = 470
-    _globals["_FLUSHREQUEST"]._serialized_start = 472
-    _globals["_FLUSHREQUEST"]._serialized_end = 486
-    _globals["_FLUSHRESPONSE"]._serialized_start = 488
-    _globals["_FLUSHRESPONSE"]._serialized_end = 520
-    _globals["_TORUSSTORAGE"]._serialized_start = 523
-    _globals["_TORUSSTORAGE"]._serialized_end = 997
+    _globals["_GETBLOCKREQUEST"]._serialized_end = 114
+    _globals["_GETBLOCKRESPONSE"]._serialized_start = 116
+    _globals["_GETBLOCKRESPONSE"]._serialized_end = 148
+    _globals["_PUTBLOCKSREQUEST"]._serialized_start = 150
+    _globals["_PUTBLOCKSREQUEST"]._serialized_end = 235
+    _globals["_PUTBLOCKSRESPONSE"]._serialized_start = 237
+    _globals["_PUTBLOCKSRESPONSE"]._serialized_end = 290
+    _globals["_REBALANCECHECKREQUEST"]._serialized_start = 292
+    _globals["_REBALANCECHECKREQUEST"]._serialized_end = 329
+    _globals["_REBALANCECHECKRESPONSE"]._serialized_start = 331
+    _globals["_REBALANCECHECKRESPONSE"]._serialized_end = 368
+    _globals["_PINGREQUEST"]._serialized_start = 370
+    _globals["_PINGREQUEST"]._serialized_end = 383
+    _globals["_PINGRESPONSE"]._serialized_start = 385
+    _globals["_PINGRESPONSE"]._serialized_end = 502
+    _globals["_FLUSHREQUEST"]._serialized_start = 504
+    _globals["_FLUSHREQUEST"]._serialized_end = 518
+    _globals["_FLUSHRESPONSE"]._serialized_start = 520
+    _globals["_FLUSHRESPONSE"]._serialized_end = 552
+    _globals["_TORUSSTORAGE"]._serialized_start = 555
+    _globals["_TORUSSTORAGE"]._serialized_end = 1029
 # @@protoc_insertion_point(module_scope)

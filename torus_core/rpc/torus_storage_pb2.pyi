@@ -7,10 +7,16 @@ from typing import ClassVar as _ClassVar, Optional as _Optional
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class GetBlockRequest(_message.Message):
-    __slots__ = ("ref",)
+    __slots__ = ("ref", "offset", "length")
     REF_FIELD_NUMBER: _ClassVar[int]
+    OFFSET_FIELD_NUMBER: _ClassVar[int]
+    LENGTH_FIELD_NUMBER: _ClassVar[int]
     ref: bytes
-    def __init__(self, ref: _Optional[bytes] = ...) -> None: ...
+    offset: int
+    length: int
+    def __init__(
+        self, ref: _Optional[bytes] = ..., offset: _Optional[int] = ..., length: _Optional[int] = ...
+    ) -> None: ...
 
 class GetBlockResponse(_message.Message):
     __slots__ = ("data",)
@@ -28,7 +34,13 @@ class PutBlocksRequest(_message.Message):
     blocks: _containers.RepeatedScalarFieldContainer[bytes]
     repair: bool
     defer_flush: bool
-    def __init__(self, refs: _Optional[_Iterable[bytes]] = ..., blocks: _Optional[_Iterable[bytes]] = ..., repair: _Optional[bool] = ..., defer_flush: _Optional[bool] = ...) -> None: ...
+    def __init__(
+        self,
+        refs: _Optional[_Iterable[bytes]] = ...,
+        blocks: _Optional[_Iterable[bytes]] = ...,
+        repair: _Optional[bool] = ...,
+        defer_flush: _Optional[bool] = ...,
+    ) -> None: ...
 
 class PutBlocksResponse(_message.Message):
     __slots__ = ("written", "boot_id")
@@ -66,7 +78,14 @@ class PingResponse(_message.Message):
     block_size: int
     total_blocks: int
     used_blocks: int
-    def __init__(self, uuid: _Optional[str] = ..., protocol_version: _Optional[int] = ..., block_size: _Optional[int] = ..., total_blocks: _Optional[int] = ..., used_blocks: _Optional[int] = ...) -> None: ...
+    def __init__(
+        self,
+        uuid: _Optional[str] = ...,
+        protocol_version: _Optional[int] = ...,
+        block_size: _Optional[int] = ...,
+        total_blocks: _Optional[int] = ...,
+        used_blocks: _Optional[int] = ...,
+    ) -> None: ...
 
 class FlushRequest(_message.Message):
     __slots__ = ()

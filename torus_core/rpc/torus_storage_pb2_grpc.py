@@ -79,7 +79,10 @@ class TorusStorageServicer:
     """Missing associated documentation comment in .proto file."""
 
     def GetBlock(self, request, context):
-        """Read one block. NOT_FOUND if absent, DATA_LOSS if it failed its integrity check."""
+        """Read one block (or, with length > 0, the bytes [offset, offset + length) of it, which the
+        peer may return without its own integrity check: the caller verifies them). NOT_FOUND if
+        absent, DATA_LOSS if a whole-block read failed its integrity check.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details("Method not implemented!")
         raise NotImplementedError("Method not implemented!")
