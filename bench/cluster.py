@@ -31,7 +31,10 @@ from collections.abc import Callable
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+# this tree's code (and its plugins), whatever the environment's editable installs point at;
+# the torusd children get the same paths (torus_core.cluster.procs.child_env)
+for _path in [*sorted(ROOT.glob("plugins/torus_*")), ROOT]:
+    sys.path.insert(0, str(_path))
 
 from torus_core.cluster.peerinfo import parse_peers  # noqa: E402
 from torus_core.cluster.procs import TorusdProcess, peak_rss_kib, torusctl, wait_for  # noqa: E402

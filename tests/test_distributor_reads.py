@@ -168,3 +168,39 @@ def test_random_misses_do_not_read_ahead(cluster: LocalCluster) -> None:
     for ref in refs:
         client.get_block(ref)
     assert client._prefetcher.started == 0
+
+
+# --- flush of a lone small write ----------------------------------------------------------------
+
+
+def test_a_write_followed_by_a_flush_is_written_durably_by_the_flush_in_one_round(
+    cluster: LocalCluster,
+) -> None:
+    client = cluster.client(timeouts=FAST, write_behind=True)
+    assert client._wb is not None
+    client._wb.linger = 5.0  # the workers leave a lone block queued; the flush takes it
+    for server in cluster.servers.values():
+        server.stats.reset()
+    ref = BlockRef(6, 1, 1)
+    client.write_block(ref, data(3))
+    client.flush()
+    stats = [s.stats.snapshot() for s in cluster.servers.values()]
+    assert sum(s.get("PutBlocks", 0) for s in stats) == 2  # one durable put per owner
+    assert sum(s.get("Flush", 0) for s in stats) == 0  # and no deferred put + Flush round
+    assert cluster.holders(ref) == set(cluster.ring.get_peers(ref).owners)
+
+
+def test_a_batch_larger_than_the_linger_threshold_is_replicated_without_a_flush(
+    cluster: LocalCluster,
+) -> None:
+    client = cluster.client(timeouts=FAST, write_behind=True)
+    assert client._wb is not None
+    client._wb.linger = 5.0
+    client._wb.batch_bytes = 2 * BS  # two queued blocks fill a batch: no lingering
+    refs = [BlockRef(6, 2, i) for i in range(2)]
+    client.write_blocks([(r, data(i)) for i, r in enumerate(refs)])
+    end = time.monotonic() + 4
+    while time.monotonic() < end and client._wb.pending_bytes:
+        time.sleep(0.01)
+    assert client._wb.pending_bytes == 0
+    assert all(cluster.holders(r) == set(cluster.ring.get_peers(r).owners) for r in refs)

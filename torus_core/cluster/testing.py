@@ -56,9 +56,9 @@ def commit_blocks(
 ) -> tuple[INodeRef, list[BlockRef]]:
     """Write ``blocks`` as a new INode of ``volume`` (taking and releasing its lock).
 
-    With ``commit=False`` the blocks are written under a freshly allocated INode index but the
-    INode is neither stored nor committed (an in-flight write). Returns the INodeRef and the
-    data refs written.
+    With ``commit=False`` the blocks are written (and flushed to the stores) under a freshly
+    allocated INode index but the INode is neither stored nor committed (an in-flight write).
+    Returns the INodeRef and the data refs written.
     """
     vol = md.get_volume(volume)
     lease = md.backend.leases.grant(30.0)
@@ -74,6 +74,8 @@ def commit_blocks(
             INodeStore(store).write_inode(INode(vol.id, index, vol.size, {}, bs.marshal()))
             store.flush()
             md.commit_inode(lock, iref)
+        else:
+            store.flush()  # the blocks are in the stores (a distributor may queue writes)
         md.unlock(lock)
     finally:
         md.backend.leases.revoke(lease)

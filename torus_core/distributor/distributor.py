@@ -253,6 +253,10 @@ class Distributor(BlockStore):
         self.max_unflushed_bytes = max_unflushed_bytes
         self._unflushed = UnflushedWrites()
         self._flush_lock = threading.Lock()
+        # local writes made / covered by a finished local flush (flush only when they differ)
+        self._local_lock = threading.Lock()
+        self._local_written = 0
+        self._local_flushed = 0
         self._suspects: dict[str, float] = {}
         self._suspects_lock = threading.Lock()
         self._wb = WriteBehind(self._replicate_recorded) if write_behind else None
@@ -635,6 +639,7 @@ class Distributor(BlockStore):
                     if self.local_store is None:
                         continue
                     write_replacing_corrupt(self.local_store, ref, data)
+                    self._note_local_write()
                 else:
                     address = self.peers.address(uuid)
                     if address is None:
@@ -720,6 +725,7 @@ class Distributor(BlockStore):
         for i, (ref, data) in enumerate(batch):
             try:
                 self.local_store.write_block(ref, data)
+                self._note_local_write()
             except OutOfSpace:
                 log.info("local write cache full; writing %d block(s) to owners", len(batch) - i)
                 return batch[i:]
@@ -780,6 +786,9 @@ class Distributor(BlockStore):
                 raise NoPeer(f"peer {uuid} is this process, which has no local store")
             for ref, data in batch:
                 self.local_store.write_block(ref, data)
+            self._note_local_write()
+            if durable:  # in parallel with the other peers' durable puts
+                self._flush_local()
             return ""
         address = self.peers.address(uuid)
         if address is None:
@@ -994,9 +1003,9 @@ class Distributor(BlockStore):
                 self._retry_failed_background_writes()
             entries = self._unflushed.take()
             try:
-                flushed_self = self._flush_entries(entries)
-                if self.local_store is not None and not flushed_self:
-                    self.local_store.flush()
+                self._flush_entries(entries)
+                if self._local_unflushed():
+                    self._flush_local()
             except BaseException:
                 self._unflushed.restore(entries)
                 raise
@@ -1040,10 +1049,27 @@ class Distributor(BlockStore):
         if fatal:
             raise fatal[0][1]
 
+    def _note_local_write(self) -> None:
+        with self._local_lock:
+            self._local_written += 1
+
+    def _flush_local(self) -> None:
+        """Flush the local store; covers every local write noted before the call."""
+        if self.local_store is None:
+            return
+        with self._local_lock:
+            upto = self._local_written
+        self.local_store.flush()
+        with self._local_lock:
+            self._local_flushed = max(self._local_flushed, upto)
+
+    def _local_unflushed(self) -> bool:
+        with self._local_lock:
+            return self._local_written != self._local_flushed
+
     def _flush_peer(self, uuid: str) -> str:
         if uuid == self.self_uuid:
-            if self.local_store is not None:
-                self.local_store.flush()
+            self._flush_local()
             return ""
         address = self.peers.address(uuid)
         if address is None:
@@ -1054,11 +1080,11 @@ class Distributor(BlockStore):
             self.pool.reset(address)
             raise
 
-    def _flush_entries(self, entries: dict[BlockRef, UnflushedBlock]) -> bool:
-        """Flush the peers of ``entries`` and rewrite what they lost; returns whether the
-        local store was flushed after the last write to it."""
+    def _flush_entries(self, entries: dict[BlockRef, UnflushedBlock]) -> None:
+        """Flush the peers of ``entries`` (this one's store among them, in parallel) and
+        rewrite, durably, what they lost."""
         if not entries:
-            return False
+            return
         peers: set[str] = set()
         for entry in entries.values():
             peers.update(entry.acks)
@@ -1095,8 +1121,6 @@ class Distributor(BlockStore):
             )
             for (_, entry, _), got in zip(items, acks, strict=True):
                 entry.acks = got
-        local_rewrite = any(self.self_uuid in e.acks for items in redo.values() for _, e, _ in items)
-        return self.self_uuid in boots and not local_rewrite
 
     def close(self) -> None:
         """Flush pending writes (best effort, bounded), stop worker threads (in-flight calls are

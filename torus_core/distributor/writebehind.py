@@ -10,6 +10,12 @@ surface there (like a page cache's write-back errors at fsync).
 
 Queued and in-flight blocks stay readable through :meth:`WriteBehind.get`. The queue holds at
 most ``max_bytes``; ``submit`` blocks (bounded waits) while it is full.
+
+A worker that finds less than a batch queued lingers ``linger`` seconds (3 ms) before taking
+it: a write followed at once by a flush (a volume sync, an NBD FLUSH after a small write) then
+leaves the block queued, and the flush writes it durably itself -- one round trip -- instead of
+waiting for a deferred put and then flushing the peers (two). Streams of writes fill a batch
+long before that and are not delayed.
 """
 
 from __future__ import annotations
@@ -39,6 +45,7 @@ class WriteBehind:
     :param max_bytes: queued + in-flight bytes beyond which ``submit`` waits.
     :param batch_bytes: largest batch a worker takes at once.
     :param workers: worker threads (batches in flight at once).
+    :param linger: seconds a worker waits for a batch to fill (or a flush to take it).
     """
 
     def __init__(
@@ -48,10 +55,13 @@ class WriteBehind:
         max_bytes: int = 32 * 1024 * 1024,
         batch_bytes: int = 4 * 1024 * 1024,
         workers: int = 4,
+        linger: float = 0.003,
     ) -> None:
         self._replicate = replicate
         self.max_bytes = max_bytes
         self.batch_bytes = batch_bytes
+        self.linger = linger
+        self._queued_bytes = 0
         self._cond = threading.Condition()
         self._queue: deque[Item] = deque()
         self._pending: dict[BlockRef, bytes] = {}
@@ -81,6 +91,7 @@ class WriteBehind:
                 self._pending[ref] = data
                 self._pending_bytes += len(data)
                 self._queue.append((ref, data, level))
+                self._queued_bytes += len(data)
             self._cond.notify_all()
 
     def get(self, ref: BlockRef) -> bytes | None:
@@ -102,6 +113,7 @@ class WriteBehind:
         first = self._queue.popleft()
         items = [first]
         size = len(first[1])
+        self._queued_bytes -= size
         while (
             self._queue
             and self._queue[0][2] is first[2]
@@ -110,6 +122,7 @@ class WriteBehind:
             item = self._queue.popleft()
             items.append(item)
             size += len(item[1])
+            self._queued_bytes -= len(item[1])
         return items
 
     def _run(self) -> None:
@@ -119,6 +132,8 @@ class WriteBehind:
                     self._cond.wait(1.0)
                 if not self._queue:
                     return  # closed and drained
+                if not self._linger():
+                    continue  # a flush took the queue meanwhile
                 items = self._take()
                 self._busy += 1
             error: BaseException | None = None
@@ -138,12 +153,23 @@ class WriteBehind:
                     self._failed.extend((item, error) for item in items)
                 self._cond.notify_all()
 
+    def _linger(self) -> bool:
+        """(Lock held.) Wait up to ``linger`` for a full batch; whether anything is left to take."""
+        deadline = time.monotonic() + self.linger
+        while self._queue and self._queued_bytes < self.batch_bytes and not self._closed:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                break
+            self._cond.wait(remaining)
+        return bool(self._queue)
+
     def steal(self) -> list[Item]:
         """Remove and return every queued (not yet in-flight) item; they stay readable until
         :meth:`settle` is called for them. A flush uses this to write the tail itself."""
         with self._cond:
             items = list(self._queue)
             self._queue.clear()
+            self._queued_bytes = 0
             return items
 
     def drain(self, timeout: float) -> list[tuple[Item, BaseException]]:
