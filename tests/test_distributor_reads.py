@@ -49,13 +49,29 @@ def not_on(cluster: LocalCluster, uuid: str, n: int) -> list[BlockRef]:
     return out
 
 
-def test_a_ranged_read_of_a_remote_block_fetches_only_the_range(cluster: LocalCluster) -> None:
+def test_a_ranged_read_with_a_full_cache_fetches_only_the_range(cluster: LocalCluster) -> None:
+    client = cluster.client(timeouts=FAST, read_cache_bytes=BS)
+    ref, other = BlockRef(1, 1, 5), BlockRef(1, 1, 50)
+    seed_blocks(cluster, [ref, other])
+    client.get_block(other)  # the cache is now full
+    assert client.read_block_range(ref, 100, 200) == data(0)[100:300]
+    assert client.stats.ranged_reads == 1
+    assert client._prefetcher.started == 0  # no whole-block fetch behind it
+    assert ref not in client.cache
+
+
+def test_a_ranged_read_with_room_in_the_cache_pulls_the_block_in_behind_it(cluster: LocalCluster) -> None:
     client = cluster.client(timeouts=FAST, read_cache_bytes=16 * BS)
     ref = BlockRef(1, 1, 5)
     seed_blocks(cluster, [ref])
     assert client.read_block_range(ref, 100, 200) == data(0)[100:300]
     assert client.stats.ranged_reads == 1
-    assert ref not in client.cache  # a small range does not pull the whole block in
+    end = time.monotonic() + 4
+    while time.monotonic() < end and ref not in client.cache:
+        time.sleep(0.01)
+    calls = get_calls(cluster)
+    assert client.read_block_range(ref, 2000, 10) == data(0)[2000:2010]
+    assert get_calls(cluster) == calls and client.stats.ranged_reads == 1
 
 
 def test_a_large_range_reads_and_caches_the_whole_block(cluster: LocalCluster) -> None:

@@ -452,8 +452,9 @@ class Distributor(BlockStore):
 
         A whole block is :meth:`get_block` (verified, any good copy, cached). A part comes from
         the cache or write-behind queue, else from the local store (one ``pread`` for the file
-        store), else from a peer: just the range if it is at most ``ranged_read_max`` bytes, else
-        the whole block (cached, so the next part of it is local).
+        store), else from a peer: just the range if it is at most ``ranged_read_max`` bytes (and,
+        while the read cache has room, the whole block is then fetched into it in the
+        background), else the whole block (cached, so the next part of it is local).
         """
         self._check_open()
         bs = self._block_size
@@ -490,6 +491,10 @@ class Distributor(BlockStore):
         if got is None:
             raise outcome.error(ref)
         self.stats.inc("ranged_reads")
+        if self.cache.used_bytes + bs <= self.cache.max_bytes:
+            # room to spare: fetch the whole block in the background, so the next parts of it
+            # are cache hits (bounded by the cache size: a full cache means ranged reads only)
+            self._prefetcher.submit([ref], self._has_nearby)
         return got
 
     def prefetch(self, refs: Iterable[BlockRef]) -> int:
@@ -809,6 +814,7 @@ class Distributor(BlockStore):
                     [d for _, d in chunk],
                     defer_flush=not durable,
                     timeout=self.timeouts.write,
+                    trim=True,  # padded to the block size by _pad: the peer pads it back
                 )
                 if boot and b != boot:
                     raise PeerUnavailable(f"peer {uuid} restarted during a write")

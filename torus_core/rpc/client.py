@@ -22,6 +22,10 @@ from torus_core.rpc import torus_storage_pb2_grpc as pb_grpc
 from torus_core.rpc.options import DEFAULT_MAX_MESSAGE_BYTES, RPCTimeouts, channel_options
 from torus_core.rpc.status import error_from_rpc
 from torus_core.rpc.tls import TLSConfig, check_insecure_allowed, normalize_address
+from torus_core.rpc.wire import encode_put_blocks
+
+#: Full name of the PutBlocks method (called with hand-encoded requests, see rpc.wire).
+_PUT_BLOCKS = "/torus.rpc.v1.TorusStorage/PutBlocks"
 
 BlockData = bytes | bytearray | memoryview
 
@@ -67,6 +71,10 @@ class PeerClient:
                 options.append(("grpc.ssl_target_name_override", tls.server_name))
             self._channel = grpc.secure_channel(self.address, tls.channel_credentials(), options=options)
         self._stub = pb_grpc.TorusStorageStub(self._channel)
+        # requests are already serialized (torus_core.rpc.wire): no message object, no copy
+        self._put_raw = self._channel.unary_unary(
+            _PUT_BLOCKS, request_serializer=None, response_deserializer=pb.PutBlocksResponse.FromString
+        )
         self._closed = False
 
     def _call(self, method: str, fn: Any, request: Any, timeout: float) -> Any:
@@ -130,21 +138,20 @@ class PeerClient:
         repair: bool = False,
         defer_flush: bool = True,
         timeout: float | None = None,
+        trim: bool = False,
     ) -> tuple[int, str]:
         """Store several blocks; with ``defer_flush`` the peer does not flush before replying.
+
+        ``trim``: send each block without its trailing zeros (the peer's store pads them back);
+        only for blocks the caller knows are at most the block size.
 
         Returns ``(count, boot_id)``; the blocks are durable only after a :meth:`flush` that
         reports the same ``boot_id`` (a different one means the peer restarted in between).
         """
         if len(refs) != len(blocks):
             raise InvalidArgument(f"put_blocks got {len(refs)} refs but {len(blocks)} blocks")
-        req = pb.PutBlocksRequest(
-            refs=[r.to_bytes() for r in refs],
-            blocks=[b if isinstance(b, bytes) else bytes(b) for b in blocks],
-            repair=repair,
-            defer_flush=defer_flush,
-        )
-        resp = self._call("PutBlocks", self._stub.PutBlocks, req, timeout or self.timeouts.put)
+        req = encode_put_blocks(refs, blocks, repair=repair, defer_flush=defer_flush, trim=trim)
+        resp = self._call("PutBlocks", self._put_raw, req, timeout or self.timeouts.put)
         return int(resp.written), str(resp.boot_id)
 
     def flush(self, *, timeout: float | None = None) -> str:
