@@ -20,7 +20,7 @@ import logging
 import threading
 import uuid as uuidlib
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from concurrent import futures
 from typing import Any, NoReturn, TypeVar
 
@@ -34,6 +34,7 @@ from torus_core.rpc import torus_storage_pb2_grpc as pb_grpc
 from torus_core.rpc.options import DEFAULT_MAX_MESSAGE_BYTES, PROTOCOL_VERSION, server_options
 from torus_core.rpc.status import ERROR_METADATA_KEY, code_for, wire_name
 from torus_core.rpc.tls import TLSConfig, check_insecure_allowed, normalize_address, split_host_port
+from torus_core.rpc.wire import PutBlocksMessage, decode_put_blocks
 
 log = logging.getLogger(__name__)
 
@@ -145,7 +146,9 @@ class StorageServicer(pb_grpc.TorusStorageServicer):
 
         return self._run(context, "GetBlock", do)
 
-    def _write_batch(self, refs: list[bytes], blocks: list[bytes], repair: bool = False) -> int:
+    def _write_batch(
+        self, refs: list[bytes], blocks: Sequence[bytes | memoryview], repair: bool = False
+    ) -> int:
         if len(refs) != len(blocks):
             raise InvalidArgument(f"PutBlocks got {len(refs)} refs but {len(blocks)} blocks")
         decoded = [BlockRef.from_bytes(r) for r in refs]
@@ -158,10 +161,15 @@ class StorageServicer(pb_grpc.TorusStorageServicer):
             self.on_put(decoded)
         return len(decoded)
 
-    def PutBlocks(self, request: pb.PutBlocksRequest, context: grpc.ServicerContext) -> pb.PutBlocksResponse:
-        """Store a batch, flush (unless ``defer_flush``), then acknowledge."""
+    def PutBlocks(
+        self, request: pb.PutBlocksRequest | PutBlocksMessage, context: grpc.ServicerContext
+    ) -> pb.PutBlocksResponse:
+        """Store a batch, flush (unless ``defer_flush``), then acknowledge. The request comes
+        from :func:`~torus_core.rpc.wire.decode_put_blocks` when served by :class:`PeerServer`."""
 
         def do() -> pb.PutBlocksResponse:
+            if isinstance(request, PutBlocksMessage) and request.error:
+                raise InvalidArgument(request.error)
             if request.defer_flush:
                 written = self._write_batch(list(request.refs), list(request.blocks), request.repair)
                 return pb.PutBlocksResponse(written=written, boot_id=self.boot_id)
@@ -222,6 +230,37 @@ class StorageServicer(pb_grpc.TorusStorageServicer):
             )
 
         return self._run(context, "Ping", do)
+
+
+class _HandlerCapture:
+    """Collects the generated method handlers instead of registering them."""
+
+    def __init__(self) -> None:
+        self.service = ""
+        self.handlers: dict[str, grpc.RpcMethodHandler] = {}
+
+    def add_generic_rpc_handlers(self, handlers: object) -> None:
+        pass
+
+    def add_registered_method_handlers(
+        self, service: str, handlers: dict[str, grpc.RpcMethodHandler]
+    ) -> None:
+        self.service, self.handlers = service, dict(handlers)
+
+
+def _add_servicer(servicer: StorageServicer, server: Any) -> None:
+    """Register the generated handlers, except that PutBlocks requests are decoded by
+    :func:`~torus_core.rpc.wire.decode_put_blocks` (blocks as views, not copies)."""
+    capture = _HandlerCapture()
+    pb_grpc.add_TorusStorageServicer_to_server(servicer, capture)
+    handlers = capture.handlers
+    handlers["PutBlocks"] = grpc.unary_unary_rpc_method_handler(
+        servicer.PutBlocks,
+        request_deserializer=decode_put_blocks,
+        response_serializer=pb.PutBlocksResponse.SerializeToString,
+    )
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(capture.service, handlers),))
+    server.add_registered_method_handlers(capture.service, handlers)
 
 
 class PeerServer:
@@ -287,7 +326,7 @@ class PeerServer:
             futures.ThreadPoolExecutor(max_workers=self._max_workers, thread_name_prefix="torus-rpc"),
             options=server_options(self._max_message_bytes),
         )
-        pb_grpc.add_TorusStorageServicer_to_server(self.servicer, server)
+        _add_servicer(self.servicer, server)
         try:
             if self.tls is not None:
                 port = server.add_secure_port(self._bind, self.tls.server_credentials())
