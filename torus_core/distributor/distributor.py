@@ -388,7 +388,8 @@ class Distributor(BlockStore):
         return self._load(ref, guess=False)
 
     def _load(self, ref: BlockRef, level: ReadLevel | str | None = None, *, guess: bool = True) -> bytes:
-        """:meth:`get_block` past the cache: local store, then peers; caches what it read.
+        """:meth:`get_block` past the cache: local store, then peers. Caches what came from a
+        peer (a local copy is cheap to read again and would only push remote blocks out).
         ``guess``: a remote miss feeds the sequential read-ahead (not for prefetches)."""
         read_level = self.read_level if level is None else ReadLevel.parse(level)
         perm = self._ring.get_peers(ref)
@@ -413,7 +414,8 @@ class Distributor(BlockStore):
             data, source = self._read_remote(ref, perm, read_level, outcome)
         if data is None:
             raise outcome.error(ref)
-        self.cache.put(ref, data)
+        if source != self.self_uuid:
+            self.cache.put(ref, data)
         bad = [p for p in owners if p != source and (p in outcome.missing or p in outcome.corrupt)]
         if bad:
             self._schedule_repair(ref, data, bad)
