@@ -220,3 +220,14 @@ def test_a_batch_larger_than_the_linger_threshold_is_replicated_without_a_flush(
         time.sleep(0.01)
     assert client._wb.pending_bytes == 0
     assert all(cluster.holders(r) == set(cluster.ring.get_peers(r).owners) for r in refs)
+
+
+def test_without_a_read_cache_nothing_is_fetched_ahead(cluster: LocalCluster) -> None:
+    client = cluster.client(timeouts=FAST, read_cache_bytes=0, readahead=3)
+    refs = [BlockRef(8, 1, i) for i in range(1, 6)]
+    seed_blocks(cluster, refs)
+    calls = get_calls(cluster)
+    assert [client.get_block(r) for r in refs] == [data(i) for i in range(5)]
+    assert client.prefetch(refs) == 0
+    assert client._prefetcher.started == 0
+    assert get_calls(cluster) - calls == 5  # one GetBlock per read, none wasted

@@ -408,7 +408,7 @@ class Distributor(BlockStore):
             if not reads_may_block():
                 self.stats.inc("would_block")
                 raise WouldBlock(f"block {ref} must be read from a peer")
-            ahead = self._prefetcher.sequential_guess(ref) if guess else []
+            ahead = self._prefetcher.sequential_guess(ref) if guess and self._cache_fits_a_block() else []
             if ahead:
                 self._prefetcher.submit(ahead, self._has_nearby)
             data, source = self._read_remote(ref, perm, read_level, outcome)
@@ -506,7 +506,12 @@ class Distributor(BlockStore):
         Returns how many fetches were started. Never raises for a bad ref: its fetch fails
         quietly and a later read reports the error."""
         self._check_open()
+        if not self._cache_fits_a_block():
+            return 0  # nowhere to keep what would be fetched
         return self._prefetcher.submit(refs, self._has_nearby)
+
+    def _cache_fits_a_block(self) -> bool:
+        return self.cache.max_bytes >= self._block_size
 
     def _healthy_first(self, uuids: list[str]) -> list[str]:
         """``uuids`` with peers marked down or recently failed moved to the end (order kept)."""
