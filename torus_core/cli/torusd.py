@@ -23,6 +23,7 @@ from typing import Any
 import click
 
 from torus_core import __version__
+from torus_core.block.local_gc import LocalGC
 from torus_core.block.server import Server, parse_listen, tls_context
 from torus_core.cli.common import build_context, config_options, handle_errors
 from torus_core.cluster.cli_options import cluster_options, make_cluster_options
@@ -62,6 +63,13 @@ def run_until_signalled(server: Server, stop: threading.Event | None = None) -> 
 @click.option("--require-tls", is_flag=True, help="Refuse NBD clients that do not start TLS.")
 @click.option("--debug-init", is_flag=True, help="Format the cluster if it is not formatted yet.")
 @click.option("--lease-ttl", default=30.0, show_default=True, type=float, help="Volume lock lease TTL (s).")
+@click.option(
+    "--gc-interval",
+    default=10.0,
+    show_default=True,
+    type=float,
+    help="Single-node GC period (s).",
+)
 @click.option("--debug", is_flag=True, help="Debug logging.")
 @cluster_options
 @click.version_option(__version__, prog_name="torusd")
@@ -78,6 +86,7 @@ def cli(
     require_tls: bool,
     debug_init: bool,
     lease_ttl: float,
+    gc_interval: float,
     debug: bool,
     peer_address: str | None,
     auto_join: bool,
@@ -123,6 +132,12 @@ def cli(
     elif auto_join:
         server.close()
         raise UsageError("--auto-join needs --peer-address")
+    elif not no_gc:
+        layers = server.registries.blockset_layers if server.registries is not None else None
+        local_gc = LocalGC(
+            server.md, server.store, grace=gc_grace, interval=gc_interval, layer_registry=layers
+        )
+        server.add_stopper(local_gc.start().stop)
     try:
         if nbd_listen:
             nhost, nport = parse_listen(nbd_listen)
