@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import time
 from collections.abc import Iterator
 
@@ -10,13 +11,15 @@ from torus_etcd.backend import EtcdBackend
 
 from torus_core.errors import MetadataUnavailable
 from torus_core.testing.eventlog import ev
+from torus_core.testing.outage import (
+    OUTAGE_TIMEOUT,
+    assert_fails_fast,
+    assert_pause_fails_fast_and_backend_recovers,
+    short_timeout_backend,
+)
 from torus_core.testing.services import EtcdServer, etcd_service
 
 pytestmark = pytest.mark.needs_etcd
-
-TIMEOUT = 1.0
-#: A failing call must return within the backend timeout plus this much slack.
-SLACK = 3.0
 
 
 @pytest.fixture
@@ -27,45 +30,19 @@ def server() -> Iterator[EtcdServer]:
 
 @pytest.fixture
 def backend(server: EtcdServer) -> Iterator[EtcdBackend]:
-    b = EtcdBackend.from_url(f"{server.url}?timeout={TIMEOUT}")
-    yield b
-    b.close()
+    with short_timeout_backend(EtcdBackend, server.url) as b:
+        yield b
 
 
-def _fails_fast(call: object) -> float:
-    t0 = time.monotonic()
-    with pytest.raises(MetadataUnavailable) as info:
-        call()  # type: ignore[operator]
-    assert info.value.backend == "etcd"
-    elapsed = time.monotonic() - t0
-    assert elapsed < TIMEOUT + SLACK
-    return elapsed
+_fails_fast = functools.partial(assert_fails_fast, backend="etcd")
 
 
 def test_paused_server_makes_every_call_fail_fast_and_the_same_backend_recovers(
     server: EtcdServer, backend: EtcdBackend
 ) -> None:
-    backend.log.append([ev("a", 1), ev("b", 1)])
-    backend.leases.put("k", b"v")
-    batch = [ev("a", 2), ev("b", 2), ev("c", 1)]
-    server.pause()
-    try:
-        _fails_fast(lambda: backend.log.append(batch))
-        _fails_fast(backend.log.head_position)
-        _fails_fast(lambda: backend.log.read_all())
-        _fails_fast(lambda: backend.log.wait_for_events(0, 0.5))
-        _fails_fast(lambda: backend.leases.get("k"))
-        _fails_fast(lambda: backend.leases.grant(5))
-    finally:
-        server.resume()
     # The timed-out batch may or may not have committed; retrying it is safe either way.
-    positions = backend.log.append(batch)
-    assert positions == [3, 4, 5]
-    stored = backend.log.read_all()
-    assert [(e.stream_id, e.version, e.position) for e in stored] == [
-        ("a", 1, 1), ("b", 1, 2), ("a", 2, 3), ("b", 2, 4), ("c", 1, 5)
-    ]  # fmt: skip
-    assert backend.leases.get("k") == b"v"
+    reads = [lambda: backend.log.read_all(), lambda: backend.log.wait_for_events(0, 0.5)]
+    assert_pause_fails_fast_and_backend_recovers(server, backend, "etcd", reads)
 
 
 def test_killed_server_fails_fast_and_after_restart_with_its_data_dir_the_backend_carries_on(
@@ -96,7 +73,7 @@ def test_second_endpoint_is_used_when_the_first_is_down(server: EtcdServer) -> N
     from torus_core.testing.services import free_port
 
     dead = f"127.0.0.1:{free_port()}"
-    b = EtcdBackend.from_url(f"etcd://{dead},{server.endpoint}?timeout={TIMEOUT}")
+    b = EtcdBackend.from_url(f"etcd://{dead},{server.endpoint}?timeout={OUTAGE_TIMEOUT}")
     try:
         for i in range(4):  # whichever endpoint is tried first, every call succeeds
             assert b.log.append([ev("f", i + 1)]) == [i + 1]

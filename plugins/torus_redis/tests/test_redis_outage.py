@@ -2,21 +2,23 @@
 
 from __future__ import annotations
 
+import functools
 import time
 from collections.abc import Iterator
 
 import pytest
 from torus_redis.backend import RedisBackend
 
-from torus_core.errors import DataLossDetected, MetadataUnavailable
+from torus_core.errors import DataLossDetected
 from torus_core.testing.eventlog import ev
+from torus_core.testing.outage import (
+    assert_fails_fast,
+    assert_pause_fails_fast_and_backend_recovers,
+    short_timeout_backend,
+)
 from torus_core.testing.services import RedisServer, redis_service
 
 pytestmark = pytest.mark.needs_redis
-
-TIMEOUT = 1.0
-#: A failing call must return within the backend timeout plus this much slack.
-SLACK = 3.0
 
 
 @pytest.fixture
@@ -27,42 +29,20 @@ def server() -> Iterator[RedisServer]:
 
 @pytest.fixture
 def backend(server: RedisServer) -> Iterator[RedisBackend]:
-    b = RedisBackend.from_url(f"{server.url}?timeout={TIMEOUT}")
-    yield b
-    b.close()
+    with short_timeout_backend(RedisBackend, server.url) as b:
+        yield b
 
 
-def _fails_fast(call: object) -> None:
-    t0 = time.monotonic()
-    with pytest.raises(MetadataUnavailable) as info:
-        call()  # type: ignore[operator]
-    assert info.value.backend == "redis"
-    assert time.monotonic() - t0 < TIMEOUT + SLACK
+_fails_fast = functools.partial(assert_fails_fast, backend="redis")
 
 
 def test_paused_server_makes_every_call_fail_fast_and_the_same_backend_recovers(
     server: RedisServer, backend: RedisBackend
 ) -> None:
-    backend.log.append([ev("a", 1), ev("b", 1)])
-    backend.leases.put("k", b"v")
-    batch = [ev("a", 2), ev("b", 2), ev("c", 1)]
-    server.pause()
-    try:
-        _fails_fast(lambda: backend.log.append(batch))
-        _fails_fast(backend.log.head_position)
-        _fails_fast(lambda: backend.log.wait_for_events(2, 5.0))
-        _fails_fast(lambda: backend.leases.get("k"))
-        _fails_fast(lambda: backend.leases.grant(5))
-    finally:
-        server.resume()
     # The paused server executes the buffered script after SIGCONT: the batch committed once,
     # and an identical retry recognises its own events instead of failing or duplicating.
-    assert backend.log.append(batch) == [3, 4, 5]
-    stored = backend.log.read_all()
-    assert [(e.stream_id, e.version, e.position) for e in stored] == [
-        ("a", 1, 1), ("b", 1, 2), ("a", 2, 3), ("b", 2, 4), ("c", 1, 5)
-    ]  # fmt: skip
-    assert backend.leases.get("k") == b"v"
+    reads = [lambda: backend.log.wait_for_events(2, 5.0)]
+    assert_pause_fails_fast_and_backend_recovers(server, backend, "redis", reads)
 
 
 def test_restarted_empty_server_raises_data_loss_instead_of_starting_a_new_history(
