@@ -156,3 +156,49 @@ class BlockStore(ABC):
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+class RefTableBlockStore(BlockStore):
+    """A :class:`BlockStore` whose stored refs are the keys of one dict guarded by one lock.
+
+    Implements :meth:`has_block`, :meth:`num_blocks`, :meth:`used_blocks` and :meth:`iter_refs`
+    from that table. A subclass sets ``_lock`` and ``_capacity`` (in blocks), returns its table
+    from :meth:`_ref_table` and raises :class:`~torus_core.errors.Closed` from
+    :meth:`_check_open` once closed.
+    """
+
+    _lock: threading.Lock
+    _capacity: int
+
+    @abstractmethod
+    def _ref_table(self) -> Mapping[BlockRef, object]:
+        """The dict whose keys are the stored refs (read under ``_lock``)."""
+
+    @abstractmethod
+    def _check_open(self) -> None:
+        """Raise :class:`~torus_core.errors.Closed` if the store is closed."""
+
+    def has_block(self, ref: BlockRef) -> bool:
+        """Whether ``ref`` is stored."""
+        with self._lock:
+            self._check_open()
+            return ref in self._ref_table()
+
+    def num_blocks(self) -> int:
+        """Capacity in blocks."""
+        with self._lock:
+            self._check_open()
+            return self._capacity
+
+    def used_blocks(self) -> int:
+        """Number of blocks stored."""
+        with self._lock:
+            self._check_open()
+            return len(self._ref_table())
+
+    def iter_refs(self) -> Iterator[BlockRef]:
+        """Iterate over a snapshot of the stored refs."""
+        with self._lock:
+            self._check_open()
+            snapshot = list(self._ref_table())
+        return iter(snapshot)

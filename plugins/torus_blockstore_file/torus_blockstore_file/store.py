@@ -57,7 +57,7 @@ from torus_blockstore_file.layout import (
     unpack_record,
     unpack_static_header,
 )
-from torus_core.blockstore import BlockStore, BlockStoreConfig
+from torus_core.blockstore import BlockStoreConfig, RefTableBlockStore
 from torus_core.errors import (
     BlockExists,
     BlockNotExist,
@@ -106,7 +106,7 @@ class _Entry:
     seq: int
 
 
-class FileBlockStore(BlockStore):
+class FileBlockStore(RefTableBlockStore):
     """Blocks kept in ``<path>/data.blk`` with a checksummed index in ``<path>/index.blk``.
 
     Open with :meth:`open`; the directory is created if needed and locked (``flock``) against a
@@ -334,6 +334,10 @@ class FileBlockStore(BlockStore):
         if self._closed:
             raise Closed(f"file block store {self._path} is closed")
 
+    def _ref_table(self) -> dict[BlockRef, _Entry]:
+        # has_block() is true for a ref with a record; its data may still turn out corrupt on read.
+        return self._entries
+
     def _io(self, fn: Callable[[], _T]) -> _T:
         """Run file I/O outside the state lock while keeping ``close`` from closing the fds."""
         with self._lock:
@@ -378,12 +382,6 @@ class FileBlockStore(BlockStore):
     def path(self) -> str:
         """The store directory."""
         return self._path
-
-    def has_block(self, ref: BlockRef) -> bool:
-        """Whether ``ref`` has a record (its data may still turn out corrupt on read)."""
-        with self._lock:
-            self._check_open()
-            return ref in self._entries
 
     def get_block(self, ref: BlockRef) -> bytes:
         """Read and verify the block; :class:`CorruptBlock` if its checksum fails."""
@@ -490,25 +488,6 @@ class FileBlockStore(BlockStore):
                 raise BlockNotExist(f"block {ref} not found")
             os.pwrite(self._index_fd, ZERO_RECORD, record_offset(entry.slot))
             self._pending.append(entry.slot)
-
-    def num_blocks(self) -> int:
-        """Capacity in blocks."""
-        with self._lock:
-            self._check_open()
-            return self._capacity
-
-    def used_blocks(self) -> int:
-        """Number of blocks stored."""
-        with self._lock:
-            self._check_open()
-            return len(self._entries)
-
-    def iter_refs(self) -> Iterator[BlockRef]:
-        """Iterate over a snapshot of the stored refs."""
-        with self._lock:
-            self._check_open()
-            snapshot = list(self._entries)
-        return iter(snapshot)
 
     def flush(self) -> None:
         """fsync data, then the index; every block written before the call is then durable."""

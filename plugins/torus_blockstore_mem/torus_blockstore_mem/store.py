@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator
 from typing import ClassVar
 
-from torus_core.blockstore import BlockStore, BlockStoreConfig
+from torus_core.blockstore import BlockStoreConfig, RefTableBlockStore
 from torus_core.errors import (
     BlockExists,
     BlockNotExist,
@@ -17,7 +16,7 @@ from torus_core.errors import (
 from torus_core.refs import BlockRef
 
 
-class MemBlockStore(BlockStore):
+class MemBlockStore(RefTableBlockStore):
     """Blocks held in a dict ``BlockRef -> bytes``; nothing survives the process.
 
     The data is copied on write (callers may reuse their buffers) and every method is safe to
@@ -51,6 +50,9 @@ class MemBlockStore(BlockStore):
         if self._closed:
             raise Closed("mem block store is closed")
 
+    def _ref_table(self) -> dict[BlockRef, bytes]:
+        return self._blocks
+
     def __enter__(self) -> MemBlockStore:
         return self
 
@@ -58,12 +60,6 @@ class MemBlockStore(BlockStore):
     def block_size(self) -> int:
         """Size of every block in bytes."""
         return self._block_size
-
-    def has_block(self, ref: BlockRef) -> bool:
-        """Whether ``ref`` is stored."""
-        with self._lock:
-            self._check_open()
-            return ref in self._blocks
 
     def get_block(self, ref: BlockRef) -> bytes:
         """Return the stored bytes (always ``block_size`` long)."""
@@ -101,25 +97,6 @@ class MemBlockStore(BlockStore):
                 del self._blocks[ref]
             except KeyError:
                 raise BlockNotExist(f"block {ref} not found") from None
-
-    def num_blocks(self) -> int:
-        """Capacity in blocks."""
-        with self._lock:
-            self._check_open()
-            return self._capacity
-
-    def used_blocks(self) -> int:
-        """Number of blocks stored."""
-        with self._lock:
-            self._check_open()
-            return len(self._blocks)
-
-    def iter_refs(self) -> Iterator[BlockRef]:
-        """Iterate over a snapshot of the stored refs."""
-        with self._lock:
-            self._check_open()
-            snapshot = list(self._blocks)
-        return iter(snapshot)
 
     def flush(self) -> None:
         """Nothing to make durable; only checks the store is open."""
