@@ -66,6 +66,18 @@ def prefix_end(prefix: bytes) -> bytes:
     return b"\0"
 
 
+def last_version_request(stream_prefix: bytes) -> Any:
+    """A ``RangeRequest`` for the key of the newest version under ``stream_prefix`` (keys only)."""
+    return etcdrpc.RangeRequest(
+        key=stream_prefix,
+        range_end=prefix_end(stream_prefix),
+        limit=1,
+        keys_only=True,
+        sort_order=etcdrpc.RangeRequest.DESCEND,
+        sort_target=etcdrpc.RangeRequest.KEY,
+    )
+
+
 @dataclass(slots=True)
 class AppendRequest:
     """One caller's validated batch, as queued for a group commit."""
@@ -173,18 +185,7 @@ class EtcdAppender:
                             create_revision=0,
                         )
                     )
-                failure.append(
-                    R(
-                        request_range=etcdrpc.RangeRequest(
-                            key=sp,
-                            range_end=prefix_end(sp),
-                            limit=1,
-                            keys_only=True,
-                            sort_order=etcdrpc.RangeRequest.DESCEND,
-                            sort_target=etcdrpc.RangeRequest.KEY,
-                        )
-                    )
-                )
+                failure.append(R(request_range=last_version_request(sp)))
             for ev in r.events:
                 pos += 1
                 data = encode_event(ev, pos, now, r.batch_id)

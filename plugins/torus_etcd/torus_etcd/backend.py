@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 from urllib.parse import parse_qsl, unquote, urlsplit
 
-from torus_core.errors import Closed, ConfigError
-from torus_core.eventlog import EventLog, LeaseStore, MetadataBackend
+from torus_core.backend_kit import LogLeaseBackend, check_option_names, parse_prefix, parse_timeout
+from torus_core.errors import ConfigError
 from torus_etcd._config import TransportConfig
+
+if TYPE_CHECKING:
+    from torus_etcd.eventlog import EtcdEventLog
 
 #: Options accepted in the options mapping or the URL query string.
 OPTION_NAMES = ("ca_file", "cert_file", "key_file", "user", "password", "timeout", "prefix")
@@ -34,26 +37,15 @@ def parse_url(url: str, options: Mapping[str, Any] | None = None) -> tuple[Trans
         opts.setdefault("user", unquote(user))
         opts.setdefault("password", unquote(password))
     opts.update(options or {})
-    unknown = set(opts) - set(OPTION_NAMES)
-    if unknown:
-        raise ConfigError(
-            f"unknown etcd options: {', '.join(sorted(unknown))}; known: {', '.join(OPTION_NAMES)}"
-        )
+    check_option_names("etcd", opts, OPTION_NAMES)
     endpoints = []
     for ep in netloc.split(","):
         host, sep, port = ep.strip().rpartition(":")
         if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
             raise ConfigError(f"bad etcd endpoint {ep!r} in {url!r} (want host:port)")
         endpoints.append(f"{host}:{port}")
-    try:
-        timeout = float(opts.get("timeout", 2.0))
-    except (TypeError, ValueError) as exc:
-        raise ConfigError(f"etcd timeout must be a number: {opts.get('timeout')!r}") from exc
-    if not timeout > 0:
-        raise ConfigError("etcd timeout must be > 0")
-    prefix = str(opts.get("prefix", "/torus/"))
-    if not prefix:
-        raise ConfigError("etcd key prefix must not be empty")
+    timeout = parse_timeout("etcd", opts, 2.0)
+    prefix = parse_prefix("etcd", opts, "/torus/")
     cfg = TransportConfig(
         endpoints=endpoints,
         timeout=timeout,
@@ -68,10 +60,11 @@ def parse_url(url: str, options: Mapping[str, Any] | None = None) -> tuple[Trans
     return cfg, prefix.encode()
 
 
-class EtcdBackend(MetadataBackend):
+class EtcdBackend(LogLeaseBackend):
     """Event log and lease store on an etcd v3 cluster."""
 
     name: ClassVar[str] = "etcd"
+    _log: EtcdEventLog
 
     def __init__(self, config: TransportConfig, prefix: bytes, *, tls: bool = False) -> None:
         # Client libraries are imported here, not at plugin registration (hookspecs rule).
@@ -90,22 +83,6 @@ class EtcdBackend(MetadataBackend):
         """Connect to the cluster named by ``url`` (no I/O until the first call)."""
         cfg, prefix = parse_url(url, options)
         return cls(cfg, prefix, tls=url.startswith("etcds:"))
-
-    def _check_open(self) -> None:
-        if self._closed:
-            raise Closed("etcd backend is closed")
-
-    @property
-    def log(self) -> EventLog:
-        """The event log."""
-        self._check_open()
-        return self._log
-
-    @property
-    def leases(self) -> LeaseStore:
-        """The lease store."""
-        self._check_open()
-        return self._leases
 
     def wipe(self) -> None:
         """Delete every key under the prefix (events, snapshots, lease-store keys)."""

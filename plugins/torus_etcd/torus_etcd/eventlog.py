@@ -23,7 +23,6 @@ their positions instead of :class:`CompareFailed`.
 
 from __future__ import annotations
 
-import os
 import threading
 import time
 from collections.abc import Iterator, Sequence
@@ -33,10 +32,11 @@ from urllib.parse import quote
 import grpc
 from etcd3 import etcdrpc
 
-from torus_core.errors import Closed, CompareFailed, InvalidArgument, MetadataUnavailable
+from torus_core.errors import Closed, InvalidArgument, MetadataUnavailable
+from torus_core.eventbatch import UncertainBatchMemo, check_batch
 from torus_core.eventlog import EventLog, NewEvent, StoredEvent
 from torus_core.groupcommit import GroupCommitter
-from torus_etcd._append import AppendRequest, appender_for, num, prefix_end
+from torus_etcd._append import AppendRequest, appender_for, last_version_request, num, prefix_end
 from torus_etcd._codec import decode_event
 from torus_etcd._transport import EtcdTransport, translate
 
@@ -44,44 +44,6 @@ _SNAP = ">Q"
 
 #: Kept for importers of the old names.
 _num = num
-
-
-def check_batch(events: Sequence[NewEvent]) -> dict[str, tuple[int, int]]:
-    """Validate a batch locally; return ``{stream: (first_version, last_version)}`` in batch order.
-
-    Raises :class:`InvalidArgument` for malformed events and :class:`CompareFailed` when a
-    stream's versions inside the batch are not consecutive.
-    """
-    streams: dict[str, tuple[int, int]] = {}
-    for ev in events:
-        if not isinstance(ev, NewEvent):
-            raise InvalidArgument(f"append takes NewEvent objects, got {type(ev).__name__}")
-        if not isinstance(ev.stream_id, str) or not ev.stream_id:
-            raise InvalidArgument("stream_id must be a non-empty string")
-        if not isinstance(ev.topic, str):
-            raise InvalidArgument("topic must be a string")
-        if not isinstance(ev.state, bytes | bytearray | memoryview):
-            raise InvalidArgument("state must be bytes")
-        if not isinstance(ev.version, int) or isinstance(ev.version, bool):
-            raise InvalidArgument("version must be an int")
-        seen = streams.get(ev.stream_id)
-        if seen is None:
-            if ev.version < 1:
-                raise CompareFailed(
-                    f"stream {ev.stream_id!r}: version {ev.version} < 1",
-                    stream_id=ev.stream_id,
-                    version=ev.version,
-                )
-            streams[ev.stream_id] = (ev.version, ev.version)
-        else:
-            if ev.version != seen[1] + 1:
-                raise CompareFailed(
-                    f"stream {ev.stream_id!r}: version {ev.version} does not follow {seen[1]} in the batch",
-                    stream_id=ev.stream_id,
-                    version=ev.version,
-                )
-            streams[ev.stream_id] = (seen[0], ev.version)
-    return streams
 
 
 class EtcdEventLog(EventLog):
@@ -94,7 +56,7 @@ class EtcdEventLog(EventLog):
         self._head_key = self._appender.head_key
         self._event_prefix = self._appender.event_prefix
         self._snap_prefix = prefix + b"snap/"
-        self._uncertain: tuple[tuple[NewEvent, ...], bytes] | None = None
+        self._memo = UncertainBatchMemo()
 
     # --- keys ---------------------------------------------------------------------------
 
@@ -125,18 +87,11 @@ class EtcdEventLog(EventLog):
         streams = check_batch(events)
         if self._t.closed:
             raise Closed("etcd backend is closed")
-        uncertain = self._uncertain
-        retry = uncertain is not None and uncertain[0] == events
-        batch_id = uncertain[1] if retry and uncertain is not None else os.urandom(16)
-        request = AppendRequest(self._t, events, streams, batch_id, retry)
-        try:
-            positions = self._appender.append(request)
-        except MetadataUnavailable:
-            self._uncertain = (events, batch_id)
-            raise
-        if retry:
-            self._uncertain = None
-        return positions
+
+        def attempt(batch_id: bytes, retry: bool) -> list[int]:
+            return self._appender.append(AppendRequest(self._t, events, streams, batch_id, retry))
+
+        return self._memo.append(events, attempt)
 
     # --- reads --------------------------------------------------------------------------
 
@@ -156,15 +111,7 @@ class EtcdEventLog(EventLog):
     def stream_version(self, stream_id: str) -> int:
         """The stream's newest version (0 if empty)."""
         sp = self._stream_prefix(stream_id)
-        req = etcdrpc.RangeRequest(
-            key=sp,
-            range_end=prefix_end(sp),
-            limit=1,
-            keys_only=True,
-            sort_order=etcdrpc.RangeRequest.DESCEND,
-            sort_target=etcdrpc.RangeRequest.KEY,
-        )
-        resp = self._t.call("KV", "Range", req)
+        resp = self._t.call("KV", "Range", last_version_request(sp))
         return int(resp.kvs[0].key.rsplit(b"/", 1)[1]) if resp.kvs else 0
 
     def read_all(self, *, after: int = 0, limit: int | None = None) -> list[StoredEvent]:

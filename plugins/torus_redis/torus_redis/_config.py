@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
+from torus_core.backend_kit import check_option_names, parse_prefix, parse_timeout
 from torus_core.errors import ConfigError
 
 #: torus options; everything else in the query string is handed to redis-py unchanged.
@@ -55,20 +56,9 @@ def parse_url(url: str, options: Mapping[str, Any] | None = None) -> RedisConfig
     query = dict(parse_qsl(parts.query))
     ours = {k: query.pop(k) for k in list(query) if k in OPTION_NAMES}
     ours.update(options or {})
-    unknown = set(ours) - set(OPTION_NAMES)
-    if unknown:
-        raise ConfigError(
-            f"unknown redis options: {', '.join(sorted(unknown))}; known: {', '.join(OPTION_NAMES)}"
-        )
-    try:
-        timeout = float(ours.get("timeout", 2.0))
-    except (TypeError, ValueError) as exc:
-        raise ConfigError(f"redis timeout must be a number: {ours.get('timeout')!r}") from exc
-    if not timeout > 0:
-        raise ConfigError("redis timeout must be > 0")
-    prefix = str(ours.get("prefix", "torus:"))
-    if not prefix:
-        raise ConfigError("redis key prefix must not be empty")
+    check_option_names("redis", ours, OPTION_NAMES)
+    timeout = parse_timeout("redis", ours, 2.0)
+    prefix = parse_prefix("redis", ours, "torus:")
     kwargs: dict[str, Any] = {}
     if ours.get("username") is not None:
         kwargs["username"] = ours["username"]

@@ -5,12 +5,11 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any, ClassVar
 
-from torus_core.errors import Closed
-from torus_core.eventlog import EventLog, LeaseStore, MetadataBackend
+from torus_core.backend_kit import LogLeaseBackend
 from torus_redis._config import RedisConfig, parse_url
 
 
-class RedisBackend(MetadataBackend):
+class RedisBackend(LogLeaseBackend):
     """Event log and lease store on one Redis server.
 
     ``cluster_id`` is the identity marker written by the first append; ``torusd``/``torusctl``
@@ -36,22 +35,6 @@ class RedisBackend(MetadataBackend):
     def from_url(cls, url: str, options: Mapping[str, Any] | None = None) -> RedisBackend:
         """Create a backend for ``url`` (connections are opened on first use)."""
         return cls(parse_url(url, options))
-
-    def _check_open(self) -> None:
-        if self._closed:
-            raise Closed("redis backend is closed")
-
-    @property
-    def log(self) -> EventLog:
-        """The event log."""
-        self._check_open()
-        return self._log
-
-    @property
-    def leases(self) -> LeaseStore:
-        """The lease store."""
-        self._check_open()
-        return self._leases
 
     @property
     def cluster_id(self) -> str | None:

@@ -23,43 +23,17 @@ id, returns their positions instead of :class:`CompareFailed`.
 
 from __future__ import annotations
 
-import os
 import time
 from collections.abc import Sequence
 
-from torus_core.errors import CompareFailed, InvalidArgument, MetadataUnavailable
+from torus_core.errors import InvalidArgument
+from torus_core.eventbatch import UncertainBatchMemo, check_batch
 from torus_core.eventlog import EventLog, NewEvent, StoredEvent
 from torus_core.groupcommit import GroupCommitter
 from torus_redis import _scripts
 from torus_redis._append import AppendRequest, appender_for
 from torus_redis._client import RedisClient
 from torus_redis._codec import decode_entry
-
-
-def check_batch(events: Sequence[NewEvent]) -> dict[str, tuple[int, int]]:
-    """Validate a batch locally; return ``{stream: (first_version, last_version)}`` in batch order."""
-    streams: dict[str, tuple[int, int]] = {}
-    for ev in events:
-        if not isinstance(ev, NewEvent):
-            raise InvalidArgument(f"append takes NewEvent objects, got {type(ev).__name__}")
-        if not isinstance(ev.stream_id, str) or not ev.stream_id:
-            raise InvalidArgument("stream_id must be a non-empty string")
-        if not isinstance(ev.topic, str):
-            raise InvalidArgument("topic must be a string")
-        if not isinstance(ev.state, bytes | bytearray | memoryview):
-            raise InvalidArgument("state must be bytes")
-        if not isinstance(ev.version, int) or isinstance(ev.version, bool):
-            raise InvalidArgument("version must be an int")
-        seen = streams.get(ev.stream_id)
-        expected = 1 if seen is None else seen[1] + 1
-        if (seen is None and ev.version < 1) or (seen is not None and ev.version != expected):
-            raise CompareFailed(
-                f"stream {ev.stream_id!r}: version {ev.version} is not consecutive in the batch",
-                stream_id=ev.stream_id,
-                version=ev.version,
-            )
-        streams[ev.stream_id] = (ev.version if seen is None else seen[0], ev.version)
-    return streams
 
 
 class RedisEventLog(EventLog):
@@ -73,7 +47,7 @@ class RedisEventLog(EventLog):
         self._notify_key = f"{p}notify"
         self._appender = appender_for(client)
         self._script = client.redis.register_script(_scripts.APPEND_GROUP)
-        self._uncertain: tuple[tuple[NewEvent, ...], bytes] | None = None
+        self._memo = UncertainBatchMemo()
 
     def _stream_key(self, stream_id: str) -> str:
         return f"{self._p}s:{stream_id}"
@@ -96,27 +70,21 @@ class RedisEventLog(EventLog):
         if not events:
             return []
         streams = check_batch(events)
-        uncertain = self._uncertain
-        retry = uncertain is not None and uncertain[0] == events
-        batch_id = uncertain[1] if retry and uncertain is not None else os.urandom(16)
-        request = AppendRequest(
-            self._c,
-            self._script,
-            events,
-            streams,
-            batch_id,
-            retry,
-            baseline=self._c.seen_head,
-            stream_key=self._stream_key,
-        )
-        try:
-            positions = self._appender.append(request)
-        except MetadataUnavailable:
-            self._uncertain = (events, batch_id)
-            raise
-        if retry:
-            self._uncertain = None
-        return positions
+
+        def attempt(batch_id: bytes, retry: bool) -> list[int]:
+            request = AppendRequest(
+                self._c,
+                self._script,
+                events,
+                streams,
+                batch_id,
+                retry,
+                baseline=self._c.seen_head,
+                stream_key=self._stream_key,
+            )
+            return self._appender.append(request)
+
+        return self._memo.append(events, attempt)
 
     # --- reads --------------------------------------------------------------------------
 
