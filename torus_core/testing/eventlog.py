@@ -31,7 +31,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import Any, ClassVar
 
 import pytest
 from hypothesis import HealthCheck, note, settings
@@ -49,6 +49,7 @@ from torus_core.errors import CompareFailed, InvalidArgument, LeaseNotFound
 from torus_core.eventlog import EventLog, LeaseStore, MetadataBackend, NewEvent, StoredEvent
 
 __all__ = [
+    "BackendFromUrl",
     "EventLogContract",
     "EventLogMachine",
     "LeaseStoreContract",
@@ -109,6 +110,33 @@ class _BackendFixtures:
             yield other
         finally:
             other.close()
+
+
+class BackendFromUrl:
+    """The ``backend`` and ``backend_factory`` fixtures, opened with ``backend_class.from_url``.
+
+    Mix in before a contract class (``class TestX(BackendFromUrl, EventLogContract)``), set
+    ``backend_class`` and provide a ``url`` fixture naming a fresh, empty store. With
+    ``wipe_after`` (the default, for stores on a server shared by the session) the backend is
+    wiped before it is closed.
+    """
+
+    backend_class: ClassVar[type[MetadataBackend]]
+    wipe_after: ClassVar[bool] = True
+
+    @pytest.fixture
+    def backend(self, url: str) -> Iterator[MetadataBackend]:
+        """A backend on ``url``, wiped (with ``wipe_after``) and closed after the test."""
+        b = self.backend_class.from_url(url)
+        yield b
+        if self.wipe_after:
+            b.wipe()
+        b.close()
+
+    @pytest.fixture
+    def backend_factory(self, url: str) -> Callable[[], MetadataBackend]:
+        """A callable opening another connection to ``url``."""
+        return lambda: self.backend_class.from_url(url)
 
 
 class EventLogContract(_BackendFixtures):

@@ -25,9 +25,10 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TypeVar
 
 import pytest
 
@@ -141,6 +142,15 @@ class ServerProcess:
         """Unfreeze a paused server (SIGCONT)."""
         os.kill(self._require_own().pid, signal.SIGCONT)
 
+    @contextlib.contextmanager
+    def paused(self) -> Iterator[None]:
+        """Context manager: the server is paused (SIGSTOP) while entered, resumed on exit."""
+        self.pause()
+        try:
+            yield
+        finally:
+            self.resume()
+
     def kill(self) -> None:
         """SIGKILL the server and reap it (a crash: no clean shutdown)."""
         proc = self._require_own()
@@ -153,6 +163,9 @@ class ServerProcess:
         self._require_own()
         self.stop()
         self.start()
+
+
+S = TypeVar("S", bound=ServerProcess)
 
 
 @dataclass
@@ -258,29 +271,31 @@ def start_redis(workdir: Path | None = None, extra_args: tuple[str, ...] = ()) -
 
 
 @contextlib.contextmanager
-def etcd_service(extra_args: tuple[str, ...] = ()) -> Iterator[EtcdServer]:
-    """Context manager: a private etcd, stopped by PID and its data dir removed on exit."""
-    wd = Path(tempfile.mkdtemp(prefix="torus-etcd-"))
-    server = EtcdServer(workdir=wd, client_port=free_port(), peer_port=free_port(), extra_args=extra_args)
+def _private_service(server: S) -> Iterator[S]:
+    """Start ``server``; on exit stop it by PID and remove its work dir."""
     try:
         server.start()
         yield server
     finally:
         server.stop()
-        shutil.rmtree(wd, ignore_errors=True)
+        shutil.rmtree(server.workdir, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def etcd_service(extra_args: tuple[str, ...] = ()) -> Iterator[EtcdServer]:
+    """Context manager: a private etcd, stopped by PID and its data dir removed on exit."""
+    wd = Path(tempfile.mkdtemp(prefix="torus-etcd-"))
+    server = EtcdServer(workdir=wd, client_port=free_port(), peer_port=free_port(), extra_args=extra_args)
+    with _private_service(server):
+        yield server
 
 
 @contextlib.contextmanager
 def redis_service(extra_args: tuple[str, ...] = ()) -> Iterator[RedisServer]:
     """Context manager: a private redis-server, stopped by PID and its dir removed on exit."""
     wd = Path(tempfile.mkdtemp(prefix="torus-redis-"))
-    server = RedisServer(workdir=wd, port=free_port(), extra_args=extra_args)
-    try:
-        server.start()
+    with _private_service(RedisServer(workdir=wd, port=free_port(), extra_args=extra_args)) as server:
         yield server
-    finally:
-        server.stop()
-        shutil.rmtree(wd, ignore_errors=True)
 
 
 def _external_etcd() -> EtcdServer | None:
@@ -304,37 +319,31 @@ def _external_redis() -> RedisServer | None:
     return RedisServer(workdir=Path(tempfile.gettempdir()), external=True, external_url=url)
 
 
-@pytest.fixture(scope="session")
-def etcd_server() -> Iterator[EtcdServer]:
-    """A session-wide etcd on loopback (or ``TORUS_TEST_ETCD_ENDPOINTS``); fails if etcd is missing."""
-    external = _external_etcd()
+def _session_server(
+    external: S | None, service: Callable[[], contextlib.AbstractContextManager[S]], what: str
+) -> Iterator[S]:
+    """Yield ``external`` if set, else a server from ``service()`` (a failed start fails the test)."""
     if external is not None:
         yield external
         return
     try:
-        cm = etcd_service()
+        cm = service()
         server = cm.__enter__()
     except ServiceError as exc:
-        pytest.fail(f"cannot start etcd for the tests: {exc}", pytrace=False)
+        pytest.fail(f"cannot start {what} for the tests: {exc}", pytrace=False)
     try:
         yield server
     finally:
         cm.__exit__(None, None, None)
+
+
+@pytest.fixture(scope="session")
+def etcd_server() -> Iterator[EtcdServer]:
+    """A session-wide etcd on loopback (or ``TORUS_TEST_ETCD_ENDPOINTS``); fails if etcd is missing."""
+    yield from _session_server(_external_etcd(), etcd_service, "etcd")
 
 
 @pytest.fixture(scope="session")
 def redis_server() -> Iterator[RedisServer]:
     """A session-wide redis-server on loopback (or ``TORUS_TEST_REDIS_URL``); fails if missing."""
-    external = _external_redis()
-    if external is not None:
-        yield external
-        return
-    try:
-        cm = redis_service()
-        server = cm.__enter__()
-    except ServiceError as exc:
-        pytest.fail(f"cannot start redis-server for the tests: {exc}", pytrace=False)
-    try:
-        yield server
-    finally:
-        cm.__exit__(None, None, None)
+    yield from _session_server(_external_redis(), redis_service, "redis-server")

@@ -3,34 +3,23 @@
 from __future__ import annotations
 
 import uuid
-from collections.abc import Callable, Iterator
 
 import pytest
 from torus_etcd.backend import EtcdBackend
 
-from torus_core.eventlog import MetadataBackend
-from torus_core.testing.eventlog import EventLogContract, LeaseStoreContract
+from torus_core.testing.eventlog import BackendFromUrl, EventLogContract, LeaseStoreContract
 from torus_core.testing.services import EtcdServer
 
 pytestmark = pytest.mark.needs_etcd
 
 
-class _EtcdFixtures:
+class _EtcdFixtures(BackendFromUrl):
+    backend_class = EtcdBackend
+
     @pytest.fixture
     def url(self, etcd_server: EtcdServer) -> str:
         # A fresh, empty store per test: a private key prefix on the session's etcd.
         return f"{etcd_server.url}?prefix=/torus-test-{uuid.uuid4().hex}/"
-
-    @pytest.fixture
-    def backend(self, url: str) -> Iterator[MetadataBackend]:
-        b = EtcdBackend.from_url(url)
-        yield b
-        b.wipe()
-        b.close()
-
-    @pytest.fixture
-    def backend_factory(self, url: str) -> Callable[[], MetadataBackend]:
-        return lambda: EtcdBackend.from_url(url)
 
 
 class TestEtcdEventLog(_EtcdFixtures, EventLogContract):

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import Callable, Iterator
-from contextlib import AbstractContextManager, contextmanager
+from contextlib import AbstractContextManager
 from typing import Any
 
 import pytest
@@ -11,7 +12,7 @@ from torus_etcd._append import MAX_TXN_OPS
 from torus_etcd.backend import EtcdBackend
 
 from torus_core.eventlog import MetadataBackend
-from torus_core.testing.eventlog import ev
+from torus_core.testing.eventlog import BackendFromUrl, ev
 from torus_core.testing.groupcommit import GroupCommitContract
 from torus_core.testing.services import EtcdServer, etcd_service
 
@@ -24,29 +25,18 @@ def private_etcd() -> Iterator[EtcdServer]:
         yield srv
 
 
-class TestEtcdGroupCommit(GroupCommitContract):
+class TestEtcdGroupCommit(BackendFromUrl, GroupCommitContract):
     """GroupCommitContract on etcd."""
 
-    @pytest.fixture
-    def backend(self, private_etcd: EtcdServer) -> Iterator[MetadataBackend]:
-        import uuid
+    backend_class = EtcdBackend
 
-        b = EtcdBackend.from_url(f"{private_etcd.url}?timeout=30&prefix=/gc-{uuid.uuid4().hex}/")
-        yield b
-        b.wipe()
-        b.close()
+    @pytest.fixture
+    def url(self, private_etcd: EtcdServer) -> str:
+        return f"{private_etcd.url}?timeout=30&prefix=/gc-{uuid.uuid4().hex}/"
 
     @pytest.fixture
     def stall(self, private_etcd: EtcdServer) -> Callable[[], AbstractContextManager[Any]]:
-        @contextmanager
-        def paused() -> Iterator[None]:
-            private_etcd.pause()
-            try:
-                yield
-            finally:
-                private_etcd.resume()
-
-        return paused
+        return private_etcd.paused
 
     def test_queued_batches_beyond_the_txn_op_limit_are_split_into_several_groups(
         self, backend: MetadataBackend, stall: Callable[[], AbstractContextManager[Any]]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Callable, Iterator
-from contextlib import AbstractContextManager, contextmanager
+from contextlib import AbstractContextManager
 from typing import Any
 
 import pytest
@@ -12,7 +12,7 @@ from torus_redis.backend import RedisBackend
 
 from torus_core.errors import DataLossDetected
 from torus_core.eventlog import MetadataBackend
-from torus_core.testing.eventlog import ev
+from torus_core.testing.eventlog import BackendFromUrl, ev
 from torus_core.testing.groupcommit import GroupCommitContract
 from torus_core.testing.services import RedisServer, redis_service
 
@@ -25,31 +25,18 @@ def private_redis() -> Iterator[RedisServer]:
         yield srv
 
 
-class TestRedisGroupCommit(GroupCommitContract):
+class TestRedisGroupCommit(BackendFromUrl, GroupCommitContract):
     """GroupCommitContract on Redis."""
+
+    backend_class = RedisBackend
 
     @pytest.fixture
     def url(self, private_redis: RedisServer) -> str:
         return f"{private_redis.url}?timeout=30&prefix=gc-{uuid.uuid4().hex}:"
 
     @pytest.fixture
-    def backend(self, url: str) -> Iterator[MetadataBackend]:
-        b = RedisBackend.from_url(url)
-        yield b
-        b.wipe()
-        b.close()
-
-    @pytest.fixture
     def stall(self, private_redis: RedisServer) -> Callable[[], AbstractContextManager[Any]]:
-        @contextmanager
-        def paused() -> Iterator[None]:
-            private_redis.pause()
-            try:
-                yield
-            finally:
-                private_redis.resume()
-
-        return paused
+        return private_redis.paused
 
     def test_a_caller_expecting_another_cluster_fails_alone_in_a_group(
         self, backend: MetadataBackend, url: str, stall: Callable[[], AbstractContextManager[Any]]

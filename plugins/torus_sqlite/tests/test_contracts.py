@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
@@ -10,29 +10,23 @@ from hypothesis import settings
 from torus_sqlite.backend import SQLiteBackend
 from torus_sqlite.eventlog import SQLiteEventLog
 
-from torus_core.eventlog import MetadataBackend, NewEvent
+from torus_core.eventlog import NewEvent
 from torus_core.testing.eventlog import (
     MACHINE_SETTINGS,
+    BackendFromUrl,
     EventLogContract,
     LeaseStoreContract,
     run_eventlog_machine,
 )
 
 
-class _SQLiteFixtures:
+class _SQLiteFixtures(BackendFromUrl):
+    backend_class = SQLiteBackend
+    wipe_after = False
+
     @pytest.fixture
     def url(self, tmp_path: Path) -> str:
         return f"sqlite:///{tmp_path}/meta.db"
-
-    @pytest.fixture
-    def backend(self, url: str) -> Iterator[MetadataBackend]:
-        b = SQLiteBackend.from_url(url)
-        yield b
-        b.close()
-
-    @pytest.fixture
-    def backend_factory(self, url: str) -> Callable[[], MetadataBackend]:
-        return lambda: SQLiteBackend.from_url(url)
 
 
 class TestSQLiteEventLog(_SQLiteFixtures, EventLogContract):

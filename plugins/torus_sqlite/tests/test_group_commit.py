@@ -11,18 +11,19 @@ from typing import Any
 import pytest
 from torus_sqlite.backend import SQLiteBackend
 
-from torus_core.eventlog import MetadataBackend
+from torus_core.testing.eventlog import BackendFromUrl
 from torus_core.testing.groupcommit import GroupCommitContract
 
 
-class TestSQLiteGroupCommit(GroupCommitContract):
+class TestSQLiteGroupCommit(BackendFromUrl, GroupCommitContract):
     """GroupCommitContract on SQLite."""
 
+    backend_class = SQLiteBackend
+    wipe_after = False
+
     @pytest.fixture
-    def backend(self, tmp_path: Path) -> Iterator[MetadataBackend]:
-        b = SQLiteBackend.from_url(f"sqlite:///{tmp_path}/meta.db?busy_timeout=30")
-        yield b
-        b.close()
+    def url(self, tmp_path: Path) -> str:
+        return f"sqlite:///{tmp_path}/meta.db?busy_timeout=30"
 
     @pytest.fixture
     def stall(self, tmp_path: Path) -> Callable[[], AbstractContextManager[Any]]:
