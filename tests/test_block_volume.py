@@ -46,17 +46,9 @@ MiB = 1 << 20
 
 
 @pytest.fixture
-def open_md(tmp_path: Path) -> Iterator[Callable[[], MetadataService]]:
-    backends: list[SQLiteBackend] = []
-
-    def _open() -> MetadataService:
-        b = SQLiteBackend.from_url(f"sqlite:///{tmp_path}/meta.db")
-        backends.append(b)
-        return MetadataService(b)
-
-    yield _open
-    for b in backends:
-        b.close()
+def open_md(open_backend: Callable[[], SQLiteBackend]) -> Callable[[], MetadataService]:
+    """Open another MetadataService on the test's SQLite file (backends closed after the test)."""
+    return lambda: MetadataService(open_backend())
 
 
 @pytest.fixture

@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable, Iterator
-from pathlib import Path
+from collections.abc import Callable
 
 import pytest
 from torus_sqlite.backend import SQLiteBackend
@@ -26,20 +25,6 @@ from torus_core.refs import INodeRef
 from torus_core.ring.base import RingMember, RingSpec
 
 MiB = 2**20
-
-
-@pytest.fixture
-def open_backend(tmp_path: Path) -> Iterator[Callable[[], SQLiteBackend]]:
-    opened: list[SQLiteBackend] = []
-
-    def _open() -> SQLiteBackend:
-        b = SQLiteBackend.from_url(f"sqlite:///{tmp_path}/meta.db")
-        opened.append(b)
-        return b
-
-    yield _open
-    for b in opened:
-        b.close()
 
 
 @pytest.fixture

@@ -8,8 +8,7 @@ unchanged, and that the projector's locally applied state equals a replay of the
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
-from pathlib import Path
+from collections.abc import Callable
 
 import pytest
 from torus_sqlite._append import AppendRequest
@@ -24,20 +23,6 @@ from torus_core.projection import Projector, fold
 from torus_core.refs import BlockRef, BlockType, INodeRef
 
 MiB = 2**20
-
-
-@pytest.fixture
-def open_backend(tmp_path: Path) -> Iterator[Callable[[], SQLiteBackend]]:
-    opened: list[SQLiteBackend] = []
-
-    def _open() -> SQLiteBackend:
-        b = SQLiteBackend.from_url(f"sqlite:///{tmp_path}/meta.db")
-        opened.append(b)
-        return b
-
-    yield _open
-    for b in opened:
-        b.close()
 
 
 @pytest.fixture

@@ -36,6 +36,7 @@ from hypothesis.stateful import initialize as hyp_initialize
 from torus_core.blockstore import BlockStore
 from torus_core.errors import BlockExists, BlockNotExist, Closed, InvalidArgument, OutOfSpace
 from torus_core.refs import BlockRef, BlockType
+from torus_core.testing.closing import closing_all
 
 StoreFactory = Callable[..., BlockStore]
 
@@ -87,19 +88,15 @@ class BlockStoreContract:
     @pytest.fixture
     def open_store(self, store_factory: StoreFactory) -> Iterator[StoreFactory]:
         """Wrap ``store_factory`` so every store opened by a test is closed at teardown."""
-        opened: list[BlockStore] = []
 
         def make(capacity_blocks: int | None = None, block_size: int | None = None) -> BlockStore:
-            store = store_factory(
+            return store_factory(
                 capacity_blocks=self.CAPACITY if capacity_blocks is None else capacity_blocks,
                 block_size=self.BLOCK_SIZE if block_size is None else block_size,
             )
-            opened.append(store)
-            return store
 
-        yield make
-        for store in opened:
-            store.close()
+        with closing_all(make) as open_:
+            yield open_
 
     @pytest.fixture
     def store(self, open_store: StoreFactory) -> BlockStore:
