@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -86,3 +87,12 @@ def builtin_registry(kind: str, plugin_name: str, register: Callable[..., None])
     register(registry=reg)
     reg.current_plugin = "?"
     return reg
+
+
+@functools.cache
+def cached_builtin_registry(kind: str, plugin_name: str, register: Callable[..., None]) -> Registry:
+    """:func:`builtin_registry`, built once per arguments and shared by every caller.
+
+    For lookups only: callers must not register into it.
+    """
+    return builtin_registry(kind, plugin_name, register)

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from torus_core.blockset.layer import Blockset
 from torus_core.blockstore import BlockStore
 from torus_core.errors import InvalidArgument
-from torus_core.registry import Registry, builtin_registry
+from torus_core.registry import Registry, cached_builtin_registry
 
 #: The original's default block spec.
 DEFAULT_BLOCK_SPEC = "crc,base"
@@ -33,22 +33,16 @@ class LayerSpec:
 
 
 def default_layer_registry() -> Registry:
-    """A registry holding only the built-in layers (base, crc, rep)."""
+    """A registry holding only the built-in layers (base, crc, rep); built once and shared."""
     from torus_core.blockset import builtin
 
-    return builtin_registry("blockset layer", "builtin-blockset", builtin.torus_register_blockset_layers)
-
-
-_DEFAULT: Registry | None = None
+    return cached_builtin_registry(
+        "blockset layer", "builtin-blockset", builtin.torus_register_blockset_layers
+    )
 
 
 def _registry(registry: Registry | None) -> Registry:
-    global _DEFAULT
-    if registry is not None:
-        return registry
-    if _DEFAULT is None:
-        _DEFAULT = default_layer_registry()
-    return _DEFAULT
+    return registry if registry is not None else default_layer_registry()
 
 
 def _lookup(name: str, reg: Registry) -> type[Blockset]:

@@ -11,28 +11,20 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 
 from torus_core.errors import InvalidArgument, UnknownBackendError
-from torus_core.registry import Registry, builtin_registry
+from torus_core.registry import Registry, cached_builtin_registry
 from torus_core.ring import wire
 from torus_core.ring.base import Ring, RingMember, RingSpec
 
 
 def default_ring_registry() -> Registry:
-    """A registry holding only the built-in ring types (no entry points loaded)."""
+    """A registry holding only the built-in ring types (no entry points loaded); built once and shared."""
     from torus_core.ring import builtin
 
-    return builtin_registry("ring type", "builtin-ring", builtin.torus_register_ring_types)
-
-
-_DEFAULT: Registry | None = None
+    return cached_builtin_registry("ring type", "builtin-ring", builtin.torus_register_ring_types)
 
 
 def _registry(registry: Registry | None) -> Registry:
-    global _DEFAULT
-    if registry is not None:
-        return registry
-    if _DEFAULT is None:
-        _DEFAULT = default_ring_registry()
-    return _DEFAULT
+    return registry if registry is not None else default_ring_registry()
 
 
 def ring_class(name: str, registry: Registry | None = None) -> type[Ring]:
