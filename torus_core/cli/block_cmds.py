@@ -16,21 +16,10 @@ import click
 
 from torus_core.block import snapshots, transfer
 from torus_core.blockstore import BlockStore
-from torus_core.cli.common import CliContext, handle_errors
+from torus_core.cli.common import get_ctx, handle_errors, metadata_service
 from torus_core.errors import InvalidArgument
 from torus_core.metadata import MetadataService
 from torus_core.units import parse_size
-
-
-def _ctx() -> CliContext:
-    obj = click.get_current_context().find_root().obj
-    assert isinstance(obj, CliContext)
-    return obj
-
-
-def _md() -> MetadataService:
-    ctx = _ctx()
-    return MetadataService(ctx.open_backend(), ring_types=ctx.registries.ring_types)
 
 
 def _open_file(path: str, mode: str) -> BinaryIO:
@@ -42,7 +31,7 @@ def _open_file(path: str, mode: str) -> BinaryIO:
 
 
 def _store(md: MetadataService) -> BlockStore:
-    return _ctx().open_block_store(md.global_metadata().block_size)
+    return get_ctx().open_block_store(md.global_metadata().block_size)
 
 
 @click.group("block")
@@ -61,7 +50,7 @@ def snapshot_group() -> None:
 @handle_errors
 def snapshot_list(volume: str, as_csv: bool) -> None:
     """List the snapshots of VOLUME with their times (RFC 3339)."""
-    snaps = snapshots.list_snapshots(_md(), volume)
+    snaps = snapshots.list_snapshots(metadata_service(), volume)
     if not as_csv:
         click.echo(f"{'NAME':<32} TIME")
     for s in snaps:
@@ -74,7 +63,7 @@ def snapshot_list(volume: str, as_csv: bool) -> None:
 @handle_errors
 def snapshot_create(target: str) -> None:
     """Save VOLUME@SNAPSHOT (the last synced state; works while the volume is mounted)."""
-    snapshots.create_snapshot(_md(), target)
+    snapshots.create_snapshot(metadata_service(), target)
     click.echo(f"created snapshot {target}")
 
 
@@ -83,7 +72,7 @@ def snapshot_create(target: str) -> None:
 @handle_errors
 def snapshot_delete(target: str) -> None:
     """Delete VOLUME@SNAPSHOT."""
-    snapshots.delete_snapshot(_md(), target)
+    snapshots.delete_snapshot(metadata_service(), target)
     click.echo(f"deleted snapshot {target}")
 
 
@@ -92,7 +81,7 @@ def snapshot_delete(target: str) -> None:
 @handle_errors
 def snapshot_restore(target: str) -> None:
     """Point VOLUME back at SNAPSHOT (refused while the volume is mounted)."""
-    snapshots.restore_snapshot(_md(), target)
+    snapshots.restore_snapshot(metadata_service(), target)
     click.echo(f"restored {target}")
 
 
@@ -102,7 +91,7 @@ def snapshot_restore(target: str) -> None:
 @handle_errors
 def clone_cmd(source: str, new_name: str) -> None:
     """Create volume NEW_NAME from snapshot SOURCE (VOLUME@SNAPSHOT) without copying data."""
-    md = _md()
+    md = metadata_service()
     info = snapshots.clone(md, _store(md), source, new_name)
     click.echo(f"cloned {source} to {info.name} ({info.size} bytes)")
 
@@ -114,12 +103,12 @@ def clone_cmd(source: str, new_name: str) -> None:
 @handle_errors
 def dump_cmd(target: str, output: str, progress: bool) -> None:
     """Write VOLUME or VOLUME@SNAPSHOT to OUTPUT (a file, or - for stdout)."""
-    md = _md()
+    md = metadata_service()
     store = _store(md)
     with ExitStack() as stack:
         out: BinaryIO = sys.stdout.buffer if output == "-" else stack.enter_context(_open_file(output, "wb"))
         transfer.dump(
-            md, store, target, out, progress=progress, layer_registry=_ctx().registries.blockset_layers
+            md, store, target, out, progress=progress, layer_registry=get_ctx().registries.blockset_layers
         )
 
 
@@ -134,13 +123,19 @@ def load_cmd(input_path: str, volume: str, size: str | None, progress: bool) -> 
     vsize = parse_size(size) if size is not None else None
     if vsize is not None and vsize <= 0:
         raise InvalidArgument("SIZE must be positive")
-    md = _md()
+    md = metadata_service()
     store = _store(md)
     with ExitStack() as stack:
         src: BinaryIO = (
             sys.stdin.buffer if input_path == "-" else stack.enter_context(_open_file(input_path, "rb"))
         )
         info = transfer.load(
-            md, store, src, volume, vsize, progress=progress, layer_registry=_ctx().registries.blockset_layers
+            md,
+            store,
+            src,
+            volume,
+            vsize,
+            progress=progress,
+            layer_registry=get_ctx().registries.blockset_layers,
         )
     click.echo(f"loaded {volume} ({info.size} bytes)")

@@ -14,6 +14,7 @@ from torus_core.blockstore import BlockStore, BlockStoreConfig
 from torus_core.config import Config, load_config
 from torus_core.errors import TorusError
 from torus_core.eventlog import MetadataBackend
+from torus_core.metadata import MetadataService
 from torus_core.plugins import Registries, load_registries
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -104,6 +105,19 @@ def config_options(func: F) -> F:
 def build_context(config_path: str | None, **overrides: Any) -> CliContext:
     """Load the config with command-line overrides into a :class:`CliContext`."""
     return CliContext(load_config(config_path, overrides=overrides))
+
+
+def get_ctx() -> CliContext:
+    """The :class:`CliContext` of the running command."""
+    obj = click.get_current_context().find_root().obj
+    assert isinstance(obj, CliContext)
+    return obj
+
+
+def metadata_service() -> MetadataService:
+    """A :class:`MetadataService` on the configured backend."""
+    ctx = get_ctx()
+    return MetadataService(ctx.open_backend(), ring_types=ctx.registries.ring_types)
 
 
 def handle_errors(func: F) -> F:

@@ -16,7 +16,7 @@ from collections.abc import Callable
 
 import click
 
-from torus_core.cli.common import CliContext, handle_errors
+from torus_core.cli.common import get_ctx, handle_errors, metadata_service
 from torus_core.cluster.peerinfo import PeerInfo, parse_peers
 from torus_core.errors import Again, NonSequentialRing, NotSupported, UsageError
 from torus_core.metadata import MetadataService
@@ -28,19 +28,8 @@ from torus_core.units import format_size
 RING_ATTEMPTS = 20
 
 
-def _ctx() -> CliContext:
-    obj = click.get_current_context().find_root().obj
-    assert isinstance(obj, CliContext)
-    return obj
-
-
-def _md() -> MetadataService:
-    ctx = _ctx()
-    return MetadataService(ctx.open_backend(), ring_types=ctx.registries.ring_types)
-
-
 def _ring(md: MetadataService) -> Ring:
-    return ring_from_spec(_ctx().registries.ring_types, md.get_ring())
+    return ring_from_spec(get_ctx().registries.ring_types, md.get_ring())
 
 
 def _ago(seconds: float) -> str:
@@ -62,7 +51,7 @@ def peer() -> None:
 @handle_errors
 def peer_list(as_csv: bool) -> None:
     """Show peers: address, uuid, size, usage, membership, last heartbeat, rebalance rate."""
-    md = _md()
+    md = metadata_service()
     block_size = md.global_metadata().block_size
     live = {u: p for u, p in parse_peers(md.list_peers()).items() if p.address}
     members = _ring(md).members()
@@ -160,7 +149,7 @@ def _change_ring(md: MetadataService, change: Callable[[Ring], Ring]) -> Ring:
 @handle_errors
 def peer_add(targets: tuple[str, ...], all_peers: bool) -> None:
     """Add live storage peers to the ring (new ring version)."""
-    md = _md()
+    md = metadata_service()
     live = {u: p for u, p in parse_peers(md.list_peers()).items() if p.address}
     if all_peers:
         members = set(_ring(md).members())
@@ -184,7 +173,7 @@ def peer_add(targets: tuple[str, ...], all_peers: bool) -> None:
                 new_members,
                 replication=replication,
                 version=ring.version + 1,
-                registry=_ctx().registries.ring_types,
+                registry=get_ctx().registries.ring_types,
             )
 
     new = _change_ring(md, change)
@@ -197,7 +186,7 @@ def peer_add(targets: tuple[str, ...], all_peers: bool) -> None:
 @handle_errors
 def peer_remove(targets: tuple[str, ...], force: bool) -> None:
     """Remove peers from the ring; their blocks are re-replicated from the surviving copies."""
-    md = _md()
+    md = metadata_service()
     live = {u: p for u, p in parse_peers(md.list_peers()).items() if p.address}
     members = set(_ring(md).members())
     dead = members - set(live)

@@ -9,10 +9,15 @@ from datetime import UTC, datetime
 import click
 
 from torus_core import __version__
-from torus_core.cli.common import CliContext, build_context, config_options, handle_errors
+from torus_core.cli.common import (
+    build_context,
+    config_options,
+    get_ctx,
+    handle_errors,
+    metadata_service,
+)
 from torus_core.errors import AlreadyExists, InvalidArgument
 from torus_core.events import RecordedEvent
-from torus_core.metadata import MetadataService
 from torus_core.migrate import compare_projections, migrate
 from torus_core.plugins import make_plugin_manager
 from torus_core.ring.base import RingMember, RingSpec
@@ -48,19 +53,6 @@ def plugins_cmd(as_json: bool) -> None:
         click.echo(f"{info.name:<16} {info.distribution:<24} {info.version:<8} {status}")
         for kind, names in sorted(info.registered.items()):
             click.echo(f"    {kind}: {', '.join(names)}")
-
-
-def get_ctx() -> CliContext:
-    """The :class:`CliContext` of the running command."""
-    obj = click.get_current_context().find_root().obj
-    assert isinstance(obj, CliContext)
-    return obj
-
-
-def metadata_service() -> MetadataService:
-    """A :class:`MetadataService` on the configured backend."""
-    ctx = get_ctx()
-    return MetadataService(ctx.open_backend(), ring_types=ctx.registries.ring_types)
 
 
 def _size(text: str) -> int:
