@@ -16,10 +16,9 @@ from typing import Any
 import click
 
 from torus_core import __version__
-from torus_core.block.server import Server, parse_listen, tls_context
+from torus_core.block.server import Server, parse_listen
 from torus_core.cli.common import build_context, config_options, handle_errors
-from torus_core.cli.torusd import run_until_signalled
-from torus_core.errors import UsageError
+from torus_core.cli.serving import check_tls_options, serve_nbd, serve_until_signalled
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -53,22 +52,13 @@ def nbdserve(
 ) -> None:
     """Serve every volume over NBD until SIGTERM/SIGINT (then sync and unlock)."""
     logging.basicConfig(level=logging.DEBUG if debug else logging.INFO, stream=sys.stderr)
-    if bool(tls_cert) != bool(tls_key):
-        raise UsageError("--tls-cert and --tls-key go together")
-    if require_tls and not tls_cert:
-        raise UsageError("--require-tls needs --tls-cert and --tls-key")
-    host, port = parse_listen(listen)
+    check_tls_options(tls_cert, tls_key, require_tls)
+    parse_listen(listen)  # a bad address is refused before the store is opened
     ctx = build_context(config_path, storage_size=size, block_store=block_store, **overrides)
     server = Server.from_config(ctx.config, lease_ttl=lease_ttl)
-    try:
-        tls = tls_context(tls_cert, tls_key, ctx.config.tls.ca_file) if tls_cert and tls_key else None
-        nbd = server.serve_nbd(host, port, tls=tls, tls_required=require_tls)
-        click.echo(f"NBD LISTENING {host}:{nbd.port}")
-        sys.stdout.flush()
-    except BaseException:
-        server.close()
-        raise
-    run_until_signalled(server)
+    serve_until_signalled(
+        server, lambda: serve_nbd(server, listen, tls_cert, tls_key, require_tls, ctx.config.tls.ca_file)
+    )
 
 
 def main() -> None:

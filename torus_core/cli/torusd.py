@@ -15,40 +15,19 @@ lines once bound (scripts and tests wait for them).
 from __future__ import annotations
 
 import logging
-import signal
 import sys
-import threading
 from typing import Any
 
 import click
 
 from torus_core import __version__
 from torus_core.block.local_gc import LocalGC
-from torus_core.block.server import Server, parse_listen, tls_context
+from torus_core.block.server import Server
 from torus_core.cli.common import build_context, config_options, handle_errors
+from torus_core.cli.serving import check_tls_options, serve_nbd, serve_until_signalled
 from torus_core.cluster.cli_options import cluster_options, make_cluster_options
 from torus_core.cluster.daemon import start_cluster_server
 from torus_core.errors import NoGlobalMetadata, UsageError
-
-
-def run_until_signalled(server: Server, stop: threading.Event | None = None) -> None:
-    """Block until SIGTERM/SIGINT (or ``stop``), then close ``server`` gracefully."""
-    event = stop or threading.Event()
-
-    def _handler(signum: int, _frame: Any) -> None:
-        logging.getLogger("torusd").info("signal %d: shutting down", signum)
-        event.set()
-
-    previous = {sig: signal.signal(sig, _handler) for sig in (signal.SIGTERM, signal.SIGINT)}
-    try:
-        while not event.wait(1.0):
-            pass
-    finally:
-        try:
-            server.close()
-        finally:
-            for sig, old in previous.items():
-                signal.signal(sig, old)
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
@@ -106,10 +85,7 @@ def cli(
         stream=sys.stderr,
     )
     ctx = build_context(config_path, storage_size=size, block_store=block_store, **overrides)
-    if bool(tls_cert) != bool(tls_key):
-        raise UsageError("--tls-cert and --tls-key go together")
-    if require_tls and not tls_cert:
-        raise UsageError("--require-tls needs --tls-cert and --tls-key")
+    check_tls_options(tls_cert, tls_key, require_tls)
     try:
         server = Server.from_config(ctx.config, debug_init=debug_init, lease_ttl=lease_ttl)
     except NoGlobalMetadata as exc:
@@ -138,20 +114,15 @@ def cli(
             server.md, server.store, grace=gc_grace, interval=gc_interval, layer_registry=layers
         )
         server.add_stopper(local_gc.start().stop)
-    try:
+
+    def start() -> None:
         if nbd_listen:
-            nhost, nport = parse_listen(nbd_listen)
-            tls = tls_context(tls_cert, tls_key, ctx.config.tls.ca_file) if tls_cert and tls_key else None
-            nbd = server.serve_nbd(nhost, nport, tls=tls, tls_required=require_tls)
-            click.echo(f"NBD LISTENING {nhost}:{nbd.port}")
+            serve_nbd(server, nbd_listen, tls_cert, tls_key, require_tls, ctx.config.tls.ca_file)
         if host:
             http = server.serve_http(host, port)
             click.echo(f"HTTP LISTENING {host}:{http.port}")
-        sys.stdout.flush()
-    except BaseException:
-        server.close()
-        raise
-    run_until_signalled(server)
+
+    serve_until_signalled(server, start)
 
 
 def main() -> None:

@@ -1,0 +1,75 @@
+"""Running a :class:`~torus_core.block.server.Server` from a command (``torusd``, ``torusblk``).
+
+:func:`check_tls_options` validates the NBD TLS flags, :func:`serve_nbd` starts an NBD listener
+and prints its ``NBD LISTENING host:port`` line, :func:`serve_until_signalled` starts the
+listeners (closing the server if that fails) and blocks until SIGTERM/SIGINT.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import sys
+import threading
+from collections.abc import Callable
+from typing import Any
+
+import click
+
+from torus_core.block.server import Server, parse_listen, tls_context
+from torus_core.errors import UsageError
+
+
+def check_tls_options(tls_cert: str | None, tls_key: str | None, require_tls: bool) -> None:
+    """UsageError unless ``--tls-cert``/``--tls-key`` come together and ``--require-tls`` has them."""
+    if bool(tls_cert) != bool(tls_key):
+        raise UsageError("--tls-cert and --tls-key go together")
+    if require_tls and not tls_cert:
+        raise UsageError("--require-tls needs --tls-cert and --tls-key")
+
+
+def serve_nbd(
+    server: Server,
+    listen: str,
+    tls_cert: str | None,
+    tls_key: str | None,
+    require_tls: bool,
+    ca_file: str | None,
+) -> None:
+    """Serve ``server``'s volumes over NBD on ``listen`` (HOST:PORT) and print ``NBD LISTENING``."""
+    host, port = parse_listen(listen)
+    tls = tls_context(tls_cert, tls_key, ca_file) if tls_cert and tls_key else None
+    nbd = server.serve_nbd(host, port, tls=tls, tls_required=require_tls)
+    click.echo(f"NBD LISTENING {host}:{nbd.port}")
+
+
+def run_until_signalled(server: Server, stop: threading.Event | None = None) -> None:
+    """Block until SIGTERM/SIGINT (or ``stop``), then close ``server`` gracefully."""
+    event = stop or threading.Event()
+
+    def _handler(signum: int, _frame: Any) -> None:
+        logging.getLogger("torusd").info("signal %d: shutting down", signum)
+        event.set()
+
+    previous = {sig: signal.signal(sig, _handler) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        while not event.wait(1.0):
+            pass
+    finally:
+        try:
+            server.close()
+        finally:
+            for sig, old in previous.items():
+                signal.signal(sig, old)
+
+
+def serve_until_signalled(server: Server, start: Callable[[], None]) -> None:
+    """Run ``start()`` (the listeners; ``server`` is closed if it fails), flush stdout, then
+    :func:`run_until_signalled`."""
+    try:
+        start()
+        sys.stdout.flush()
+    except BaseException:
+        server.close()
+        raise
+    run_until_signalled(server)
