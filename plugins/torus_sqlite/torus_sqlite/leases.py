@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import secrets
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 from sqlalchemy import ColumnElement, Connection, and_, delete, func, insert, or_, select, update
 
@@ -45,6 +47,12 @@ def _check_key(key: str) -> None:
         raise InvalidArgument(f"key must be a string, got {type(key).__name__}")
 
 
+def _insert_key(conn: Connection, key: str, value: bytes, lease: Lease | None) -> None:
+    conn.execute(
+        insert(lease_keys).values(key=key, value=bytes(value), lease_id=None if lease is None else lease.id)
+    )
+
+
 class SQLiteLeaseStore(LeaseStore):
     """:class:`~torus_core.eventlog.LeaseStore` over a :class:`~torus_sqlite.db.Database`.
 
@@ -84,36 +92,29 @@ class SQLiteLeaseStore(LeaseStore):
             conn.execute(delete(lease_keys).where(lease_keys.c.lease_id == lease.id))
             conn.execute(delete(leases).where(leases.c.id == lease.id))
 
-    def put(self, key: str, value: bytes, lease: Lease | None = None) -> None:
-        """Set ``key``, attached to ``lease`` when given (LeaseNotFound if that lease is gone)."""
+    @contextmanager
+    def _write_key(self, key: str, lease: Lease | None) -> Iterator[Connection]:
+        """A write transaction for ``key``: expired leases purged, ``lease`` (if any) checked live."""
         _check_key(key)
         now = time.time()
         with self._db.write() as conn:
             _purge_expired(conn, now)
             if lease is not None:
                 _require_live(conn, lease, now)
+            yield conn
+
+    def put(self, key: str, value: bytes, lease: Lease | None = None) -> None:
+        """Set ``key``, attached to ``lease`` when given (LeaseNotFound if that lease is gone)."""
+        with self._write_key(key, lease) as conn:
             conn.execute(delete(lease_keys).where(lease_keys.c.key == key))
-            conn.execute(
-                insert(lease_keys).values(
-                    key=key, value=bytes(value), lease_id=None if lease is None else lease.id
-                )
-            )
+            _insert_key(conn, key, value, lease)
 
     def put_if_absent(self, key: str, value: bytes, lease: Lease | None = None) -> bool:
         """Set ``key`` only if it is missing or its lease expired; return whether it was set."""
-        _check_key(key)
-        now = time.time()
-        with self._db.write() as conn:
-            _purge_expired(conn, now)
-            if lease is not None:
-                _require_live(conn, lease, now)
+        with self._write_key(key, lease) as conn:
             if conn.execute(select(lease_keys.c.key).where(lease_keys.c.key == key)).first() is not None:
                 return False
-            conn.execute(
-                insert(lease_keys).values(
-                    key=key, value=bytes(value), lease_id=None if lease is None else lease.id
-                )
-            )
+            _insert_key(conn, key, value, lease)
             return True
 
     def get(self, key: str) -> bytes | None:
