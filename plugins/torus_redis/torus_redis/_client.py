@@ -69,6 +69,18 @@ def translate(exc: Exception) -> TorusError:
     return MetadataError(f"redis error: {exc!r}")
 
 
+def _pooled_connection_died(exc: Exception) -> bool:
+    """Whether ``exc`` means a pooled connection died (worth one retry on a new connection).
+
+    Connection errors are; timeouts and failed authentication are not.
+    """
+    return (
+        isinstance(exc, redis.exceptions.ConnectionError)
+        and not isinstance(exc, redis.exceptions.TimeoutError)
+        and not isinstance(exc, redis.exceptions.AuthenticationError)
+    )
+
+
 class RedisClient:
     """A redis-py client plus the identity this process has seen (cluster id, head)."""
 
@@ -110,13 +122,9 @@ class RedisClient:
                 if check_identity and self._reconnected:
                     self.verify_identity()  # fn opened a new connection: the server may be a new one
                 return result
-            except redis.exceptions.TimeoutError as exc:
-                raise translate(exc) from exc
-            except redis.exceptions.ConnectionError as exc:
-                if attempt == 0 and not isinstance(exc, redis.exceptions.AuthenticationError):
-                    continue  # a pooled connection died (server restarted): reconnect once
-                raise translate(exc) from exc
             except redis.exceptions.RedisError as exc:
+                if attempt == 0 and _pooled_connection_died(exc):
+                    continue  # the server restarted: reconnect once
                 raise translate(exc) from exc
         raise AssertionError("unreachable")
 
@@ -143,13 +151,9 @@ class RedisClient:
                     script.sha = sha.decode() if isinstance(sha, bytes) else sha
                     conn.send_command("EVALSHA", script.sha, len(keys), *keys, *args)
                     return conn.read_response()
-            except redis.exceptions.TimeoutError as exc:
-                raise translate(exc) from exc
-            except redis.exceptions.ConnectionError as exc:
-                if attempt == 0 and not isinstance(exc, redis.exceptions.AuthenticationError):
-                    continue  # a pooled connection died (server restarted): reconnect once
-                raise translate(exc) from exc
             except redis.exceptions.RedisError as exc:
+                if attempt == 0 and _pooled_connection_died(exc):
+                    continue  # the server restarted: reconnect once
                 raise translate(exc) from exc
             finally:
                 if conn is not None:
