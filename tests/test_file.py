@@ -13,48 +13,18 @@ from torus_blockstore_mem.store import MemBlockStore
 
 from torus_core.errors import BlockExists, InvalidArgument, Locked, MetadataUnavailable
 from torus_core.file import File
-from torus_core.inode import INodeStore
 from torus_core.refs import INodeRef
+from torus_core.testing.files import FileVolume
 
 BS = 256
 VOL = 5
 
 
-class Volume:
+class Volume(FileVolume):
     """A stand-in for the metadata service: an inode counter and the committed INode pointer."""
 
     def __init__(self, size: int = 4096, cache_bytes: int = 4 * BS, spec: str = "crc,base") -> None:
-        self.store = MemBlockStore(BS, 100_000)
-        self.istore = INodeStore(self.store)
-        self.counter = 1
-        self.current = INodeRef(VOL, 1)
-        self.size = size
-        self.cache_bytes = cache_bytes
-        self.spec = spec
-        self.fail_next_commit = False
-
-    def allocate(self) -> int:
-        self.counter += 1
-        return self.counter
-
-    def commit(self, ref: INodeRef) -> None:
-        if self.fail_next_commit:
-            self.fail_next_commit = False
-            raise MetadataUnavailable("commit refused for the test")
-        self.current = ref
-
-    def open(self, *, read_only: bool = False, ref: INodeRef | None = None) -> File:
-        return File.open(
-            self.store,
-            ref or self.current,
-            volume_size=self.size,
-            inode_store=self.istore,
-            allocate_inode=self.allocate,
-            commit=self.commit,
-            read_only=read_only,
-            block_spec=self.spec,
-            cache_bytes=self.cache_bytes,
-        )
+        super().__init__(MemBlockStore(BS, 100_000), VOL, size, block_spec=spec, cache_bytes=cache_bytes)
 
 
 def pattern(n: int, seed: int = 0) -> bytes:

@@ -10,45 +10,18 @@ from hypothesis import strategies as st
 from torus_blockstore_mem.store import MemBlockStore
 
 from torus_core.errors import MetadataUnavailable
-from torus_core.file import File
-from torus_core.inode import INodeStore
 from torus_core.refs import BlockType, INodeRef
+from torus_core.testing.files import FileVolume
 
 BS = 4 * 4096
 VOL = 9
 
 
-class Vol:
+class Vol(FileVolume):
     """INode counter + committed pointer, like the metadata service."""
 
     def __init__(self, blocks: int = 16) -> None:
-        self.store = MemBlockStore(BS, 10_000)
-        self.istore = INodeStore(self.store)
-        self.counter = 1
-        self.current = INodeRef(VOL, 1)
-        self.size = blocks * BS
-        self.fail_next_commit = False
-
-    def allocate(self) -> int:
-        self.counter += 1
-        return self.counter
-
-    def commit(self, ref: INodeRef) -> None:
-        if self.fail_next_commit:
-            self.fail_next_commit = False
-            raise MetadataUnavailable("refused for the test")
-        self.current = ref
-
-    def open(self, ref: INodeRef | None = None, **kw: object) -> File:
-        return File.open(
-            self.store,
-            ref or self.current,
-            volume_size=self.size,
-            inode_store=self.istore,
-            allocate_inode=self.allocate,
-            commit=self.commit,
-            **kw,  # type: ignore[arg-type]
-        )
+        super().__init__(MemBlockStore(BS, 10_000), VOL, blocks * BS)
 
     def data_blocks(self) -> int:
         return sum(1 for r in self.store.iter_refs() if r.type == BlockType.DATA)
