@@ -33,6 +33,7 @@ from torus_core.blockstore import BlockStore
 from torus_core.cluster.gc import GarbageCollector
 from torus_core.cluster.heartbeat import Heartbeat
 from torus_core.cluster.membership import Membership, RingWatcher
+from torus_core.cluster.memory import HeapTrimmer
 from torus_core.cluster.peerinfo import MIN_PROTOCOL_VERSION, PeerInfo
 from torus_core.cluster.rebalancer import RebalanceOptions, Rebalancer
 from torus_core.distributor.distributor import DEFAULT_READ_CACHE_BYTES, Distributor, DistributorTimeouts
@@ -47,6 +48,7 @@ from torus_core.errors import (
     TorusError,
 )
 from torus_core.metadata import MetadataService
+from torus_core.refs import BlockRef
 from torus_core.registry import Registry
 from torus_core.ring.base import Ring, RingMember
 from torus_core.ring.codec import make_ring, ring_from_spec
@@ -169,9 +171,11 @@ class ClusterNode:
                 f"store block size {store.block_size} differs from the cluster's {gm.block_size}"
             )
         self.block_size = block_size or gm.block_size
+        self.heap = HeapTrimmer(interval=0.25)
         self.server: PeerServer | None = None
         if listen is not None and store is not None:
-            self.server = PeerServer(store, uuid=uuid, address=listen, tls=tls)
+            # replication batches are what leaves freed heap behind: trim after them (rate-limited)
+            self.server = PeerServer(store, uuid=uuid, address=listen, tls=tls, on_put=self._after_put)
         self._advertise = advertise
         self.directory = PeerDirectory()
         self.pool = PeerClientPool(tls=tls, timeouts=self.options.rpc_timeouts)
@@ -320,6 +324,12 @@ class ClusterNode:
             self.close()
             raise
         return self
+
+    def _after_put(self, refs: list[BlockRef]) -> None:
+        """After a replication batch was stored: freed heap back to the OS (rate-limited).
+        Only here -- trimming the NBD-serving side's heap would make it page-fault its block
+        buffers afresh (see torus_core.block.malloc)."""
+        self.heap.maybe_trim()
 
     def maintenance_round(self) -> None:
         """One GC cycle then one rebalance pass (what the maintenance thread loops over)."""
