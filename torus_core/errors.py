@@ -10,6 +10,7 @@ The Go original's sentinel errors map as follows:
 Go                         Python
 =========================  ==========================================
 ErrBlockUnavailable        :class:`BlockUnavailable`
+ErrINodeUnavailable        :class:`INodeUnavailable`
 ErrBlockNotExist           :class:`BlockNotExist`
 ErrClosed                  :class:`Closed`
 ErrCompareFailed           :class:`CompareFailed`
@@ -26,6 +27,9 @@ ErrUsage                   :class:`UsageError`
 ErrNonSequentialRing       :class:`NonSequentialRing`
 ErrLeaseNotFound           :class:`LeaseNotFound`
 ErrNoPeersBlock            :class:`NoPeersBlock`
+ErrWrongVolumeType         :class:`WrongVolumeType`
+ErrIsSymlink               :class:`IsSymlink`
+ErrNotDir                  :class:`NotDir`
 =========================  ==========================================
 """
 
@@ -70,6 +74,18 @@ class Again(TorusError):
     """A transient conflict: re-read and try again (Go: ErrAgain)."""
 
     retryable = True
+
+
+class WrongVolumeType(InvalidArgument):
+    """The volume exists but is not of the type the operation needs (Go: ErrWrongVolumeType)."""
+
+
+class IsSymlink(InvalidArgument):
+    """A path names a symlink (Go: ErrIsSymlink; kept for the original's removed file layer)."""
+
+
+class NotDir(InvalidArgument):
+    """A path is not a directory (Go: ErrNotDir; kept for the original's removed file layer)."""
 
 
 # --- configuration and plugins -------------------------------------------------------------
@@ -164,6 +180,10 @@ class BlockUnavailable(BlockStoreError):
     """The block cannot be read right now, or failed its checksum (Go: ErrBlockUnavailable)."""
 
     retryable = True
+
+
+class INodeUnavailable(BlockUnavailable):
+    """An INode cannot be read right now (Go: ErrINodeUnavailable)."""
 
 
 class CorruptBlock(BlockUnavailable):
