@@ -87,3 +87,35 @@ def test_metadata_migrate_copies_history_and_refuses_a_non_empty_target(run, tmp
     assert copied.output.splitlines() == ["v,1073741824,block,free"]
     again = run("metadata", "migrate", "--to", target, ok=False)
     assert "must be empty" in again.output
+
+
+def test_events_follow_prints_new_events_of_the_stream_once(run, tmp_path: Path) -> None:
+    import subprocess
+    import sys
+    import time
+
+    run("init")
+    run("volume", "create-block", "v", "1MiB")
+    url = f"sqlite:///{tmp_path}/meta.db"
+    ctl = str(Path(sys.executable).parent / "torusctl")
+    proc = subprocess.Popen(
+        [ctl, "--metadata", url, "events", "--follow", "--stream", "volume-1", "--json"],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert proc.stdout is not None
+        first = json.loads(proc.stdout.readline())
+        assert first["topic"] == "torus.volume.created"
+        run("volume", "resize", "v", "2MiB")
+        run("volume", "create-block", "other", "1MiB")  # another stream: not shown
+        run("volume", "resize", "v", "3MiB")
+        deadline = time.monotonic() + 20
+        seen = []
+        while len(seen) < 2 and time.monotonic() < deadline:
+            seen.append(json.loads(proc.stdout.readline()))
+        assert [e["topic"] for e in seen] == ["torus.volume.resized", "torus.volume.resized"]
+        assert [e["data"]["new_size"] for e in seen] == [2 << 20, 3 << 20]
+    finally:
+        proc.kill()
+        proc.wait(10)

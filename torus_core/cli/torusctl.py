@@ -127,17 +127,26 @@ def wipe_cmd(yes_i_am_sure: bool) -> None:
 def events_cmd(follow: bool, stream: str | None, after: int, as_json: bool) -> None:
     """Show the metadata history (the append-only event log)."""
     md = metadata_service()
-    position = after
+    # Follow by global position; with --stream, remember the last version shown so an event
+    # appended while the history was being listed is printed exactly once.
+    position = md.backend.log.head_position() if (follow and stream is not None) else after
+    shown_version = after
     for rec in md.events(after=after, stream=stream):
         _print_event(rec, as_json)
-        position = rec.position if stream is None else rec.version
+        if stream is None:
+            position = rec.position
+        else:
+            shown_version = rec.version
     while follow:
-        batch = md.follow(position if stream is None else md.backend.log.head_position(), timeout=1.0)
+        batch = md.follow(position, timeout=1.0)
         for rec in batch:
-            if stream is None or rec.stream_id == stream:
+            if stream is None:
                 _print_event(rec, as_json)
+            elif rec.stream_id == stream and rec.version > shown_version:
+                _print_event(rec, as_json)
+                shown_version = rec.version
         if batch:
-            position = batch[-1].position if stream is None else rec.version
+            position = batch[-1].position
 
 
 def _print_event(rec: RecordedEvent, as_json: bool) -> None:
