@@ -20,6 +20,7 @@ import os
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import tempfile
 import time
@@ -168,6 +169,30 @@ class ServerProcess:
 S = TypeVar("S", bound=ServerProcess)
 
 
+@dataclass(frozen=True)
+class ServerTLS:
+    """TLS settings of a test server (PEM paths), e.g. from :func:`torus_core.rpc.testing.make_test_pki`.
+
+    ``cert_file``/``key_file`` are the server's pair, ``ca_file`` the CA that signed it and that
+    client certificates must chain to when ``require_client_cert`` is set. The readiness probe
+    presents ``client_cert_file``/``client_key_file`` (needed with ``require_client_cert``).
+    """
+
+    ca_file: str
+    cert_file: str
+    key_file: str
+    client_cert_file: str | None = None
+    client_key_file: str | None = None
+    require_client_cert: bool = True
+
+    def probe_context(self) -> ssl.SSLContext:
+        """A client SSL context trusting ``ca_file`` and presenting the client pair, if any."""
+        ctx = ssl.create_default_context(cafile=self.ca_file)
+        if self.client_cert_file and self.client_key_file:
+            ctx.load_cert_chain(self.client_cert_file, self.client_key_file)
+        return ctx
+
+
 @dataclass
 class EtcdServer(ServerProcess):
     """A single-node etcd on loopback with fast raft timing."""
@@ -177,6 +202,7 @@ class EtcdServer(ServerProcess):
     host: str = "127.0.0.1"
     extra_args: tuple[str, ...] = ()
     external_endpoints: str | None = None
+    tls: ServerTLS | None = None
 
     @property
     def endpoint(self) -> str:
@@ -189,8 +215,18 @@ class EtcdServer(ServerProcess):
         return f"etcd://{self.external_endpoints or self.endpoint}"
 
     def _command(self) -> list[str]:
-        client = f"http://127.0.0.1:{self.client_port}"
+        scheme = "https" if self.tls is not None else "http"
+        client = f"{scheme}://127.0.0.1:{self.client_port}"
         peer = f"http://127.0.0.1:{self.peer_port}"
+        tls_args: list[str] = []
+        if self.tls is not None:
+            tls_args = [
+                f"--cert-file={self.tls.cert_file}",
+                f"--key-file={self.tls.key_file}",
+                f"--trusted-ca-file={self.tls.ca_file}",
+            ]
+            if self.tls.require_client_cert:
+                tls_args.append("--client-cert-auth")
         return [
             _require_binary("etcd"),
             "--name=torus-test",
@@ -202,12 +238,17 @@ class EtcdServer(ServerProcess):
             f"--initial-cluster=torus-test={peer}",
             "--heartbeat-interval=10",
             "--election-timeout=100",
+            *tls_args,
             *self.extra_args,
         ]
 
     def _ready(self) -> bool:
+        scheme = "https" if self.tls is not None else "http"
+        ctx = self.tls.probe_context() if self.tls is not None else None
         try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{self.client_port}/health", timeout=0.5) as r:
+            with urllib.request.urlopen(
+                f"{scheme}://127.0.0.1:{self.client_port}/health", timeout=0.5, context=ctx
+            ) as r:
                 return b"true" in r.read()
         except (OSError, urllib.error.URLError):
             return False
@@ -221,17 +262,27 @@ class RedisServer(ServerProcess):
     host: str = "127.0.0.1"
     external_url: str | None = None
     extra_args: tuple[str, ...] = ()
+    tls: ServerTLS | None = None
 
     @property
     def url(self) -> str:
-        """The torus metadata URL (``redis://127.0.0.1:PORT/0``)."""
-        return self.external_url or f"redis://{self.host}:{self.port}/0"
+        """The torus metadata URL (``redis://127.0.0.1:PORT/0``; ``rediss://`` with :attr:`tls`)."""
+        scheme = "rediss" if self.tls is not None else "redis"
+        return self.external_url or f"{scheme}://{self.host}:{self.port}/0"
 
     def _command(self) -> list[str]:
+        if self.tls is None:
+            ports = ["--port", str(self.port)]
+        else:
+            ports = [
+                "--port", "0", "--tls-port", str(self.port),
+                "--tls-cert-file", self.tls.cert_file, "--tls-key-file", self.tls.key_file,
+                "--tls-ca-cert-file", self.tls.ca_file,
+                "--tls-auth-clients", "yes" if self.tls.require_client_cert else "no",
+            ]  # fmt: skip
         return [
             _require_binary("redis-server"),
-            "--port",
-            str(self.port),
+            *ports,
             "--bind",
             "127.0.0.1",
             "--save",
@@ -244,28 +295,36 @@ class RedisServer(ServerProcess):
         ]
 
     def _ready(self) -> bool:
+        # A server with requirepass answers -NOAUTH to an unauthenticated PING: it is up all the same.
         try:
-            with socket.create_connection(("127.0.0.1", self.port), timeout=0.5) as s:
+            with socket.create_connection(("127.0.0.1", self.port), timeout=0.5) as raw:
+                s = raw
+                if self.tls is not None:
+                    s = self.tls.probe_context().wrap_socket(raw, server_hostname="127.0.0.1")
                 s.sendall(b"PING\r\n")
-                return s.recv(16).startswith(b"+PONG")
+                return s.recv(16).startswith((b"+PONG", b"-NOAUTH"))
         except OSError:
             return False
 
 
-def start_etcd(workdir: Path | None = None, extra_args: tuple[str, ...] = ()) -> EtcdServer:
-    """Start a private etcd; the caller must :meth:`~ServerProcess.stop` it."""
+def start_etcd(
+    workdir: Path | None = None, extra_args: tuple[str, ...] = (), tls: ServerTLS | None = None
+) -> EtcdServer:
+    """Start a private etcd (https client URL with ``tls``); the caller must stop it."""
     wd = workdir or Path(tempfile.mkdtemp(prefix="torus-etcd-"))
     server = EtcdServer(
-        workdir=wd, client_port=free_port(), peer_port=free_port(), extra_args=tuple(extra_args)
+        workdir=wd, client_port=free_port(), peer_port=free_port(), extra_args=tuple(extra_args), tls=tls
     )
     server.start()
     return server
 
 
-def start_redis(workdir: Path | None = None, extra_args: tuple[str, ...] = ()) -> RedisServer:
-    """Start a private redis-server; the caller must :meth:`~ServerProcess.stop` it."""
+def start_redis(
+    workdir: Path | None = None, extra_args: tuple[str, ...] = (), tls: ServerTLS | None = None
+) -> RedisServer:
+    """Start a private redis-server (TLS-only port with ``tls``); the caller must stop it."""
     wd = workdir or Path(tempfile.mkdtemp(prefix="torus-redis-"))
-    server = RedisServer(workdir=wd, port=free_port(), extra_args=tuple(extra_args))
+    server = RedisServer(workdir=wd, port=free_port(), extra_args=tuple(extra_args), tls=tls)
     server.start()
     return server
 
@@ -282,19 +341,22 @@ def _private_service(server: S) -> Iterator[S]:
 
 
 @contextlib.contextmanager
-def etcd_service(extra_args: tuple[str, ...] = ()) -> Iterator[EtcdServer]:
+def etcd_service(extra_args: tuple[str, ...] = (), tls: ServerTLS | None = None) -> Iterator[EtcdServer]:
     """Context manager: a private etcd, stopped by PID and its data dir removed on exit."""
     wd = Path(tempfile.mkdtemp(prefix="torus-etcd-"))
-    server = EtcdServer(workdir=wd, client_port=free_port(), peer_port=free_port(), extra_args=extra_args)
+    server = EtcdServer(
+        workdir=wd, client_port=free_port(), peer_port=free_port(), extra_args=extra_args, tls=tls
+    )
     with _private_service(server):
         yield server
 
 
 @contextlib.contextmanager
-def redis_service(extra_args: tuple[str, ...] = ()) -> Iterator[RedisServer]:
+def redis_service(extra_args: tuple[str, ...] = (), tls: ServerTLS | None = None) -> Iterator[RedisServer]:
     """Context manager: a private redis-server, stopped by PID and its dir removed on exit."""
     wd = Path(tempfile.mkdtemp(prefix="torus-redis-"))
-    with _private_service(RedisServer(workdir=wd, port=free_port(), extra_args=extra_args)) as server:
+    server = RedisServer(workdir=wd, port=free_port(), extra_args=extra_args, tls=tls)
+    with _private_service(server) as server:
         yield server
 
 
