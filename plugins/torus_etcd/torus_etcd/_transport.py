@@ -50,6 +50,8 @@ UNAVAILABLE_CODES = frozenset(
 def _translate_invalid(message: str) -> TorusError:
     if "lease not found" in message:
         return LeaseNotFound(message)
+    if "authentication failed" in message:
+        return ConfigError(f"etcd authentication failed (check user/password): {message}")
     return InvalidArgument(f"etcd rejected the request: {message}")
 
 
@@ -69,12 +71,21 @@ ERRORS_BY_CODE: dict[grpc.StatusCode, Callable[[str], TorusError]] = {
 }
 
 
-def translate(exc: grpc.RpcError) -> TorusError:
-    """Map a gRPC error to the torus exception it means."""
+#: Added to "cannot connect" errors of a TLS channel: a refused handshake looks like an outage to gRPC.
+TLS_HINT = (
+    "over TLS; if the server is up, the TLS handshake was refused: check ca_file (the CA that signed "
+    "the server), and cert_file/key_file (a client certificate the server's CA trusts)"
+)
+
+
+def translate(exc: grpc.RpcError, *, tls: bool = False) -> TorusError:
+    """Map a gRPC error to the torus exception it means (``tls``: the channel uses TLS)."""
     code = exc.code() if hasattr(exc, "code") else grpc.StatusCode.UNKNOWN
     details = (exc.details() if hasattr(exc, "details") else None) or str(exc)
     if code == grpc.StatusCode.UNKNOWN and "deadline exceeded" in details:
         code = grpc.StatusCode.DEADLINE_EXCEEDED  # etcd relays the propagated deadline as UNKNOWN
+    if tls and code == grpc.StatusCode.UNAVAILABLE:
+        details = f"{details} ({TLS_HINT})"
     factory = ERRORS_BY_CODE.get(code)
     if factory is None:
         return MetadataError(f"etcd error {code.name}: {details}")
@@ -167,7 +178,7 @@ class EtcdTransport:
                 self._current = idx
                 return result
             except grpc.RpcError as exc:
-                err = translate(exc)
+                err = translate(exc, tls=self._creds is not None)
                 code = exc.code() if hasattr(exc, "code") else None
                 if code == grpc.StatusCode.UNAUTHENTICATED and self._token is not None:
                     self._token = None  # expired token: re-authenticate on the next call
@@ -189,7 +200,7 @@ class EtcdTransport:
             call = getattr(self.stub(kind, endpoint), method)(requests, timeout=timeout, metadata=md)
         except grpc.RpcError as exc:
             self._current = (self._current + 1) % len(self.config.endpoints)
-            raise translate(exc) from exc
+            raise translate(exc, tls=self._creds is not None) from exc
         return call, endpoint
 
     def fail_over(self) -> None:
