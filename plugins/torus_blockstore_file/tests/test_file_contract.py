@@ -5,6 +5,7 @@ from __future__ import annotations
 import shutil
 import tempfile
 from pathlib import Path
+from typing import Any, ClassVar
 
 import pytest
 from hypothesis import settings
@@ -16,6 +17,9 @@ from torus_core.testing.blockstore import BlockStoreMachine, PersistentBlockStor
 
 
 class TestFilePersistentBlockStoreContract(PersistentBlockStoreContract):
+    #: Store options of every store this class opens.
+    OPTIONS: ClassVar[dict[str, Any]] = {}
+
     @pytest.fixture
     def store_factory(self, tmp_path: Path) -> StoreFactory:
         def make(capacity_blocks: int, block_size: int) -> FileBlockStore:
@@ -24,6 +28,7 @@ class TestFilePersistentBlockStoreContract(PersistentBlockStoreContract):
                     block_size=block_size,
                     capacity_bytes=capacity_blocks * block_size,
                     path=str(tmp_path / "store"),
+                    options=self.OPTIONS,
                 )
             )
 
@@ -31,19 +36,7 @@ class TestFilePersistentBlockStoreContract(PersistentBlockStoreContract):
 
 
 class TestFilePersistentBlockStoreContractNoFsync(TestFilePersistentBlockStoreContract):
-    @pytest.fixture
-    def store_factory(self, tmp_path: Path) -> StoreFactory:
-        def make(capacity_blocks: int, block_size: int) -> FileBlockStore:
-            return FileBlockStore.open(
-                BlockStoreConfig(
-                    block_size=block_size,
-                    capacity_bytes=capacity_blocks * block_size,
-                    path=str(tmp_path / "store"),
-                    options={"fsync": False},
-                )
-            )
-
-        return make
+    OPTIONS: ClassVar[dict[str, Any]] = {"fsync": False}
 
 
 class FileMachine(BlockStoreMachine):
