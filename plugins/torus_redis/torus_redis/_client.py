@@ -40,6 +40,7 @@ T = TypeVar("T")
 ERRORS: list[tuple[type[Exception], Callable[[str], TorusError]]] = [
     (redis.exceptions.AuthenticationError, lambda m: ConfigError(f"redis authentication failed: {m}")),
     (redis.exceptions.AuthorizationError, lambda m: ConfigError(f"redis permission denied: {m}")),
+    (redis.exceptions.NoPermissionError, lambda m: ConfigError(f"redis permission denied (ACL): {m}")),
     (
         redis.exceptions.TimeoutError,
         lambda m: MetadataUnavailable(f"redis did not answer in time: {m}", backend=BACKEND),
@@ -61,11 +62,25 @@ ERRORS: list[tuple[type[Exception], Callable[[str], TorusError]]] = [
 ]
 
 
-def translate(exc: Exception) -> TorusError:
-    """Map a redis-py exception to the torus exception it means."""
+#: Added to connection errors of a ``rediss://`` client: a refused handshake looks like an outage.
+TLS_HINT = (
+    "over TLS; if the server is up, the TLS handshake was refused: check ca_file (the CA that signed "
+    "the server), and cert_file/key_file (a client certificate the server's CA trusts)"
+)
+
+
+def translate(exc: Exception, *, tls: bool = False) -> TorusError:
+    """Map a redis-py exception to the torus exception it means (``tls``: a ``rediss://`` client)."""
+    message = str(exc) or type(exc).__name__
+    if (
+        tls
+        and isinstance(exc, redis.exceptions.ConnectionError)
+        and not isinstance(exc, (redis.exceptions.TimeoutError, redis.exceptions.AuthenticationError))
+    ):
+        message = f"{message} ({TLS_HINT})"
     for cls, factory in ERRORS:
         if isinstance(exc, cls):
-            return factory(str(exc) or type(exc).__name__)
+            return factory(message)
     return MetadataError(f"redis error: {exc!r}")
 
 
@@ -93,6 +108,7 @@ class RedisClient:
         self.seen_head = 0
         self._lock = threading.Lock()
         self._reconnected = True  # check identity before the first call
+        self.tls = config.url.startswith("rediss:")
         try:
             # Typed Any: responses are bytes (decode_responses=False); redis-py's stubs say bytes | str.
             self.redis: Any = redis.Redis.from_url(
@@ -125,7 +141,7 @@ class RedisClient:
             except redis.exceptions.RedisError as exc:
                 if attempt == 0 and _pooled_connection_died(exc):
                     continue  # the server restarted: reconnect once
-                raise translate(exc) from exc
+                raise translate(exc, tls=self.tls) from exc
         raise AssertionError("unreachable")
 
     def evalsha(self, script: Any, keys: list[str], args: list[Any]) -> Any:
@@ -154,7 +170,7 @@ class RedisClient:
             except redis.exceptions.RedisError as exc:
                 if attempt == 0 and _pooled_connection_died(exc):
                     continue  # the server restarted: reconnect once
-                raise translate(exc) from exc
+                raise translate(exc, tls=self.tls) from exc
             finally:
                 if conn is not None:
                     if getattr(conn, "should_reconnect", lambda: False)():
