@@ -209,7 +209,8 @@ def test_unknown_user_raises_config_error(secure: Secure) -> None:
 
 def test_missing_credentials_are_refused_with_config_error(secure: Secure) -> None:
     # Auth is on: the client certificate alone names user "torus-client", which has no role.
-    _fails_fast(secure.url(user=None), ConfigError)
+    err = _fails_fast(secure.url(user=None), ConfigError)
+    assert "permission denied" in str(err)
 
 
 def test_a_prefix_outside_the_users_role_is_permission_denied(secure: Secure) -> None:
