@@ -716,15 +716,21 @@ class Distributor(BlockStore):
                 return
             write_level = WriteLevel.ONE
         if self._wb is not None:
-            for ref, data in batch:
-                self.cache.put(ref, data)
+            self._cache_written(batch)
             self._wb.submit(batch, write_level)
         else:
             self._replicate_recorded(batch, write_level)
-            for ref, data in batch:
-                self.cache.put(ref, data)
+            self._cache_written(batch)
         if self.defer_flush and self._unflushed.nbytes > self.max_unflushed_bytes:
             self.flush()
+
+    def _cache_written(self, batch: list[tuple[BlockRef, bytes]]) -> None:
+        """Cache written blocks that this peer will not hold itself (those it owns are read
+        back from the local store, like any local block)."""
+        ring = self._ring
+        for ref, data in batch:
+            if self.local_store is None or self.self_uuid not in ring.get_peers(ref).owners:
+                self.cache.put(ref, data)
 
     def _replicate_recorded(self, batch: list[tuple[BlockRef, bytes]], level: WriteLevel) -> None:
         """Replicate ``batch`` and remember deferred copies for the next :meth:`flush`."""
@@ -741,7 +747,6 @@ class Distributor(BlockStore):
             except OutOfSpace:
                 log.info("local write cache full; writing %d block(s) to owners", len(batch) - i)
                 return batch[i:]
-            self.cache.put(ref, data)
         return []
 
     # peers that just failed are tried after the others for a while
