@@ -231,3 +231,22 @@ def test_without_a_read_cache_nothing_is_fetched_ahead(cluster: LocalCluster) ->
     assert client.prefetch(refs) == 0
     assert client._prefetcher.started == 0
     assert get_calls(cluster) - calls == 5  # one GetBlock per read, none wasted
+
+
+def test_the_read_cache_holds_only_blocks_this_peer_does_not_store(cluster: LocalCluster) -> None:
+    dist = cluster.peer_distributor("peer-a", timeouts=FAST, read_cache_bytes=64 * BS)
+    refs = [BlockRef(9, 1, i) for i in range(60)]
+    mine = [r for r in refs if "peer-a" in cluster.ring.get_peers(r).owners][:3]
+    theirs = [r for r in refs if "peer-a" not in cluster.ring.get_peers(r).owners][:3]
+    dist.write_blocks([(r, data(i)) for i, r in enumerate(mine + theirs)])
+    assert not any(r in dist.cache for r in mine)  # read back from the local store
+    assert all(r in dist.cache for r in theirs)
+    dist.cache.clear()
+    local = next(
+        r for r in (BlockRef(9, 3, i) for i in range(60)) if "peer-a" in cluster.ring.get_peers(r).owners
+    )
+    remote = not_on(cluster, "peer-a", 1)[0]
+    seed_blocks(cluster, [local, remote])
+    dist.get_block(local)
+    dist.get_block(remote)
+    assert local not in dist.cache and remote in dist.cache
