@@ -250,3 +250,20 @@ def test_the_read_cache_holds_only_blocks_this_peer_does_not_store(cluster: Loca
     dist.get_block(local)
     dist.get_block(remote)
     assert local not in dist.cache and remote in dist.cache
+
+
+def test_with_a_full_cache_a_block_read_by_range_twice_is_pulled_into_the_cache(
+    cluster: LocalCluster,
+) -> None:
+    client = cluster.client(timeouts=FAST, read_cache_bytes=BS)
+    ref, other = BlockRef(10, 1, 5), BlockRef(10, 1, 50)
+    seed_blocks(cluster, [ref, other])
+    client.get_block(other)  # the cache is now full
+    client.read_block_range(ref, 0, 16)
+    assert client._prefetcher.started == 0  # once: stays ranged
+    client.read_block_range(ref, 16, 16)
+    assert client._prefetcher.started == 1  # again: worth caching
+    end = time.monotonic() + 4
+    while time.monotonic() < end and ref not in client.cache:
+        time.sleep(0.01)
+    assert ref in client.cache and other not in client.cache

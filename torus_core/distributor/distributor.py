@@ -21,6 +21,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
@@ -65,6 +66,9 @@ DEFAULT_READ_CACHE_BYTES = 64 * 1024 * 1024
 DEFAULT_MAX_UNFLUSHED_BYTES = 32 * 1024 * 1024
 #: Default read-ahead: refs fetched ahead of a sequential run of remote misses.
 DEFAULT_READAHEAD = 4
+
+#: Blocks remembered as recently read by range (a second ranged read pulls the block in).
+RANGED_RECENT_MAX = 4096
 
 #: ``(start, length)`` of a ranged read; None for the whole block.
 Span = tuple[int, int] | None
@@ -261,6 +265,8 @@ class Distributor(BlockStore):
         self._suspects_lock = threading.Lock()
         self._wb = WriteBehind(self._replicate_recorded) if write_behind else None
         self.ranged_read_max = block_size // 4 if ranged_read_max is None else ranged_read_max
+        self._ranged_recent: OrderedDict[BlockRef, None] = OrderedDict()
+        self._ranged_lock = threading.Lock()
         self._prefetcher = Prefetcher(
             self._prefetch_load,
             max_inflight=max(2 * readahead, 2),
@@ -455,8 +461,9 @@ class Distributor(BlockStore):
         A whole block is :meth:`get_block` (verified, any good copy, cached). A part comes from
         the cache or write-behind queue, else from the local store (one ``pread`` for the file
         store), else from a peer: just the range if it is at most ``ranged_read_max`` bytes (and,
-        while the read cache has room, the whole block is then fetched into it in the
-        background), else the whole block (cached, so the next part of it is local).
+        while the read cache has room or when the block was read by range recently, the whole
+        block is then fetched into it in the background), else the whole block (cached, so the
+        next part of it is local).
         """
         self._check_open()
         bs = self._block_size
@@ -493,11 +500,23 @@ class Distributor(BlockStore):
         if got is None:
             raise outcome.error(ref)
         self.stats.inc("ranged_reads")
-        if self.cache.used_bytes + bs <= self.cache.max_bytes:
-            # room to spare: fetch the whole block in the background, so the next parts of it
-            # are cache hits (bounded by the cache size: a full cache means ranged reads only)
+        if self.cache.used_bytes + bs <= self.cache.max_bytes or self._ranged_again(ref):
+            # fetch the whole block in the background, so the next parts of it are cache hits:
+            # while the cache has room, or (a full cache) when this block is read again soon --
+            # random reads over far more than the cache stay ranged, a hot set gets cached
             self._prefetcher.submit([ref], self._has_nearby)
         return got
+
+    def _ranged_again(self, ref: BlockRef) -> bool:
+        """Record a ranged read of ``ref``; whether it is among the recent ones already."""
+        with self._ranged_lock:
+            if ref in self._ranged_recent:
+                del self._ranged_recent[ref]
+                return True
+            self._ranged_recent[ref] = None
+            if len(self._ranged_recent) > RANGED_RECENT_MAX:
+                self._ranged_recent.popitem(last=False)
+            return False
 
     def prefetch(self, refs: Iterable[BlockRef]) -> int:
         """Start fetching blocks that will be read soon (e.g. a file's next blocks) into the read
