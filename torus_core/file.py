@@ -540,15 +540,19 @@ class File:
     def flush_blocks(self) -> None:
         """Write every dirty block to the blockset and flush the store (no INode commit)."""
         with self._lock:
-            if self._dirty or self._staged:
-                ref = self._open_write()
-                for i in sorted(self._dirty):
-                    self._flush_mem(i, ref)
-                for i in sorted(self._staged):
-                    self._flush_staged(i, ref)
-                if self._staging_fd >= 0:
-                    os.ftruncate(self._staging_fd, 0)  # drop the staged bytes (page cache, disk)
+            self._write_dirty()
             self._store.flush()
+
+    def _write_dirty(self) -> None:
+        """Write every dirty and staged block to the blockset, without flushing the store."""
+        if self._dirty or self._staged:
+            ref = self._open_write()
+            for i in sorted(self._dirty):
+                self._flush_mem(i, ref)
+            for i in sorted(self._staged):
+                self._flush_staged(i, ref)
+            if self._staging_fd >= 0:
+                os.ftruncate(self._staging_fd, 0)  # drop the staged bytes (page cache, disk)
 
     def sync(self) -> INodeRef | None:
         """Flush, store the new INode and commit it; None if nothing changed since the last sync.
@@ -559,7 +563,9 @@ class File:
         with self._lock:
             if self._write_inode is None:
                 return None
-            self.flush_blocks()
+            # Data blocks and the INode go to the store first and are made durable by one flush
+            # (one replication round in a cluster) before the commit names them.
+            self._write_dirty()
             inode = self._current_inode()
             pending = self._pending
             if pending is not None and pending.inode == inode.inode and pending != inode:
