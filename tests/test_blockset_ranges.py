@@ -130,3 +130,50 @@ def test_full_block_reads_are_checked_once_by_the_crc_layer_and_still_catch_corr
     with pytest.raises(CorruptBlock):
         store.get_block(ref)  # the store's own checksum (recorded from the crc layer's CRC)
     store.close()
+
+
+class _StaleRangeStore(MemBlockStore):
+    """A store whose unverified range reads return a bad copy (like a corrupt local replica)
+    while its verified ``get_block`` path finds a good one (like another replica)."""
+
+    def __init__(self, block_size: int, capacity: int) -> None:
+        super().__init__(block_size, capacity)
+        self.bad_ranges = 0
+        self.verified_reads = 0
+
+    def read_block_range(self, ref: object, start: int, length: int) -> bytes:  # type: ignore[override]
+        self.bad_ranges += 1
+        good = super().get_block(ref)  # type: ignore[arg-type]
+        return bytes(b ^ 0x5A for b in good[start : start + length])
+
+    def get_block(self, ref: object) -> bytes:  # type: ignore[override]
+        self.verified_reads += 1
+        return super().get_block(ref)  # type: ignore[arg-type]
+
+
+def test_a_crc_mismatch_is_retried_once_through_the_verified_get_block_path() -> None:
+    store = _StaleRangeStore(BS, 16)
+    bset = create_blockset("crc,base", store)
+    bset.truncate(1)
+    bset.put_block(INODE, 0, _block(4))
+    assert bset.get_block(0) == _block(4)  # bad unverified read, good verified one
+    assert (store.bad_ranges, store.verified_reads) == (1, 1)
+    assert bset.get_block_range(0, 5, 10) == _block(4)[5:15]  # first range read: full block
+    assert bset.get_block_range(0, PAGE_SIZE + 3, 100) == _block(4)[PAGE_SIZE + 3 : PAGE_SIZE + 103]
+    assert store.verified_reads == 3  # the page-checked range read was retried too
+
+
+def test_a_block_bad_on_every_path_still_raises_corrupt_block(tmp_path: Path) -> None:
+    store = _file_store(tmp_path)
+    bset = create_blockset("crc,base", store)
+    bset.truncate(1)
+    bset.put_block(INODE, 0, _block(6))
+    [ref] = bset.get_all_block_refs()
+    bad = bytes(b ^ 1 for b in _block(6))
+    store.delete_block(ref)
+    store.write_block(ref, bad)  # the store's own check passes, the INode's CRC does not
+    with pytest.raises(CorruptBlock):
+        bset.get_block(0)
+    with pytest.raises(CorruptBlock):
+        bset.get_block_range(0, 0, 10)
+    store.close()

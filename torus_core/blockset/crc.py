@@ -90,6 +90,15 @@ class CRCLayer(Blockset):
         # plain pread instead of a read that verifies its own, identical, CRC-32 first).
         data = self._sub.read_range_unverified(i, 0, self.block_size)
         if crc32(data) != self._crcs[i]:
+            return self._verified_retry(i)
+        return data
+
+    def _verified_retry(self, i: int) -> bytes:
+        """Block ``i`` read again through the store's verified ``get_block`` path, after an
+        unverified read failed our CRC (in a cluster that path falls back to another replica
+        and repairs the bad copy); CorruptBlock if that copy does not match either."""
+        data = self._sub.get_block(i)
+        if crc32(data) != self._crcs[i]:
             raise CorruptBlock(f"block {i}: CRC mismatch (expected {self._crcs[i]:#010x})")
         return data
 
@@ -110,12 +119,13 @@ class CRCLayer(Blockset):
         b = min(bs, -(-(start + length) // PAGE_SIZE) * PAGE_SIZE)
         raw = self._sub.read_range_unverified(i, a, b - a)
         if len(raw) != b - a:
-            raise CorruptBlock(f"block {i}: short read of {len(raw)} bytes at {a}")
+            return bytes(memoryview(self._verified_retry(i))[start : start + length])
         mv = memoryview(raw)
         page = a // PAGE_SIZE
         for off in range(0, b - a, PAGE_SIZE):
             if crc32(mv[off : off + PAGE_SIZE]) != table[page]:
-                raise CorruptBlock(f"block {i}: CRC mismatch in page {page}")
+                # one retry of the whole block through the verified path (another replica)
+                return bytes(memoryview(self._verified_retry(i))[start : start + length])
             page += 1
         if a == start and b - a == length:
             return raw
