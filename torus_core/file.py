@@ -39,10 +39,11 @@ from collections.abc import Callable
 from typing import BinaryIO
 
 from torus_core.blockset import DEFAULT_BLOCK_SPEC, Blockset, create_blockset, unmarshal_blockset
+from torus_core.blockset.base import BaseLayer
 from torus_core.blockstore import BlockStore
-from torus_core.errors import InvalidArgument, Locked
+from torus_core.errors import InvalidArgument, Locked, TorusError
 from torus_core.inode import VIRTUAL_INODE, INode, INodeStore, virtual_inode
-from torus_core.refs import INodeRef
+from torus_core.refs import BlockRef, INodeRef
 from torus_core.registry import Registry
 
 #: Default bound of the in-memory write-back cache (whole dirty blocks).
@@ -50,6 +51,8 @@ DEFAULT_CACHE_BYTES = 32 * 1024 * 1024
 #: Default bound of staged blocks for served volumes (staged bytes live in the page cache, not
 #: in the process; a FLUSH has to merge and write them all, about 0.5 ms per 512 KiB block).
 DEFAULT_STAGING_BYTES = 1024 * 1024 * 1024
+#: Blocks named to the store's ``prefetch`` ahead of a sequential read (a cluster's read-ahead).
+READ_AHEAD_BLOCKS = 8
 _U64 = (1 << 64) - 1
 
 Data = bytes | bytearray | memoryview
@@ -165,6 +168,10 @@ class File:
         self._staging_fd = -1
         self._zero_block = bytes(self._bs)
         self._lock = threading.RLock()
+        #: the store's read-ahead hint (``Distributor.prefetch``), if it has one
+        self._prefetch: Callable[[list[BlockRef]], object] | None = getattr(store, "prefetch", None)
+        #: last block of the previous read (sequential-access detection for read-ahead)
+        self._last_read_block = -2
 
     @classmethod
     def open(
@@ -319,6 +326,28 @@ class File:
             return  # already zeros
         self._write_partial(i, start, self._zero_block[: end - start])
 
+    def _read_ahead(self, first: int, last: int) -> None:
+        """Note a read of blocks ``first..last``; when it continues the previous read into a new
+        block, name the refs of the next stored (not hole, not dirty) blocks to the store's
+        ``prefetch`` so a cluster fetches them from peers in the background."""
+        prev, self._last_read_block = self._last_read_block, last
+        if self._prefetch is None or not prev <= first <= prev + 1 or last <= prev:
+            return
+        base = self._blockset.layers()[-1]
+        if not isinstance(base, BaseLayer):
+            return
+        stop = min(last + 1 + READ_AHEAD_BLOCKS, base.length)
+        refs = [
+            ref
+            for j in range(last + 1, stop)
+            if j not in self._dirty and j not in self._staged and not (ref := base.ref_at(j)).is_zero()
+        ]
+        if refs:
+            try:
+                self._prefetch(refs)
+            except TorusError:
+                pass  # only a hint: the reads themselves report any error
+
     def _drop_dirty(self, first: int, last: int | None = None) -> None:
         """Forget dirty state of blocks ``first <= i < last`` (to the end if ``last`` is None)."""
         for cache in (self._dirty, self._staged):
@@ -336,6 +365,7 @@ class File:
             if offset >= end:
                 return b""
             bs = self._bs
+            self._read_ahead(offset // bs, (end - 1) // bs)
             parts: list[bytes | memoryview] = []
             pos = offset
             while pos < end:
@@ -398,6 +428,8 @@ class File:
             if type(offset) is int and type(length) is int and offset >= 0 and length > 0:
                 i, s = divmod(offset, bs)
                 if s + length <= bs and offset + length <= self._size:  # one block: no loop
+                    if i != self._last_read_block:
+                        self._read_ahead(i, i)
                     buf = self._dirty.get(i)
                     if buf is not None:
                         return bytes(memoryview(buf)[s : s + length])
