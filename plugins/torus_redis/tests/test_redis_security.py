@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import shutil
 import tempfile
-import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -21,9 +20,10 @@ import pytest
 import redis
 from torus_redis.backend import RedisBackend
 
-from torus_core.errors import CompareFailed, ConfigError, LeaseNotFound, MetadataUnavailable
+from torus_core.errors import ConfigError, MetadataUnavailable
 from torus_core.rpc.testing import TestPKI, make_test_pki
 from torus_core.testing.eventlog import BackendFromUrl, EventLogContract, LeaseStoreContract, ev
+from torus_core.testing.security import open_fails_fast, smoke_log_and_leases
 from torus_core.testing.services import RedisServer, ServerTLS, redis_service
 
 pytestmark = pytest.mark.needs_redis
@@ -113,40 +113,13 @@ def secure() -> Iterator[Secure]:
 
 
 def _fails_fast(url: str, expected: type[Exception]) -> Exception:
-    """Open ``url``, make one call; assert it raises ``expected`` within FAIL_FAST seconds."""
-    backend = RedisBackend.from_url(url)
-    started = time.monotonic()
-    try:
-        with pytest.raises(expected) as info:
-            backend.log.head_position()
-    finally:
-        backend.close()
-    assert time.monotonic() - started < FAIL_FAST
-    return info.value
-
-
-def _smoke(backend: RedisBackend) -> None:
-    log = backend.log
-    assert log.append([ev("vol", 1), ev("vol", 2)]) == [1, 2]
-    assert [e.version for e in log.read_stream("vol")] == [1, 2]
-    with pytest.raises(CompareFailed):
-        log.append([ev("vol", 2, state=b"stale")])
-    assert log.head_position() == 2
-    leases = backend.leases
-    lease = leases.grant(5)
-    leases.put("peers/a", b"up", lease)
-    leases.keepalive(lease)
-    assert leases.get("peers/a") == b"up"
-    leases.revoke(lease)
-    assert leases.get("peers/a") is None
-    with pytest.raises(LeaseNotFound):
-        leases.keepalive(lease)
+    return open_fails_fast(RedisBackend, url, expected, FAIL_FAST)
 
 
 def test_acl_user_over_tls_with_client_cert_runs_log_and_leases(secure: Secure) -> None:
     backend = RedisBackend.from_url(secure.url())
     try:
-        _smoke(backend)
+        smoke_log_and_leases(backend)
         backend.wipe()
     finally:
         backend.close()
@@ -155,7 +128,7 @@ def test_acl_user_over_tls_with_client_cert_runs_log_and_leases(secure: Secure) 
 def test_requirepass_default_user_over_tls_runs_log_and_leases(secure: Secure) -> None:
     backend = RedisBackend.from_url(secure.url(user=None, password=REQUIREPASS, prefix="any-prefix:"))
     try:
-        _smoke(backend)
+        smoke_log_and_leases(backend)
         backend.wipe()
     finally:
         backend.close()
