@@ -25,13 +25,7 @@ Data path (inventory §1.3/§1.4, improved):
 * Read-only files (opened snapshots) raise :class:`~torus_core.errors.Locked` on every mutation,
   like the original's ``ErrLocked``.
 
-All public methods hold one re-entrant lock, so the file may be shared between threads. One
-exception keeps concurrent writers from queueing on it: whole blocks that go straight to the
-store (cache full) get their refs minted under the lock, are CRC'd and written to the store
-without it (the store is thread-safe), and are installed in their slots under it again. Of two
-such writers to one block the last to install wins and the other's block is deleted at once
-(reclaim); ``sync``, ``flush_blocks`` and ``truncate`` first wait (bounded) for these puts to be
-installed, so an INode names either a slot's old ref or its new one.
+All public methods hold one re-entrant lock, so the file may be shared between threads.
 """
 
 from __future__ import annotations
@@ -39,7 +33,6 @@ from __future__ import annotations
 import os
 import tempfile
 import threading
-import time
 from bisect import bisect_left, bisect_right
 from collections import OrderedDict
 from collections.abc import Callable
@@ -48,7 +41,7 @@ from typing import BinaryIO
 from torus_core.blockset import DEFAULT_BLOCK_SPEC, Blockset, create_blockset, unmarshal_blockset
 from torus_core.blockset.base import BaseLayer
 from torus_core.blockstore import BlockStore
-from torus_core.errors import Again, InvalidArgument, Locked, TorusError
+from torus_core.errors import InvalidArgument, Locked, TorusError
 from torus_core.inode import VIRTUAL_INODE, INode, INodeStore, virtual_inode
 from torus_core.refs import BlockRef, INodeRef
 from torus_core.registry import Registry
@@ -60,8 +53,6 @@ DEFAULT_CACHE_BYTES = 32 * 1024 * 1024
 DEFAULT_STAGING_BYTES = 1024 * 1024 * 1024
 #: Blocks named to the store's ``prefetch`` ahead of a sequential read (a cluster's read-ahead).
 READ_AHEAD_BLOCKS = 8
-#: Longest ``sync`` waits for whole-block writes in flight outside the file lock (seconds).
-DRAIN_TIMEOUT = 60.0
 _U64 = (1 << 64) - 1
 
 Data = bytes | bytearray | memoryview
@@ -177,11 +168,6 @@ class File:
         self._staging_fd = -1
         self._zero_block = bytes(self._bs)
         self._lock = threading.RLock()
-        #: write_at calls with whole blocks written outside the lock and not yet installed
-        self._inflight = 0
-        #: sync/flush/truncate callers waiting for ``_inflight`` to drain (no new unlocked puts)
-        self._draining = 0
-        self._drained = threading.Condition(self._lock)
         #: the store's read-ahead hint (``Distributor.prefetch``), if it has one
         self._prefetch: Callable[[list[BlockRef]], object] | None = getattr(store, "prefetch", None)
         #: last block of the previous read (sequential-access detection for read-ahead)
@@ -404,7 +390,6 @@ class File:
         _check_int("offset", offset)
         mv = memoryview(data).cast("B")
         n = len(mv)
-        puts: list[tuple[int, BlockRef, memoryview]] = []
         with self._lock:
             ref = self._open_write()
             if n == 0:
@@ -427,68 +412,12 @@ class File:
                     elif len(self._dirty) < self._max_dirty:
                         self._dirty[i] = bytearray(chunk)
                     else:  # cache full: whole blocks go straight through
-                        minted = None if self._draining else self._blockset.mint_put(ref)
-                        if minted is None:
-                            self._blockset.put_block(ref, i, chunk)
-                        else:
-                            puts.append((i, minted, chunk))
+                        self._blockset.put_block(ref, i, chunk)
                 else:
                     self._write_partial(i, s, chunk)
                     self._evict(ref)
                 pos += k
-            if not puts:
-                return n
-            self._inflight += 1
-        self._put_unlocked(puts)
-        return n
-
-    def _put_unlocked(self, puts: list[tuple[int, BlockRef, memoryview]]) -> None:
-        """Write minted whole blocks to the store without the file lock (so concurrent writers
-        overlap their store writes), then install their refs under it. Counted in
-        ``_inflight`` from minting to installing: ``sync`` waits for that to drain, so an
-        INode names either the old ref or the new one, never a ref not yet installed."""
-        written: list[tuple[int, BlockRef, int | None]] = []
-        try:
-            for i, minted, chunk in puts:
-                written.append((i, minted, self._blockset.write_minted(minted, chunk)))
-        except BaseException:
-            with self._lock:
-                for _i, minted, _token in written:
-                    self._delete_quietly(minted)
-                if len(written) < len(puts):
-                    self._delete_quietly(puts[len(written)][1])  # may be half written
-                self._inflight -= 1
-                self._drained.notify_all()
-            raise
-        with self._lock:
-            try:
-                for i, minted, token in written:
-                    self._blockset.install_put(i, minted, token)
-            finally:
-                self._inflight -= 1
-                self._drained.notify_all()
-
-    def _delete_quietly(self, ref: BlockRef) -> None:
-        try:
-            self._store.delete_block(ref)
-        except TorusError:
-            pass
-
-    def _drain(self) -> None:
-        """Wait (lock held, bounded) until no two-phase put is between minting and installing;
-        new writes meanwhile put under the lock so they cannot starve the wait."""
-        if not self._inflight:
-            return
-        self._draining += 1
-        try:
-            deadline = time.monotonic() + DRAIN_TIMEOUT
-            while self._inflight:
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    raise Again(f"{self._inflight} block writes still in flight after {DRAIN_TIMEOUT} s")
-                self._drained.wait(left)
-        finally:
-            self._draining -= 1
+            return n
 
     def read_nowait(self, offset: int, length: int) -> bytes | None:
         """:meth:`read_at` if the lock is free right now, else None (nothing done)."""
@@ -560,7 +489,6 @@ class File:
         """Set the size; growing adds holes, shrinking drops blocks and zeroes the new tail."""
         _check_int("size", size)
         with self._lock:
-            self._drain()
             ref = self._open_write()
             if size >= self._size:
                 self._grow(size)
@@ -644,7 +572,6 @@ class File:
     def flush_blocks(self) -> None:
         """Write every dirty block to the blockset and flush the store (no INode commit)."""
         with self._lock:
-            self._drain()
             self._write_dirty()
             self._store.flush()
 
@@ -666,7 +593,6 @@ class File:
         with its state intact, and ``sync`` may be retried.
         """
         with self._lock:
-            self._drain()
             if self._write_inode is None:
                 return None
             # Data blocks and the INode go to the store first and are made durable by one flush

@@ -9,7 +9,7 @@ from pyroaring import BitMap
 
 from torus_core.blockset.layer import BlockData, Blockset
 from torus_core.blockstore import BlockStore
-from torus_core.errors import BlockNotExist, InvalidArgument
+from torus_core.errors import InvalidArgument
 from torus_core.refs import VOLUME_MAX, BlockRef, BlockType, INodeRef
 
 _REF = struct.Struct("<QQQ")
@@ -108,40 +108,10 @@ class BaseLayer(Blockset):
         self._check_index(i, allow_append=True)
         data = self._padded(data)
         ref = self.mint(inode)
-        self._write(ref, data, crc32)
-        self._install(i, ref)
-
-    def _write(self, ref: BlockRef, data: BlockData, crc32: int | None) -> None:
         if crc32 is None:
             self.store.write_block(ref, data)
         else:
             self.store.write_block_crc32(ref, data, crc32)
-
-    def mint_put(self, inode: INodeRef) -> BlockRef | None:
-        """A fresh ref for a two-phase put (see :meth:`Blockset.mint_put`)."""
-        return self.mint(inode)
-
-    def write_minted(self, ref: BlockRef, data: BlockData) -> int | None:
-        """Write the block under ``ref`` (thread-safe: store only); no token."""
-        self.write_minted_crc32(ref, data, None)
-        return None
-
-    def write_minted_crc32(self, ref: BlockRef, data: BlockData, crc32: int | None) -> None:
-        """:meth:`write_minted`, handing the store the padded block's CRC-32 if known."""
-        self._write(ref, self._padded(data), crc32)
-
-    def install_put(self, i: int, ref: BlockRef, token: int | None) -> bool:
-        """Point slot ``i`` at the written ``ref``; False (block deleted) if ``i`` is gone."""
-        if not isinstance(i, int) or i < 0 or i > self.length:
-            try:
-                self.store.delete_block(ref)
-            except BlockNotExist:
-                pass
-            return False
-        self._install(i, ref)
-        return True
-
-    def _install(self, i: int, ref: BlockRef) -> None:
         raw = ref.to_bytes()
         if i == self.length:
             self._raw += raw

@@ -19,7 +19,7 @@ from torus_core.blockset.layer import BlockData, Blockset
 from torus_core.blockstore import BlockStore
 from torus_core.crc32 import crc32
 from torus_core.errors import CorruptBlock, InvalidArgument
-from torus_core.refs import BlockRef, INodeRef
+from torus_core.refs import INodeRef
 
 
 def _u32_array(content: bytes = b"") -> array:
@@ -168,31 +168,6 @@ class CRCLayer(Blockset):
             self._crcs.append(crc)
         else:
             self._crcs[i] = crc
-
-    def mint_put(self, inode: INodeRef) -> BlockRef | None:
-        """Two-phase put over a ``base`` layer (see :meth:`Blockset.mint_put`); else None."""
-        return self._sub.mint_put(inode) if isinstance(self._sub, BaseLayer) else None
-
-    def write_minted(self, ref: BlockRef, data: BlockData) -> int | None:
-        """CRC the block and write it under ``ref`` (store only: thread-safe); returns the CRC."""
-        assert isinstance(self._sub, BaseLayer)
-        data = self._padded(data)
-        crc = crc32(data)
-        self._sub.write_minted_crc32(ref, data, crc)
-        return crc
-
-    def install_put(self, i: int, ref: BlockRef, token: int | None) -> bool:
-        """Install ``ref`` in the inner layer and record its CRC ``token``."""
-        if token is None:
-            raise InvalidArgument("the crc layer needs the CRC returned by write_minted")
-        if not self._sub.install_put(i, ref, token):
-            return False
-        self._pages.pop(i, None)
-        if i == len(self._crcs):
-            self._crcs.append(token)
-        else:
-            self._crcs[i] = token
-        return True
 
     def truncate(self, n_blocks: int) -> None:
         """Truncate the inner layer; new slots get the zero-block CRC."""

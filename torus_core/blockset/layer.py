@@ -114,24 +114,6 @@ class Blockset(ABC):
                 except BlockNotExist:
                     pass
 
-    # --- two-phase put (the expensive store write outside the owner's lock) ----------------
-
-    def mint_put(self, inode: INodeRef) -> BlockRef | None:
-        """Phase 1 of a two-phase put (under the owner's lock): a fresh ref for ``inode``, or
-        None if this stack has no two-phase put (the caller then uses :meth:`put_block`)."""
-        return None
-
-    def write_minted(self, ref: BlockRef, data: BlockData) -> int | None:
-        """Phase 2 (needs no lock: touches only the thread-safe store): write whole block
-        ``data`` under ``ref`` from :meth:`mint_put`; returns the integrity token (the crc
-        layer's CRC-32) to hand to :meth:`install_put`."""
-        raise NotImplementedError
-
-    def install_put(self, i: int, ref: BlockRef, token: int | None) -> bool:
-        """Phase 3 (under the owner's lock): point slot ``i`` at ``ref`` written by
-        :meth:`write_minted`. False (and the block deleted) if slot ``i`` no longer exists."""
-        raise NotImplementedError
-
     def get_block_range(self, i: int, start: int, length: int) -> bytes:
         """Bytes ``[start, start + length)`` of block ``i``, verified like :meth:`get_block`.
 
