@@ -36,6 +36,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from torus_core.cluster.procs import peak_rss_kib
+
 ROOT = Path(__file__).resolve().parent.parent
 PY = sys.executable
 
@@ -165,14 +167,6 @@ def start_nbdkit(size: int, workdir: Path) -> tuple[subprocess.Popen[bytes], str
     return proc, f"nbd://127.0.0.1:{port}/"
 
 
-def peak_rss_mib(pid: int) -> float:
-    """Peak resident set size (VmHWM) of a live process, in MiB."""
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
-
-
 def settle_time(uri: str) -> float:
     """Seconds until a new connection to ``uri`` is served (``nbdinfo --size``).
 
@@ -294,7 +288,7 @@ def main(argv: list[str] | None = None) -> int:
                     results[side][w.name] = runs[len(runs) // 2]
                     note = f"  (then {settle:.2f} s to close: sync + unlock)" if side == "torus" else ""
                     print(f"  {side:6} {w.name:18} {results[side][w.name]:12.1f} {w.unit}{note}", flush=True)
-            rss = peak_rss_mib(tproc.pid)
+            rss = peak_rss_kib(tproc.pid) / 1024
         finally:
             for proc in procs:
                 stop(proc)

@@ -210,12 +210,12 @@ class TorusdProcess:
         return self.start()
 
 
-def rss_kib(pid: int) -> int:
-    """Resident set size of ``pid`` in KiB (0 if it is gone)."""
+def proc_status_kib(pid: int, field: str) -> int:
+    """A ``/proc/PID/status`` memory field (``VmRSS``, ``VmHWM``...) in KiB; 0 if ``pid`` is gone."""
     try:
         with open(f"/proc/{pid}/status") as fh:
             for line in fh:
-                if line.startswith("VmRSS:"):
+                if line.startswith(f"{field}:"):
                     return int(line.split()[1])
     except OSError:
         pass
@@ -224,14 +224,7 @@ def rss_kib(pid: int) -> int:
 
 def peak_rss_kib(pid: int) -> int:
     """Peak resident set size (VmHWM) of ``pid`` in KiB (0 if it is gone)."""
-    try:
-        with open(f"/proc/{pid}/status") as fh:
-            for line in fh:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1])
-    except OSError:
-        pass
-    return 0
+    return proc_status_kib(pid, "VmHWM")
 
 
 def wait_for(predicate: Callable[[], bool], timeout: float, interval: float = 0.2) -> bool:
