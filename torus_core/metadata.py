@@ -39,6 +39,9 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+import logging
+import os
+import socket
 import threading
 import time
 import uuid
@@ -90,12 +93,17 @@ from torus_core.ring.base import RingSpec
 
 __all__ = [
     "GlobalMetadata",
+    "LockHolder",
     "LockStatus",
     "MetadataService",
     "SnapshotInfo",
     "VolumeInfo",
     "VolumeLock",
+    "format_owner",
+    "parse_owner",
 ]
+
+log = logging.getLogger(__name__)
 
 #: Attempts for commands that re-read and retry after losing a race.
 MAX_ATTEMPTS = 32
@@ -139,7 +147,7 @@ class VolumeLock:
     @functools.cached_property
     def value(self) -> bytes:
         """Lease-store value identifying this holder (computed once: every commit compares it)."""
-        return _lock_value(self.owner, self.token)
+        return _lock_value(self.owner, self.token, self.lease.ttl)
 
 
 @dataclass(frozen=True)
@@ -151,8 +159,77 @@ class LockStatus:
     epoch: int
 
 
-def _lock_value(owner: str, token: str) -> bytes:
-    return json.dumps({"owner": owner, "token": token}, sort_keys=True).encode()
+def _lock_value(owner: str, token: str, ttl: float | None = None) -> bytes:
+    data: dict[str, Any] = {"owner": owner, "token": token}
+    if ttl is not None:
+        data["ttl"] = ttl
+    return json.dumps(data, sort_keys=True).encode()
+
+
+def format_owner(peer: str, boot: str) -> str:
+    """A lock-owner string naming a holder identity: ``peer=<id> boot=<id> host=<host> pid=<pid>``.
+
+    ``peer`` is the holder's data-dir identity (a storage peer's UUID), ``boot`` the incarnation
+    of the process holding it. :meth:`MetadataService.take_over_volume` parses both back.
+    """
+    for what, value in (("peer", peer), ("boot", boot)):
+        if not isinstance(value, str) or not value or any(c.isspace() or c == "=" for c in value):
+            raise InvalidArgument(f"{what} id must be a non-empty string without spaces or '='")
+    return f"peer={peer} boot={boot} host={socket.gethostname()} pid={os.getpid()}"
+
+
+def parse_owner(owner: str) -> dict[str, str]:
+    """The ``key=value`` fields of an owner string made by :func:`format_owner` (else ``{}``)."""
+    fields: dict[str, str] = {}
+    for part in owner.split():
+        key, sep, value = part.partition("=")
+        if not sep or not key or not value:
+            return {}
+        fields[key] = value
+    return fields
+
+
+@dataclass(frozen=True)
+class LockHolder:
+    """A volume lock's holder as read from its lock key (see :meth:`MetadataService.lock_holder`).
+
+    ``expires_by`` is the wall-clock time the holder's lease runs out unless it is renewed
+    (``now + ttl``: an upper bound, since the holder renews every ttl/3); ``None`` when the key
+    does not record its TTL (locks taken by older code).
+    """
+
+    owner: str
+    peer: str | None
+    boot: str | None
+    ttl: float | None
+    expires_by: float | None
+    raw: bytes
+
+    def describe(self, volume: str) -> str:
+        """``volume 'v' is locked by peer P (owner ...) until <time> unless the holder renews it``."""
+        who = f"peer {self.peer} (owner {self.owner!r})" if self.peer else f"{self.owner!r}"
+        text = f"volume {volume!r} is locked by {who}"
+        if self.expires_by is not None:
+            when = time.strftime("%Y-%m-%d %H:%M:%SZ", time.gmtime(self.expires_by))
+            text += f" until {when} (lease {self.ttl:g} s) unless the holder renews it"
+        return text
+
+
+def _parse_holder(raw: bytes, now: float) -> LockHolder:
+    try:
+        data = json.loads(raw)
+    except ValueError:
+        data = None
+    if not isinstance(data, dict):
+        return LockHolder("another client", None, None, None, None, raw)
+    found = data.get("owner")
+    owner = found if isinstance(found, str) and found else "another client"
+    ttl = data.get("ttl")
+    ttl = float(ttl) if isinstance(ttl, int | float) and not isinstance(ttl, bool) and ttl > 0 else None
+    fields = parse_owner(owner)
+    return LockHolder(
+        owner, fields.get("peer"), fields.get("boot"), ttl, None if ttl is None else now + ttl, raw
+    )
 
 
 def _check_name(what: str, name: Any) -> str:
@@ -432,19 +509,63 @@ class MetadataService:
     def lock_volume(self, name: str, owner: str, lease: Lease) -> VolumeLock:
         """Take the single-writer lock of ``name`` for ``owner``, bound to ``lease``.
 
-        Raises Locked if a live lease holds it (a lock whose lease expired is taken over),
-        LeaseNotFound if ``lease`` is gone, NotExist if the volume does not exist.
+        Raises Locked if a live lease holds it (a lock whose lease expired is taken over; the
+        message names the holder and when its lease runs out unless renewed), LeaseNotFound if
+        ``lease`` is gone, NotExist if the volume does not exist.
         """
+        return self._lock(name, owner, lease, take_over=False)
+
+    def take_over_volume(self, name: str, owner: str, lease: Lease) -> VolumeLock:
+        """Like :meth:`lock_volume`, but first break a lock left by a dead earlier incarnation.
+
+        ``owner`` must be a :func:`format_owner` string. A live lock whose owner names the
+        **same peer** identity with a **different boot** id is deleted (compare-and-delete on its
+        exact value) and the lock is taken at once instead of waiting for the dead holder's
+        lease to expire. The caller vouches that it exclusively owns that peer identity for as
+        long as it lives (``torusd`` holds an exclusive ``flock`` on its data directory), so an
+        earlier incarnation holding the lock has provably exited. Fencing is unchanged: the new
+        acquisition appends ``VolumeLockAcquired`` with the next epoch, so a commit by the old
+        holder could not succeed anyway. Any other holder: Locked, as for :meth:`lock_volume`.
+        """
+        return self._lock(name, owner, lease, take_over=True)
+
+    def lock_holder(self, name: str) -> LockHolder | None:
+        """Who holds ``name``'s lock now (``None`` if unlocked); NotExist if no such volume."""
+        vol = self._volume(self.state(), name)
+        raw = self.backend.leases.get(f"{LOCK_PREFIX}{vol.id}")
+        return None if raw is None else _parse_holder(raw, time.time())
+
+    def _lock(self, name: str, owner: str, lease: Lease, *, take_over: bool) -> VolumeLock:
         if not isinstance(lease, Lease):
             raise InvalidArgument("locking a volume needs a granted Lease")
         if not isinstance(owner, str) or not owner:
             raise InvalidArgument("lock owner must be a non-empty string")
+        me = parse_owner(owner) if take_over else {}
+        if take_over and not (me.get("peer") and me.get("boot")):
+            raise InvalidArgument(f"taking over needs an owner made by format_owner, got {owner!r}")
         vol = self._volume(self.state(), name)
         token = uuid.uuid4().hex
-        value = _lock_value(owner, token)
+        value = _lock_value(owner, token, lease.ttl)
         key = f"{LOCK_PREFIX}{vol.id}"
-        if not self.backend.leases.put_if_absent(key, value, lease):
-            raise Locked(f"volume {name!r} is locked by {self._holder(key) or 'another client'}")
+        for _ in range(3):
+            if self.backend.leases.put_if_absent(key, value, lease):
+                break
+            raw = self.backend.leases.get(key)
+            if raw is None:
+                continue  # expired or released meanwhile: try again
+            holder = _parse_holder(raw, time.time())
+            if not (take_over and holder.peer == me["peer"] and holder.boot not in (None, me["boot"])):
+                raise Locked(holder.describe(name))
+            if self.backend.leases.delete(key, expected=raw):
+                log.warning(
+                    "volume %r: broke the lock of %r, an earlier incarnation of this peer "
+                    "(it has exited: this process owns the peer's data directory)",
+                    name,
+                    holder.owner,
+                )
+        else:
+            now_held = self.lock_holder(name)
+            raise Locked(now_held.describe(name) if now_held else f"volume {name!r} is locked (contended)")
         try:
             for _ in range(MAX_ATTEMPTS):
                 state = self.state()
