@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import threading
 from abc import ABC, abstractmethod
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
+from torus_core.errors import BlockNotExist
 from torus_core.refs import BlockRef
 
 _nonblocking = threading.local()
@@ -130,6 +131,22 @@ class BlockStore(ABC):
     @abstractmethod
     def delete_block(self, ref: BlockRef) -> None:
         """Remove ``ref`` and free its space."""
+
+    def discard_blocks(self, refs: Iterable[BlockRef]) -> int:
+        """Free blocks that no INode will name again (a writer's superseded blocks, right after
+        the INode that replaced them was committed); returns how many were deleted.
+
+        Best effort: refs already gone are skipped. Stores whose blocks live elsewhere too (a
+        cluster's distributor) may leave them to the garbage collectors instead.
+        """
+        n = 0
+        for ref in refs:
+            try:
+                self.delete_block(ref)
+                n += 1
+            except BlockNotExist:
+                pass
+        return n
 
     @abstractmethod
     def num_blocks(self) -> int:

@@ -30,6 +30,7 @@ All public methods hold one re-entrant lock, so the file may be shared between t
 
 from __future__ import annotations
 
+import logging
 import os
 import tempfile
 import threading
@@ -45,6 +46,8 @@ from torus_core.errors import InvalidArgument, Locked, TorusError
 from torus_core.inode import VIRTUAL_INODE, INode, INodeStore, virtual_inode
 from torus_core.refs import BlockRef, INodeRef
 from torus_core.registry import Registry
+
+log = logging.getLogger(__name__)
 
 #: Default bound of the in-memory write-back cache (whole dirty blocks).
 DEFAULT_CACHE_BYTES = 32 * 1024 * 1024
@@ -120,6 +123,7 @@ class File:
         inode_store: INodeStore | None = None,
         allocate_inode: Callable[[], int] | None = None,
         commit: Callable[[INodeRef], None] | None = None,
+        on_commit: Callable[[INodeRef, list[BlockRef]], None] | None = None,
         read_only: bool = False,
         block_spec: str = DEFAULT_BLOCK_SPEC,
         layer_registry: Registry | None = None,
@@ -129,7 +133,11 @@ class File:
     ) -> None:
         """Open ``inode``; an INode without layers (a fresh volume) gets a ``block_spec`` blockset.
 
-        ``allocate_inode`` and ``commit`` are required for writable files. ``staging_bytes``
+        ``allocate_inode`` and ``commit`` are required for writable files. After each successful
+        commit, ``on_commit(ref, freed)`` (if given) receives the blocks that the committed INode
+        no longer names: superseded data blocks and the INode blocks of the INode before the
+        previous one (kept one commit longer for readers of the just-replaced INode). The callee
+        decides what may be deleted (snapshots and clones may still hold some). ``staging_bytes``
         bounds the blocks with staged partial writes (default: ``cache_bytes``); the staging
         file is created in ``staging_dir`` (default: the system temporary directory).
         """
@@ -154,7 +162,16 @@ class File:
             self._blockset = create_blockset(block_spec, store, layer_registry)
         if self._blockset.length < n_blocks:
             self._blockset.truncate(n_blocks)
+        self._superseded_sink: list[BlockRef] = []
+        if not read_only:
+            self._blockset.set_superseded_sink(self._superseded_sink)
         self._committed = inode.ref
+        self._on_commit = on_commit
+        #: refs the blockset stopped naming since the last commit (``_superseded_sink``) are
+        #: handed to ``on_commit`` after the next one
+        #: store blocks of the committed INode, and of the one committed before it
+        self._committed_inode_blocks = self._inode_store.block_refs(inode)
+        self._retired_inode_blocks: list[BlockRef] = []
         self._write_inode: int | None = None
         self._pending: INode | None = None
         self._max_dirty = max(1, cache_bytes // self._bs)
@@ -615,7 +632,20 @@ class File:
             self._pending = None
             self._write_inode = None
             self._committed = inode.ref
+            self._after_commit(inode)
             return inode.ref
+
+    def _after_commit(self, inode: INode) -> None:
+        """Hand the blocks ``inode`` no longer names to ``on_commit`` (errors only logged)."""
+        freed = [*self._superseded_sink, *self._retired_inode_blocks]
+        self._superseded_sink.clear()
+        self._retired_inode_blocks = self._committed_inode_blocks
+        self._committed_inode_blocks = self._inode_store.block_refs(inode)
+        if self._on_commit is not None and freed:
+            try:
+                self._on_commit(inode.ref, freed)
+            except TorusError as exc:  # the blocks stay for the garbage collector
+                log.warning("freeing %d superseded block(s) of volume %d: %s", len(freed), self._volume, exc)
 
     def close(self) -> None:
         """Release the staging file (dirty data not synced is dropped). Idempotent."""

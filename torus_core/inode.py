@@ -141,6 +141,13 @@ class INodeStore:
             self.store.write_block(self._block_ref(ref, n), view[start : start + bs])
         return ref
 
+    def block_refs(self, inode: INode) -> list[BlockRef]:
+        """The store blocks :meth:`write_inode` uses for ``inode`` (none for the virtual INode 1)."""
+        if inode.ref.inode == VIRTUAL_INODE:
+            return []
+        n = self._num_blocks(len(inode.to_bytes()))
+        return [self._block_ref(inode.ref, k) for k in range(1, n + 1)]
+
     def _num_blocks(self, payload_len: int) -> int:
         return -(-(payload_len + _U32.size) // self.block_size)
 

@@ -716,6 +716,14 @@ class MetadataService:
         except KeyError:
             raise NotExist(f"snapshot {volume}@{name} does not exist") from None
 
+    def snapshot_highwater(self, volume_id: int) -> int:
+        """The highest INode number ever saved in a snapshot of volume ``volume_id`` (0: none).
+
+        Blocks of the volume minted under a higher INode number are named only by the volume's
+        own INodes (no snapshot, and so no clone, holds them). NotExist if the volume is gone.
+        """
+        return self._volume_id(self.state(), volume_id).snapshot_highwater
+
     def delete_snapshot(self, volume: str, name: str) -> None:
         """Remove a snapshot record; NotExist if missing."""
         for _ in range(MAX_ATTEMPTS):

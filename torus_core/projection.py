@@ -59,7 +59,7 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 #: Version of the snapshot encoding; a snapshot of another format is ignored (full replay).
-SNAPSHOT_FORMAT = 1
+SNAPSHOT_FORMAT = 2  # 2: VolumeState.snapshot_highwater
 
 
 @dataclass(frozen=True)
@@ -100,6 +100,10 @@ class VolumeState:
     lock_epoch: int = 0
     lock_owner: str = ""
     lock_lease_id: int = 0
+    #: highest INode number ever saved in a snapshot of this volume (deleted snapshots too: a
+    #: clone made from one may still name its blocks); blocks minted under a higher INode number
+    #: are named by no snapshot or clone, only by this volume's own INodes
+    snapshot_highwater: int = 0
 
     @property
     def inode(self) -> INodeRef:
@@ -175,7 +179,9 @@ def apply(state: ClusterState, rec: RecordedEvent) -> ClusterState:
             return base
         if isinstance(e, SnapshotSaved):
             snaps = {**snap_vol.snapshots, e.name: SnapshotInfo(e.name, e.inode_ref, e.time)}
-            return dataclasses.replace(base, volumes=_with_volume(state, e.volume_id, snapshots=snaps))
+            high = max(snap_vol.snapshot_highwater, e.inode_ref.inode)
+            volumes = _with_volume(state, e.volume_id, snapshots=snaps, snapshot_highwater=high)
+            return dataclasses.replace(base, volumes=volumes)
         if isinstance(e, SnapshotDeleted):
             snaps = {k: v for k, v in snap_vol.snapshots.items() if k != e.name}
             return dataclasses.replace(base, volumes=_with_volume(state, e.volume_id, snapshots=snaps))
@@ -204,13 +210,13 @@ def fold(events: Iterable[RecordedEvent], state: ClusterState | None = None) -> 
 
 
 def state_to_bytes(state: ClusterState) -> bytes:
-    """Snapshot encoding: JSON ``{"format": 1, "state": <to_jsonable(state)>}``."""
+    """Snapshot encoding: JSON ``{"format": SNAPSHOT_FORMAT, "state": <to_jsonable(state)>}``."""
     doc = {"format": SNAPSHOT_FORMAT, "state": to_jsonable(state)}
     return json.dumps(doc, sort_keys=True, separators=(",", ":")).encode()
 
 
 def state_from_bytes(data: bytes) -> ClusterState:
-    """Decode :func:`state_to_bytes` output; SchemaError if it is not a format-1 snapshot."""
+    """Decode :func:`state_to_bytes` output; SchemaError if it is not of the current format."""
     try:
         doc = json.loads(data)
     except (ValueError, UnicodeDecodeError) as exc:

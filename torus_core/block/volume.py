@@ -39,7 +39,7 @@ from torus_core.eventlog import Lease
 from torus_core.file import DEFAULT_CACHE_BYTES, File
 from torus_core.metadata import MetadataService, VolumeInfo, VolumeLock
 from torus_core.projection import GlobalMetadata
-from torus_core.refs import INodeRef
+from torus_core.refs import BlockRef, INodeRef
 from torus_core.registry import Registry
 
 log = logging.getLogger(__name__)
@@ -151,12 +151,16 @@ class BlockVolume:
                         holder[0].mark_lost()
                     raise
 
+            def free_superseded(_ref: INodeRef, refs: list[BlockRef]) -> None:
+                free_superseded_blocks(md, store, vid, refs)
+
             file = File.open(
                 store,
                 ref,
                 volume_size=info.size,
                 allocate_inode=lambda: md.allocate_inode_index(vid),
                 commit=commit,
+                on_commit=free_superseded,
                 block_spec=gm.block_spec,
                 layer_registry=layer_registry,
                 cache_bytes=cache_bytes,
@@ -342,6 +346,20 @@ class BlockVolume:
     def __repr__(self) -> str:
         state = "closed" if self._closed else "lost" if self.lost else "ro" if self.read_only else "rw"
         return f"<BlockVolume {self.name!r} id={self.volume_id} size={self.size} {state}>"
+
+
+def free_superseded_blocks(
+    md: MetadataService, store: BlockStore, volume_id: int, refs: list[BlockRef]
+) -> int:
+    """Delete the blocks of ``refs`` (superseded by a commit of volume ``volume_id``) that no
+    snapshot or clone can name: the volume's own blocks minted under an INode number above
+    every INode ever saved in a snapshot. Others are left to GC. Returns the number deleted."""
+    high = md.snapshot_highwater(volume_id)
+    doomed = [r for r in refs if r.volume == volume_id and r.inode > high]
+    if not doomed:
+        return 0
+    # not flushed: a delete lost in a crash only leaves garbage for GC
+    return store.discard_blocks(doomed)
 
 
 def resize_volume(md: MetadataService, name: str, new_size: int) -> VolumeInfo:

@@ -116,7 +116,7 @@ class BaseLayer(Blockset):
         if i == self.length:
             self._raw += raw
         else:
-            old = self.ref_at(i) if self._reclaim is not None else None
+            old = self.ref_at(i) if self._tracking() else None
             self._raw[i * _SIZE : (i + 1) * _SIZE] = raw
             self._refs[i] = ref
             if old is not None:
@@ -144,14 +144,15 @@ class BaseLayer(Blockset):
             self._delete_reclaimable(gone)
 
     def _refs_in(self, start: int, end: int) -> list[BlockRef]:
-        """Reclaimable refs in slots ``[start, end)`` (none while reclaiming is off)."""
-        if self._reclaim is None or start >= end:
+        """Non-zero refs in slots ``[start, end)`` (none while neither reclaiming nor reporting
+        superseded refs)."""
+        if not self._tracking() or start >= end:
             return []
         raw = memoryview(self._raw)[start * _SIZE : end * _SIZE]
         return [
             BlockRef(word & VOLUME_MAX, inode, index, BlockType(word >> 40))
             for word, inode, index in _REF.iter_unpack(raw)
-            if inode == self._reclaim.inode and (word & VOLUME_MAX) == self._reclaim.volume and index
+            if index
         ]
 
     def check_block(self, i: int, data: BlockData) -> bool:

@@ -101,18 +101,37 @@ class Blockset(ABC):
         for layer in self.layers():
             layer._reclaim = inode
 
+    #: Where refs replaced, trimmed or cut (and not deletable at once) are reported, so the
+    #: owner can free them once an INode that no longer names them is committed.
+    _superseded: list[BlockRef] | None = None
+
+    def set_superseded_sink(self, sink: list[BlockRef] | None) -> None:
+        """Append every ref that this blockset stops naming (overwritten, trimmed or cut) to
+        ``sink``, except refs deleted at once under :meth:`set_reclaim`; ``None`` turns this off.
+        Applies to this layer and every inner one."""
+        for layer in self.layers():
+            layer._superseded = sink
+
+    def _tracking(self) -> bool:
+        """Whether replaced refs matter (deleted now or reported as superseded)."""
+        return self._reclaim is not None or self._superseded is not None
+
     def _reclaimable(self, ref: BlockRef) -> bool:
         r = self._reclaim
         return r is not None and ref.inode == r.inode and ref.volume == r.volume and not ref.is_zero()
 
     def _delete_reclaimable(self, refs: Sequence[BlockRef]) -> None:
-        """Delete the blocks of ``refs`` that :meth:`set_reclaim` allows to delete."""
+        """Delete the blocks of ``refs`` that :meth:`set_reclaim` allows to delete; report the
+        other (non-zero) ones to the superseded sink, if any."""
+        sink = self._superseded
         for ref in refs:
             if self._reclaimable(ref):
                 try:
                     self.store.delete_block(ref)
                 except BlockNotExist:
                     pass
+            elif sink is not None and not ref.is_zero():
+                sink.append(ref)
 
     def get_block_range(self, i: int, start: int, length: int) -> bytes:
         """Bytes ``[start, start + length)`` of block ``i``, verified like :meth:`get_block`.

@@ -143,7 +143,7 @@ class RepLayer(Blockset):
             self.store.write_block(ref, data)
             refs.append(ref.to_bytes())
         self._sub.put_block(inode, i, data)
-        replaced = [] if appending or self._reclaim is None else self.copy_refs(i)
+        replaced = [] if appending or not self._tracking() else self.copy_refs(i)
         for raw, ref_bytes in zip(self._copies, refs, strict=True):
             if appending:
                 raw += ref_bytes
@@ -175,8 +175,8 @@ class RepLayer(Blockset):
             self._delete_reclaimable(gone)
 
     def _copy_refs_in(self, start: int, end: int) -> list[BlockRef]:
-        """Copies' refs in slots ``[start, end)`` while reclaiming is on (else none)."""
-        if self._reclaim is None or start >= end:
+        """Copies' refs in slots ``[start, end)`` while replaced refs are tracked (else none)."""
+        if not self._tracking() or start >= end:
             return []
         n = len(self._copies[0]) // _SIZE if self._copies else 0
         return [_ref_at(raw, i) for raw in self._copies for i in range(start, min(end, n))]

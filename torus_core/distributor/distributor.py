@@ -1007,6 +1007,10 @@ class Distributor(BlockStore):
             raise BlockNotExist(f"block {ref} not found (no local store)")
         self.local_store.delete_block(ref)
 
+    def discard_blocks(self, refs: Iterable[BlockRef]) -> int:
+        """Leave superseded blocks to each peer's GC (copies live on several peers); returns 0."""
+        return 0
+
     def num_blocks(self) -> int:
         """Capacity of the local store in blocks (0 without one)."""
         self._check_open()
