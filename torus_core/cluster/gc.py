@@ -112,6 +112,8 @@ class GarbageCollector:
         self.candidates: dict[BlockRef, float] = {}
         self.total_deleted = 0
         self.skipped_cycles = 0
+        #: the last cycle that was not skipped
+        self.last_result: GCResult | None = None
 
     def live_set(self) -> LiveSet:
         """Build the live set; raises :class:`GCSkipped` if anything could not be read."""
@@ -171,4 +173,5 @@ class GarbageCollector:
             self.local.flush()
             self.total_deleted += result.deleted
             log.info("GC deleted %d dead block(s)", result.deleted)
+        self.last_result = result
         return result

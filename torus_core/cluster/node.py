@@ -251,6 +251,8 @@ class ClusterNode:
             if self.gc is not None:
                 info.rebalance.gc_deleted = self.gc.total_deleted
                 info.rebalance.gc_skipped = self.gc.skipped_cycles
+                last = self.gc.last_result
+                info.rebalance.gc_dead = last.dead if last is not None else 0
         return info
 
     # --- ring ----------------------------------------------------------------------------------

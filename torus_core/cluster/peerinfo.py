@@ -37,6 +37,12 @@ class RebalanceInfo:
     :param passes: complete passes since start.
     :param gc_deleted: blocks deleted by GC since start.
     :param gc_skipped: GC cycles skipped because metadata or an INode could not be read.
+    :param pushed_blocks_total: blocks pushed to other peers since start (every pass).
+    :param pushed_bytes_total: bytes pushed to other peers since start (every pass).
+    :param deleted_total: non-owned local copies the rebalancer deleted since start.
+    :param dead_skipped: local blocks the last complete pass left alone because GC's live set
+        says they are garbage (neither pushed nor counted as under-replicated).
+    :param gc_dead: blocks the last GC cycle found dead (deleted once their grace is over).
     """
 
     last_finish: float = 0.0
@@ -49,6 +55,11 @@ class RebalanceInfo:
     passes: int = 0
     gc_deleted: int = 0
     gc_skipped: int = 0
+    pushed_blocks_total: int = 0
+    pushed_bytes_total: int = 0
+    deleted_total: int = 0
+    dead_skipped: int = 0
+    gc_dead: int = 0
 
 
 @dataclass

@@ -130,6 +130,10 @@ class Rebalancer:
         self._ring_version = -1
         self._ring_since = time.monotonic()
         self.last_result: PassResult | None = None
+        # counters of the passes that ended (a running pass adds its PassResult on top)
+        self._pushed_blocks_total = 0
+        self._pushed_bytes_total = 0
+        self._deleted_total = 0
 
     # --- ring bookkeeping ----------------------------------------------------------------------
 
@@ -154,6 +158,14 @@ class Rebalancer:
         """A copy of the published progress."""
         with self._info_lock:
             return replace(self._info)
+
+    def _totals(self, running: PassResult) -> dict[str, int]:
+        """The since-start counters, including what the running pass did so far."""
+        return {
+            "pushed_blocks_total": self._pushed_blocks_total + running.pushed_blocks,
+            "pushed_bytes_total": self._pushed_bytes_total + running.pushed_bytes,
+            "deleted_total": self._deleted_total + running.deleted,
+        }
 
     def _update_info(self, **changes: object) -> None:
         with self._info_lock:
@@ -189,12 +201,19 @@ class Rebalancer:
                     return result
                 self._step(ring, batch, result, limiter)
                 elapsed = max(time.monotonic() - t0, 1e-6)
-                self._update_info(rate=result.pushed_bytes / elapsed)
+                self._update_info(rate=result.pushed_bytes / elapsed, **self._totals(result))
             result.complete = True
         finally:
             result.finished = time.time()
             elapsed = max(time.monotonic() - t0, 1e-6)
-            changes: dict[str, object] = {"rebalancing": False, "rate": result.pushed_bytes / elapsed}
+            changes: dict[str, object] = {
+                "rebalancing": False,
+                "rate": result.pushed_bytes / elapsed,
+                **self._totals(result),
+            }
+            self._pushed_blocks_total += result.pushed_blocks
+            self._pushed_bytes_total += result.pushed_bytes
+            self._deleted_total += result.deleted
             if result.complete:
                 info = self.info()
                 changes.update(
