@@ -1,0 +1,90 @@
+"""Serving a volume of a :class:`~torus_core.block.server.Server` over AoE (``torusblk aoe``,
+``torusd --aoe``).
+
+:func:`serve_aoe` opens the volume through the server's export provider (``BlockVolume.open``:
+the volume's lock and lease are held until the target stops; NBD connections of the same
+process to the same volume share the opened volume, so they stay coherent), starts an
+:class:`~torus_core.aoe.target.AoETarget` and registers a stopper that stops the target, then
+closes the volume (sync + unlock), before the server shuts down.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import re
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from torus_core.aoe.target import DEFAULT_FLUSH_INTERVAL, AoETarget, check_address
+from torus_core.errors import InvalidArgument, TorusError, UsageError
+
+if TYPE_CHECKING:
+    from torus_core.block.server import Server
+
+_SPEC = re.compile(r"^(?P<iface>[^:=\s]+):(?P<major>\d+)\.(?P<minor>\d+)=(?P<volume>\S+)$")
+
+
+@dataclass(frozen=True)
+class AoESpec:
+    """One ``IFACE:MAJOR.MINOR=VOLUME`` served by ``torusd --aoe``."""
+
+    iface: str
+    major: int
+    minor: int
+    volume: str
+
+
+def parse_aoe_spec(text: str) -> AoESpec:
+    """``eth0:1.2=vol`` → AoESpec; UsageError for anything else."""
+    m = _SPEC.match(text.strip())
+    if not m:
+        raise UsageError(f"--aoe wants IFACE:MAJOR.MINOR=VOLUME (e.g. eth0:1.0=disk), got {text!r}")
+    spec = AoESpec(m["iface"], int(m["major"]), int(m["minor"]), m["volume"])
+    try:
+        check_address(spec.major, spec.minor)
+    except InvalidArgument as exc:
+        raise UsageError(str(exc)) from None
+    return spec
+
+
+def serve_aoe(
+    server: Server,
+    volume: str,
+    iface: str,
+    major: int,
+    minor: int,
+    *,
+    flush_interval: float = DEFAULT_FLUSH_INTERVAL,
+    config: bytes = b"",
+    masks: tuple[bytes, ...] = (),
+) -> AoETarget:
+    """Lock and open ``volume`` and serve it as ``e<major>.<minor>`` on ``iface`` until the server closes."""
+    check_address(major, minor)
+    export = server.exports.open_export(volume)
+    try:
+        vol = export.volume
+        target = AoETarget(
+            vol,
+            iface,
+            major,
+            minor,
+            flush_interval=flush_interval,
+            config=config,
+            masks=masks,
+            model=f"torus {vol.name}",
+            serial=f"{vol.volume_id:x}.{major}.{minor}"[:20],
+            physical_block=vol.block_size,
+        ).start()
+    except BaseException:
+        with contextlib.suppress(TorusError):
+            export.close()
+        raise
+
+    def stop() -> None:
+        try:
+            target.stop()
+        finally:
+            export.close()
+
+    server.add_stopper(stop)
+    return target
