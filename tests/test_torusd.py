@@ -179,7 +179,7 @@ def test_debug_init_formats_then_serves_volumes_with_advertised_features(data, d
         assert exp[key] is True, key
     assert exp["block_size_preferred"] == 512 * 1024  # the --debug-init cluster block size
     body = urllib.request.urlopen(f"http://127.0.0.1:{d.http_port}/metrics", timeout=10).read().decode()
-    assert "torus_volumes 1" in body and "torus_storage_block_bytes 524288" in body
+    assert "torus_volumes 1.0" in body and "torus_store_block_size_bytes 524288.0" in body
 
 
 def test_run_single_node_command_line_round_trips_data_and_sigterm_releases(data, daemons, tmp_path):
@@ -290,9 +290,9 @@ def test_torusblk_nbdserve_serves_volumes_and_snapshots_read_only(data, daemons,
 def used_blocks(d: Daemon) -> int:
     body = urllib.request.urlopen(f"http://127.0.0.1:{d.http_port}/metrics", timeout=10).read().decode()
     for line in body.splitlines():
-        if line.startswith("torus_storage_blocks "):
+        if line.startswith("torus_store_used_blocks "):
             return int(float(line.split()[1]))
-    raise AssertionError(f"no torus_storage_blocks in /metrics:\n{body}")
+    raise AssertionError(f"no torus_store_used_blocks in /metrics:\n{body}")
 
 
 def wait_used(d: Daemon, predicate, timeout: float = 30) -> int:

@@ -1,57 +1,135 @@
-"""A small HTTP endpoint for metrics and health (``torusd --host H --port P``).
+"""The metrics and health HTTP endpoint of the daemons (``--metrics HOST:PORT``).
 
-``GET /metrics`` returns Prometheus text: the gauges supplied by a ``collect()`` callback
-(``{name: value}`` or ``{name: [(labels, value), ...]}``), followed by prometheus_client's
-default registry (process metrics) when that library is installed. ``GET /healthz`` returns
-``ok``. Binds 127.0.0.1 unless told otherwise; runs in a daemon thread.
+``GET /metrics`` returns the Prometheus text exposition of a prometheus_client registry (see
+:mod:`torus_core.metrics`). ``GET /healthz`` returns ``200 ok`` when every readiness check
+passes, else ``503`` with one ``not ready: <reason>`` line per failing check. Checks must be
+cheap and never block: slow dependencies are probed in the background by a
+:class:`BackgroundProbe` whose cached answer the check reads. Binds 127.0.0.1 unless told
+otherwise; serves from daemon threads.
 """
 
 from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Callable, Mapping, Sequence
+import time
+from collections.abc import Callable, Sequence
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
 log = logging.getLogger(__name__)
 
-Labels = Mapping[str, str]
-MetricValue = float | int | Sequence[tuple[Labels, float | int]]
-Collector = Callable[[], Mapping[str, MetricValue]]
+#: A readiness check: ``(ready, reason)``; the reason is shown when not ready.
+HealthCheck = Callable[[], tuple[bool, str]]
 
 
-def _escape(value: str) -> str:
-    return value.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
+class BackgroundProbe:
+    """Calls ``probe()`` every ``interval`` seconds in a daemon thread and caches the outcome.
+
+    :meth:`status` is healthy only if the last call succeeded **and** a call succeeded within
+    ``interval + timeout`` seconds: a call that hangs (a SIGSTOPped etcd) turns the probe
+    unhealthy after ``timeout`` without the reader ever waiting for it.
+
+    :param what: what is probed, for the reasons (``"metadata backend"``).
+    :param probe: the cheap call to make (its result is ignored; raising means unreachable).
+    :param interval: seconds between calls.
+    :param timeout: seconds a call may take before the probe reports unhealthy.
+    """
+
+    def __init__(
+        self, what: str, probe: Callable[[], object], *, interval: float = 1.0, timeout: float = 2.0
+    ) -> None:
+        self.what = what
+        self.probe = probe
+        self.interval = float(interval)
+        self.timeout = float(timeout)
+        self._last_ok: float | None = None
+        self._error: str | None = "not probed yet"
+        self._started = time.monotonic()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name=f"probe-{what}", daemon=True)
+
+    def start(self) -> BackgroundProbe:
+        """Start probing (the first call happens at once)."""
+        self._started = time.monotonic()
+        self._thread.start()
+        return self
+
+    def probe_once(self) -> None:
+        """One call, recording the outcome (also what the thread loops over)."""
+        try:
+            self.probe()
+        except Exception as exc:
+            self._error = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+            log.debug("%s probe failed: %s", self.what, self._error)
+        else:
+            self._last_ok = time.monotonic()
+            self._error = None
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.probe_once()
+            self._stop.wait(self.interval)
+
+    def status(self) -> tuple[bool, str]:
+        """``(healthy, reason)`` from the cached outcome; never blocks."""
+        now = time.monotonic()
+        limit = self.interval + self.timeout
+        if self._last_ok is None:
+            if now - self._started > limit:
+                return False, f"{self.what} unreachable: {self._error or 'no answer'}"
+            return False, f"{self.what} not probed yet"
+        if self._error is not None:
+            return False, f"{self.what} unreachable: {self._error}"
+        age = now - self._last_ok
+        if age > limit:
+            return False, f"{self.what} did not answer for {age:.1f} s (limit {limit:.1f} s)"
+        return True, ""
+
+    @property
+    def healthy(self) -> bool:
+        """Shorthand for ``status()[0]``."""
+        return self.status()[0]
+
+    def stop(self, timeout: float = 2.0) -> None:
+        """Stop probing (a call in progress is left to finish in its daemon thread)."""
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join(timeout)
 
 
-def render_metrics(values: Mapping[str, MetricValue]) -> str:
-    """Prometheus text exposition of gauges."""
-    lines: list[str] = []
-    for name in sorted(values):
-        value = values[name]
-        lines.append(f"# TYPE {name} gauge")
-        if isinstance(value, int | float):
-            lines.append(f"{name} {value}")
-            continue
-        for labels, v in value:
-            body = ",".join(f'{k}="{_escape(str(lv))}"' for k, lv in sorted(labels.items()))
-            lines.append(f"{name}{{{body}}} {v}")
-    return "\n".join(lines) + "\n"
-
-
-def _client_metrics() -> str:
-    try:
-        from prometheus_client import REGISTRY, generate_latest
-    except ImportError:
-        return ""
-    return generate_latest(REGISTRY).decode("utf-8")
+def run_checks(checks: Sequence[HealthCheck]) -> tuple[bool, list[str]]:
+    """Run every check; ``(all ready, reasons of the failing ones)``. A check that raises fails."""
+    reasons: list[str] = []
+    for check in checks:
+        try:
+            ok, reason = check()
+        except Exception as exc:
+            ok, reason = False, f"health check failed: {exc!r}"
+        if not ok:
+            reasons.append(reason or "not ready")
+    return not reasons, reasons
 
 
 class MetricsServer:
-    """Serves ``/metrics`` and ``/healthz`` from a daemon thread."""
+    """Serves ``/metrics`` (``registry``) and ``/healthz`` (``checks``) from daemon threads.
 
-    def __init__(self, collect: Collector, host: str = "127.0.0.1", port: int = 4321) -> None:
-        self.collect = collect
+    :param registry: what ``/metrics`` exposes.
+    :param checks: readiness checks (none: always ready).
+    :param host: bind address (loopback by default).
+    :param port: TCP port (0 picks a free one; see :attr:`port`).
+    """
+
+    def __init__(
+        self,
+        registry: CollectorRegistry,
+        checks: Sequence[HealthCheck] = (),
+        host: str = "127.0.0.1",
+        port: int = 0,
+    ) -> None:
+        self.registry = registry
+        self.checks = list(checks)
         outer = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -59,16 +137,19 @@ class MetricsServer:
                 path = self.path.split("?", 1)[0]
                 if path == "/metrics":
                     try:
-                        body = render_metrics(outer.collect()) + _client_metrics()
-                        status = 200
+                        data, status = generate_latest(outer.registry), 200
                     except Exception as exc:  # report, don't crash the endpoint
-                        body, status = f"# error collecting metrics: {exc}\n", 500
-                    ctype = "text/plain; version=0.0.4; charset=utf-8"
+                        log.exception("collecting metrics failed")
+                        data, status = f"# error collecting metrics: {exc}\n".encode(), 500
+                    self._reply(status, CONTENT_TYPE_LATEST, data)
                 elif path == "/healthz":
-                    body, status, ctype = "ok\n", 200, "text/plain; charset=utf-8"
+                    ready, reasons = outer.health()
+                    body = "ok\n" if ready else "".join(f"not ready: {r}\n" for r in reasons)
+                    self._reply(200 if ready else 503, "text/plain; charset=utf-8", body.encode())
                 else:
-                    body, status, ctype = "not found\n", 404, "text/plain; charset=utf-8"
-                data = body.encode("utf-8")
+                    self._reply(404, "text/plain; charset=utf-8", b"not found\n")
+
+            def _reply(self, status: int, ctype: str, data: bytes) -> None:
                 self.send_response(status)
                 self.send_header("Content-Type", ctype)
                 self.send_header("Content-Length", str(len(data)))
@@ -81,6 +162,15 @@ class MetricsServer:
         self._httpd = ThreadingHTTPServer((host, port), Handler)
         self._httpd.daemon_threads = True
         self._thread = threading.Thread(target=self._httpd.serve_forever, name="torus-http", daemon=True)
+
+    def health(self) -> tuple[bool, list[str]]:
+        """What ``/healthz`` answers: ``(ready, reasons)``."""
+        return run_checks(self.checks)
+
+    @property
+    def host(self) -> str:
+        """The bound address."""
+        return str(self._httpd.server_address[0])
 
     @property
     def port(self) -> int:

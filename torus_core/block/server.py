@@ -2,13 +2,15 @@
 
 A :class:`Server` owns the metadata backend, the :class:`MetadataService`, the local block
 store and the volume export provider, and optionally runs the NBD listener and the metrics HTTP
-endpoint. It is built from a :class:`~torus_core.config.Config` with :meth:`Server.from_config`
-and is meant to be extended (peer RPC, ring membership) by adding components that are started
-after it and stopped before :meth:`Server.close`.
+endpoint (``/metrics`` from :mod:`torus_core.metrics`, ``/healthz`` from readiness checks: the
+metadata backend answers a background probe, plus what components add with
+:meth:`Server.add_health_check`). It is built from a :class:`~torus_core.config.Config` with
+:meth:`Server.from_config` and is meant to be extended (peer RPC, ring membership) by adding
+components that are started after it and stopped before :meth:`Server.close`.
 
 Shutdown order (:meth:`close`): stop the NBD listener (disconnects clients, whose exports close:
-sync + unlock), close any still-open volumes, stop HTTP, close the block store (flush), close
-the metadata backend.
+sync + unlock), close any still-open volumes, stop HTTP and the metadata probe, close the block
+store (flush), close the metadata backend.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import contextlib
 import logging
 import os
 import ssl
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from typing import Any
 
 from torus_core.block.malloc import limit_arenas
@@ -28,8 +30,9 @@ from torus_core.config import Config
 from torus_core.errors import AlreadyExists, InvalidArgument, TorusError
 from torus_core.eventlog import MetadataBackend
 from torus_core.file import DEFAULT_CACHE_BYTES
-from torus_core.http import MetricsServer, MetricValue
+from torus_core.http import BackgroundProbe, HealthCheck, MetricsServer
 from torus_core.metadata import MetadataService
+from torus_core.metrics import Collector, HealthCollector, ServerCollector, StoreCollector, server_registry
 from torus_core.nbd.server import NBDServer, ServerThread
 from torus_core.plugins import Registries, load_registries
 
@@ -100,6 +103,9 @@ class Server:
         )
         self.nbd: ServerThread | None = None
         self.http: MetricsServer | None = None
+        self.metadata_probe: BackgroundProbe | None = None
+        self._collectors: list[Collector] = [StoreCollector(store), ServerCollector(self)]
+        self._health_checks: list[HealthCheck] = []
         #: extra components' stop functions, called newest first before the core shuts down
         self._stoppers: list[Callable[[], None]] = []
         self._closed = False
@@ -177,31 +183,48 @@ class Server:
         self.nbd = ServerThread(server).start()
         return self.nbd
 
-    def serve_http(self, host: str = "127.0.0.1", port: int = 4321) -> MetricsServer:
-        """Start the metrics endpoint."""
+    def serve_metrics(
+        self,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        *,
+        probe_interval: float = 1.0,
+        probe_timeout: float = 2.0,
+    ) -> MetricsServer:
+        """Start the ``/metrics`` + ``/healthz`` endpoint and the metadata backend probe.
+
+        The backend is probed every ``probe_interval`` s (its log head position); ``/healthz``
+        reports not-ready when the last probe failed or none answered within
+        ``probe_interval + probe_timeout`` s, and when any added health check fails.
+        """
         if self.http is not None:
             raise InvalidArgument("the HTTP server is already running")
-        self.http = MetricsServer(self.metrics, host, port).start()
-        return self.http
+        probe = BackgroundProbe(
+            "metadata backend", self.backend.log.head_position, interval=probe_interval, timeout=probe_timeout
+        )
+        checks: list[HealthCheck] = [probe.status, *self._health_checks]
+        health = HealthCollector(lambda: http.health()[0], lambda: probe.healthy)
+        http = MetricsServer(server_registry([*self._collectors, health]), checks, host, port)
+        self.metadata_probe = probe.start()
+        self.http = http.start()
+        return http
+
+    #: The endpoint's former name.
+    serve_http = serve_metrics
+
+    def add_collector(self, collector: Collector) -> None:
+        """Expose ``collector`` on ``/metrics`` (call before :meth:`serve_metrics`)."""
+        self._collectors.append(collector)
+
+    def add_health_check(self, check: HealthCheck) -> None:
+        """Add a readiness check to ``/healthz`` (cheap and non-blocking: it runs per request)."""
+        self._health_checks.append(check)
+        if self.http is not None:
+            self.http.checks.append(check)
 
     def add_stopper(self, stop: Callable[[], None]) -> None:
         """Register a component's stop function (run newest first at :meth:`close`)."""
         self._stoppers.append(stop)
-
-    def metrics(self) -> Mapping[str, MetricValue]:
-        """Current gauges for ``/metrics``."""
-        opened = self.exports.open_names()
-        values: dict[str, MetricValue] = {
-            "torus_server_open_volumes": len(opened),
-            "torus_server_open_connections": [({"volume": n}, c) for n, c in sorted(opened.items())],
-            "torus_storage_blocks": self.store.used_blocks(),
-            "torus_storage_blocks_total": self.store.num_blocks(),
-            "torus_storage_block_bytes": self.store.block_size,
-            "torus_volumes": len(self.md.list_volumes()),
-        }
-        if self.nbd is not None:
-            values["torus_nbd_connections"] = self.nbd.server.connections
-        return values
 
     # --- shutdown ------------------------------------------------------------------------------
 
@@ -217,6 +240,8 @@ class Server:
         self._quietly("open volumes", self.exports.close)
         if self.http is not None:
             self._quietly("HTTP server", self.http.stop)
+        if self.metadata_probe is not None:
+            self._quietly("metadata probe", self.metadata_probe.stop)
         self._quietly("block store", self.store.close)
         self._quietly("metadata backend", self.backend.close)
 

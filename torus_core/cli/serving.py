@@ -1,7 +1,9 @@
 """Running a :class:`~torus_core.block.server.Server` from a command (``torusd``, ``torusblk``).
 
 :func:`check_tls_options` validates the NBD TLS flags, :func:`serve_nbd` starts an NBD listener
-and prints its ``NBD LISTENING host:port`` line, :func:`serve_until_signalled` starts the
+and prints its ``NBD LISTENING host:port`` line, :func:`serve_metrics` starts the
+``/metrics`` + ``/healthz`` endpoint and prints ``HTTP LISTENING host:port``,
+:func:`serve_until_signalled` starts the
 listeners (closing the server if that fails) and blocks until SIGTERM/SIGINT.
 """
 
@@ -41,6 +43,27 @@ def serve_nbd(
     tls = tls_context(tls_cert, tls_key, ca_file) if tls_cert and tls_key else None
     nbd = server.serve_nbd(host, port, tls=tls, tls_required=require_tls)
     click.echo(f"NBD LISTENING {host}:{nbd.port}")
+
+
+def metrics_address(metrics: str | None, host: str | None = None, port: int = 4321) -> str | None:
+    """The ``--metrics HOST:PORT`` address, also accepting the older ``--host H --port P``.
+
+    Raises UsageError for both spellings at once or a malformed address (before anything opens).
+    """
+    if metrics and host:
+        raise UsageError("give either --metrics HOST:PORT or --host/--port, not both")
+    if host:
+        metrics = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    if metrics:
+        parse_listen(metrics, default_port=4321)
+    return metrics
+
+
+def serve_metrics(server: Server, listen: str) -> None:
+    """Serve ``/metrics`` and ``/healthz`` on ``listen`` (HOST:PORT) and print ``HTTP LISTENING``."""
+    host, port = parse_listen(listen, default_port=4321)
+    http = server.serve_metrics(host, port)
+    click.echo(f"HTTP LISTENING {host}:{http.port}")
 
 
 def run_until_signalled(server: Server, stop: threading.Event | None = None) -> None:

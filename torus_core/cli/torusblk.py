@@ -18,7 +18,13 @@ import click
 from torus_core import __version__
 from torus_core.block.server import Server, parse_listen
 from torus_core.cli.common import build_context, config_options, handle_errors
-from torus_core.cli.serving import check_tls_options, serve_nbd, serve_until_signalled
+from torus_core.cli.serving import (
+    check_tls_options,
+    metrics_address,
+    serve_metrics,
+    serve_nbd,
+    serve_until_signalled,
+)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -32,6 +38,13 @@ def cli() -> None:
 @click.option("--listen", "-l", default="127.0.0.1:10809", show_default=True, metavar="HOST:PORT")
 @click.option("--block-store", default=None, help="Block store plugin (default: file).")
 @click.option("--size", default=None, help="Capacity of the local block store, e.g. 4GiB.")
+@click.option(
+    "--metrics",
+    "metrics_listen",
+    default=None,
+    metavar="HOST:PORT",
+    help="Serve /metrics and /healthz over HTTP (e.g. 127.0.0.1:9102; port 0 picks one). Off by default.",
+)
 @click.option("--tls-cert", default=None, type=click.Path(dir_okay=False), help="TLS certificate.")
 @click.option("--tls-key", default=None, type=click.Path(dir_okay=False), help="TLS private key.")
 @click.option("--require-tls", is_flag=True, help="Refuse clients that do not start TLS.")
@@ -43,6 +56,7 @@ def nbdserve(
     listen: str,
     block_store: str | None,
     size: str | None,
+    metrics_listen: str | None,
     tls_cert: str | None,
     tls_key: str | None,
     require_tls: bool,
@@ -54,11 +68,16 @@ def nbdserve(
     logging.basicConfig(level=logging.DEBUG if debug else logging.INFO, stream=sys.stderr)
     check_tls_options(tls_cert, tls_key, require_tls)
     parse_listen(listen)  # a bad address is refused before the store is opened
+    metrics_address(metrics_listen)
     ctx = build_context(config_path, storage_size=size, block_store=block_store, **overrides)
     server = Server.from_config(ctx.config, lease_ttl=lease_ttl)
-    serve_until_signalled(
-        server, lambda: serve_nbd(server, listen, tls_cert, tls_key, require_tls, ctx.config.tls.ca_file)
-    )
+
+    def start() -> None:
+        serve_nbd(server, listen, tls_cert, tls_key, require_tls, ctx.config.tls.ca_file)
+        if metrics_listen:
+            serve_metrics(server, metrics_listen)
+
+    serve_until_signalled(server, start)
 
 
 def main() -> None:

@@ -6,7 +6,9 @@ Single-node quick start (what ``scripts/run-single-node.sh`` runs)::
 
 opens the metadata (default ``sqlite:///D/metadata.db``), the block store under ``D/block`` and
 serves every volume over NBD. An unformatted cluster is an error (``NoGlobalMetadata``) unless
-``--debug-init`` is given, which formats it. ``--host/--port`` serve ``/metrics`` over HTTP.
+``--debug-init`` is given, which formats it. ``--metrics HOST:PORT`` serves ``/metrics``
+(Prometheus) and ``/healthz`` (readiness) over HTTP; off unless given (``--host H --port P`` is
+the older spelling of ``--metrics H:P``).
 SIGTERM/SIGINT shut down gracefully: NBD clients are disconnected, open volumes synced and
 unlocked, the store flushed and closed. Prints ``NBD LISTENING host:port`` / ``HTTP LISTENING``
 lines once bound (scripts and tests wait for them).
@@ -24,7 +26,13 @@ from torus_core import __version__
 from torus_core.block.local_gc import LocalGC
 from torus_core.block.server import Server
 from torus_core.cli.common import build_context, config_options, handle_errors
-from torus_core.cli.serving import check_tls_options, serve_nbd, serve_until_signalled
+from torus_core.cli.serving import (
+    check_tls_options,
+    metrics_address,
+    serve_metrics,
+    serve_nbd,
+    serve_until_signalled,
+)
 from torus_core.cluster.cli_options import cluster_options, make_cluster_options
 from torus_core.cluster.daemon import start_cluster_server
 from torus_core.errors import NoGlobalMetadata, UsageError
@@ -34,7 +42,14 @@ from torus_core.errors import NoGlobalMetadata, UsageError
 @config_options
 @click.option("--size", default=None, help="Capacity of the local block store, e.g. 4GiB.")
 @click.option("--block-store", default=None, help="Block store plugin (default: file).")
-@click.option("--host", default=None, help="Serve HTTP /metrics on this host (e.g. 127.0.0.1).")
+@click.option(
+    "--metrics",
+    "metrics_listen",
+    default=None,
+    metavar="HOST:PORT",
+    help="Serve /metrics and /healthz over HTTP (e.g. 127.0.0.1:9101; port 0 picks one). Off by default.",
+)
+@click.option("--host", default=None, help="Older spelling: --host H --port P is --metrics H:P.")
 @click.option("--port", default=4321, show_default=True, type=int, help="HTTP port (with --host).")
 @click.option("--nbd-listen", default=None, metavar="HOST:PORT", help="Also serve volumes over NBD.")
 @click.option("--tls-cert", default=None, type=click.Path(dir_okay=False), help="NBD TLS certificate.")
@@ -57,6 +72,7 @@ def cli(
     config_path: str | None,
     size: str | None,
     block_store: str | None,
+    metrics_listen: str | None,
     host: str | None,
     port: int,
     nbd_listen: str | None,
@@ -86,6 +102,7 @@ def cli(
     )
     ctx = build_context(config_path, storage_size=size, block_store=block_store, **overrides)
     check_tls_options(tls_cert, tls_key, require_tls)
+    metrics_listen = metrics_address(metrics_listen, host, port)
     try:
         server = Server.from_config(ctx.config, debug_init=debug_init, lease_ttl=lease_ttl)
     except NoGlobalMetadata as exc:
@@ -118,9 +135,8 @@ def cli(
     def start() -> None:
         if nbd_listen:
             serve_nbd(server, nbd_listen, tls_cert, tls_key, require_tls, ctx.config.tls.ca_file)
-        if host:
-            http = server.serve_http(host, port)
-            click.echo(f"HTTP LISTENING {host}:{http.port}")
+        if metrics_listen:
+            serve_metrics(server, metrics_listen)
 
     serve_until_signalled(server, start)
 

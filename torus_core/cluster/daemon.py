@@ -17,6 +17,7 @@ from torus_core.block.server import Server
 from torus_core.cluster.node import ClusterNode, ClusterOptions, load_or_create_uuid
 from torus_core.config import Config
 from torus_core.errors import ConfigError, TorusError
+from torus_core.metrics import ClusterCollector
 from torus_core.rpc.tls import TLSConfig
 
 
@@ -80,4 +81,14 @@ def start_cluster_server(
         registries=server.registries,
     )
     clustered.add_stopper(node.stop_background)
+    clustered.add_collector(ClusterCollector(node))
+    clustered.add_health_check(lambda: ring_membership(node))
     return clustered, node
+
+
+def ring_membership(node: ClusterNode) -> tuple[bool, str]:
+    """Readiness check: this peer is a member of the ring in force here."""
+    ring = node.distributor.ring
+    if node.uuid in ring.members():
+        return True, ""
+    return False, f"peer {node.uuid} is not in the ring (v{ring.version}); add it with torusctl peer add"

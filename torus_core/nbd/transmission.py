@@ -13,9 +13,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from concurrent.futures import Executor
 from typing import Any
 
+from torus_core import metrics
 from torus_core.errors import ProtocolError
 from torus_core.nbd import wire
 from torus_core.nbd.bufpool import BufferPool
@@ -47,6 +49,16 @@ _COALESCE = 64 * 1024
 _INLINE_MAX = 128 * 1024
 #: Most block-status descriptors sent in one reply.
 _MAX_EXTENTS = 1024
+#: Metric label of each command served (see torus_core.metrics.NBD_COMMANDS).
+_CMD_NAMES = {
+    _READ: "read",
+    _WRITE: "write",
+    _FLUSH: "flush",
+    _TRIM: "trim",
+    _ZEROES: "write_zeroes",
+    _STATUS: "block_status",
+}
+_now = time.perf_counter
 
 
 class Transmission:
@@ -85,6 +97,9 @@ class Transmission:
             allowed[_STATUS] = _REQ_ONE
         self._allowed = allowed
         self._reply_error = self._error_structured if session.structured else self._error_simple
+        m = metrics.NBDConnectionMetrics(getattr(self.export, "name", ""), _CMD_NAMES)  # bound once
+        self._latency, self._errors = m.latency, m.errors
+        self._read_bytes, self._written_bytes = m.read_bytes, m.written_bytes
 
     async def run(self) -> None:
         """Serve until NBD_CMD_DISC or the connection ends; then wait for in-flight work and
@@ -261,9 +276,11 @@ class Transmission:
     def _dispatch(
         self, cmd: int, flags: int, handle: int, offset: int, length: int, payload: bytearray | None
     ) -> None:
+        t0 = _now()
         if self.export.blocking:
             if length <= _INLINE_MAX and (cmd == _READ or (cmd == _WRITE and not flags & _FUA)):
                 if self._try_inline(cmd, handle, offset, length, payload):
+                    self._latency[cmd].observe(_now() - t0)
                     return
             nbytes = length if cmd in (_READ, _WRITE) else 0
             self.inflight += 1
@@ -272,7 +289,7 @@ class Transmission:
                 self._execute,
                 (cmd, flags, offset, length, payload),
                 self._sink,
-                (cmd, handle, offset, length, nbytes, payload),
+                (cmd, handle, offset, length, nbytes, payload, t0),
             )
             return
         try:
@@ -281,6 +298,7 @@ class Transmission:
             self._failed(handle, cmd, e)
         else:
             self._succeeded(handle, cmd, offset, length, result)
+        self._latency[cmd].observe(_now() - t0)
         if payload is not None:
             self._pool.put(payload)
 
@@ -352,13 +370,14 @@ class Transmission:
         return out
 
     def _complete(self, tag: tuple[Any, ...], ok: bool, result: Any) -> None:
-        cmd, handle, offset, length, nbytes, payload = tag
+        cmd, handle, offset, length, nbytes, payload, t0 = tag
         self.inflight -= 1
         self.inflight_bytes -= nbytes
         if ok:
             self._succeeded(handle, cmd, offset, length, result)
         else:
             self._failed(handle, cmd, result)
+        self._latency[cmd].observe(_now() - t0)
         if payload is not None:
             self._pool.put(payload)
         if self.inflight == 0:
@@ -380,6 +399,7 @@ class Transmission:
         write = self.stream.write
         structured = self.session.structured
         if cmd == _READ:
+            self._read_bytes.inc(length)
             if structured:
                 if length == 0:
                     write(wire.chunk_none(handle))
@@ -395,12 +415,13 @@ class Transmission:
         elif cmd == _STATUS:
             assert self.session.allocation_context is not None
             write(wire.chunk_block_status(handle, self.session.allocation_context, result))
-        elif structured:
-            write(wire.chunk_none(handle))
         else:
-            write(wire.simple_reply(0, handle))
+            if cmd == _WRITE:
+                self._written_bytes.inc(length)
+            write(wire.chunk_none(handle) if structured else wire.simple_reply(0, handle))
 
     def _failed(self, handle: int, cmd: int, exc: BaseException) -> None:
+        self._errors[cmd].inc()
         err = errno_for(exc)
         if err == Errno.EIO:
             log.warning("NBD command %d on %s failed: %r", cmd, self.export.name, exc)

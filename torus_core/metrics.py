@@ -1,0 +1,332 @@
+"""Every Prometheus metric torus exports, defined in one place (see docs/metrics.md).
+
+Process-wide counters and histograms live in prometheus_client's default registry, so they also
+carry the process/platform/GC collectors it comes with. Instrumented code imports the metric (or,
+on hot paths, a **pre-bound labelled child** from the tables below) and calls ``inc``/``observe``;
+nothing here does I/O.
+
+Values that are *read* rather than counted (store capacity, open volumes, ring membership,
+rebalancer state) come from collectors bound to one running server: :class:`StoreCollector`,
+:class:`ServerCollector`, :class:`ClusterCollector`. They are not registered globally (a test
+process may run several servers); :func:`server_registry` builds the registry one ``/metrics``
+endpoint serves: the default registry plus that server's collectors.
+
+Naming follows the Prometheus conventions: base units (``_seconds``, ``_bytes``), ``_total`` for
+counters, ``torus_`` prefix.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from typing import Any
+
+from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics
+from prometheus_client.core import GaugeMetricFamily, InfoMetricFamily
+from prometheus_client.metrics_core import Metric
+from prometheus_client.registry import Collector
+
+from torus_core import __version__
+from torus_core.errors import TorusError
+
+# ``*_created`` series (a timestamp per counter/histogram) double the scrape for no use here.
+disable_created_metrics()
+
+#: Latency buckets for requests served from memory up to slow syncs (100 µs .. 10 s).
+LATENCY_BUCKETS = (
+    0.0001,
+    0.00025,
+    0.0005,
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+)
+
+# --- NBD (torus_core/nbd/transmission.py) --------------------------------------------------------
+
+#: NBD command names used as the ``cmd`` label.
+NBD_COMMANDS = ("read", "write", "flush", "trim", "write_zeroes", "block_status")
+
+NBD_REQUEST_SECONDS = Histogram(
+    "torus_nbd_request_duration_seconds",
+    "Time from reading an NBD request to its reply being queued, by command.",
+    ["cmd"],
+    buckets=LATENCY_BUCKETS,
+)
+NBD_REQUEST_ERRORS = Counter(
+    "torus_nbd_request_errors_total",
+    "NBD requests answered with an error (after validation), by command.",
+    ["cmd"],
+)
+VOLUME_READ_BYTES = Counter(
+    "torus_volume_read_bytes_total", "Bytes read by NBD clients, by export (volume or VOL@SNAP).", ["volume"]
+)
+VOLUME_WRITTEN_BYTES = Counter(
+    "torus_volume_written_bytes_total", "Bytes written by NBD clients, by export.", ["volume"]
+)
+for _cmd in NBD_COMMANDS:  # every series exists from the start (rate() and dashboards need them)
+    NBD_REQUEST_SECONDS.labels(_cmd)
+    NBD_REQUEST_ERRORS.labels(_cmd)
+
+
+class NBDConnectionMetrics:
+    """The children one NBD connection updates, bound once when the connection starts.
+
+    ``latency`` and ``errors`` are indexed by NBD command number (``torus_core.nbd.constants.Cmd``).
+    """
+
+    __slots__ = ("errors", "latency", "read_bytes", "written_bytes")
+
+    def __init__(self, export_name: str, commands: Mapping[int, str]) -> None:
+        self.latency = {num: NBD_REQUEST_SECONDS.labels(name) for num, name in commands.items()}
+        self.errors = {num: NBD_REQUEST_ERRORS.labels(name) for num, name in commands.items()}
+        self.read_bytes = VOLUME_READ_BYTES.labels(export_name)
+        self.written_bytes = VOLUME_WRITTEN_BYTES.labels(export_name)
+
+
+# --- volumes (torus_core/block/volume.py) -------------------------------------------------------
+
+VOLUME_FLUSH_SECONDS = Histogram(
+    "torus_volume_flush_duration_seconds",
+    "Time of a volume sync (NBD FLUSH/FUA, close): dirty blocks durable + INode committed.",
+    buckets=LATENCY_BUCKETS,
+)
+
+# --- peer RPC client (torus_core/rpc/client.py) -------------------------------------------------
+
+#: The peer RPC methods used as the ``method`` label.
+RPC_METHODS = ("GetBlock", "PutBlocks", "Flush", "PutBlockStream", "RebalanceCheck", "Ping")
+
+RPC_CLIENT_SECONDS = Histogram(
+    "torus_rpc_client_duration_seconds",
+    "Latency of peer RPC calls made by this process (success or failure), by method.",
+    ["method"],
+    buckets=LATENCY_BUCKETS,
+)
+RPC_CLIENT_ERRORS = Counter(
+    "torus_rpc_client_errors_total", "Peer RPC calls that failed, by method.", ["method"]
+)
+#: Pre-bound children by method name (the client looks them up in a dict, not with ``labels``).
+RPC_CLIENT_SECONDS_BY_METHOD = {m: RPC_CLIENT_SECONDS.labels(m) for m in RPC_METHODS}
+RPC_CLIENT_ERRORS_BY_METHOD = {m: RPC_CLIENT_ERRORS.labels(m) for m in RPC_METHODS}
+
+# --- distributor read cache (torus_core/distributor/cache.py) -----------------------------------
+
+READ_CACHE_HITS = Counter("torus_read_cache_hits_total", "Block reads served from the distributor LRU.")
+READ_CACHE_MISSES = Counter("torus_read_cache_misses_total", "Block reads not found in the distributor LRU.")
+
+# --- metadata (torus_core/metadata.py) ----------------------------------------------------------
+
+METADATA_APPEND_SECONDS = Histogram(
+    "torus_metadata_append_duration_seconds",
+    "Latency of one atomic event-batch append to the metadata log, by backend.",
+    ["backend"],
+    buckets=LATENCY_BUCKETS,
+)
+
+# --- leases (torus_core/block/lease.py, torus_core/cluster/heartbeat.py) -------------------------
+
+#: ``kind`` label values: a volume lock's lease, a peer's heartbeat lease.
+LEASE_KINDS = ("volume", "peer")
+LEASE_RENEWALS = Counter("torus_lease_renewals_total", "Successful lease keepalives, by kind.", ["kind"])
+LEASE_RENEWAL_FAILURES = Counter(
+    "torus_lease_renewal_failures_total",
+    "Lease keepalives that failed transiently (retried), by kind.",
+    ["kind"],
+)
+LEASE_LOSSES = Counter(
+    "torus_lease_losses_total",
+    "Leases found gone (volume lock lost; peer lease expired and re-granted), by kind.",
+    ["kind"],
+)
+VOLUME_LEASE_RENEWALS = LEASE_RENEWALS.labels("volume")
+VOLUME_LEASE_RENEWAL_FAILURES = LEASE_RENEWAL_FAILURES.labels("volume")
+VOLUME_LEASE_LOSSES = LEASE_LOSSES.labels("volume")
+PEER_LEASE_RENEWALS = LEASE_RENEWALS.labels("peer")
+PEER_LEASE_LOSSES = LEASE_LOSSES.labels("peer")
+HEARTBEAT_FAILURES = Counter(
+    "torus_heartbeat_failures_total", "Heartbeats that failed (metadata errors; retried next beat)."
+)
+
+# --- rebalancer and GC (torus_core/cluster/rebalancer.py, torus_core/cluster/gc.py) --------------
+
+REBALANCE_PUSHED_BLOCKS = Counter(
+    "torus_rebalance_pushed_blocks_total", "Blocks the rebalancer pushed to their ring owners."
+)
+REBALANCE_PUSHED_BYTES = Counter(
+    "torus_rebalance_pushed_bytes_total", "Bytes the rebalancer pushed to their ring owners."
+)
+REBALANCE_DELETED_BLOCKS = Counter(
+    "torus_rebalance_deleted_blocks_total", "Non-owned local copies deleted once every owner confirmed."
+)
+REBALANCE_PASSES = Counter("torus_rebalance_passes_total", "Complete rebalance passes over the local blocks.")
+GC_CYCLES = Counter("torus_gc_cycles_total", "GC cycles that built a complete live set.")
+GC_SKIPPED_CYCLES = Counter(
+    "torus_gc_skipped_cycles_total", "GC cycles skipped (metadata or an INode unreadable; nothing deleted)."
+)
+GC_DELETED_BLOCKS = Counter("torus_gc_deleted_blocks_total", "Dead blocks deleted by GC.")
+GC_DEAD_BLOCKS = Gauge(
+    "torus_gc_dead_blocks", "Dead blocks found by the last GC cycle (deleted after grace)."
+)
+
+
+# --- collectors bound to one server --------------------------------------------------------------
+
+
+class StoreCollector(Collector):
+    """Capacity and usage of a block store, read at scrape time.
+
+    :param store: anything with ``block_size``, ``num_blocks()`` and ``used_blocks()``.
+    """
+
+    def __init__(self, store: Any) -> None:
+        self.store = store
+
+    def collect(self) -> Iterator[Metric]:
+        """Gauges in blocks and bytes (nothing while the store is closed)."""
+        store = self.store
+        try:
+            size = int(store.block_size)
+            total = int(store.num_blocks())
+            used = int(store.used_blocks())
+        except TorusError:  # closed (shutting down): skip rather than fail the scrape
+            return
+        yield GaugeMetricFamily("torus_store_block_size_bytes", "Block size of the store.", value=size)
+        yield GaugeMetricFamily("torus_store_capacity_blocks", "Blocks the store can hold.", value=total)
+        yield GaugeMetricFamily("torus_store_used_blocks", "Blocks stored.", value=used)
+        yield GaugeMetricFamily("torus_store_capacity_bytes", "Store capacity in bytes.", value=total * size)
+        yield GaugeMetricFamily("torus_store_used_bytes", "Bytes of blocks stored.", value=used * size)
+
+
+class ServerCollector(Collector):
+    """Volumes and NBD connections of one :class:`~torus_core.block.server.Server`.
+
+    Reads only in-memory state (the projection as of its last catch-up, the export provider),
+    so a scrape never waits on the metadata backend.
+    """
+
+    def __init__(self, server: Any) -> None:
+        self.server = server
+
+    def collect(self) -> Iterator[Metric]:
+        """Gauges: volumes, opened exports, connections per export, NBD connections."""
+        server = self.server
+        yield GaugeMetricFamily(
+            "torus_volumes",
+            "Volumes in the cluster (as of this process's last metadata read).",
+            value=len(server.md.projector.state.volumes),
+        )
+        opened: dict[str, int] = server.exports.open_names()
+        yield GaugeMetricFamily("torus_nbd_open_volumes", "Volumes opened by NBD clients.", value=len(opened))
+        conns = GaugeMetricFamily(
+            "torus_nbd_volume_connections", "NBD connections per opened export.", labels=["volume"]
+        )
+        for name, count in sorted(opened.items()):
+            conns.add_metric([name], count)
+        yield conns
+        nbd = server.nbd
+        yield GaugeMetricFamily(
+            "torus_nbd_connections",
+            "Open NBD client connections.",
+            value=nbd.server.connections if nbd is not None else 0,
+        )
+        info = InfoMetricFamily("torus_build", "torus version of this process.")
+        info.add_metric([], {"version": __version__})
+        yield info
+
+
+class ClusterCollector(Collector):
+    """Ring membership, peers and rebalancer state of one :class:`~torus_core.cluster.node.ClusterNode`."""
+
+    def __init__(self, node: Any) -> None:
+        self.node = node
+
+    def collect(self) -> Iterator[Metric]:
+        """Gauges read from the node (no RPC, no metadata I/O)."""
+        node = self.node
+        ring = node.distributor.ring
+        members = ring.members()
+        yield GaugeMetricFamily(
+            "torus_ring_version", "Version of the ring in force here.", value=ring.version
+        )
+        yield GaugeMetricFamily("torus_ring_members", "Peers in the ring.", value=len(members))
+        yield GaugeMetricFamily(
+            "torus_ring_member", "1 if this peer is in the ring, else 0.", value=int(node.uuid in members)
+        )
+        yield GaugeMetricFamily(
+            "torus_peers_live", "Peers with a live heartbeat (as last seen).", value=len(node.directory)
+        )
+        reb = node.rebalancer
+        if reb is None:
+            return
+        info = reb.info()
+        yield GaugeMetricFamily(
+            "torus_rebalance_under_replicated_blocks",
+            "Local blocks the last complete rebalance pass found missing on an owner (-1: no pass yet).",
+            value=info.under_replicated,
+        )
+        yield GaugeMetricFamily(
+            "torus_rebalance_unconfirmed_blocks",
+            "Local blocks whose owners could not all confirm a copy in the last complete pass.",
+            value=info.unconfirmed,
+        )
+        yield GaugeMetricFamily(
+            "torus_rebalance_running", "1 while a rebalance pass runs.", value=int(info.rebalancing)
+        )
+        yield GaugeMetricFamily(
+            "torus_rebalance_rate_bytes_per_second",
+            "Push rate of the last (or current) rebalance pass.",
+            value=info.rate,
+        )
+
+
+class HealthCollector(Collector):
+    """``torus_ready`` (1/0, what ``/healthz`` says) and ``torus_metadata_reachable`` (1/0)."""
+
+    def __init__(self, ready: Callable[[], bool], metadata_ok: Callable[[], bool]) -> None:
+        self.ready = ready
+        self.metadata_ok = metadata_ok
+
+    def collect(self) -> Iterator[Metric]:
+        """Two gauges."""
+        yield GaugeMetricFamily(
+            "torus_ready", "1 if /healthz reports ready, else 0.", value=int(self.ready())
+        )
+        yield GaugeMetricFamily(
+            "torus_metadata_reachable",
+            "1 if the metadata backend answered the last probe in time, else 0.",
+            value=int(self.metadata_ok()),
+        )
+
+
+class _Forward(Collector):
+    """Yields another registry's metrics (the process-wide default registry)."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.registry = registry
+
+    def collect(self) -> Iterable[Metric]:
+        """The forwarded registry's metrics."""
+        return self.registry.collect()
+
+
+def server_registry(collectors: Iterable[Collector], *, include_default: bool = True) -> CollectorRegistry:
+    """A registry serving the default registry's metrics plus ``collectors`` (one server's).
+
+    Built with ``auto_describe=False``: nothing is collected at registration time.
+    """
+    registry = CollectorRegistry(auto_describe=False)
+    if include_default:
+        registry.register(_Forward(REGISTRY))
+    for c in collectors:
+        registry.register(c)
+    return registry
