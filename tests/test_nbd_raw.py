@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import logging
 import socket
 import ssl
 import struct
@@ -243,7 +244,7 @@ def test_go_unknown_export_gets_err_unknown(client):
     assert client.option_reply()[1] == Rep.ERR_UNKNOWN
 
 
-def test_go_on_a_locked_export_says_it_is_in_use():
+def test_go_on_a_locked_export_is_refused_by_policy_with_the_reason(caplog):
     p = MemoryExportProvider(exclusive=True)
     p.add("disk", SIZE)
     with _start(p) as st:
@@ -253,7 +254,10 @@ def test_go_on_a_locked_export_says_it_is_in_use():
         second.greet()
         second.option(Opt.GO, struct.pack(">I", 4) + b"disk" + struct.pack(">H", 0))
         _, rep, msg = second.option_reply()
-        assert rep == Rep.ERR_UNKNOWN and b"in use" in msg
+        # POLICY, not UNKNOWN: libnbd turns UNKNOWN into "server has no export named ..."
+        assert rep == Rep.ERR_POLICY and b"in use" in msg
+        refusals = [r for r in caplog.records if "refused export 'disk'" in r.getMessage()]
+        assert refusals and refusals[0].levelno == logging.WARNING and "in use" in refusals[0].getMessage()
         first.close()
         second.close()
 

@@ -268,8 +268,8 @@ def test_a_second_server_is_refused_while_the_volume_is_open(server, md, store, 
     try:
         with Holder(f"nbd://127.0.0.1:{server.port}/vol", "pass"):
             proc = nbdsh(f"nbd://127.0.0.1:{second.port}/vol", "print('connected')", check=False)
-            # the handshake refuses the export (NBD_REP_ERR_UNKNOWN "export 'vol' is in use")
-            assert proc.returncode != 0 and "handshake" in proc.stderr
+            # the handshake refuses the export with NBD_REP_ERR_POLICY and the holder's name
+            assert proc.returncode != 0 and "server policy prevents NBD_OPT_GO" in proc.stderr
             assert md.lock_status("vol").owner == "test-server" and other.open_names() == {}
     finally:
         second.stop()

@@ -137,6 +137,7 @@ class VolumeExportProvider(ExportProvider):
         store: BlockStore,
         *,
         owner: str | None = None,
+        take_over: bool = False,
         lease_ttl: float = DEFAULT_LEASE_TTL,
         cache_bytes: int = DEFAULT_CACHE_BYTES,
         layer_registry: Registry | None = None,
@@ -151,6 +152,8 @@ class VolumeExportProvider(ExportProvider):
         self.preferred_block_size = min(max(pref, 1), MAX_BLOCK)
         self.store = store
         self.owner = owner
+        #: break locks of this owner's dead earlier incarnations (``BlockVolume.open(take_over=)``)
+        self.take_over = take_over
         self.lease_ttl = lease_ttl
         self.cache_bytes = cache_bytes
         self.layer_registry = layer_registry
@@ -209,6 +212,7 @@ class VolumeExportProvider(ExportProvider):
                         self.store,
                         vol,
                         owner=self.owner,
+                        take_over=self.take_over,
                         lease_ttl=self.lease_ttl,
                         cache_bytes=self.cache_bytes,
                         layer_registry=self.layer_registry,

@@ -22,6 +22,7 @@ import ssl
 from collections.abc import Callable
 from typing import Any
 
+from torus_core.block.identity import DataDirClaim
 from torus_core.block.malloc import limit_arenas
 from torus_core.block.nbd_export import CLOSE_WAIT, VolumeExportProvider
 from torus_core.block.volume import DEFAULT_LEASE_TTL, check_store, default_owner
@@ -31,8 +32,8 @@ from torus_core.errors import AlreadyExists, InvalidArgument, TorusError
 from torus_core.eventlog import MetadataBackend
 from torus_core.file import DEFAULT_CACHE_BYTES
 from torus_core.http import BackgroundProbe, HealthCheck, MetricsServer
-from torus_core.metadata import MetadataService
 from torus_core.metrics import Collector, HealthCollector, ServerCollector, StoreCollector, server_registry
+from torus_core.metadata import MetadataService
 from torus_core.nbd.server import NBDServer, ServerThread
 from torus_core.plugins import Registries, load_registries
 
@@ -87,25 +88,30 @@ class Server:
         lease_ttl: float = DEFAULT_LEASE_TTL,
         cache_bytes: int = DEFAULT_CACHE_BYTES,
         registries: Registries | None = None,
+        claim: DataDirClaim | None = None,
     ) -> None:
         self.md = md
         self.store = store
         self.backend = backend if backend is not None else md.backend
         self.registries = registries
-        self.owner = owner or default_owner()
+        #: the data directory's identity claim (released at close); with it, the volume locks of
+        #: this peer's dead earlier incarnations are taken over at once
+        self.claim = claim
+        self.owner = owner or (claim.identity.owner if claim is not None else default_owner())
         self.exports = VolumeExportProvider(
             md,
             store,
             owner=self.owner,
+            take_over=claim is not None and claim.held and self.owner == claim.identity.owner,
+        self.metadata_probe: BackgroundProbe | None = None
+        self._collectors: list[Collector] = [StoreCollector(store), ServerCollector(self)]
+        self._health_checks: list[HealthCheck] = []
             lease_ttl=lease_ttl,
             cache_bytes=cache_bytes,
             layer_registry=registries.blockset_layers if registries is not None else None,
         )
         self.nbd: ServerThread | None = None
         self.http: MetricsServer | None = None
-        self.metadata_probe: BackgroundProbe | None = None
-        self._collectors: list[Collector] = [StoreCollector(store), ServerCollector(self)]
-        self._health_checks: list[HealthCheck] = []
         #: extra components' stop functions, called newest first before the core shuts down
         self._stoppers: list[Callable[[], None]] = []
         self._closed = False
@@ -152,13 +158,17 @@ class Server:
             )
             try:
                 check_store(store, gm)
+                # A persistent store's data dir is this node's: claim its identity (see
+                # torus_core.block.identity) so a restart takes over its own volume locks.
+                persistent = getattr(store_cls, "persistent", False)
+                claim = DataDirClaim.acquire(config.data_dir) if persistent else None
             except BaseException:
                 store.close()
                 raise
         except BaseException:
             backend.close()
             raise
-        return cls(md, store, backend=backend, lease_ttl=lease_ttl, registries=regs)
+        return cls(md, store, backend=backend, lease_ttl=lease_ttl, registries=regs, claim=claim)
 
     # --- components ----------------------------------------------------------------------------
 
@@ -230,6 +240,8 @@ class Server:
 
     def close(self) -> None:
         """Stop everything in order; sync and unlock open volumes. Idempotent."""
+        if self.metadata_probe is not None:
+            self._quietly("metadata probe", self.metadata_probe.stop)
         if self._closed:
             return
         self._closed = True
@@ -240,10 +252,10 @@ class Server:
         self._quietly("open volumes", self.exports.close)
         if self.http is not None:
             self._quietly("HTTP server", self.http.stop)
-        if self.metadata_probe is not None:
-            self._quietly("metadata probe", self.metadata_probe.stop)
         self._quietly("block store", self.store.close)
         self._quietly("metadata backend", self.backend.close)
+        if self.claim is not None:
+            self.claim.release()
 
     @staticmethod
     def _quietly(what: str, fn: Callable[[], None]) -> None:

@@ -17,6 +17,7 @@ import click
 
 from torus_core import __version__
 from torus_core.block.server import Server, parse_listen
+from torus_core.block.volume import DEFAULT_LEASE_TTL
 from torus_core.cli.common import build_context, config_options, handle_errors
 from torus_core.cli.serving import (
     check_tls_options,
@@ -37,7 +38,6 @@ def cli() -> None:
 @config_options
 @click.option("--listen", "-l", default="127.0.0.1:10809", show_default=True, metavar="HOST:PORT")
 @click.option("--block-store", default=None, help="Block store plugin (default: file).")
-@click.option("--size", default=None, help="Capacity of the local block store, e.g. 4GiB.")
 @click.option(
     "--metrics",
     "metrics_listen",
@@ -45,10 +45,18 @@ def cli() -> None:
     metavar="HOST:PORT",
     help="Serve /metrics and /healthz over HTTP (e.g. 127.0.0.1:9102; port 0 picks one). Off by default.",
 )
+@click.option("--size", default=None, help="Capacity of the local block store, e.g. 4GiB.")
 @click.option("--tls-cert", default=None, type=click.Path(dir_okay=False), help="TLS certificate.")
 @click.option("--tls-key", default=None, type=click.Path(dir_okay=False), help="TLS private key.")
 @click.option("--require-tls", is_flag=True, help="Refuse clients that do not start TLS.")
-@click.option("--lease-ttl", default=30.0, show_default=True, type=float, help="Volume lock lease TTL (s).")
+@click.option(
+    "--lease-ttl",
+    default=DEFAULT_LEASE_TTL,
+    show_default=True,
+    type=float,
+    help="Volume lock lease TTL (s); renewed every ttl/3, a dead holder's lock frees after it.",
+)
+    metrics_listen: str | None,
 @click.option("--debug", is_flag=True, help="Debug logging.")
 @handle_errors
 def nbdserve(
@@ -56,11 +64,11 @@ def nbdserve(
     listen: str,
     block_store: str | None,
     size: str | None,
-    metrics_listen: str | None,
     tls_cert: str | None,
     tls_key: str | None,
     require_tls: bool,
     lease_ttl: float,
+    metrics_address(metrics_listen)
     debug: bool,
     **overrides: Any,
 ) -> None:
@@ -68,7 +76,6 @@ def nbdserve(
     logging.basicConfig(level=logging.DEBUG if debug else logging.INFO, stream=sys.stderr)
     check_tls_options(tls_cert, tls_key, require_tls)
     parse_listen(listen)  # a bad address is refused before the store is opened
-    metrics_address(metrics_listen)
     ctx = build_context(config_path, storage_size=size, block_store=block_store, **overrides)
     server = Server.from_config(ctx.config, lease_ttl=lease_ttl)
 

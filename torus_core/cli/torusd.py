@@ -25,6 +25,7 @@ import click
 from torus_core import __version__
 from torus_core.block.local_gc import LocalGC
 from torus_core.block.server import Server
+from torus_core.block.volume import DEFAULT_LEASE_TTL
 from torus_core.cli.common import build_context, config_options, handle_errors
 from torus_core.cli.serving import (
     check_tls_options,
@@ -56,7 +57,13 @@ from torus_core.errors import NoGlobalMetadata, UsageError
 @click.option("--tls-key", default=None, type=click.Path(dir_okay=False), help="NBD TLS private key.")
 @click.option("--require-tls", is_flag=True, help="Refuse NBD clients that do not start TLS.")
 @click.option("--debug-init", is_flag=True, help="Format the cluster if it is not formatted yet.")
-@click.option("--lease-ttl", default=30.0, show_default=True, type=float, help="Volume lock lease TTL (s).")
+@click.option(
+    "--lease-ttl",
+    default=DEFAULT_LEASE_TTL,
+    show_default=True,
+    type=float,
+    help="Volume lock lease TTL (s); renewed every ttl/3, a dead holder's lock frees after it.",
+)
 @click.option(
     "--gc-interval",
     default=10.0,
@@ -65,6 +72,7 @@ from torus_core.errors import NoGlobalMetadata, UsageError
     help="Single-node GC period (s).",
 )
 @click.option("--debug", is_flag=True, help="Debug logging.")
+    metrics_listen: str | None,
 @cluster_options
 @click.version_option(__version__, prog_name="torusd")
 @handle_errors
@@ -72,7 +80,6 @@ def cli(
     config_path: str | None,
     size: str | None,
     block_store: str | None,
-    metrics_listen: str | None,
     host: str | None,
     port: int,
     nbd_listen: str | None,
@@ -95,6 +102,7 @@ def cli(
     **overrides: Any,
 ) -> None:
     """Run a torus storage node."""
+    metrics_listen = metrics_address(metrics_listen, host, port)
     logging.basicConfig(
         level=logging.DEBUG if debug else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
@@ -102,7 +110,6 @@ def cli(
     )
     ctx = build_context(config_path, storage_size=size, block_store=block_store, **overrides)
     check_tls_options(tls_cert, tls_key, require_tls)
-    metrics_listen = metrics_address(metrics_listen, host, port)
     try:
         server = Server.from_config(ctx.config, debug_init=debug_init, lease_ttl=lease_ttl)
     except NoGlobalMetadata as exc:

@@ -14,10 +14,11 @@ import contextlib
 
 from torus_core.block.malloc import limit_arenas
 from torus_core.block.server import Server
+from torus_core.block.volume import DEFAULT_LEASE_TTL
 from torus_core.cluster.node import ClusterNode, ClusterOptions, load_or_create_uuid
 from torus_core.config import Config
-from torus_core.errors import ConfigError, TorusError
 from torus_core.metrics import ClusterCollector
+from torus_core.errors import ConfigError, TorusError
 from torus_core.rpc.tls import TLSConfig
 
 
@@ -39,7 +40,7 @@ def start_cluster_server(
     advertise: str | None = None,
     auto_join: bool = False,
     options: ClusterOptions | None = None,
-    lease_ttl: float = 30.0,
+    lease_ttl: float = DEFAULT_LEASE_TTL,
 ) -> tuple[Server, ClusterNode]:
     """Start a storage :class:`ClusterNode` over ``server``'s store; returns the cluster server.
 
@@ -79,11 +80,10 @@ def start_cluster_server(
         owner=server.owner,
         lease_ttl=lease_ttl,
         registries=server.registries,
-    )
-    clustered.add_stopper(node.stop_background)
+        claim=server.claim,
     clustered.add_collector(ClusterCollector(node))
     clustered.add_health_check(lambda: ring_membership(node))
-    return clustered, node
+    )
 
 
 def ring_membership(node: ClusterNode) -> tuple[bool, str]:
@@ -92,3 +92,5 @@ def ring_membership(node: ClusterNode) -> tuple[bool, str]:
     if node.uuid in ring.members():
         return True, ""
     return False, f"peer {node.uuid} is not in the ring (v{ring.version}); add it with torusctl peer add"
+    clustered.add_stopper(node.stop_background)
+    return clustered, node

@@ -61,6 +61,14 @@ class Negotiator:
         self.no_zeroes = False
         self.meta_export: str | None = None  # export for which base:allocation was selected
 
+    def _peer(self) -> str:
+        """The client's address for log lines (``?`` if unknown)."""
+        transport = self.stream.transport
+        peer = transport.get_extra_info("peername") if transport is not None else None
+        if isinstance(peer, tuple) and len(peer) >= 2:
+            return f"{peer[0]}:{peer[1]}"
+        return str(peer) if peer else "?"
+
     async def _call(self, fn: Callable[..., T], *args: object) -> T:
         return await asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)
 
@@ -171,7 +179,8 @@ class Negotiator:
             name = self._resolve_name(data.decode())
             export = await self._open(name)
         except (UnicodeDecodeError, _OptionError, TorusError) as e:
-            log.info("NBD_OPT_EXPORT_NAME refused: %s", e)
+            level = logging.WARNING if isinstance(e, Locked) else logging.INFO
+            log.log(level, "NBD client %s: NBD_OPT_EXPORT_NAME refused: %s", self._peer(), e)
             self.stream.close()  # no way to report an error for this option
             return False
         info = export.info()
@@ -224,7 +233,13 @@ class Negotiator:
         except NotExist:
             raise _OptionError(Rep.ERR_UNKNOWN, f"no export named {name!r}") from None
         except Locked as e:
-            raise _OptionError(Rep.ERR_UNKNOWN, f"export {name!r} is in use: {e}") from None
+            # ERR_POLICY, not ERR_UNKNOWN: libnbd reports UNKNOWN as "server has no export
+            # named ..." and qemu as "Requested export not available", both misleading for a
+            # volume that exists but is held elsewhere; for POLICY qemu prints "Denied by
+            # server" plus our message, libnbd "server policy prevents NBD_OPT_GO" (and our
+            # message in its debug output).
+            log.warning("NBD client %s refused export %r: %s", self._peer(), name, e)
+            raise _OptionError(Rep.ERR_POLICY, str(e)) from None
         except TorusError as e:
             raise _OptionError(Rep.ERR_UNKNOWN, f"export {name!r} is not available: {e}") from None
         flags = transmission_flags(info, self.structured)
