@@ -86,6 +86,7 @@ from torus_core.events import (
     name_stream,
     volume_stream,
 )
+from torus_core.metrics import METADATA_APPEND_SECONDS
 from torus_core.projection import ClusterState, GlobalMetadata, Projector, SnapshotInfo, VolumeState
 from torus_core.refs import VOLUME_MAX, INodeRef
 from torus_core.registry import Registry
@@ -270,6 +271,8 @@ class MetadataService:
         self.ring_types = ring_types
         self.registry = registry
         self.projector = Projector(backend.log, registry=registry, snapshot_every=snapshot_every)
+        backend_name = getattr(backend, "name", type(backend).__name__)
+        self._append_seconds = METADATA_APPEND_SECONDS.labels(backend_name)  # bound once
         #: Guards the two maps below and every ``VolumeLock.seen_version`` update.
         self._mutex = threading.Lock()
         #: Volume stream -> the lock this service issued on it and still holds (see _note_appended).
@@ -288,7 +291,8 @@ class MetadataService:
 
     def _append(self, *events: NewEvent) -> list[int]:
         batch = list(events)
-        positions = self.backend.log.append(batch)
+        with self._append_seconds.time():
+            positions = self.backend.log.append(batch)
         self.projector.applied(batch, positions)
         self._note_appended(batch)
         return positions

@@ -38,6 +38,7 @@ from torus_core.errors import Closed, InvalidArgument, Locked, TorusError
 from torus_core.eventlog import Lease
 from torus_core.file import DEFAULT_CACHE_BYTES, File
 from torus_core.metadata import MetadataService, VolumeInfo, VolumeLock
+from torus_core.metrics import VOLUME_FLUSH_SECONDS
 from torus_core.projection import GlobalMetadata
 from torus_core.refs import BlockRef, INodeRef
 from torus_core.registry import Registry
@@ -291,7 +292,8 @@ class BlockVolume:
             self._check_open()
             return None
         self._check_writable()
-        return self.file.sync()
+        with VOLUME_FLUSH_SECONDS.time():
+            return self.file.sync()
 
     def resize(self, new_size: int) -> None:
         """Grow the volume to ``new_size`` bytes (metadata first, then the open file)."""

@@ -26,6 +26,7 @@ import logging
 import time
 from dataclasses import dataclass, field
 
+from torus_core import metrics
 from torus_core.blockset.spec import unmarshal_blockset
 from torus_core.blockstore import BlockStore
 from torus_core.errors import BlockNotExist, InvalidArgument, TorusError
@@ -146,6 +147,7 @@ class GarbageCollector:
             live = self.live_set()
         except GCSkipped as exc:
             self.skipped_cycles += 1
+            metrics.GC_SKIPPED_CYCLES.inc()
             log.warning("GC cycle skipped, nothing deleted: %s", exc)
             return GCResult(skipped=True, reason=str(exc))
         now = time.time() if now is None else now
@@ -169,9 +171,12 @@ class GarbageCollector:
             except BlockNotExist:
                 pass
             self.candidates.pop(ref, None)
+        metrics.GC_CYCLES.inc()
+        metrics.GC_DEAD_BLOCKS.set(result.dead)
         if result.deleted:
             self.local.flush()
             self.total_deleted += result.deleted
+            metrics.GC_DELETED_BLOCKS.inc(result.deleted)
             log.info("GC deleted %d dead block(s)", result.deleted)
         self.last_result = result
         return result

@@ -19,6 +19,7 @@ from torus_core.cluster.peerinfo import PeerInfo, parse_peers
 from torus_core.errors import InvalidArgument, LeaseNotFound, TorusError
 from torus_core.eventlog import Lease
 from torus_core.metadata import MetadataService
+from torus_core.metrics import HEARTBEAT_FAILURES, PEER_LEASE_LOSSES, PEER_LEASE_RENEWALS
 
 log = logging.getLogger(__name__)
 
@@ -68,8 +69,10 @@ class Heartbeat:
         if self.lease is not None:
             try:
                 self.md.backend.leases.keepalive(self.lease)
+                PEER_LEASE_RENEWALS.inc()
                 return self.lease, False
             except LeaseNotFound:
+                PEER_LEASE_LOSSES.inc()
                 log.warning("heartbeat lease %s expired; granting a new one", self.lease.id)
         self.lease = self.md.backend.leases.grant(self.ttl)
         self.leases_granted += 1
@@ -101,10 +104,12 @@ class Heartbeat:
                 self.last_error = None
             except TorusError as exc:
                 self.failures += 1
+                HEARTBEAT_FAILURES.inc()
                 self.last_error = exc
                 log.warning("heartbeat failed (will retry): %s", exc)
             except Exception as exc:  # a callback bug must not stop the heartbeat
                 self.failures += 1
+                HEARTBEAT_FAILURES.inc()
                 self.last_error = exc
                 log.exception("heartbeat callback failed")
             self._stop.wait(self.interval)

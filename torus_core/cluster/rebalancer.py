@@ -26,6 +26,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
 
+from torus_core import metrics
 from torus_core.blockstore import BlockStore
 from torus_core.cluster.peerinfo import RebalanceInfo
 from torus_core.distributor.peers import PeerDirectory
@@ -203,6 +204,7 @@ class Rebalancer:
                 elapsed = max(time.monotonic() - t0, 1e-6)
                 self._update_info(rate=result.pushed_bytes / elapsed, **self._totals(result))
             result.complete = True
+            metrics.REBALANCE_PASSES.inc()
         finally:
             result.finished = time.time()
             elapsed = max(time.monotonic() - t0, 1e-6)
@@ -258,6 +260,7 @@ class Rebalancer:
         if deleted:
             self.store.flush()
             result.deleted += deleted
+            metrics.REBALANCE_DELETED_BLOCKS.inc(deleted)
 
     def _sync_owner(
         self,
@@ -299,6 +302,8 @@ class Rebalancer:
             client.put_block_stream(items, timeout=self.options.push_timeout)
             result.pushed_blocks += len(items)
             result.pushed_bytes += sum(len(d) for _, d in items)
+            metrics.REBALANCE_PUSHED_BLOCKS.inc(len(items))
+            metrics.REBALANCE_PUSHED_BYTES.inc(sum(len(d) for _, d in items))
             pushed = [r for r, _ in items]
             again = client.rebalance_check(pushed, timeout=self.options.check_timeout)
             for ref, held in zip(pushed, again, strict=True):

@@ -10,6 +10,7 @@ import threading
 from collections import OrderedDict
 
 from torus_core.errors import InvalidArgument
+from torus_core.metrics import READ_CACHE_HITS, READ_CACHE_MISSES
 from torus_core.refs import BlockRef
 
 
@@ -35,9 +36,11 @@ class BlockCache:
             data = self._data.get(ref)
             if data is None:
                 self.misses += 1
+                READ_CACHE_MISSES.inc()
                 return None
             self._data.move_to_end(ref)
             self.hits += 1
+            READ_CACHE_HITS.inc()
             return data
 
     def put(self, ref: BlockRef, data: bytes) -> None:

@@ -9,6 +9,7 @@ transport failures raise :class:`~torus_core.errors.PeerUnavailable` (retryable)
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -16,6 +17,7 @@ from typing import Any
 import grpc
 
 from torus_core.errors import Closed, InvalidArgument, NotSupported, PeerUnavailable, ProtocolError
+from torus_core.metrics import RPC_CLIENT_ERRORS_BY_METHOD, RPC_CLIENT_SECONDS_BY_METHOD
 from torus_core.refs import BlockRef
 from torus_core.rpc import torus_storage_pb2 as pb
 from torus_core.rpc import torus_storage_pb2_grpc as pb_grpc
@@ -80,12 +82,17 @@ class PeerClient:
     def _call(self, method: str, fn: Any, request: Any, timeout: float) -> Any:
         if self._closed:
             raise Closed(f"client for {self.address} is closed")
+        t0 = time.perf_counter()
         try:
             return fn(request, timeout=timeout)
         except grpc.RpcError as exc:
+            RPC_CLIENT_ERRORS_BY_METHOD[method].inc()
             raise error_from_rpc(exc, self.address, method) from None
         except ValueError as exc:  # grpc raises ValueError on a closed channel
+            RPC_CLIENT_ERRORS_BY_METHOD[method].inc()
             raise PeerUnavailable(f"peer {self.address} {method}: {exc}", address=self.address) from None
+        finally:
+            RPC_CLIENT_SECONDS_BY_METHOD[method].observe(time.perf_counter() - t0)
 
     def get_block(self, ref: BlockRef, *, timeout: float | None = None) -> bytes:
         """Read one block from the peer."""
