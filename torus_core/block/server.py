@@ -32,8 +32,8 @@ from torus_core.errors import AlreadyExists, InvalidArgument, TorusError
 from torus_core.eventlog import MetadataBackend
 from torus_core.file import DEFAULT_CACHE_BYTES
 from torus_core.http import BackgroundProbe, HealthCheck, MetricsServer
-from torus_core.metrics import Collector, HealthCollector, ServerCollector, StoreCollector, server_registry
 from torus_core.metadata import MetadataService
+from torus_core.metrics import Collector, HealthCollector, ServerCollector, StoreCollector, server_registry
 from torus_core.nbd.server import NBDServer, ServerThread
 from torus_core.plugins import Registries, load_registries
 
@@ -103,15 +103,15 @@ class Server:
             store,
             owner=self.owner,
             take_over=claim is not None and claim.held and self.owner == claim.identity.owner,
-        self.metadata_probe: BackgroundProbe | None = None
-        self._collectors: list[Collector] = [StoreCollector(store), ServerCollector(self)]
-        self._health_checks: list[HealthCheck] = []
             lease_ttl=lease_ttl,
             cache_bytes=cache_bytes,
             layer_registry=registries.blockset_layers if registries is not None else None,
         )
         self.nbd: ServerThread | None = None
         self.http: MetricsServer | None = None
+        self.metadata_probe: BackgroundProbe | None = None
+        self._collectors: list[Collector] = [StoreCollector(store), ServerCollector(self)]
+        self._health_checks: list[HealthCheck] = []
         #: extra components' stop functions, called newest first before the core shuts down
         self._stoppers: list[Callable[[], None]] = []
         self._closed = False
@@ -240,8 +240,6 @@ class Server:
 
     def close(self) -> None:
         """Stop everything in order; sync and unlock open volumes. Idempotent."""
-        if self.metadata_probe is not None:
-            self._quietly("metadata probe", self.metadata_probe.stop)
         if self._closed:
             return
         self._closed = True
@@ -252,6 +250,8 @@ class Server:
         self._quietly("open volumes", self.exports.close)
         if self.http is not None:
             self._quietly("HTTP server", self.http.stop)
+        if self.metadata_probe is not None:
+            self._quietly("metadata probe", self.metadata_probe.stop)
         self._quietly("block store", self.store.close)
         self._quietly("metadata backend", self.backend.close)
         if self.claim is not None:

@@ -38,6 +38,7 @@ def cli() -> None:
 @config_options
 @click.option("--listen", "-l", default="127.0.0.1:10809", show_default=True, metavar="HOST:PORT")
 @click.option("--block-store", default=None, help="Block store plugin (default: file).")
+@click.option("--size", default=None, help="Capacity of the local block store, e.g. 4GiB.")
 @click.option(
     "--metrics",
     "metrics_listen",
@@ -45,7 +46,6 @@ def cli() -> None:
     metavar="HOST:PORT",
     help="Serve /metrics and /healthz over HTTP (e.g. 127.0.0.1:9102; port 0 picks one). Off by default.",
 )
-@click.option("--size", default=None, help="Capacity of the local block store, e.g. 4GiB.")
 @click.option("--tls-cert", default=None, type=click.Path(dir_okay=False), help="TLS certificate.")
 @click.option("--tls-key", default=None, type=click.Path(dir_okay=False), help="TLS private key.")
 @click.option("--require-tls", is_flag=True, help="Refuse clients that do not start TLS.")
@@ -56,7 +56,6 @@ def cli() -> None:
     type=float,
     help="Volume lock lease TTL (s); renewed every ttl/3, a dead holder's lock frees after it.",
 )
-    metrics_listen: str | None,
 @click.option("--debug", is_flag=True, help="Debug logging.")
 @handle_errors
 def nbdserve(
@@ -64,11 +63,11 @@ def nbdserve(
     listen: str,
     block_store: str | None,
     size: str | None,
+    metrics_listen: str | None,
     tls_cert: str | None,
     tls_key: str | None,
     require_tls: bool,
     lease_ttl: float,
-    metrics_address(metrics_listen)
     debug: bool,
     **overrides: Any,
 ) -> None:
@@ -76,6 +75,7 @@ def nbdserve(
     logging.basicConfig(level=logging.DEBUG if debug else logging.INFO, stream=sys.stderr)
     check_tls_options(tls_cert, tls_key, require_tls)
     parse_listen(listen)  # a bad address is refused before the store is opened
+    metrics_address(metrics_listen)
     ctx = build_context(config_path, storage_size=size, block_store=block_store, **overrides)
     server = Server.from_config(ctx.config, lease_ttl=lease_ttl)
 

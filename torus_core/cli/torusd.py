@@ -72,7 +72,6 @@ from torus_core.errors import NoGlobalMetadata, UsageError
     help="Single-node GC period (s).",
 )
 @click.option("--debug", is_flag=True, help="Debug logging.")
-    metrics_listen: str | None,
 @cluster_options
 @click.version_option(__version__, prog_name="torusd")
 @handle_errors
@@ -80,6 +79,7 @@ def cli(
     config_path: str | None,
     size: str | None,
     block_store: str | None,
+    metrics_listen: str | None,
     host: str | None,
     port: int,
     nbd_listen: str | None,
@@ -102,7 +102,6 @@ def cli(
     **overrides: Any,
 ) -> None:
     """Run a torus storage node."""
-    metrics_listen = metrics_address(metrics_listen, host, port)
     logging.basicConfig(
         level=logging.DEBUG if debug else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
@@ -110,6 +109,7 @@ def cli(
     )
     ctx = build_context(config_path, storage_size=size, block_store=block_store, **overrides)
     check_tls_options(tls_cert, tls_key, require_tls)
+    metrics_listen = metrics_address(metrics_listen, host, port)
     try:
         server = Server.from_config(ctx.config, debug_init=debug_init, lease_ttl=lease_ttl)
     except NoGlobalMetadata as exc:

@@ -17,8 +17,8 @@ from torus_core.block.server import Server
 from torus_core.block.volume import DEFAULT_LEASE_TTL
 from torus_core.cluster.node import ClusterNode, ClusterOptions, load_or_create_uuid
 from torus_core.config import Config
-from torus_core.metrics import ClusterCollector
 from torus_core.errors import ConfigError, TorusError
+from torus_core.metrics import ClusterCollector
 from torus_core.rpc.tls import TLSConfig
 
 
@@ -81,9 +81,11 @@ def start_cluster_server(
         lease_ttl=lease_ttl,
         registries=server.registries,
         claim=server.claim,
+    )
+    clustered.add_stopper(node.stop_background)
     clustered.add_collector(ClusterCollector(node))
     clustered.add_health_check(lambda: ring_membership(node))
-    )
+    return clustered, node
 
 
 def ring_membership(node: ClusterNode) -> tuple[bool, str]:
@@ -92,5 +94,3 @@ def ring_membership(node: ClusterNode) -> tuple[bool, str]:
     if node.uuid in ring.members():
         return True, ""
     return False, f"peer {node.uuid} is not in the ring (v{ring.version}); add it with torusctl peer add"
-    clustered.add_stopper(node.stop_background)
-    return clustered, node
