@@ -9,11 +9,18 @@ a dependency of torus-core) is importable its SIMD implementation is used: measu
 from __future__ import annotations
 
 import zlib
-from collections.abc import Callable
+from typing import Protocol
 
 Buffer = bytes | bytearray | memoryview
 
-crc32: Callable[[Buffer], int]
+
+
+class _Crc32(Protocol):
+    def __call__(self, data: Buffer, value: int = 0, /) -> int: ...
+
+
+#: ``crc32(data, value=0)``: continues a running CRC like ``zlib.crc32``
+crc32: _Crc32
 try:
     from isal.isal_zlib import crc32 as _isal_crc32
 

@@ -153,6 +153,11 @@ class Locked(MetadataError):
     """A volume is locked by another holder, or the caller lost its lock (Go: ErrLocked)."""
 
 
+class StaleEpoch(Locked):
+    """A journal replica refused a write fenced with an older volume-lock epoch than one it has
+    seen: another writer took the volume over."""
+
+
 class LeaseNotFound(MetadataError):
     """The lease expired or was revoked (Go: ErrLeaseNotFound)."""
 
