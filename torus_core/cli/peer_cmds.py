@@ -5,8 +5,11 @@ Attached to torusctl with ``cli.add_command(peer)``.
 ``peer list`` shows every storage peer (clients, which have no address, are hidden):
 ``OK`` = in the ring and heartbeating, ``Avail`` = heartbeating but not in the ring, ``DOWN`` =
 in the ring but not heartbeating (shown with its UUID only). REB/REP is the bytes/s its
-rebalancer pushed in its last or current pass. The footer sums usage, says whether any peer is
-rebalancing, and counts blocks found under-replicated by the peers' last complete passes.
+rebalancer pushed in its last or current pass. The footer sums usage, counts the live blocks
+found under-replicated by the peers' last complete passes (garbage is never counted) and says
+whether the cluster is balanced: ``Balanced: yes`` only when no ring member is down and every
+live storage peer has finished a pass on the current ring that found all its live blocks on
+their owners (nothing missing, nothing unconfirmed) and is not moving data now.
 """
 
 from __future__ import annotations
@@ -54,23 +57,25 @@ def peer_list(as_csv: bool) -> None:
     md = metadata_service()
     block_size = md.global_metadata().block_size
     live = {u: p for u, p in parse_peers(md.list_peers()).items() if p.address}
-    members = _ring(md).members()
+    ring = _ring(md)
+    members = ring.members()
     now = time.time()
     rows: list[tuple[str, ...]] = []
     total = used = 0
     under = 0
-    rebalancing = False
+    balanced = True
     for uuid in sorted(set(live) | set(members), key=lambda u: (live[u].address if u in live else "~", u)):
         info = live.get(uuid)
         if info is None:
             rows.append(("", uuid, "", "", "DOWN", "", "", ""))
+            balanced = False
             continue
         status = "OK" if uuid in members else "Avail"
         total += info.total_blocks
         used += info.used_blocks
         reb = info.rebalance
-        rebalancing |= reb.rebalancing
         under += max(0, reb.under_replicated)
+        balanced &= peer_settled(info, ring.version)
         size_b, used_b = info.total_blocks * block_size, info.used_blocks * block_size
         if as_csv:
             rows.append(
@@ -108,8 +113,22 @@ def peer_list(as_csv: bool) -> None:
         click.echo("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())
     pct = 100.0 * used / total if total else 0.0
     click.echo(
-        f"Balanced: {'no' if rebalancing or under else 'yes'}  Under-replicated: {under}  "
+        f"Balanced: {'yes' if balanced and not under else 'no'}  Under-replicated: {under}  "
         f"Usage: {format_size(used * block_size)}/{format_size(total * block_size)} ({pct:.1f}%)"
+    )
+
+
+def peer_settled(info: PeerInfo, ring_version: int) -> bool:
+    """Whether a live storage peer's last complete rebalance pass ran on ring ``ring_version``,
+    found every live block it holds on all the block's owners and could ask them all, and the
+    peer is not moving data now."""
+    reb = info.rebalance
+    return (
+        reb.passes > 0
+        and reb.ring_version == ring_version
+        and reb.under_replicated == 0
+        and reb.unconfirmed == 0
+        and not reb.rebalancing
     )
 
 

@@ -18,6 +18,13 @@ Safety rules (fixes of the original's §12.2 #2):
 
 Dead: superseded data blocks, old INode blocks, blocks of deleted volumes (not referenced by a
 clone), blocks freed by TRIM.
+
+The last complete live set is kept (:attr:`GarbageCollector.live`) for the rebalancer, which
+must neither push nor count garbage: otherwise one owner's GC deletes a dead copy and the other
+owner's rebalancer, seeing the copy missing, pushes it back -- forever (issue 11). Deadness is
+monotonic (refs are immutable and new INodes only reference live blocks or blocks written
+after the live set was built, which it keeps alive), so an older live set never calls a live
+block dead; it only may still call some garbage alive.
 """
 
 from __future__ import annotations
@@ -91,6 +98,8 @@ class GarbageCollector:
     :param local: the local store to collect.
     :param grace: seconds a block must have been dead across cycles before it is deleted.
     :param layer_registry: blockset layers (built-ins if None).
+    :param delete: delete dead blocks; False only builds the live set each cycle (a peer run
+        with ``--no-gc`` still tells its rebalancer what is garbage).
     """
 
     def __init__(
@@ -101,6 +110,7 @@ class GarbageCollector:
         *,
         grace: float = 30.0,
         layer_registry: Registry | None = None,
+        delete: bool = True,
     ) -> None:
         if not isinstance(grace, int | float) or grace < 0:
             raise InvalidArgument(f"GC grace must be >= 0 seconds, got {grace!r}")
@@ -109,6 +119,9 @@ class GarbageCollector:
         self.local = local
         self.grace = float(grace)
         self.layer_registry = layer_registry
+        self.delete = delete
+        #: the last live set built completely (None before the first one)
+        self.live: LiveSet | None = None
         #: ref -> time it was first found dead (cleared when found alive)
         self.candidates: dict[BlockRef, float] = {}
         self.total_deleted = 0
@@ -150,6 +163,7 @@ class GarbageCollector:
             metrics.GC_SKIPPED_CYCLES.inc()
             log.warning("GC cycle skipped, nothing deleted: %s", exc)
             return GCResult(skipped=True, reason=str(exc))
+        self.live = live
         now = time.time() if now is None else now
         result = GCResult()
         seen_dead: dict[BlockRef, float] = {}
@@ -161,7 +175,7 @@ class GarbageCollector:
             result.dead += 1
             first = self.candidates.get(ref, now)
             seen_dead[ref] = first
-            if now - first >= self.grace and first < live.started:
+            if self.delete and now - first >= self.grace and first < live.started:
                 doomed.append(ref)
         self.candidates = seen_dead
         for ref in doomed:

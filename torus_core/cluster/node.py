@@ -70,7 +70,8 @@ class ClusterOptions:
     :param heartbeat_interval: seconds between heartbeats.
     :param lease_ttl: heartbeat lease TTL (default 3 x interval).
     :param maintenance_interval: pause between GC + rebalance rounds.
-    :param gc: run GC on this storage peer.
+    :param gc: delete garbage on this storage peer (without it the peer still computes the
+        live set each round, so that its rebalancer leaves garbage alone).
     :param gc_grace: seconds a block must stay dead before GC deletes it.
     :param rebalance: rebalancer tuning (rate limit, batch, settle time).
     :param read_level: distributor read level.
@@ -201,14 +202,27 @@ class ClusterNode:
         self.gc: GarbageCollector | None = None
         if self.is_storage:
             assert store is not None
+            # Always built on a storage peer: with ``gc`` off it only computes the live set, which
+            # the rebalancer needs so that it never pushes (or counts) garbage.
+            self.gc = GarbageCollector(
+                md,
+                self.distributor,
+                store,
+                grace=self.options.gc_grace,
+                layer_registry=layer_registry,
+                delete=self.options.gc,
+            )
+            gc = self.gc
             self.rebalancer = Rebalancer(
-                uuid, store, lambda: self.distributor.ring, self.directory, self.pool, self.options.rebalance
+                uuid,
+                store,
+                lambda: self.distributor.ring,
+                self.directory,
+                self.pool,
+                self.options.rebalance,
+                live_fn=lambda: gc.live,
             )
             self.rebalancer.ring_changed(ring.version)
-            if self.options.gc:
-                self.gc = GarbageCollector(
-                    md, self.distributor, store, grace=self.options.gc_grace, layer_registry=layer_registry
-                )
         self.heartbeat = Heartbeat(
             md,
             self.peer_info,

@@ -12,6 +12,14 @@ it (``PutBlockStream``), and asks again. It deletes its local copy only when
   owner and both drop their copy; ring changes reach every peer within a second, so a settle
   time of a few seconds rules that out).
 
+Garbage is left alone: blocks that GC's last live set (:class:`~torus_core.cluster.gc.LiveSet`)
+calls dead are neither checked, pushed, deleted nor counted as under-replicated -- GC deletes
+them on every holder. Pushing them would undo the GC of the other holders and the two would
+move the same dead blocks back and forth forever (issue 11: an idle cluster deleting and
+re-pushing tens of GiB). Without a live set (none built yet, GC unable to read the metadata)
+every block is treated as live, which is safe (nothing is dropped) but may count garbage, so
+the published under-replicated count is then ``-1`` (unknown).
+
 Re-replication after a peer removal falls out of this (surviving holders push to the new
 owners), and so does draining a removed peer. A peer that comes back after a short outage keeps
 its blocks; they are still valid. Pushes are rate-limited (bytes/s) and the progress is exposed
@@ -28,6 +36,7 @@ from dataclasses import dataclass, field, replace
 
 from torus_core import metrics
 from torus_core.blockstore import BlockStore
+from torus_core.cluster.gc import LiveSet
 from torus_core.cluster.peerinfo import RebalanceInfo
 from torus_core.distributor.peers import PeerDirectory
 from torus_core.errors import BlockNotExist, InvalidArgument, PeerUnavailable, TorusError
@@ -96,8 +105,21 @@ class PassResult:
     deleted: int = 0
     under_replicated: int = 0
     unconfirmed: int = 0
+    #: blocks left alone because the live set calls them garbage
+    dead_skipped: int = 0
+    #: whether the pass had a live set (otherwise under_replicated may count garbage)
+    live_known: bool = False
     started: float = field(default_factory=time.time)
     finished: float = 0.0
+
+    @property
+    def clean(self) -> bool:
+        """A complete pass that found every live block on its owners and moved nothing."""
+        return (
+            self.complete
+            and self.live_known
+            and not (self.pushed_blocks or self.deleted or self.under_replicated or self.unconfirmed)
+        )
 
 
 class Rebalancer:
@@ -109,6 +131,8 @@ class Rebalancer:
     :param directory: peer addresses (down peers have no address).
     :param pool: RPC channels.
     :param options: tuning.
+    :param live_fn: returns GC's latest complete live set, or None when none is known (then
+        every block is treated as live).
     """
 
     def __init__(
@@ -119,8 +143,10 @@ class Rebalancer:
         directory: PeerDirectory,
         pool: PeerClientPool,
         options: RebalanceOptions | None = None,
+        live_fn: Callable[[], LiveSet | None] | None = None,
     ) -> None:
         self.self_uuid = self_uuid
+        self.live_fn = live_fn
         self.store = store
         self.ring_fn = ring_fn
         self.directory = directory
@@ -190,8 +216,14 @@ class Rebalancer:
         stop = stop or threading.Event()
         ring = self._current_ring()
         result = PassResult(ring.version)
+        live = self.live_fn() if self.live_fn is not None else None
+        result.live_known = live is not None
         limiter = RateLimiter(self.options.rate_bytes, stop)
-        self._update_info(rebalancing=True)
+        # "rebalancing" = moving data: a pass after one that had work to do, or one that pushes or
+        # deletes. A pass that only confirms that everything is in place is not rebalancing, so an
+        # idle cluster reads as balanced although its peers keep checking.
+        previous = self.last_result
+        self._update_info(rebalancing=previous is None or not previous.clean)
         t0 = time.monotonic()
         try:
             for batch in self._batches():
@@ -200,9 +232,10 @@ class Rebalancer:
                 if self._current_ring().version != ring.version:
                     log.info("ring changed during the rebalance pass; restarting")
                     return result
-                self._step(ring, batch, result, limiter)
+                self._step(ring, batch, result, limiter, live)
                 elapsed = max(time.monotonic() - t0, 1e-6)
-                self._update_info(rate=result.pushed_bytes / elapsed, **self._totals(result))
+                moving = {"rebalancing": True} if result.pushed_blocks or result.deleted else {}
+                self._update_info(rate=result.pushed_bytes / elapsed, **self._totals(result), **moving)
             result.complete = True
             metrics.REBALANCE_PASSES.inc()
         finally:
@@ -221,8 +254,9 @@ class Rebalancer:
                 changes.update(
                     last_finish=result.finished,
                     last_blocks=result.pushed_blocks,
-                    under_replicated=result.under_replicated,
+                    under_replicated=result.under_replicated if result.live_known else -1,
                     unconfirmed=result.unconfirmed,
+                    dead_skipped=result.dead_skipped,
                     ring_version=result.ring_version,
                     passes=info.passes + 1,
                 )
@@ -230,7 +264,19 @@ class Rebalancer:
             self.last_result = result
         return result
 
-    def _step(self, ring: Ring, refs: list[BlockRef], result: PassResult, limiter: RateLimiter) -> None:
+    def _step(
+        self,
+        ring: Ring,
+        refs: list[BlockRef],
+        result: PassResult,
+        limiter: RateLimiter,
+        live: LiveSet | None = None,
+    ) -> None:
+        result.examined += len(refs)
+        if live is not None:
+            alive = [ref for ref in refs if not live.is_dead(ref)]
+            result.dead_skipped += len(refs) - len(alive)
+            refs = alive
         owners_of = {ref: ring.get_peers(ref).owners for ref in refs}
         by_owner: dict[str, list[BlockRef]] = {}
         for ref, owners in owners_of.items():
@@ -242,7 +288,6 @@ class Rebalancer:
         failed: set[BlockRef] = set()
         for uuid, orefs in by_owner.items():
             self._sync_owner(uuid, orefs, confirmed, missing_any, failed, result, limiter)
-        result.examined += len(refs)
         result.under_replicated += len(missing_any)
         result.unconfirmed += len(failed)
         if not self.settled() or self._current_ring().version != ring.version:

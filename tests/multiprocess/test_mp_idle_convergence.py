@@ -1,0 +1,254 @@
+"""An idle cluster converges: real etcd, three real ``torusd`` peers (R = 2) on 127.0.0.1.
+
+A client overwrites a volume a lot (with flushes, so there is plenty of garbage), disconnects,
+and a peer is SIGKILLed and restarted. With no client connected, rebalance traffic and GC
+deletions must then stop within a bounded time (measured on the peers' published counters over
+a quiet window), ``torusctl peer list`` must say ``Balanced: yes``, every live block must be on
+exactly its R ring owners (asked with ``RebalanceCheck``) and no garbage or extra copy remains.
+
+Every process is started and stopped by its PID; every wait is bounded.
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from torus_core.cluster import ClusterNode, ClusterOptions, GarbageCollector, parse_peers
+from torus_core.cluster.procs import TorusdProcess, torusctl, wait_for
+from torus_core.inode import INodeStore
+from torus_core.metadata import MetadataService
+from torus_core.plugins import make_plugin_manager
+from torus_core.refs import BlockRef, BlockType
+from torus_core.ring.codec import ring_from_spec
+from torus_core.rpc.client import PeerClientPool
+from torus_core.testing.services import EtcdServer, start_etcd
+
+pytestmark = pytest.mark.timeout(240)
+
+WORKLOAD = Path(__file__).with_name("nbd_workload.py")
+VOLUME = "vol"
+SIZE = 16 * 1024 * 1024
+REPLICATION = 2
+FAST = (
+    "--heartbeat-interval",
+    "0.5",
+    "--rebalance-interval",
+    "0.2",
+    "--rebalance-settle",
+    "1",
+    "--gc-grace",
+    "2",
+)
+#: seconds the counters must stay still for the cluster to count as converged
+QUIET = 4.0
+#: bound on the time from the restart to convergence
+CONVERGE_TIMEOUT = 60.0
+
+
+@dataclass(frozen=True)
+class Counters:
+    """Summed since-start maintenance counters of the live peers (from their heartbeats)."""
+
+    gc_deleted: int
+    pushed_blocks: int
+    pushed_bytes: int
+    rebalance_deleted: int
+    used_blocks: int
+
+    def minus(self, other: Counters) -> Counters:
+        """The change from ``other`` to self."""
+        return Counters(
+            self.gc_deleted - other.gc_deleted,
+            self.pushed_blocks - other.pushed_blocks,
+            self.pushed_bytes - other.pushed_bytes,
+            self.rebalance_deleted - other.rebalance_deleted,
+            self.used_blocks - other.used_blocks,
+        )
+
+    @property
+    def moved(self) -> int:
+        """Blocks moved or deleted (what must be zero on an idle, converged cluster)."""
+        return self.gc_deleted + self.pushed_blocks + self.rebalance_deleted
+
+
+class Cluster:
+    """etcd + torusd processes in one temporary directory."""
+
+    def __init__(self, root: Path, etcd: EtcdServer) -> None:
+        self.root = root
+        self.etcd = etcd
+        self.url = etcd.url
+        self.peers: list[TorusdProcess] = []
+        backend = make_plugin_manager().collect_registries().metadata.get("etcd").from_url(self.url)
+        self.md = MetadataService(backend)
+
+    def add_peer(self) -> TorusdProcess:
+        p = TorusdProcess(self.url, self.root / f"peer{len(self.peers)}", size="256MiB", extra=FAST)
+        self.peers.append(p.start())
+        return p
+
+    def live(self) -> list[TorusdProcess]:
+        return [p for p in self.peers if p.pid is not None]
+
+    def counters(self) -> Counters:
+        infos = parse_peers(self.md.list_peers())
+        rows = [infos[p.uuid] for p in self.live() if p.uuid in infos]
+        return Counters(
+            sum(i.rebalance.gc_deleted for i in rows),
+            sum(i.rebalance.pushed_blocks_total for i in rows),
+            sum(i.rebalance.pushed_bytes_total for i in rows),
+            sum(i.rebalance.deleted_total for i in rows),
+            sum(i.used_blocks for i in rows),
+        )
+
+    def balanced(self) -> bool:
+        return "Balanced: yes" in torusctl(self.url, "peer", "list", timeout=30)
+
+    def wait_quiet(self, timeout: float, quiet: float = QUIET) -> tuple[bool, float]:
+        """Wait (bounded) until no peer moved, pushed or deleted anything for ``quiet`` seconds
+        and ``peer list`` says balanced; returns (converged, seconds waited)."""
+        t0 = time.monotonic()
+        deadline = t0 + timeout
+        last = self.counters()
+        still_since = time.monotonic()
+        while time.monotonic() < deadline:
+            time.sleep(0.5)
+            now = self.counters()
+            if now != last:
+                last, still_since = now, time.monotonic()
+                continue
+            if time.monotonic() - still_since >= quiet and self.balanced():
+                return True, time.monotonic() - t0
+        return False, time.monotonic() - t0
+
+    def close(self) -> None:
+        for p in self.peers:
+            p.stop()
+        self.md.backend.close()
+
+
+def _live_blocks(md: MetadataService) -> set[BlockRef]:
+    """Every block a current INode or snapshot references, INode blocks included (read through a
+    client node's distributor, so from whichever peer holds them)."""
+    node = ClusterNode(md, "convergence-checker", options=ClusterOptions(heartbeat_interval=0.5)).start()
+    try:
+        gc = GarbageCollector(md, node.distributor, node.distributor)
+        live = gc.live_set()
+        blocks = set(live.refs)
+        istore = INodeStore(node.distributor)
+        for iref in live.inodes:
+            length = len(istore.get_inode(iref).to_bytes()) + 4
+            for n in range(1, -(-length // node.block_size) + 1):
+                blocks.add(BlockRef(iref.volume, iref.inode, n, BlockType.INODE))
+        return blocks
+    finally:
+        node.close()
+
+
+def _missing_copies(cluster: Cluster, blocks: set[BlockRef]) -> list[tuple[BlockRef, str]]:
+    """(block, owner) pairs where a ring owner does not hold the block (RebalanceCheck)."""
+    ring = ring_from_spec(None, cluster.md.get_ring())
+    addresses = {u: p.address for u, p in parse_peers(cluster.md.list_peers()).items() if p.address}
+    by_owner: dict[str, list[BlockRef]] = {}
+    for ref in blocks:
+        owners = ring.get_peers(ref).owners
+        assert len(owners) == REPLICATION
+        for uuid in owners:
+            by_owner.setdefault(uuid, []).append(ref)
+    missing: list[tuple[BlockRef, str]] = []
+    with PeerClientPool() as pool:
+        for uuid, refs in by_owner.items():
+            has = pool.get(addresses[uuid]).rebalance_check(refs, timeout=10.0)
+            missing += [(r, uuid) for r, h in zip(refs, has, strict=True) if not h]
+    return missing
+
+
+@pytest.fixture
+def cluster() -> Iterator[Cluster]:
+    root = Path(tempfile.mkdtemp(prefix="torus-mp-idle-"))
+    (root / "etcd").mkdir()
+    etcd = start_etcd(root / "etcd")
+    c = Cluster(root, etcd)
+    try:
+        torusctl(c.url, "init", "--block-size", "64KiB", "--replication", str(REPLICATION))
+        for _ in range(3):
+            c.add_peer()
+        torusctl(c.url, "volume", "create-block", VOLUME, str(SIZE))
+        yield c
+    finally:
+        c.close()
+        etcd.stop()
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def _overwrite(uri: str, seconds: float, seed: int, out: Path) -> None:
+    """Overwrite the volume over NBD with a flush every 8 writes, then disconnect."""
+    proc = subprocess.run(
+        ["/usr/bin/python3", str(WORKLOAD), uri, str(SIZE), str(seconds), str(seed), str(out), "8"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def _assert_converged(cluster: Cluster, label: str) -> None:
+    """Bounded wait for a still, balanced cluster; then a measured quiet window, the placement of
+    every live block and the absence of garbage."""
+    before = cluster.counters()
+    converged, took = cluster.wait_quiet(CONVERGE_TIMEOUT)
+    settling = cluster.counters().minus(before)
+    table = torusctl(cluster.url, "peer", "list")
+    assert converged, f"{label}: no convergence in {took:.0f} s ({settling})\n{table}"
+    start = cluster.counters()
+    time.sleep(QUIET)
+    window = cluster.counters().minus(start)
+    print(
+        f"\n{label}: converged {took:.1f} s after the last event; while settling GC deleted "
+        f"{settling.gc_deleted} blocks, the rebalancers pushed {settling.pushed_blocks} blocks "
+        f"({settling.pushed_bytes} B) and dropped {settling.rebalance_deleted} copies; in the "
+        f"{QUIET:.0f} s idle window: {window.gc_deleted} deleted, {window.pushed_bytes} B pushed"
+    )
+    assert window.moved == 0 and window.pushed_bytes == 0, f"{label}: still churning: {window}"
+    assert "Balanced: yes" in torusctl(cluster.url, "peer", "list"), table
+    blocks = _live_blocks(cluster.md)
+    assert blocks
+    assert _missing_copies(cluster, blocks) == [], f"{label}: live blocks short of R copies"
+    # no garbage and no stray copies left: the peers hold exactly R copies of the live blocks
+    assert wait_for(lambda: cluster.counters().used_blocks == REPLICATION * len(blocks), 5.0), (
+        f"{label}: peers hold {cluster.counters().used_blocks} blocks for {len(blocks)} live ones"
+    )
+
+
+def test_an_idle_cluster_stops_moving_and_deleting_blocks_after_a_peer_is_killed_and_restarted(
+    cluster: Cluster,
+) -> None:
+    p0, _p1, p2 = cluster.peers
+    _overwrite(f"{p0.nbd_uri}/{VOLUME}", 6.0, 11, cluster.root / "model")
+    assert cluster.counters().used_blocks > REPLICATION * SIZE // 65536  # garbage exists
+    p2.kill()
+    assert wait_for(lambda: "DOWN" in torusctl(cluster.url, "peer", "list"), 15.0)
+    p2.start()
+    _assert_converged(cluster, "kill+restart")
+
+
+def test_an_idle_cluster_converges_after_kill_restart_add_and_remove(cluster: Cluster) -> None:
+    p0, p1, p2 = cluster.peers
+    _overwrite(f"{p0.nbd_uri}/{VOLUME}", 4.0, 12, cluster.root / "model")
+    p1.kill()
+    assert wait_for(lambda: "DOWN" in torusctl(cluster.url, "peer", "list"), 15.0)
+    p1.start()
+    p3 = cluster.add_peer()  # joins the ring (--auto-join): a quarter of the blocks move to it
+    torusctl(cluster.url, "peer", "remove", p2.uuid)  # live removal: p2 drains to the new owners
+    _assert_converged(cluster, "kill+restart+add+remove")
+    infos = parse_peers(cluster.md.list_peers())
+    assert infos[p3.uuid].used_blocks > 0
+    assert infos[p2.uuid].used_blocks == 0  # drained
