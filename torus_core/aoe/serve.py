@@ -88,3 +88,19 @@ def serve_aoe(
 
     server.add_stopper(stop)
     return target
+
+
+def serving_line(target: AoETarget, volume: str) -> str:
+    """``AOE SERVING e1.2 IFACE MAC VOLUME``: printed once a target runs (tests wait for it)."""
+    mac = ":".join(f"{b:02x}" for b in target.mac or b"")
+    return f"AOE SERVING {target.name} {target.iface} {mac} {volume}"
+
+
+def serve_aoe_specs(server: Server, specs: tuple[str, ...] | list[str]) -> list[str]:
+    """``torusd --aoe``: parse every spec first, then serve each; returns their serving lines."""
+    parsed = [parse_aoe_spec(s) for s in specs]
+    lines = []
+    for spec in parsed:
+        target = serve_aoe(server, spec.volume, spec.iface, spec.major, spec.minor)
+        lines.append(serving_line(target, spec.volume))
+    return lines

@@ -87,6 +87,72 @@ def nbdserve(
     serve_until_signalled(server, start)
 
 
+@cli.command("aoe")
+@config_options
+@click.argument("volume")
+@click.argument("iface")
+@click.argument("major", type=int)
+@click.argument("minor", type=int)
+@click.option(
+    "--flush-interval",
+    default=5.0,
+    show_default=True,
+    type=float,
+    help="Sync the volume every N seconds (0: only on FLUSH CACHE and at exit).",
+)
+@click.option("--config-string", default="", help="Initial AoE config string (Query Config).")
+@click.option("--mask", "masks", multiple=True, metavar="MAC", help="Only answer this MAC (repeatable).")
+@click.option("--block-store", default=None, help="Block store plugin (default: file).")
+@click.option("--size", default=None, help="Capacity of the local block store, e.g. 4GiB.")
+@click.option(
+    "--lease-ttl", default=DEFAULT_LEASE_TTL, show_default=True, type=float, help="Volume lock lease TTL (s)."
+)
+@click.option("--debug", is_flag=True, help="Debug logging.")
+@handle_errors
+def aoe(
+    config_path: str | None,
+    volume: str,
+    iface: str,
+    major: int,
+    minor: int,
+    flush_interval: float,
+    config_string: str,
+    masks: tuple[str, ...],
+    block_store: str | None,
+    size: str | None,
+    lease_ttl: float,
+    debug: bool,
+    **overrides: Any,
+) -> None:
+    """Serve VOLUME as ATA-over-Ethernet target eMAJOR.MINOR on IFACE until SIGTERM/SIGINT.
+
+    The volume stays locked while served; writes are synced every --flush-interval seconds, on
+    FLUSH CACHE and at exit. Needs root (a raw AF_PACKET socket). See docs/aoe.md.
+    """
+    from torus_core.aoe.serve import serve_aoe, serving_line
+    from torus_core.aoe.target import check_address
+    from torus_core.aoe.wire import parse_mac
+    from torus_core.errors import TorusError, UsageError
+
+    logging.basicConfig(level=logging.DEBUG if debug else logging.INFO, stream=sys.stderr)
+    try:
+        check_address(major, minor)
+        macs = tuple(parse_mac(m) for m in masks)
+        config = config_string.encode("ascii")
+    except (TorusError, UnicodeError) as exc:
+        raise UsageError(str(exc)) from None
+    ctx = build_context(config_path, storage_size=size, block_store=block_store, **overrides)
+    server = Server.from_config(ctx.config, lease_ttl=lease_ttl)
+
+    def start() -> None:
+        target = serve_aoe(
+            server, volume, iface, major, minor, flush_interval=flush_interval, config=config, masks=macs
+        )
+        click.echo(serving_line(target, volume))
+
+    serve_until_signalled(server, start)
+
+
 def main() -> None:
     """Console-script entry point."""
     cli(prog_name="torusblk")

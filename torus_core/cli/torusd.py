@@ -71,6 +71,13 @@ from torus_core.errors import NoGlobalMetadata, UsageError
     type=float,
     help="Single-node GC period (s).",
 )
+@click.option(
+    "--aoe",
+    "aoe_specs",
+    multiple=True,
+    metavar="IFACE:MAJOR.MINOR=VOLUME",
+    help="Also serve VOLUME as ATA-over-Ethernet target eMAJOR.MINOR on IFACE (repeatable).",
+)
 @click.option("--debug", is_flag=True, help="Debug logging.")
 @cluster_options
 @click.version_option(__version__, prog_name="torusd")
@@ -90,6 +97,7 @@ def cli(
     lease_ttl: float,
     gc_interval: float,
     debug: bool,
+    aoe_specs: tuple[str, ...],
     peer_address: str | None,
     auto_join: bool,
     heartbeat_interval: float,
@@ -140,6 +148,10 @@ def cli(
         server.add_stopper(local_gc.start().stop)
 
     def start() -> None:
+        from torus_core.aoe.serve import serve_aoe_specs
+
+        for line in serve_aoe_specs(server, aoe_specs):
+            click.echo(line)
         if nbd_listen:
             serve_nbd(server, nbd_listen, tls_cert, tls_key, require_tls, ctx.config.tls.ca_file)
         if metrics_listen:
