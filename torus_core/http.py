@@ -45,7 +45,7 @@ class BackgroundProbe:
         self.interval = float(interval)
         self.timeout = float(timeout)
         self._last_ok: float | None = None
-        self._error: str | None = "not probed yet"
+        self._error: str | None = None
         self._started = time.monotonic()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name=f"probe-{what}", daemon=True)
@@ -77,8 +77,10 @@ class BackgroundProbe:
         now = time.monotonic()
         limit = self.interval + self.timeout
         if self._last_ok is None:
+            if self._error is not None:
+                return False, f"{self.what} unreachable: {self._error}"
             if now - self._started > limit:
-                return False, f"{self.what} unreachable: {self._error or 'no answer'}"
+                return False, f"{self.what} did not answer for {now - self._started:.1f} s"
             return False, f"{self.what} not probed yet"
         if self._error is not None:
             return False, f"{self.what} unreachable: {self._error}"
