@@ -44,6 +44,7 @@ from torus_core.blockset.base import BaseLayer
 from torus_core.blockstore import BlockStore
 from torus_core.errors import InvalidArgument, Locked, TorusError
 from torus_core.inode import VIRTUAL_INODE, INode, INodeStore, virtual_inode
+from torus_core.journal.record import KIND_REF, Extent
 from torus_core.refs import BlockRef, INodeRef
 from torus_core.registry import Registry
 
@@ -57,6 +58,10 @@ DEFAULT_STAGING_BYTES = 1024 * 1024 * 1024
 #: Blocks named to the store's ``prefetch`` ahead of a sequential read (a cluster's read-ahead).
 READ_AHEAD_BLOCKS = 8
 _U64 = (1 << 64) - 1
+#: INode attribute: the journal sequence number a checkpoint covers (records up to it are in it)
+JOURNAL_SEQ_ATTR = "torus.journal_seq"
+#: Bytes of data per journal record (a flush of more makes several records)
+JOURNAL_CHUNK = 16 * 1024 * 1024
 
 Data = bytes | bytearray | memoryview
 
@@ -130,6 +135,7 @@ class File:
         cache_bytes: int = DEFAULT_CACHE_BYTES,
         staging_bytes: int | None = None,
         staging_dir: str | None = None,
+        journaled: bool = False,
     ) -> None:
         """Open ``inode``; an INode without layers (a fresh volume) gets a ``block_spec`` blockset.
 
@@ -140,6 +146,11 @@ class File:
         decides what may be deleted (snapshots and clones may still hold some). ``staging_bytes``
         bounds the blocks with staged partial writes (default: ``cache_bytes``); the staging
         file is created in ``staging_dir`` (default: the system temporary directory).
+
+        ``journaled``: the owner makes FLUSHes durable through a write journal
+        (:meth:`take_journal`) and folds them in with :meth:`checkpoint`; the file then tracks
+        the byte ranges written since the last :meth:`take_journal`, and blocks written before
+        a commit are only freed after it (a journal record may name them).
         """
         if not read_only and (allocate_inode is None or commit is None):
             raise InvalidArgument("a writable File needs allocate_inode and commit callbacks")
@@ -185,6 +196,9 @@ class File:
         self._staging_fd = -1
         self._zero_block = bytes(self._bs)
         self._lock = threading.RLock()
+        self._journaled = journaled
+        #: byte ranges of the file written since the last take_journal (journaled files only)
+        self._unjournaled = _Ranges()
         #: the store's read-ahead hint (``Distributor.prefetch``), if it has one
         self._prefetch: Callable[[list[BlockRef]], object] | None = getattr(store, "prefetch", None)
         #: last block of the previous read (sequential-access detection for read-ahead)
@@ -250,7 +264,7 @@ class File:
             n = self._allocate()
             _check_int("allocated inode number", n)
             self._write_inode = n
-            if self._pending is None:
+            if self._pending is None and not self._journaled:
                 # No INode numbered n exists anywhere yet: blocks minted under it that get
                 # replaced before the next sync are garbage and are deleted right away.
                 self._blockset.set_reclaim(INodeRef(self._volume, n))
@@ -414,6 +428,8 @@ class File:
             end = offset + n
             if end > self._size:
                 self._grow(end)
+            if self._journaled:
+                self._unjournaled.add(offset, end)
             bs = self._bs
             pos = offset
             while pos < end:
@@ -478,10 +494,14 @@ class File:
                 if buf is not None:
                     buf[s : s + n] = data
                     self._dirty.move_to_end(i)
+                    if self._journaled:
+                        self._unjournaled.add(offset, offset + n)
                     return True
                 if i not in self._staged and len(self._staged) >= self._max_staged:
                     return False  # would flush a staged block
                 self._write_partial(i, s, data)
+                if self._journaled:
+                    self._unjournaled.add(offset, offset + n)
                 return True
             staged_new = 0
             pos, end = offset, offset + n
@@ -528,6 +548,8 @@ class File:
             end = min(offset + length, self._size)
             if offset >= end:
                 return
+            if self._journaled:
+                self._unjournaled.add(offset, end)
             bs = self._bs
             first_full = -(-offset // bs)
             last_full = end // bs
@@ -603,15 +625,18 @@ class File:
             if self._staging_fd >= 0:
                 os.ftruncate(self._staging_fd, 0)  # drop the staged bytes (page cache, disk)
 
-    def sync(self) -> INodeRef | None:
+    def sync(self, attrs: dict[str, str] | None = None) -> INodeRef | None:
         """Flush, store the new INode and commit it; None if nothing changed since the last sync.
 
-        Raises whatever flushing, storing or ``commit`` raised; the file then stays write-open
-        with its state intact, and ``sync`` may be retried.
+        ``attrs`` are set on the new INode (only if there is one to commit). Raises whatever
+        flushing, storing or ``commit`` raised; the file then stays write-open with its state
+        intact, and ``sync`` may be retried.
         """
         with self._lock:
             if self._write_inode is None:
                 return None
+            if attrs:
+                self._attrs.update(attrs)
             # Data blocks and the INode go to the store first and are made durable by one flush
             # (one replication round in a cluster) before the commit names them.
             self._write_dirty()
@@ -646,6 +671,122 @@ class File:
                 self._on_commit(inode.ref, freed)
             except TorusError as exc:  # the blocks stay for the garbage collector
                 log.warning("freeing %d superseded block(s) of volume %d: %s", len(freed), self._volume, exc)
+
+    # --- journal support -------------------------------------------------------------------
+
+    @property
+    def attrs(self) -> dict[str, str]:
+        """The INode attributes (a copy)."""
+        with self._lock:
+            return dict(self._attrs)
+
+    def take_journal(
+        self, submit: Callable[[list[Extent]], int], *, ref_fraction: float = 0.25
+    ) -> int | None:
+        """Turn the byte ranges written since the last call into journal extents and hand them
+        to ``submit`` (which numbers and queues one record per call) under the file's lock, so
+        records are numbered in the order of the writes they carry. Returns the last sequence
+        number ``submit`` gave, or None if nothing was written.
+
+        A block of which at least ``ref_fraction`` was rewritten is written to the store as a
+        new block and journaled as a REF extent; the store is flushed before ``submit`` so the
+        record never names a block that is not durable. Other ranges are copied (DATA), and
+        ranges reading as zeros become ZERO extents.
+        """
+        with self._lock:
+            rng = self._unjournaled
+            if not rng.starts:
+                return None
+            self._unjournaled = _Ranges()
+            bs = self._bs
+            per_block: dict[int, list[tuple[int, int]]] = {}
+            for a, b in zip(rng.starts, rng.ends, strict=True):
+                b = min(b, self._size)
+                while a < b:
+                    i, s = divmod(a, bs)
+                    e = min(bs, s + b - a)
+                    per_block.setdefault(i, []).append((s, e))
+                    a += e - s
+            base = self._blockset.layers()[-1]
+            refs_ok = isinstance(base, BaseLayer)
+            extents: list[Extent] = []
+            wrote_blocks = False
+            for i in sorted(per_block):
+                segs = per_block[i]
+                block_len = min(bs, self._size - i * bs)
+                if refs_ok and sum(e - s for s, e in segs) >= bs * ref_fraction:
+                    wref = self._open_write()
+                    if i in self._dirty:
+                        self._flush_mem(i, wref)
+                        wrote_blocks = True
+                    elif i in self._staged:
+                        self._flush_staged(i, wref)
+                        wrote_blocks = True
+                    assert isinstance(base, BaseLayer)
+                    bref = base.ref_at(i)
+                    if bref.is_zero():
+                        extents.append(Extent(i * bs, block_len))
+                    else:
+                        extents.append(Extent(i * bs, block_len, bref.to_bytes(), KIND_REF))
+                        wrote_blocks = True
+                    continue
+                for s, e in segs:
+                    data = self._block_bytes(i, s, e - s)
+                    if data == self._zero_block[: e - s]:
+                        extents.append(Extent(i * bs + s, e - s))
+                    else:
+                        extents.append(Extent(i * bs + s, e - s, bytes(data)))
+            if wrote_blocks:
+                self._store.flush()
+            seq: int | None = None
+            chunk: list[Extent] = []
+            size = 0
+            for ext in extents:
+                n = len(ext.data) if ext.data is not None else 0
+                if chunk and size + n + 64 > JOURNAL_CHUNK:
+                    seq = submit(chunk)
+                    chunk, size = [], 0
+                chunk.append(ext)
+                size += n + 16
+            if chunk:
+                seq = submit(chunk)
+            return seq
+
+    def discard_unjournaled(self) -> None:
+        """Forget the ranges written since the last :meth:`take_journal` (a replay's writes,
+        already folded by a checkpoint)."""
+        with self._lock:
+            self._unjournaled = _Ranges()
+
+    def _block_bytes(self, i: int, s: int, k: int) -> bytes | memoryview:
+        """Current bytes ``[s, s+k)`` of block ``i`` (dirty, staged or stored)."""
+        buf = self._dirty.get(i)
+        if buf is not None:
+            return memoryview(buf)[s : s + k]
+        ranges = self._staged.get(i)
+        if ranges is not None:
+            return self._staged_range(i, ranges, s, k)
+        return self._clean_range(i, s, k)
+
+    def checkpoint(self, position: Callable[[], int]) -> tuple[INodeRef | None, int]:
+        """Fold everything written so far into blocks, a new INode and a commit, without holding
+        the file's lock for long: dirty blocks are written one at a time (writes and journal
+        flushes go on in between), then the remaining ones, the INode and the commit under the
+        lock. ``position()`` (called under the lock at the start) is the journal sequence number
+        the checkpoint covers; it is stored in the INode attribute ``JOURNAL_SEQ_ATTR``.
+        Returns the committed ref (None if nothing needed committing) and that position.
+        """
+        with self._lock:
+            seq = position()
+            todo = sorted({*self._dirty, *self._staged})
+        for i in todo:
+            with self._lock:
+                if i in self._dirty:
+                    self._flush_mem(i, self._open_write())
+                elif i in self._staged:
+                    self._flush_staged(i, self._open_write())
+        with self._lock:
+            return self.sync({JOURNAL_SEQ_ATTR: str(seq)}), seq
 
     def close(self) -> None:
         """Release the staging file (dirty data not synced is dropped). Idempotent."""

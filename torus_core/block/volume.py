@@ -31,12 +31,16 @@ import os
 import socket
 import threading
 import uuid
+from collections.abc import Mapping
+from typing import Any
 
+from torus_core.block.journaled import VolumeJournal
 from torus_core.block.lease import LeaseKeeper
 from torus_core.blockstore import BlockStore
 from torus_core.errors import Closed, InvalidArgument, Locked, TorusError
 from torus_core.eventlog import Lease
 from torus_core.file import DEFAULT_CACHE_BYTES, File
+from torus_core.journal.replicas import JournalReplicas
 from torus_core.metadata import MetadataService, VolumeInfo, VolumeLock
 from torus_core.metrics import VOLUME_FLUSH_SECONDS
 from torus_core.projection import GlobalMetadata
@@ -96,6 +100,8 @@ class BlockVolume:
         self._lost = threading.Event()
         self._closed = False
         self._close_lock = threading.Lock()
+        #: the write journal, for volumes opened with one
+        self.journal: VolumeJournal | None = None
 
     # --- opening -------------------------------------------------------------------------
 
@@ -113,6 +119,8 @@ class BlockVolume:
         staging_bytes: int | None = None,
         staging_dir: str | None = None,
         take_over: bool = False,
+        journal: JournalReplicas | None = None,
+        journal_options: Mapping[str, Any] | None = None,
     ) -> BlockVolume:
         """Lock volume ``name`` for writing and open its current INode.
 
@@ -123,6 +131,11 @@ class BlockVolume:
 
         ``cache_bytes``, ``staging_bytes`` and ``staging_dir`` configure the file's write-back
         cache (see :class:`~torus_core.file.File`).
+
+        With ``journal`` (the replicas of volume journals), FLUSH goes through the volume's
+        write journal and checkpoints fold it in (:mod:`torus_core.block.journaled`;
+        ``journal_options`` are :class:`~torus_core.block.journaled.VolumeJournal` keywords);
+        opening first replays what a crashed writer left in the journal.
 
         Raises NotExist (no such volume), Locked (someone else holds it), NoGlobalMetadata
         (unformatted cluster), InvalidArgument (bad TTL or store block size).
@@ -167,11 +180,18 @@ class BlockVolume:
                 cache_bytes=cache_bytes,
                 staging_bytes=staging_bytes,
                 staging_dir=staging_dir,
+                journaled=journal is not None,
             )
             vol = cls(md, store, info, file, lock=lock, lease=lease)
             holder.append(vol)
             if file.size < info.size:
                 file.truncate(info.size)  # grown while unmounted
+            if journal is not None:
+                vj = VolumeJournal(
+                    file, store, journal, vid, lock.epoch, name=name, **dict(journal_options or {})
+                )
+                vj.recover()
+                vol.journal = vj.start()
             vol.keeper = LeaseKeeper(leases, lease, on_lost=vol.mark_lost, name=f"lease-{name}").start()
             return vol
         except BaseException:
@@ -293,7 +313,22 @@ class BlockVolume:
             return None
         self._check_writable()
         with VOLUME_FLUSH_SECONDS.time():
-            return self.file.sync()
+            if self.journal is None:
+                return self.file.sync()
+            try:
+                self.journal.flush()
+            except Locked:
+                self.mark_lost()
+                raise
+            return None
+
+    def checkpoint(self) -> INodeRef | None:
+        """Fold everything flushed into a committed INode (for a journaled volume; otherwise the
+        same as :meth:`sync`)."""
+        self._check_writable()
+        if self.journal is not None:
+            return self.journal.checkpoint()
+        return self.file.sync()
 
     def resize(self, new_size: int) -> None:
         """Grow the volume to ``new_size`` bytes (metadata first, then the open file)."""
@@ -303,8 +338,9 @@ class BlockVolume:
             self.file.truncate(new_size)
 
     def snapshot(self, snap: str) -> None:
-        """Sync, then save snapshot ``snap`` of what was just committed."""
+        """Sync and fold in the journal, then save snapshot ``snap`` of what was just committed."""
         self.sync()
+        self.checkpoint()
         self.md.save_snapshot(self.name, snap)
 
     # --- closing ---------------------------------------------------------------------------
@@ -318,8 +354,13 @@ class BlockVolume:
             if self._closed:
                 return
             try:
+                if self.journal is not None:
+                    self.journal.close()
                 if not self.read_only and not self._lost.is_set():
-                    self.file.sync()
+                    if self.journal is not None:
+                        self.journal.checkpoint()
+                    else:
+                        self.file.sync()
             finally:
                 self._closed = True
                 self.file.close()

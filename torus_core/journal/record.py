@@ -17,8 +17,14 @@ Header (44 bytes)::
     crc        u32  CRC-32 of the header's first 40 bytes followed by the body
 
 Body: ``n_extents`` extent headers ``(offset u64, length u32, kind u8, pad 3)`` then the data of
-every DATA extent, concatenated in order. A ZERO extent (kind 1) carries no data: its range
-reads as zeros (a TRIM or WRITE_ZEROES).
+every DATA and REF extent, concatenated in order. Extent kinds:
+
+* DATA (0): ``length`` bytes of data follow.
+* ZERO (1): no data; the range reads as zeros (a TRIM or WRITE_ZEROES).
+* REF (2): 24 bytes follow, a BlockRef; the range (one whole block, ``length`` = the block's
+  bytes within the volume) holds that stored block's contents. A flush writes blocks it
+  mostly rewrote as new blocks (made durable before the record) instead of copying them into
+  the journal.
 
 Decoding a stream of records stops at the first record that is short, has a wrong magic or
 version, or fails its CRC: that is a torn or lost tail, and everything before it is whole.
@@ -37,6 +43,8 @@ MAGIC = b"TJR1"
 VERSION = 1
 KIND_DATA = 0
 KIND_ZERO = 1
+KIND_REF = 2
+REF_SIZE = 24
 
 _HEADER = struct.Struct("<4sBBHQQQII")  # without the CRC
 _CRC = struct.Struct("<I")
@@ -48,16 +56,23 @@ MAX_BODY = 64 * 1024 * 1024
 
 @dataclass(frozen=True)
 class Extent:
-    """``length`` bytes at ``offset``: ``data`` for a DATA extent, ``None`` for zeros."""
+    """``length`` bytes at ``offset``: ``data`` for a DATA extent, ``None`` for zeros, or the
+    24 bytes of a BlockRef (``kind == KIND_REF``) whose stored block holds them."""
 
     offset: int
     length: int
     data: bytes | None = None
+    kind: int = KIND_DATA
 
     @property
     def is_zero(self) -> bool:
         """True for a ZERO extent (no data; the range reads as zeros)."""
         return self.data is None
+
+    @property
+    def is_ref(self) -> bool:
+        """True for a REF extent (``data`` is a BlockRef's bytes)."""
+        return self.kind == KIND_REF
 
 
 @dataclass(frozen=True)
@@ -72,7 +87,7 @@ class JournalRecord:
     @property
     def data_bytes(self) -> int:
         """Bytes of data the record carries."""
-        return sum(e.length for e in self.extents if e.data is not None)
+        return sum(e.length for e in self.extents if e.kind == KIND_DATA and e.data is not None)
 
 
 def encode_record(volume_id: int, epoch: int, seq: int, extents: Sequence[Extent]) -> bytes:
@@ -83,11 +98,15 @@ def encode_record(volume_id: int, epoch: int, seq: int, extents: Sequence[Extent
     heads = []
     datas: list[bytes] = []
     for e in extents:
-        if e.data is not None and len(e.data) != e.length:
+        if e.kind == KIND_REF:
+            if e.data is None or len(e.data) != REF_SIZE:
+                raise InvalidArgument(f"REF extent at {e.offset} needs {REF_SIZE} bytes of BlockRef")
+        elif e.data is not None and len(e.data) != e.length:
             raise InvalidArgument(f"extent at {e.offset}: {len(e.data)} bytes for length {e.length}")
         if not 0 <= e.offset < 1 << 64 or not 0 < e.length < 1 << 32:
             raise InvalidArgument(f"bad extent ({e.offset}, {e.length})")
-        heads.append(_EXTENT.pack(e.offset, e.length, KIND_ZERO if e.data is None else KIND_DATA))
+        kind = e.kind if e.kind == KIND_REF else KIND_ZERO if e.data is None else KIND_DATA
+        heads.append(_EXTENT.pack(e.offset, e.length, kind))
         if e.data is not None:
             datas.append(e.data)
     body = b"".join(heads) + b"".join(datas)
@@ -133,11 +152,12 @@ def _decode_valid(mv: memoryview, pos: int) -> JournalRecord:
         off, length, kind = _EXTENT.unpack_from(mv, body + k * _EXTENT.size)
         if kind == KIND_ZERO:
             extents.append(Extent(off, length))
-        elif kind == KIND_DATA:
-            if data_pos + length > body + body_len:
+        elif kind in (KIND_DATA, KIND_REF):
+            n = length if kind == KIND_DATA else REF_SIZE
+            if data_pos + n > body + body_len:
                 raise InvalidArgument("journal record: extent data exceeds the body")
-            extents.append(Extent(off, length, bytes(mv[data_pos : data_pos + length])))
-            data_pos += length
+            extents.append(Extent(off, length, bytes(mv[data_pos : data_pos + n]), kind))
+            data_pos += n
         else:
             raise InvalidArgument(f"journal record: unknown extent kind {kind}")
     return JournalRecord(vol, epoch, seq, tuple(extents))
