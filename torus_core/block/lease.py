@@ -10,11 +10,11 @@ other error of the backend) are retried quickly (every ``min(ttl/12, 0.25 s)``) 
 the next regular tick, so a metadata outage that ends before the lease runs out does not lose
 the lock: an outage of up to ``2/3`` of the TTL is always survived (it may start just before a
 renewal was due), one of almost the whole TTL if it starts right after a renewal. The keeper
-also knows when the lease must have expired on the server: the server-side expiry is at the
+also knows when the lease may have expired on the server: the server-side expiry is at the
 earliest ``ttl`` seconds after the *start* of the last keepalive that succeeded. Once that time
-passes without a successful renewal the keeper declares the lease lost itself instead of
-waiting for the backend to come back and say so, because by then another holder may
-legitimately own the lock.
+passes without a successful renewal a watchdog thread declares the lease lost, even while a
+keepalive call is still hanging, instead of waiting for the backend to come back and say so:
+by then another holder may legitimately own the lock, so this one must stop writing.
 """
 
 from __future__ import annotations
@@ -60,7 +60,8 @@ class LeaseKeeper:
         self.lease = lease
         self.interval = keepalive_interval(lease.ttl)
         self.retry = retry_interval(lease.ttl)
-        #: keepalives that failed (transient errors) since start
+        #: keepalives that succeeded / failed (transient errors) since start
+        self.renewals = 0
         self.failures = 0
         # Earliest monotonic time the lease may have expired on the server (granted_at is
         # wall-clock; the difference converts it).
@@ -70,6 +71,7 @@ class LeaseKeeper:
         self._stop = threading.Event()
         self._lost = threading.Event()
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self._watchdog = threading.Thread(target=self._watch, name=f"{name}-watchdog", daemon=True)
 
     @property
     def lost(self) -> bool:
@@ -77,8 +79,9 @@ class LeaseKeeper:
         return self._lost.is_set()
 
     def start(self) -> LeaseKeeper:
-        """Start the keepalive thread."""
+        """Start the keepalive thread and its deadline watchdog."""
         self._thread.start()
+        self._watchdog.start()
         return self
 
     @property
@@ -101,14 +104,7 @@ class LeaseKeeper:
                 VOLUME_LEASE_RENEWAL_FAILURES.inc()
                 now = time.monotonic()
                 if now >= self._expires:
-                    log.error(
-                        "lease %s: no keepalive succeeded for %.1f s (ttl %g s), it has expired: %s",
-                        self.lease.id,
-                        now - (failing_since if failing_since is not None else started),
-                        self.lease.ttl,
-                        exc,
-                    )
-                    self.mark_lost()
+                    self._expired(now - (failing_since if failing_since is not None else started), exc)
                     return
                 if failing_since is None:
                     failing_since = started
@@ -125,6 +121,7 @@ class LeaseKeeper:
                 delay = min(self.retry, max(0.0, self._expires - now))
                 continue
             self._expires = started + self.lease.ttl
+            self.renewals += 1
             VOLUME_LEASE_RENEWALS.inc()
             if failing_since is not None:
                 log.warning(
@@ -134,6 +131,28 @@ class LeaseKeeper:
                 )
                 failing_since = None
             delay = max(0.0, min(self.interval, self._expires - time.monotonic() - self.interval))
+
+    def _watch(self) -> None:
+        """Declare the lease lost at its earliest server-side expiry, even if a keepalive hangs."""
+        while not self._stop.wait(max(0.0, self._expires - time.monotonic())):
+            if self._lost.is_set():
+                return
+            overdue = time.monotonic() - self._expires
+            if overdue >= 0:
+                self._expired(self.lease.ttl + overdue, None)
+                return
+
+    def _expired(self, unrenewed_for: float, exc: BaseException | None) -> None:
+        if self._lost.is_set() or self._stop.is_set():
+            return
+        log.error(
+            "lease %s (ttl %g s) not renewed for %.1f s: it may have expired, giving it up%s",
+            self.lease.id,
+            self.lease.ttl,
+            unrenewed_for,
+            f" (last error: {exc})" if exc is not None else "",
+        )
+        self.mark_lost()
 
     def mark_lost(self) -> None:
         """Record that the lease is gone (also used when a commit finds the lock lost)."""
@@ -149,7 +168,8 @@ class LeaseKeeper:
                 log.exception("on_lost callback failed")
 
     def stop(self, timeout: float = 5.0) -> None:
-        """Stop refreshing and join the thread (bounded). Idempotent."""
+        """Stop refreshing and join the threads (bounded). Idempotent."""
         self._stop.set()
-        if self._thread.is_alive() and self._thread is not threading.current_thread():
-            self._thread.join(timeout)
+        for thread in (self._thread, self._watchdog):
+            if thread.is_alive() and thread is not threading.current_thread():
+                thread.join(timeout)
