@@ -26,7 +26,7 @@ from torus_core.blockstore import BlockStoreConfig
 from torus_core.errors import InvalidArgument, Locked
 from torus_core.metadata import MetadataService, format_owner, parse_owner
 from torus_core.plugins import make_plugin_manager
-from torus_core.testing.services import etcd_service, redis_service
+from torus_core.testing.services import EtcdServer, RedisServer, etcd_service, redis_service
 
 BS = 4096
 MiB = 1 << 20
@@ -157,8 +157,11 @@ def outage_backend(request, tmp_path) -> Iterator[tuple[MetadataService, Callabl
                     pass
 
         else:
-            service = etcd_service if request.param == "etcd" else redis_service
-            server = stack.enter_context(service())
+            server: EtcdServer | RedisServer
+            if request.param == "etcd":
+                server = stack.enter_context(etcd_service())
+            else:
+                server = stack.enter_context(redis_service())
             backend = registry.get(request.param).from_url(server.url)
 
             def outage(seconds: float) -> None:
@@ -188,11 +191,12 @@ def test_an_outage_shorter_than_the_ttl_keeps_the_lock(outage_backend, store):
     with BlockVolume.open(md, store, "v", owner="keeper-test", lease_ttl=ttl) as vol:
         assert vol.keeper is not None
         # start right after a renewal so the outage fits (1.6 s < 2/3 ttl is survived anyway)
-        renewals = vol.keeper.renewals
-        assert _wait(lambda: vol.keeper.renewals > renewals, 5)
+        keeper = vol.keeper
+        renewals = keeper.renewals
+        assert _wait(lambda: keeper.renewals > renewals, 5)
         outage(1.6)
-        renewals = vol.keeper.renewals
-        assert _wait(lambda: vol.keeper.renewals > renewals, 5), "no keepalive succeeded after the outage"
+        renewals = keeper.renewals
+        assert _wait(lambda: keeper.renewals > renewals, 5), "no keepalive succeeded after the outage"
         assert not vol.lost
         vol.write_at(0, b"still mine")
         vol.sync()
