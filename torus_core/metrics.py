@@ -104,7 +104,18 @@ VOLUME_FLUSH_SECONDS = Histogram(
 # --- peer RPC client (torus_core/rpc/client.py) -------------------------------------------------
 
 #: The peer RPC methods used as the ``method`` label.
-RPC_METHODS = ("GetBlock", "PutBlocks", "Flush", "PutBlockStream", "RebalanceCheck", "Ping")
+RPC_METHODS = (
+    "GetBlock",
+    "PutBlocks",
+    "Flush",
+    "PutBlockStream",
+    "RebalanceCheck",
+    "Ping",
+    "JournalFence",
+    "JournalAppend",
+    "JournalRead",
+    "JournalTrim",
+)
 
 RPC_CLIENT_SECONDS = Histogram(
     "torus_rpc_client_duration_seconds",

@@ -24,12 +24,46 @@ from torus_core.rpc import torus_storage_pb2_grpc as pb_grpc
 from torus_core.rpc.options import DEFAULT_MAX_MESSAGE_BYTES, RPCTimeouts, channel_options
 from torus_core.rpc.status import error_from_rpc
 from torus_core.rpc.tls import TLSConfig, check_insecure_allowed, normalize_address
-from torus_core.rpc.wire import encode_put_blocks
+from torus_core.rpc.wire import encode_journal_append, encode_put_blocks
 
 #: Full name of the PutBlocks method (called with hand-encoded requests, see rpc.wire).
 _PUT_BLOCKS = "/torus.rpc.v1.TorusStorage/PutBlocks"
+#: Full name of the JournalAppend method (hand-encoded requests too).
+_JOURNAL_APPEND = "/torus.rpc.v1.TorusStorage/JournalAppend"
 
 BlockData = bytes | bytearray | memoryview
+
+
+class JournalAppendCall:
+    """A ``JournalAppend`` in flight (see :meth:`PeerClient.journal_append_start`)."""
+
+    __slots__ = ("_address", "_future", "_t0")
+
+    def __init__(self, address: str, future: Any, t0: float) -> None:
+        self._address = address
+        self._future = future
+        self._t0 = t0
+
+    def result(self) -> int:
+        """Wait for the reply (bounded by the call's deadline); returns the highest sequence
+        number the peer now stores. Raises the peer's torus error (``StaleEpoch``,
+        ``InvalidArgument``, ...) or :class:`~torus_core.errors.PeerUnavailable`."""
+        try:
+            return int(self._future.result().last_seq)
+        except grpc.RpcError as exc:
+            RPC_CLIENT_ERRORS_BY_METHOD["JournalAppend"].inc()
+            raise error_from_rpc(exc, self._address, "JournalAppend") from None
+        except grpc.FutureCancelledError:
+            RPC_CLIENT_ERRORS_BY_METHOD["JournalAppend"].inc()
+            raise PeerUnavailable(
+                f"peer {self._address} JournalAppend: cancelled", address=self._address
+            ) from None
+        finally:
+            RPC_CLIENT_SECONDS_BY_METHOD["JournalAppend"].observe(time.perf_counter() - self._t0)
+
+    def cancel(self) -> None:
+        """Give up on the call (the peer may still complete it)."""
+        self._future.cancel()
 
 
 @dataclass(frozen=True)
@@ -76,6 +110,11 @@ class PeerClient:
         # requests are already serialized (torus_core.rpc.wire): no message object, no copy
         self._put_raw = self._channel.unary_unary(
             _PUT_BLOCKS, request_serializer=None, response_deserializer=pb.PutBlocksResponse.FromString
+        )
+        self._journal_append_raw = self._channel.unary_unary(
+            _JOURNAL_APPEND,
+            request_serializer=None,
+            response_deserializer=pb.JournalAppendResponse.FromString,
         )
         self._closed = False
 
@@ -222,11 +261,85 @@ class PeerClient:
             used_blocks=int(resp.used_blocks),
         )
 
+    # --- volume journal (torus_core.journal) -------------------------------------------------
+
+    def journal_fence(self, volume_id: int, epoch: int, *, timeout: float | None = None) -> int:
+        """Make the peer refuse journal writes of epochs older than ``epoch`` for the volume;
+        returns the highest sequence number it stores. ``StaleEpoch`` if it saw a newer epoch."""
+        _check_u64(volume_id=volume_id, epoch=epoch)
+        req = pb.JournalFenceRequest(volume_id=volume_id, epoch=epoch)
+        resp = self._call("JournalFence", self._stub.JournalFence, req, timeout or self.timeouts.journal)
+        return int(resp.last_seq)
+
+    def journal_append_start(
+        self, volume_id: int, epoch: int, payloads: Sequence[bytes], *, timeout: float | None = None
+    ) -> JournalAppendCall:
+        """Send encoded records without waiting; :meth:`JournalAppendCall.result` waits for the
+        peer's durable acknowledgement. Lets a caller append to several peers in parallel
+        without a thread per peer."""
+        _check_u64(volume_id=volume_id, epoch=epoch)
+        if self._closed:
+            raise Closed(f"client for {self.address} is closed")
+        raw = encode_journal_append(volume_id, epoch, payloads)
+        t0 = time.perf_counter()
+        try:
+            fut = self._journal_append_raw.future(raw, timeout=timeout or self.timeouts.journal)
+        except ValueError as exc:  # a closed channel
+            RPC_CLIENT_ERRORS_BY_METHOD["JournalAppend"].inc()
+            raise PeerUnavailable(f"peer {self.address} JournalAppend: {exc}", address=self.address) from None
+        return JournalAppendCall(self.address, fut, t0)
+
+    def journal_append(
+        self, volume_id: int, epoch: int, payloads: Sequence[bytes], *, timeout: float | None = None
+    ) -> int:
+        """Append encoded records; returns once the peer made them durable (its highest stored
+        sequence number). ``StaleEpoch`` if it saw a newer epoch, ``InvalidArgument`` for records
+        that are not whole, valid records of this volume and epoch."""
+        return self.journal_append_start(volume_id, epoch, payloads, timeout=timeout).result()
+
+    def journal_read(
+        self, volume_id: int, after_seq: int = 0, *, timeout: float | None = None
+    ) -> list[bytes]:
+        """The peer's encoded records of the volume with ``seq > after_seq``, in stored order
+        (decode them with :func:`~torus_core.journal.record.decode_record`)."""
+        _check_u64(volume_id=volume_id, after_seq=after_seq)
+        req = pb.JournalReadRequest(volume_id=volume_id, after_seq=after_seq)
+
+        def read_all(request: pb.JournalReadRequest, timeout: float) -> list[bytes]:
+            out: list[bytes] = []
+            for msg in self._stub.JournalRead(request, timeout=timeout):
+                out.extend(msg.records)
+            return out
+
+        result: list[bytes] = self._call("JournalRead", read_all, req, timeout or self.timeouts.journal)
+        return result
+
+    def journal_trim(
+        self, volume_id: int, epoch: int, through_seq: int, *, timeout: float | None = None
+    ) -> int:
+        """Let the peer drop the volume's segments holding only records ``<= through_seq``;
+        returns how many it removed. ``StaleEpoch`` if it saw a newer epoch."""
+        _check_u64(volume_id=volume_id, epoch=epoch, through_seq=through_seq)
+        req = pb.JournalTrimRequest(volume_id=volume_id, epoch=epoch, through_seq=through_seq)
+        resp = self._call("JournalTrim", self._stub.JournalTrim, req, timeout or self.timeouts.journal)
+        return int(resp.removed)
+
+    @property
+    def closed(self) -> bool:
+        """Whether :meth:`close` was called (a pool drops closed clients after a reset)."""
+        return self._closed
+
     def close(self) -> None:
         """Close the channel. Idempotent."""
         if not self._closed:
             self._closed = True
             self._channel.close()
+
+
+def _check_u64(**values: int) -> None:
+    for name, v in values.items():
+        if not isinstance(v, int) or isinstance(v, bool) or not 0 <= v < 1 << 64:
+            raise InvalidArgument(f"journal {name} must be a u64, got {v!r}")
 
 
 class PeerClientPool:

@@ -22,6 +22,8 @@ class RPCTimeouts:
     :param stream: a whole PutBlockStream call.
     :param check: RebalanceCheck.
     :param ping: Ping.
+    :param journal: each journal RPC (JournalAppend includes the peer's fdatasync; a whole
+        streamed JournalRead).
     """
 
     get: float = 2.0
@@ -29,9 +31,10 @@ class RPCTimeouts:
     stream: float = 60.0
     check: float = 5.0
     ping: float = 1.0
+    journal: float = 5.0
 
     def __post_init__(self) -> None:
-        for name in ("get", "put", "stream", "check", "ping"):
+        for name in ("get", "put", "stream", "check", "ping", "journal"):
             value = getattr(self, name)
             if not isinstance(value, int | float) or isinstance(value, bool) or not value > 0:
                 raise InvalidArgument(f"RPC timeout {name!r} must be a positive number, got {value!r}")

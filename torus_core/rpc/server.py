@@ -27,8 +27,17 @@ from typing import Any, NoReturn, TypeVar
 import grpc
 
 from torus_core.blockstore import BlockStore
-from torus_core.errors import BlockNotExist, ConfigError, CorruptBlock, InvalidArgument, TorusError
-from torus_core.refs import BlockRef
+from torus_core.errors import (
+    BlockNotExist,
+    ConfigError,
+    CorruptBlock,
+    InvalidArgument,
+    NotSupported,
+    TorusError,
+)
+from torus_core.journal.record import encode_record
+from torus_core.journal.store import JournalStore, record_seq
+from torus_core.refs import VOLUME_MAX, BlockRef
 from torus_core.rpc import torus_storage_pb2 as pb
 from torus_core.rpc import torus_storage_pb2_grpc as pb_grpc
 from torus_core.rpc.options import DEFAULT_MAX_MESSAGE_BYTES, PROTOCOL_VERSION, server_options
@@ -42,6 +51,9 @@ T = TypeVar("T")
 
 #: Optional callback told about refs stored through RPC (e.g. to warn about non-owned blocks).
 PutObserver = Callable[[list[BlockRef]], None]
+
+#: Bytes of encoded journal records per ``JournalRead`` stream message (a larger record goes alone).
+JOURNAL_READ_CHUNK = 4 * 1024 * 1024
 
 
 class ServerStats:
@@ -105,12 +117,22 @@ class StorageServicer(pb_grpc.TorusStorageServicer):
     :param store: the local store blocks are read from and written to.
     :param uuid: this peer's UUID, reported by ``Ping``.
     :param on_put: optional observer called with the refs of every accepted batch.
+    :param journal: this peer's volume journal files, served by the ``Journal*`` RPCs (without
+        it they answer UNIMPLEMENTED).
     """
 
-    def __init__(self, store: BlockStore, *, uuid: str = "", on_put: PutObserver | None = None) -> None:
+    def __init__(
+        self,
+        store: BlockStore,
+        *,
+        uuid: str = "",
+        on_put: PutObserver | None = None,
+        journal: JournalStore | None = None,
+    ) -> None:
         self.store = store
         self.uuid = uuid
         self.on_put = on_put
+        self.journal = journal
         self.stats = ServerStats()
         #: Random per servicer (per process): changes when the peer restarts.
         self.boot_id = uuidlib.uuid4().hex
@@ -231,6 +253,75 @@ class StorageServicer(pb_grpc.TorusStorageServicer):
 
         return self._run(context, "Ping", do)
 
+    # --- volume journal (torus_core.journal) -----------------------------------------------
+
+    def _journal_for(self, volume_id: int) -> JournalStore:
+        if self.journal is None:
+            raise NotSupported(f"peer {self.uuid} keeps no volume journal")
+        if not 0 < volume_id <= VOLUME_MAX:
+            raise InvalidArgument(f"bad journal volume id {volume_id}")
+        return self.journal
+
+    def JournalFence(
+        self, request: pb.JournalFenceRequest, context: grpc.ServicerContext
+    ) -> pb.JournalFenceResponse:
+        """Record the writer's lock epoch (StaleEpoch if a newer one was seen); returns the
+        highest sequence number stored for the volume."""
+
+        def do() -> pb.JournalFenceResponse:
+            journal = self._journal_for(request.volume_id)
+            return pb.JournalFenceResponse(last_seq=journal.fence(request.volume_id, request.epoch))
+
+        return self._run(context, "JournalFence", do)
+
+    def JournalAppend(
+        self, request: pb.JournalAppendRequest, context: grpc.ServicerContext
+    ) -> pb.JournalAppendResponse:
+        """Append a batch of encoded records (one write + fdatasync), then acknowledge."""
+
+        def do() -> pb.JournalAppendResponse:
+            journal = self._journal_for(request.volume_id)
+            records = list(request.records)
+            journal.append(request.volume_id, request.epoch, records)
+            return pb.JournalAppendResponse(last_seq=record_seq(records[-1]) if records else 0)
+
+        return self._run(context, "JournalAppend", do)
+
+    def JournalRead(
+        self, request: pb.JournalReadRequest, context: grpc.ServicerContext
+    ) -> Iterator[pb.JournalReadResponse]:
+        """Stream the volume's records with ``seq > after_seq``, re-encoded, in chunks."""
+
+        def do() -> list[pb.JournalReadResponse]:
+            journal = self._journal_for(request.volume_id)
+            out: list[pb.JournalReadResponse] = []
+            chunk: list[bytes] = []
+            size = 0
+            for r in journal.read(request.volume_id, request.after_seq):
+                raw = encode_record(r.volume_id, r.epoch, r.seq, r.extents)
+                if chunk and size + len(raw) > JOURNAL_READ_CHUNK:
+                    out.append(pb.JournalReadResponse(records=chunk))
+                    chunk, size = [], 0
+                chunk.append(raw)
+                size += len(raw)
+            if chunk:
+                out.append(pb.JournalReadResponse(records=chunk))
+            return out
+
+        return iter(self._run(context, "JournalRead", do))
+
+    def JournalTrim(
+        self, request: pb.JournalTrimRequest, context: grpc.ServicerContext
+    ) -> pb.JournalTrimResponse:
+        """Drop segments holding only records ``<= through_seq`` (StaleEpoch as for appends)."""
+
+        def do() -> pb.JournalTrimResponse:
+            journal = self._journal_for(request.volume_id)
+            removed = journal.trim(request.volume_id, request.epoch, request.through_seq)
+            return pb.JournalTrimResponse(removed=removed)
+
+        return self._run(context, "JournalTrim", do)
+
 
 class _HandlerCapture:
     """Collects the generated method handlers instead of registering them."""
@@ -274,6 +365,7 @@ class PeerServer:
     :param max_workers: handler threads.
     :param max_message_bytes: largest message accepted or sent.
     :param on_put: optional observer of stored refs (see :class:`StorageServicer`).
+    :param journal: this peer's journal store, served by the ``Journal*`` RPCs.
     """
 
     def __init__(
@@ -287,12 +379,13 @@ class PeerServer:
         max_workers: int = 8,
         max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
         on_put: PutObserver | None = None,
+        journal: JournalStore | None = None,
     ) -> None:
         self._bind = normalize_address(address)
         if tls is None:
             check_insecure_allowed(self._bind, allow_insecure)
         self.tls = tls
-        self.servicer = StorageServicer(store, uuid=uuid, on_put=on_put)
+        self.servicer = StorageServicer(store, uuid=uuid, on_put=on_put, journal=journal)
         self._max_workers = max_workers
         self._max_message_bytes = max_message_bytes
         self._server: Any = None

@@ -26,6 +26,7 @@ _TO_CODE: tuple[tuple[type[errors.TorusError], grpc.StatusCode], ...] = (
     (errors.BlockUnavailable, grpc.StatusCode.UNAVAILABLE),
     (errors.Closed, grpc.StatusCode.UNAVAILABLE),
     (errors.NotSupported, grpc.StatusCode.UNIMPLEMENTED),
+    (errors.StaleEpoch, grpc.StatusCode.FAILED_PRECONDITION),
 )
 
 #: Torus types the client may rebuild by name from the trailing metadata.
@@ -40,6 +41,7 @@ _BY_NAME: dict[str, type[errors.TorusError]] = {
         errors.BlockUnavailable,
         errors.Closed,
         errors.NotSupported,
+        errors.StaleEpoch,
     )
 }
 
@@ -49,6 +51,8 @@ _FROM_CODE: dict[grpc.StatusCode, type[errors.TorusError]] = {
     grpc.StatusCode.ALREADY_EXISTS: errors.BlockExists,
     grpc.StatusCode.INVALID_ARGUMENT: errors.InvalidArgument,
     grpc.StatusCode.UNIMPLEMENTED: errors.NotSupported,
+    # only the journal RPCs answer FAILED_PRECONDITION (a newer volume-lock epoch was seen)
+    grpc.StatusCode.FAILED_PRECONDITION: errors.StaleEpoch,
 }
 
 #: Codes meaning "could not talk to the peer" rather than "the peer answered with an error".

@@ -20,7 +20,7 @@ _sym_db = _symbol_database.Default()
 
 
 DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(
-    b'\n"torus_core/rpc/torus_storage.proto\x12\x0ctorus.rpc.v1">\n\x0fGetBlockRequest\x12\x0b\n\x03ref\x18\x01 \x01(\x0c\x12\x0e\n\x06offset\x18\x02 \x01(\r\x12\x0e\n\x06length\x18\x03 \x01(\r" \n\x10GetBlockResponse\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c"U\n\x10PutBlocksRequest\x12\x0c\n\x04refs\x18\x01 \x03(\x0c\x12\x0e\n\x06\x62locks\x18\x02 \x03(\x0c\x12\x0e\n\x06repair\x18\x03 \x01(\x08\x12\x13\n\x0b\x64\x65\x66\x65r_flush\x18\x04 \x01(\x08"5\n\x11PutBlocksResponse\x12\x0f\n\x07written\x18\x01 \x01(\r\x12\x0f\n\x07\x62oot_id\x18\x02 \x01(\t"%\n\x15RebalanceCheckRequest\x12\x0c\n\x04refs\x18\x01 \x03(\x0c"%\n\x16RebalanceCheckResponse\x12\x0b\n\x03has\x18\x01 \x03(\x08"\r\n\x0bPingRequest"u\n\x0cPingResponse\x12\x0c\n\x04uuid\x18\x01 \x01(\t\x12\x18\n\x10protocol_version\x18\x02 \x01(\r\x12\x12\n\nblock_size\x18\x03 \x01(\x04\x12\x14\n\x0ctotal_blocks\x18\x04 \x01(\x04\x12\x13\n\x0bused_blocks\x18\x05 \x01(\x04"\x0e\n\x0c\x46lushRequest" \n\rFlushResponse\x12\x0f\n\x07\x62oot_id\x18\x01 \x01(\t2\xda\x03\n\x0cTorusStorage\x12I\n\x08GetBlock\x12\x1d.torus.rpc.v1.GetBlockRequest\x1a\x1e.torus.rpc.v1.GetBlockResponse\x12L\n\tPutBlocks\x12\x1e.torus.rpc.v1.PutBlocksRequest\x1a\x1f.torus.rpc.v1.PutBlocksResponse\x12S\n\x0ePutBlockStream\x12\x1e.torus.rpc.v1.PutBlocksRequest\x1a\x1f.torus.rpc.v1.PutBlocksResponse(\x01\x12[\n\x0eRebalanceCheck\x12#.torus.rpc.v1.RebalanceCheckRequest\x1a$.torus.rpc.v1.RebalanceCheckResponse\x12=\n\x04Ping\x12\x19.torus.rpc.v1.PingRequest\x1a\x1a.torus.rpc.v1.PingResponse\x12@\n\x05\x46lush\x12\x1a.torus.rpc.v1.FlushRequest\x1a\x1b.torus.rpc.v1.FlushResponseb\x06proto3'
+    b'\n"torus_core/rpc/torus_storage.proto\x12\x0ctorus.rpc.v1">\n\x0fGetBlockRequest\x12\x0b\n\x03ref\x18\x01 \x01(\x0c\x12\x0e\n\x06offset\x18\x02 \x01(\r\x12\x0e\n\x06length\x18\x03 \x01(\r" \n\x10GetBlockResponse\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c"U\n\x10PutBlocksRequest\x12\x0c\n\x04refs\x18\x01 \x03(\x0c\x12\x0e\n\x06\x62locks\x18\x02 \x03(\x0c\x12\x0e\n\x06repair\x18\x03 \x01(\x08\x12\x13\n\x0b\x64\x65\x66\x65r_flush\x18\x04 \x01(\x08"5\n\x11PutBlocksResponse\x12\x0f\n\x07written\x18\x01 \x01(\r\x12\x0f\n\x07\x62oot_id\x18\x02 \x01(\t"%\n\x15RebalanceCheckRequest\x12\x0c\n\x04refs\x18\x01 \x03(\x0c"%\n\x16RebalanceCheckResponse\x12\x0b\n\x03has\x18\x01 \x03(\x08"\r\n\x0bPingRequest"u\n\x0cPingResponse\x12\x0c\n\x04uuid\x18\x01 \x01(\t\x12\x18\n\x10protocol_version\x18\x02 \x01(\r\x12\x12\n\nblock_size\x18\x03 \x01(\x04\x12\x14\n\x0ctotal_blocks\x18\x04 \x01(\x04\x12\x13\n\x0bused_blocks\x18\x05 \x01(\x04"\x0e\n\x0c\x46lushRequest" \n\rFlushResponse\x12\x0f\n\x07\x62oot_id\x18\x01 \x01(\t"7\n\x13JournalFenceRequest\x12\x11\n\tvolume_id\x18\x01 \x01(\x04\x12\r\n\x05\x65poch\x18\x02 \x01(\x04"(\n\x14JournalFenceResponse\x12\x10\n\x08last_seq\x18\x01 \x01(\x04"I\n\x14JournalAppendRequest\x12\x11\n\tvolume_id\x18\x01 \x01(\x04\x12\r\n\x05\x65poch\x18\x02 \x01(\x04\x12\x0f\n\x07records\x18\x03 \x03(\x0c")\n\x15JournalAppendResponse\x12\x10\n\x08last_seq\x18\x01 \x01(\x04":\n\x12JournalReadRequest\x12\x11\n\tvolume_id\x18\x01 \x01(\x04\x12\x11\n\tafter_seq\x18\x02 \x01(\x04"&\n\x13JournalReadResponse\x12\x0f\n\x07records\x18\x01 \x03(\x0c"K\n\x12JournalTrimRequest\x12\x11\n\tvolume_id\x18\x01 \x01(\x04\x12\r\n\x05\x65poch\x18\x02 \x01(\x04\x12\x13\n\x0bthrough_seq\x18\x03 \x01(\x04"&\n\x13JournalTrimResponse\x12\x0f\n\x07removed\x18\x01 \x01(\r2\xb5\x06\n\x0cTorusStorage\x12I\n\x08GetBlock\x12\x1d.torus.rpc.v1.GetBlockRequest\x1a\x1e.torus.rpc.v1.GetBlockResponse\x12L\n\tPutBlocks\x12\x1e.torus.rpc.v1.PutBlocksRequest\x1a\x1f.torus.rpc.v1.PutBlocksResponse\x12S\n\x0ePutBlockStream\x12\x1e.torus.rpc.v1.PutBlocksRequest\x1a\x1f.torus.rpc.v1.PutBlocksResponse(\x01\x12[\n\x0eRebalanceCheck\x12#.torus.rpc.v1.RebalanceCheckRequest\x1a$.torus.rpc.v1.RebalanceCheckResponse\x12=\n\x04Ping\x12\x19.torus.rpc.v1.PingRequest\x1a\x1a.torus.rpc.v1.PingResponse\x12@\n\x05\x46lush\x12\x1a.torus.rpc.v1.FlushRequest\x1a\x1b.torus.rpc.v1.FlushResponse\x12U\n\x0cJournalFence\x12!.torus.rpc.v1.JournalFenceRequest\x1a".torus.rpc.v1.JournalFenceResponse\x12X\n\rJournalAppend\x12".torus.rpc.v1.JournalAppendRequest\x1a#.torus.rpc.v1.JournalAppendResponse\x12T\n\x0bJournalRead\x12 .torus.rpc.v1.JournalReadRequest\x1a!.torus.rpc.v1.JournalReadResponse0\x01\x12R\n\x0bJournalTrim\x12 .torus.rpc.v1.JournalTrimRequest\x1a!.torus.rpc.v1.JournalTrimResponseb\x06proto3'
 )
 
 _globals = globals()
@@ -48,6 +48,22 @@ if not _descriptor._USE_C_DESCRIPTORS:
     _globals["_FLUSHREQUEST"]._serialized_end = 518
     _globals["_FLUSHRESPONSE"]._serialized_start = 520
     _globals["_FLUSHRESPONSE"]._serialized_end = 552
-    _globals["_TORUSSTORAGE"]._serialized_start = 555
-    _globals["_TORUSSTORAGE"]._serialized_end = 1029
+    _globals["_JOURNALFENCEREQUEST"]._serialized_start = 554
+    _globals["_JOURNALFENCEREQUEST"]._serialized_end = 609
+    _globals["_JOURNALFENCERESPONSE"]._serialized_start = 611
+    _globals["_JOURNALFENCERESPONSE"]._serialized_end = 651
+    _globals["_JOURNALAPPENDREQUEST"]._serialized_start = 653
+    _globals["_JOURNALAPPENDREQUEST"]._serialized_end = 726
+    _globals["_JOURNALAPPENDRESPONSE"]._serialized_start = 728
+    _globals["_JOURNALAPPENDRESPONSE"]._serialized_end = 769
+    _globals["_JOURNALREADREQUEST"]._serialized_start = 771
+    _globals["_JOURNALREADREQUEST"]._serialized_end = 829
+    _globals["_JOURNALREADRESPONSE"]._serialized_start = 831
+    _globals["_JOURNALREADRESPONSE"]._serialized_end = 869
+    _globals["_JOURNALTRIMREQUEST"]._serialized_start = 871
+    _globals["_JOURNALTRIMREQUEST"]._serialized_end = 946
+    _globals["_JOURNALTRIMRESPONSE"]._serialized_start = 948
+    _globals["_JOURNALTRIMRESPONSE"]._serialized_end = 986
+    _globals["_TORUSSTORAGE"]._serialized_start = 989
+    _globals["_TORUSSTORAGE"]._serialized_end = 1810
 # @@protoc_insertion_point(module_scope)

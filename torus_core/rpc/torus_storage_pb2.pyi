@@ -96,3 +96,70 @@ class FlushResponse(_message.Message):
     BOOT_ID_FIELD_NUMBER: _ClassVar[int]
     boot_id: str
     def __init__(self, boot_id: _Optional[str] = ...) -> None: ...
+
+class JournalFenceRequest(_message.Message):
+    __slots__ = ("volume_id", "epoch")
+    VOLUME_ID_FIELD_NUMBER: _ClassVar[int]
+    EPOCH_FIELD_NUMBER: _ClassVar[int]
+    volume_id: int
+    epoch: int
+    def __init__(self, volume_id: _Optional[int] = ..., epoch: _Optional[int] = ...) -> None: ...
+
+class JournalFenceResponse(_message.Message):
+    __slots__ = ("last_seq",)
+    LAST_SEQ_FIELD_NUMBER: _ClassVar[int]
+    last_seq: int
+    def __init__(self, last_seq: _Optional[int] = ...) -> None: ...
+
+class JournalAppendRequest(_message.Message):
+    __slots__ = ("volume_id", "epoch", "records")
+    VOLUME_ID_FIELD_NUMBER: _ClassVar[int]
+    EPOCH_FIELD_NUMBER: _ClassVar[int]
+    RECORDS_FIELD_NUMBER: _ClassVar[int]
+    volume_id: int
+    epoch: int
+    records: _containers.RepeatedScalarFieldContainer[bytes]
+    def __init__(
+        self,
+        volume_id: _Optional[int] = ...,
+        epoch: _Optional[int] = ...,
+        records: _Optional[_Iterable[bytes]] = ...,
+    ) -> None: ...
+
+class JournalAppendResponse(_message.Message):
+    __slots__ = ("last_seq",)
+    LAST_SEQ_FIELD_NUMBER: _ClassVar[int]
+    last_seq: int
+    def __init__(self, last_seq: _Optional[int] = ...) -> None: ...
+
+class JournalReadRequest(_message.Message):
+    __slots__ = ("volume_id", "after_seq")
+    VOLUME_ID_FIELD_NUMBER: _ClassVar[int]
+    AFTER_SEQ_FIELD_NUMBER: _ClassVar[int]
+    volume_id: int
+    after_seq: int
+    def __init__(self, volume_id: _Optional[int] = ..., after_seq: _Optional[int] = ...) -> None: ...
+
+class JournalReadResponse(_message.Message):
+    __slots__ = ("records",)
+    RECORDS_FIELD_NUMBER: _ClassVar[int]
+    records: _containers.RepeatedScalarFieldContainer[bytes]
+    def __init__(self, records: _Optional[_Iterable[bytes]] = ...) -> None: ...
+
+class JournalTrimRequest(_message.Message):
+    __slots__ = ("volume_id", "epoch", "through_seq")
+    VOLUME_ID_FIELD_NUMBER: _ClassVar[int]
+    EPOCH_FIELD_NUMBER: _ClassVar[int]
+    THROUGH_SEQ_FIELD_NUMBER: _ClassVar[int]
+    volume_id: int
+    epoch: int
+    through_seq: int
+    def __init__(
+        self, volume_id: _Optional[int] = ..., epoch: _Optional[int] = ..., through_seq: _Optional[int] = ...
+    ) -> None: ...
+
+class JournalTrimResponse(_message.Message):
+    __slots__ = ("removed",)
+    REMOVED_FIELD_NUMBER: _ClassVar[int]
+    removed: int
+    def __init__(self, removed: _Optional[int] = ...) -> None: ...

@@ -73,6 +73,30 @@ class TorusStorageStub:
             response_deserializer=torus__core_dot_rpc_dot_torus__storage__pb2.FlushResponse.FromString,
             _registered_method=True,
         )
+        self.JournalFence = channel.unary_unary(
+            "/torus.rpc.v1.TorusStorage/JournalFence",
+            request_serializer=torus__core_dot_rpc_dot_torus__storage__pb2.JournalFenceRequest.SerializeToString,
+            response_deserializer=torus__core_dot_rpc_dot_torus__storage__pb2.JournalFenceResponse.FromString,
+            _registered_method=True,
+        )
+        self.JournalAppend = channel.unary_unary(
+            "/torus.rpc.v1.TorusStorage/JournalAppend",
+            request_serializer=torus__core_dot_rpc_dot_torus__storage__pb2.JournalAppendRequest.SerializeToString,
+            response_deserializer=torus__core_dot_rpc_dot_torus__storage__pb2.JournalAppendResponse.FromString,
+            _registered_method=True,
+        )
+        self.JournalRead = channel.unary_stream(
+            "/torus.rpc.v1.TorusStorage/JournalRead",
+            request_serializer=torus__core_dot_rpc_dot_torus__storage__pb2.JournalReadRequest.SerializeToString,
+            response_deserializer=torus__core_dot_rpc_dot_torus__storage__pb2.JournalReadResponse.FromString,
+            _registered_method=True,
+        )
+        self.JournalTrim = channel.unary_unary(
+            "/torus.rpc.v1.TorusStorage/JournalTrim",
+            request_serializer=torus__core_dot_rpc_dot_torus__storage__pb2.JournalTrimRequest.SerializeToString,
+            response_deserializer=torus__core_dot_rpc_dot_torus__storage__pb2.JournalTrimResponse.FromString,
+            _registered_method=True,
+        )
 
 
 class TorusStorageServicer:
@@ -121,6 +145,37 @@ class TorusStorageServicer:
         context.set_details("Method not implemented!")
         raise NotImplementedError("Method not implemented!")
 
+    def JournalFence(self, request, context):
+        """Volume write journal (torus_core/journal). Every call carrying an epoch is refused with
+        FAILED_PRECONDITION (torus-error "StaleEpoch") when the peer has seen a newer epoch for the
+        volume. A peer without a journal store answers UNIMPLEMENTED.
+
+        Record the writer's lock epoch durably; returns the highest sequence number stored.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details("Method not implemented!")
+        raise NotImplementedError("Method not implemented!")
+
+    def JournalAppend(self, request, context):
+        """Append encoded records (torus_core/journal/record.py) with one write + fdatasync; the
+        reply means they are durable.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details("Method not implemented!")
+        raise NotImplementedError("Method not implemented!")
+
+    def JournalRead(self, request, context):
+        """Every stored record with seq > after_seq, in stored order, in chunks of whole records."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details("Method not implemented!")
+        raise NotImplementedError("Method not implemented!")
+
+    def JournalTrim(self, request, context):
+        """Drop the segments holding only records with seq <= through_seq."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details("Method not implemented!")
+        raise NotImplementedError("Method not implemented!")
+
 
 def add_TorusStorageServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -153,6 +208,26 @@ def add_TorusStorageServicer_to_server(servicer, server):
             servicer.Flush,
             request_deserializer=torus__core_dot_rpc_dot_torus__storage__pb2.FlushRequest.FromString,
             response_serializer=torus__core_dot_rpc_dot_torus__storage__pb2.FlushResponse.SerializeToString,
+        ),
+        "JournalFence": grpc.unary_unary_rpc_method_handler(
+            servicer.JournalFence,
+            request_deserializer=torus__core_dot_rpc_dot_torus__storage__pb2.JournalFenceRequest.FromString,
+            response_serializer=torus__core_dot_rpc_dot_torus__storage__pb2.JournalFenceResponse.SerializeToString,
+        ),
+        "JournalAppend": grpc.unary_unary_rpc_method_handler(
+            servicer.JournalAppend,
+            request_deserializer=torus__core_dot_rpc_dot_torus__storage__pb2.JournalAppendRequest.FromString,
+            response_serializer=torus__core_dot_rpc_dot_torus__storage__pb2.JournalAppendResponse.SerializeToString,
+        ),
+        "JournalRead": grpc.unary_stream_rpc_method_handler(
+            servicer.JournalRead,
+            request_deserializer=torus__core_dot_rpc_dot_torus__storage__pb2.JournalReadRequest.FromString,
+            response_serializer=torus__core_dot_rpc_dot_torus__storage__pb2.JournalReadResponse.SerializeToString,
+        ),
+        "JournalTrim": grpc.unary_unary_rpc_method_handler(
+            servicer.JournalTrim,
+            request_deserializer=torus__core_dot_rpc_dot_torus__storage__pb2.JournalTrimRequest.FromString,
+            response_serializer=torus__core_dot_rpc_dot_torus__storage__pb2.JournalTrimResponse.SerializeToString,
         ),
     }
     generic_handler = grpc.method_handlers_generic_handler("torus.rpc.v1.TorusStorage", rpc_method_handlers)
@@ -333,6 +408,126 @@ class TorusStorage:
             "/torus.rpc.v1.TorusStorage/Flush",
             torus__core_dot_rpc_dot_torus__storage__pb2.FlushRequest.SerializeToString,
             torus__core_dot_rpc_dot_torus__storage__pb2.FlushResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True,
+        )
+
+    @staticmethod
+    def JournalFence(
+        request,
+        target,
+        options=(),
+        channel_credentials=None,
+        call_credentials=None,
+        insecure=False,
+        compression=None,
+        wait_for_ready=None,
+        timeout=None,
+        metadata=None,
+    ):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            "/torus.rpc.v1.TorusStorage/JournalFence",
+            torus__core_dot_rpc_dot_torus__storage__pb2.JournalFenceRequest.SerializeToString,
+            torus__core_dot_rpc_dot_torus__storage__pb2.JournalFenceResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True,
+        )
+
+    @staticmethod
+    def JournalAppend(
+        request,
+        target,
+        options=(),
+        channel_credentials=None,
+        call_credentials=None,
+        insecure=False,
+        compression=None,
+        wait_for_ready=None,
+        timeout=None,
+        metadata=None,
+    ):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            "/torus.rpc.v1.TorusStorage/JournalAppend",
+            torus__core_dot_rpc_dot_torus__storage__pb2.JournalAppendRequest.SerializeToString,
+            torus__core_dot_rpc_dot_torus__storage__pb2.JournalAppendResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True,
+        )
+
+    @staticmethod
+    def JournalRead(
+        request,
+        target,
+        options=(),
+        channel_credentials=None,
+        call_credentials=None,
+        insecure=False,
+        compression=None,
+        wait_for_ready=None,
+        timeout=None,
+        metadata=None,
+    ):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            "/torus.rpc.v1.TorusStorage/JournalRead",
+            torus__core_dot_rpc_dot_torus__storage__pb2.JournalReadRequest.SerializeToString,
+            torus__core_dot_rpc_dot_torus__storage__pb2.JournalReadResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True,
+        )
+
+    @staticmethod
+    def JournalTrim(
+        request,
+        target,
+        options=(),
+        channel_credentials=None,
+        call_credentials=None,
+        insecure=False,
+        compression=None,
+        wait_for_ready=None,
+        timeout=None,
+        metadata=None,
+    ):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            "/torus.rpc.v1.TorusStorage/JournalTrim",
+            torus__core_dot_rpc_dot_torus__storage__pb2.JournalTrimRequest.SerializeToString,
+            torus__core_dot_rpc_dot_torus__storage__pb2.JournalTrimResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -137,3 +137,22 @@ def decode_put_blocks(raw: bytes) -> PutBlocksMessage:
     except ValueError as exc:
         msg.error = f"malformed PutBlocksRequest: {exc}"
     return msg
+
+
+# JournalAppendRequest: volume_id = 1 (varint), epoch = 2 (varint), records = 3 (bytes, repeated)
+_TAG_J_VOLUME = b"\x08"
+_TAG_J_EPOCH = b"\x10"
+_TAG_J_RECORD = b"\x1a"
+
+
+def encode_journal_append(volume_id: int, epoch: int, records: Sequence[BlockData]) -> bytes:
+    """The serialized ``JournalAppendRequest`` (one join; zero fields left out, as protobuf does)."""
+    parts: list[BlockData] = []
+    if volume_id:
+        parts.append(_TAG_J_VOLUME + varint(volume_id))
+    if epoch:
+        parts.append(_TAG_J_EPOCH + varint(epoch))
+    for rec in records:
+        parts.append(_TAG_J_RECORD + varint(len(rec)))
+        parts.append(rec)
+    return b"".join(parts)

@@ -1,0 +1,103 @@
+"""Test helpers: in-process storage peers that serve journal stores over gRPC.
+
+:class:`JournalCluster` starts one :class:`~torus_core.rpc.server.PeerServer` per peer on
+127.0.0.1 (an in-memory block store plus a real :class:`~torus_core.journal.store.JournalStore`
+under ``<root>/<uuid>/journal``) and builds :class:`~torus_core.journal.remote.RemoteJournalReplicas`
+as any of those peers, or as a client outside the ring, would.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from torus_core.distributor.peers import PeerDirectory
+from torus_core.distributor.testing import mem_store_factory
+from torus_core.journal.remote import RemoteJournalReplicas
+from torus_core.journal.store import JournalStore
+from torus_core.ring.base import Ring, RingMember
+from torus_core.ring.ketama import KetamaRing
+from torus_core.rpc.client import PeerClientPool
+from torus_core.rpc.options import RPCTimeouts
+from torus_core.rpc.server import PeerServer
+
+
+class JournalCluster:
+    """N in-process storage peers with journal stores, a ketama ring of replication R.
+
+    :param root: directory for the peers' journal stores.
+    :param uuids: peer UUIDs.
+    :param replication: the ring's replication.
+    """
+
+    def __init__(
+        self,
+        root: str | os.PathLike[str],
+        uuids: list[str],
+        *,
+        replication: int = 2,
+        block_size: int = 4096,
+        timeout: float = 2.0,
+    ) -> None:
+        make = mem_store_factory()
+        self.root = Path(root)
+        self.timeout = timeout
+        self.journals: dict[str, JournalStore] = {}
+        self.servers: dict[str, PeerServer] = {}
+        self._stores = []
+        self._replicas: list[RemoteJournalReplicas] = []
+        try:
+            for uuid in uuids:
+                store = make(block_size, 16)
+                self._stores.append(store)
+                self.journals[uuid] = JournalStore(self.root / uuid / "journal")
+                self.servers[uuid] = PeerServer(store, uuid=uuid, journal=self.journals[uuid]).start()
+        except BaseException:
+            self.close()
+            raise
+        self.addresses = {u: s.address for u, s in self.servers.items()}
+        self.ring: Ring = KetamaRing(
+            [RingMember(u, 1024, self.addresses[u]) for u in uuids], replication=replication
+        )
+        self.directory = PeerDirectory(self.addresses)
+        self.pool = PeerClientPool(
+            timeouts=RPCTimeouts(get=timeout, put=timeout, check=timeout, ping=timeout, journal=timeout)
+        )
+
+    def replicas(self, uuid: str = "client", **kwargs: Any) -> RemoteJournalReplicas:
+        """The journal replicas as peer ``uuid`` sees them (its own store local; a UUID outside
+        the ring gets no local store)."""
+        kwargs.setdefault("timeout", self.timeout)
+        r = RemoteJournalReplicas(
+            uuid, self.journals.get(uuid), lambda: self.ring, self.directory, self.pool, **kwargs
+        )
+        self._replicas.append(r)
+        return r
+
+    def stop(self, uuid: str) -> None:
+        """Stop peer ``uuid``'s server (its port then refuses connections)."""
+        self.servers[uuid].stop(grace=0)
+
+    def stored_seqs(self, uuid: str, volume_id: int) -> list[int]:
+        """Sequence numbers in peer ``uuid``'s own journal files (read directly, not over RPC)."""
+        return [r.seq for r in self.journals[uuid].read(volume_id, 0)]
+
+    def close(self) -> None:
+        """Stop servers, close journal stores, block stores and the client pool."""
+        for r in self._replicas:
+            r.close()
+        for server in self.servers.values():
+            server.stop(grace=0)
+        for journal in self.journals.values():
+            journal.close()
+        for store in self._stores:
+            store.close()
+        if hasattr(self, "pool"):
+            self.pool.close()
+
+    def __enter__(self) -> JournalCluster:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
