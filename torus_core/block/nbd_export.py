@@ -25,13 +25,16 @@ import contextlib
 import logging
 import threading
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 from torus_core.block.snapshots import open_snapshot, parse_target
 from torus_core.block.volume import DEFAULT_LEASE_TTL, BlockVolume
 from torus_core.blockstore import BlockStore
 from torus_core.errors import Closed, Locked, TorusError
 from torus_core.file import DEFAULT_CACHE_BYTES, DEFAULT_STAGING_BYTES
+from torus_core.journal.replicas import JournalReplicas
 from torus_core.metadata import MetadataService
 from torus_core.nbd.constants import STATE_HOLE, STATE_ZERO
 from torus_core.nbd.export import Buffer, Export, ExportInfo, ExportProvider
@@ -144,8 +147,13 @@ class VolumeExportProvider(ExportProvider):
         preferred_block_size: int | None = None,
         staging_bytes: int = DEFAULT_STAGING_BYTES,
         staging_dir: str | None = None,
+        journal: JournalReplicas | None = None,
+        journal_options: Mapping[str, Any] | None = None,
     ) -> None:
         self.md = md
+        #: volume journals (FLUSH through the journal; see torus_core.block.journaled)
+        self.journal = journal
+        self.journal_options = dict(journal_options or {})
         self.staging_bytes = staging_bytes
         self.staging_dir = staging_dir
         pref = preferred_block_size if preferred_block_size is not None else store.block_size
@@ -218,6 +226,8 @@ class VolumeExportProvider(ExportProvider):
                         layer_registry=self.layer_registry,
                         staging_bytes=self.staging_bytes,
                         staging_dir=self.staging_dir,
+                        journal=self.journal,
+                        journal_options=self.journal_options,
                     )
                 shared = self._open[name] = _Shared(volume, 0)
             elif shared.volume.lost:

@@ -19,7 +19,7 @@ import contextlib
 import logging
 import os
 import ssl
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from torus_core.block.identity import DataDirClaim
@@ -32,6 +32,7 @@ from torus_core.errors import AlreadyExists, InvalidArgument, TorusError
 from torus_core.eventlog import MetadataBackend
 from torus_core.file import DEFAULT_CACHE_BYTES
 from torus_core.http import BackgroundProbe, HealthCheck, MetricsServer
+from torus_core.journal import JournalReplicas, JournalStore, LocalJournalReplicas
 from torus_core.metadata import MetadataService
 from torus_core.metrics import Collector, HealthCollector, ServerCollector, StoreCollector, server_registry
 from torus_core.nbd.server import NBDServer, ServerThread
@@ -89,8 +90,15 @@ class Server:
         cache_bytes: int = DEFAULT_CACHE_BYTES,
         registries: Registries | None = None,
         claim: DataDirClaim | None = None,
+        journal: JournalReplicas | None = None,
+        journal_store: JournalStore | None = None,
+        journal_options: Mapping[str, Any] | None = None,
     ) -> None:
         self.md = md
+        #: this node's journal files (closed with the server), and the replicas volume journals
+        #: append to (this store on a single node, R peers in a cluster)
+        self.journal_store = journal_store
+        self.journal = journal
         self.store = store
         self.backend = backend if backend is not None else md.backend
         self.registries = registries
@@ -106,6 +114,8 @@ class Server:
             lease_ttl=lease_ttl,
             cache_bytes=cache_bytes,
             layer_registry=registries.blockset_layers if registries is not None else None,
+            journal=journal,
+            journal_options=journal_options,
         )
         self.nbd: ServerThread | None = None
         self.http: MetricsServer | None = None
@@ -124,8 +134,13 @@ class Server:
         debug_init: bool = False,
         registries: Registries | None = None,
         lease_ttl: float = DEFAULT_LEASE_TTL,
+        journal: bool = True,
+        journal_options: Mapping[str, Any] | None = None,
     ) -> Server:
         """Open the configured metadata backend and block store.
+
+        With ``journal`` (the default) and a persistent store, volume FLUSHes go through write
+        journals kept in ``<data-dir>/journal`` (docs/durability.md).
 
         An unformatted cluster raises :class:`~torus_core.errors.NoGlobalMetadata` unless
         ``debug_init`` is set, which formats it (512 KiB blocks, ``crc,base``, empty ring).
@@ -162,13 +177,24 @@ class Server:
                 # torus_core.block.identity) so a restart takes over its own volume locks.
                 persistent = getattr(store_cls, "persistent", False)
                 claim = DataDirClaim.acquire(config.data_dir) if persistent else None
+                jstore = JournalStore(os.path.join(config.data_dir, "journal")) if persistent else None
             except BaseException:
                 store.close()
                 raise
         except BaseException:
             backend.close()
             raise
-        return cls(md, store, backend=backend, lease_ttl=lease_ttl, registries=regs, claim=claim)
+        return cls(
+            md,
+            store,
+            backend=backend,
+            lease_ttl=lease_ttl,
+            registries=regs,
+            claim=claim,
+            journal_store=jstore,
+            journal=LocalJournalReplicas(jstore) if jstore is not None and journal else None,
+            journal_options=journal_options,
+        )
 
     # --- components ----------------------------------------------------------------------------
 
@@ -252,6 +278,8 @@ class Server:
             self._quietly("HTTP server", self.http.stop)
         if self.metadata_probe is not None:
             self._quietly("metadata probe", self.metadata_probe.stop)
+        if self.journal_store is not None:
+            self._quietly("journal store", self.journal_store.close)
         self._quietly("block store", self.store.close)
         self._quietly("metadata backend", self.backend.close)
         if self.claim is not None:
