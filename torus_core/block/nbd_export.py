@@ -8,8 +8,8 @@ the volume's lock; later ones reuse it; the last one to close syncs and unlocks.
 connection writes into the same ``File``, a FLUSH on any connection syncs the writes of all of
 them, which is exactly what ``NBD_FLAG_CAN_MULTI_CONN`` promises, so ``multi_conn`` is true.
 A *different* process (or provider) asking for a volume locked here gets
-:class:`~torus_core.errors.Locked`, which the handshake reports as ``NBD_REP_ERR_UNKNOWN`` with an
-"in use" message.
+:class:`~torus_core.errors.Locked` naming the holder (peer, owner, lease expiry), which the
+handshake reports as ``NBD_REP_ERR_POLICY`` with that message (and logs at WARNING).
 
 Durability: FLUSH (and FUA writes) call :meth:`BlockVolume.sync`, so they are acknowledged only
 after the blocks, the new INode and its fenced metadata commit are durable; a failed sync raises

@@ -14,8 +14,9 @@ Design decisions:
 * ``NBD_FLAG_CAN_MULTI_CONN`` is advertised only when ``Export.multi_conn`` is true. A volume
   export may claim it only if all connections to one volume share one open File in this process
   (so a flush on any connection syncs every connection's writes); otherwise leave it false.
-* A locked export (``Locked`` from ``open_export``) is refused with ``NBD_REP_ERR_UNKNOWN`` and a
-  message saying it is in use; an unknown one with ``NBD_REP_ERR_UNKNOWN``.
+* A locked export (``Locked`` from ``open_export``) is refused with ``NBD_REP_ERR_POLICY`` and
+  the error's message (who holds it), logged at WARNING; an unknown one with
+  ``NBD_REP_ERR_UNKNOWN`` (libnbd words that "server has no export named ...").
 * Spec errors: EINVAL for unknown commands/flags, out-of-range reads and oversized payloads
   (which are discarded in 1 MiB chunks, keeping the connection), ENOSPC for modifications past
   the end, EPERM on read-only exports; flush/FUA failures are error replies, never success.
