@@ -215,14 +215,17 @@ def nbdcopy_read(size: int) -> Callable[[str], float]:
     return run
 
 
-def fio(rw: str, bs: str, depth: int, runtime: float, size: int, metric: str) -> Callable[[str], float]:
-    """IOPS or MB/s of one fio job with the nbd engine."""
+def fio(
+    rw: str, bs: str, depth: int, runtime: float, size: int, metric: str, *extra: str
+) -> Callable[[str], float]:
+    """IOPS or MB/s of one fio job with the nbd engine (``extra``: more fio options, e.g.
+    ``--fsync=1`` for an NBD FLUSH after every write)."""
 
     def run(uri: str) -> float:
         cmd = [
             "fio", "--name=j", "--ioengine=nbd", f"--uri={uri}", f"--rw={rw}", f"--bs={bs}",
             f"--iodepth={depth}", f"--size={size}", "--time_based", f"--runtime={runtime}",
-            "--output-format=json",
+            "--output-format=json", *extra,
         ]  # fmt: skip
         out = subprocess.run(cmd, check=True, capture_output=True, text=True, timeout=runtime + 120).stdout
         job = json.loads(out[out.index("{") :])["jobs"][0]
@@ -240,6 +243,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--size", default=None, help="export/copy size (default 1 GiB, 256 MiB with --quick)")
     ap.add_argument("--runtime", type=float, default=None, help="seconds per fio run (10, 2 with --quick)")
     ap.add_argument("--repeat", type=int, default=1, help="runs per workload and server; the median is shown")
+    ap.add_argument("--only", default=None, help="run only workloads whose name contains this text")
     args = ap.parse_args(argv)
     sys.path.insert(0, str(ROOT))
     from torus_core.units import parse_size
@@ -264,8 +268,33 @@ def main(argv: list[str] | None = None) -> int:
             Workload("4k randwrite QD1", "IOPS", fio("randwrite", "4k", 1, runtime, size, "iops")),
             Workload("4k randwrite QD32", "IOPS", fio("randwrite", "4k", 32, runtime, size, "iops")),
             Workload("1M seq write QD8", "MB/s", fio("write", "1M", 8, runtime, size, "bw")),
+            Workload(
+                "4k randwrite fsync=1 QD1",
+                "IOPS",
+                fio("randwrite", "4k", 1, runtime, size, "iops", "--fsync=1"),
+            ),
+            # 32 writers (one NBD connection each), a FLUSH after every write: group commit. (fio's
+            # nbd engine refuses --fdatasync and sends no FUA for --sync=1, so this is the
+            # synchronous QD32 workload it can run.)
+            Workload(
+                "4k randwrite fsync=1 32 jobs",
+                "IOPS",
+                fio(
+                    "randwrite",
+                    "4k",
+                    1,
+                    runtime,
+                    size,
+                    "iops",
+                    "--fsync=1",
+                    "--numjobs=32",
+                    "--group_reporting",
+                ),
+            ),
             Workload("1M seq read QD8", "MB/s", fio("read", "1M", 8, runtime, size, "bw")),
         ]
+        if args.only:
+            workloads = [w for w in workloads if args.only in w.name]
         results: dict[str, dict[str, float]] = {"torus": {}, "nbdkit": {}}
         rss = float("nan")
         # Both servers run side by side and each workload runs on one, then at once on the
