@@ -124,6 +124,7 @@ class AoETarget:
         self.minor = minor
         self.mac = mac
         self._mtu = mtu
+        self._fixed_mtu = mtu is not None
         self.buffer_count = buffer_count
         self.config = bytes(config)
         self.masks: list[bytes] = []
@@ -153,8 +154,16 @@ class AoETarget:
 
     @property
     def mtu(self) -> int:
-        """The interface MTU (re-read from sysfs each time unless fixed at construction)."""
-        return self._mtu if self._mtu is not None else interface_mtu(self.iface)
+        """The interface MTU as last read (fixed if given at construction)."""
+        if self._mtu is None:
+            self.refresh_mtu()
+        assert self._mtu is not None
+        return self._mtu
+
+    def refresh_mtu(self) -> None:
+        """Re-read the interface MTU (at start and at every Query Config, as vblade does)."""
+        if not self._fixed_mtu:
+            self._mtu = interface_mtu(self.iface)
 
     @property
     def max_sectors(self) -> int:
@@ -240,6 +249,7 @@ class AoETarget:
         return self._reply(h, out.encode())
 
     def _config_arg(self, ccmd: int) -> wire.ConfigArg:
+        self.refresh_mtu()
         return wire.ConfigArg(
             buffer_count=self.buffer_count,
             firmware=FIRMWARE_VERSION,
