@@ -146,3 +146,49 @@ def test_a_killed_serving_peer_is_replaced_within_seconds_and_others_are_told_wh
         reader.wait(10)
     assert took < SERVED_BOUND, f"another peer served the volume {took:.2f} s after the holder was killed"
     print(f"cluster takeover: another peer served the volume {took:.2f} s after SIGKILL")
+
+
+def test_a_killed_peer_restarted_on_its_data_dir_takes_its_volume_back_at_once(cluster: _Cluster) -> None:
+    holder = cluster.peers[0]
+    payload = cluster.root / "payload.bin"
+    payload.write_bytes(os.urandom(200_000))
+    uri = f"{holder.nbd_uri}/{VOLUME}"
+    writer = _client(
+        f"import nbd, time\nh = nbd.NBD()\nh.connect_uri({uri!r})\n"
+        f"h.pwrite(open({str(payload)!r}, 'rb').read(), 777)\nh.flush()\n"
+        "print('flushed', flush=True)\ntime.sleep(120)\n"
+    )
+    try:
+        assert _line(writer) == "flushed"
+        holder.kill()
+    finally:
+        writer.kill()
+        writer.wait(10)
+    holder.start()  # same data dir and ports; the dead incarnation's 5 s lease may still run
+    listening_at = time.monotonic()
+    reader = _client(
+        "import nbd, time\n"
+        "deadline = time.monotonic() + 60\n"
+        "while True:\n"
+        "    h = nbd.NBD()\n"
+        "    try:\n"
+        f"        h.connect_uri({uri!r})\n"
+        "        break\n"
+        "    except nbd.Error:\n"
+        "        if time.monotonic() > deadline: raise\n"
+        "        time.sleep(0.1)\n"
+        "print('served', flush=True)\n"
+        f"ok = h.pread(200000, 777) == open({str(payload)!r}, 'rb').read()\n"
+        "print('intact' if ok else 'corrupt', flush=True)\n"
+    )
+    try:
+        assert _line(reader) == "served"
+        took = time.monotonic() - listening_at
+        assert _line(reader) == "intact"
+    finally:
+        reader.kill()
+        reader.wait(10)
+    log = (holder.data_dir / "torusd.log").read_text()
+    assert f"broke the lock of 'peer={holder.uuid} boot=" in log
+    assert took < 3.0, f"the restarted peer served its volume {took:.2f} s after listening"
+    print(f"cluster restart: the restarted peer served its volume {took:.2f} s after listening")
