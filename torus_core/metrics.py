@@ -17,13 +17,21 @@ counters, ``torus_`` prefix.
 
 from __future__ import annotations
 
+import threading
+from bisect import bisect_left
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
 from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics
-from prometheus_client.core import GaugeMetricFamily, InfoMetricFamily
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    InfoMetricFamily,
+)
 from prometheus_client.metrics_core import Metric
 from prometheus_client.registry import Collector
+from prometheus_client.utils import floatToGoString
 
 from torus_core import __version__
 from torus_core.errors import TorusError
@@ -56,41 +64,172 @@ LATENCY_BUCKETS = (
 #: NBD command names used as the ``cmd`` label.
 NBD_COMMANDS = ("read", "write", "flush", "trim", "write_zeroes", "block_status")
 
-NBD_REQUEST_SECONDS = Histogram(
-    "torus_nbd_request_duration_seconds",
-    "Time from reading an NBD request to its reply being queued, by command.",
-    ["cmd"],
-    buckets=LATENCY_BUCKETS,
-)
-NBD_REQUEST_ERRORS = Counter(
-    "torus_nbd_request_errors_total",
-    "NBD requests answered with an error (after validation), by command.",
-    ["cmd"],
-)
-VOLUME_READ_BYTES = Counter(
-    "torus_volume_read_bytes_total", "Bytes read by NBD clients, by export (volume or VOL@SNAP).", ["volume"]
-)
-VOLUME_WRITTEN_BYTES = Counter(
-    "torus_volume_written_bytes_total", "Bytes written by NBD clients, by export.", ["volume"]
-)
-for _cmd in NBD_COMMANDS:  # every series exists from the start (rate() and dashboards need them)
-    NBD_REQUEST_SECONDS.labels(_cmd)
-    NBD_REQUEST_ERRORS.labels(_cmd)
+
+class LocalHistogram:
+    """A histogram updated by **one thread** without locks (an NBD connection's event loop).
+
+    ``observe`` is a bisect, a list increment and a float add: about a tenth of
+    ``prometheus_client.Histogram.observe`` (which takes two locks), which matters at tens of
+    thousands of NBD requests per second. Readers (the scrape) see a slightly stale value.
+    """
+
+    __slots__ = ("bounds", "counts", "sum")
+
+    def __init__(self, bounds: tuple[float, ...] = LATENCY_BUCKETS) -> None:
+        self.bounds = bounds
+        self.counts = [0] * (len(bounds) + 1)  # the last one is +Inf
+        self.sum = 0.0
+
+    def observe(self, value: float) -> None:
+        """Record one value (``le`` buckets are inclusive upper bounds)."""
+        self.counts[bisect_left(self.bounds, value)] += 1
+        self.sum += value
+
+    def merge_into(self, other: LocalHistogram) -> None:
+        """Add this histogram's counts to ``other``."""
+        for i, n in enumerate(self.counts):
+            other.counts[i] += n
+        other.sum += self.sum
+
+
+class LocalCounter:
+    """A counter updated by one thread without locks (see :class:`LocalHistogram`)."""
+
+    __slots__ = ("value",)
+
+    def __init__(self) -> None:
+        self.value = 0
+
+    def inc(self, amount: int = 1) -> None:
+        """Add ``amount``."""
+        self.value += amount
 
 
 class NBDConnectionMetrics:
-    """The children one NBD connection updates, bound once when the connection starts.
+    """What one NBD connection updates, from its event-loop thread only.
 
-    ``latency`` and ``errors`` are indexed by NBD command number (``torus_core.nbd.constants.Cmd``).
+    ``latency`` and ``errors`` are indexed by NBD command number; get one with
+    :meth:`NBDCollector.connection` and hand it back with :meth:`NBDCollector.retire`.
     """
 
-    __slots__ = ("errors", "latency", "read_bytes", "written_bytes")
+    __slots__ = ("errors", "export", "latency", "read_bytes", "written_bytes")
 
     def __init__(self, export_name: str, commands: Mapping[int, str]) -> None:
-        self.latency = {num: NBD_REQUEST_SECONDS.labels(name) for num, name in commands.items()}
-        self.errors = {num: NBD_REQUEST_ERRORS.labels(name) for num, name in commands.items()}
-        self.read_bytes = VOLUME_READ_BYTES.labels(export_name)
-        self.written_bytes = VOLUME_WRITTEN_BYTES.labels(export_name)
+        self.export = export_name
+        self.latency = {num: LocalHistogram() for num in commands}
+        self.errors = {num: LocalCounter() for num in commands}
+        self.read_bytes = LocalCounter()
+        self.written_bytes = LocalCounter()
+
+
+class NBDCollector(Collector):
+    """Exports the NBD request metrics of every connection of this process, live and closed.
+
+    Registered once in the default registry. Hot-path updates go to per-connection
+    :class:`NBDConnectionMetrics` (no locks, no label lookups); a scrape sums the retired totals
+    and the live connections.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._live: set[NBDConnectionMetrics] = set()
+        self._names: dict[NBDConnectionMetrics, dict[int, str]] = {}
+        self._latency = {cmd: LocalHistogram() for cmd in NBD_COMMANDS}
+        self._errors = dict.fromkeys(NBD_COMMANDS, 0)
+        self._read: dict[str, int] = {}
+        self._written: dict[str, int] = {}
+
+    def connection(self, export_name: str, commands: Mapping[int, str]) -> NBDConnectionMetrics:
+        """Metrics for a new connection to ``export_name``; ``commands`` maps command numbers to
+        their ``cmd`` label (one of :data:`NBD_COMMANDS`)."""
+        m = NBDConnectionMetrics(export_name, commands)
+        with self._lock:
+            self._live.add(m)
+            self._names[m] = dict(commands)
+            self._read.setdefault(export_name, 0)
+            self._written.setdefault(export_name, 0)
+        return m
+
+    def retire(self, m: NBDConnectionMetrics) -> None:
+        """Fold a closed connection's counts into the totals (call from its own thread)."""
+        with self._lock:
+            if m not in self._live:
+                return
+            self._live.discard(m)
+            self._fold(m, self._names.pop(m), self._latency, self._errors, self._read, self._written)
+
+    @staticmethod
+    def _fold(
+        m: NBDConnectionMetrics,
+        names: Mapping[int, str],
+        latency: dict[str, LocalHistogram],
+        errors: dict[str, int],
+        read: dict[str, int],
+        written: dict[str, int],
+    ) -> None:
+        for num, h in m.latency.items():
+            h.merge_into(latency[names[num]])
+        for num, c in m.errors.items():
+            errors[names[num]] += c.value
+        read[m.export] = read.get(m.export, 0) + m.read_bytes.value
+        written[m.export] = written.get(m.export, 0) + m.written_bytes.value
+
+    def collect(self) -> Iterator[Metric]:
+        """Histogram per command, errors per command, bytes per export."""
+        with self._lock:
+            latency = {cmd: LocalHistogram() for cmd in NBD_COMMANDS}
+            for cmd, h in self._latency.items():
+                h.merge_into(latency[cmd])
+            errors = dict(self._errors)
+            read, written = dict(self._read), dict(self._written)
+            for m in self._live:
+                self._fold(m, self._names[m], latency, errors, read, written)
+        hist = HistogramMetricFamily(
+            "torus_nbd_request_duration_seconds",
+            "Time from reading an NBD request to its reply being queued, by command.",
+            labels=["cmd"],
+        )
+        for cmd, h in latency.items():
+            cumulative, buckets = 0, []
+            for bound, n in zip((*h.bounds, float("inf")), h.counts, strict=True):
+                cumulative += n
+                buckets.append((floatToGoString(bound), cumulative))
+            hist.add_metric([cmd], buckets, h.sum)
+        yield hist
+        err = CounterMetricFamily(
+            "torus_nbd_request_errors_total",
+            "NBD requests answered with an error (after validation), by command.",
+            labels=["cmd"],
+        )
+        for cmd, n in errors.items():
+            err.add_metric([cmd], n)
+        yield err
+        rd = CounterMetricFamily(
+            "torus_volume_read_bytes_total",
+            "Bytes read by NBD clients, by export (VOL or VOL@SNAP).",
+            labels=["volume"],
+        )
+        for name, n in sorted(read.items()):
+            rd.add_metric([name], n)
+        yield rd
+        wr = CounterMetricFamily(
+            "torus_volume_written_bytes_total", "Bytes written by NBD clients, by export.", labels=["volume"]
+        )
+        for name, n in sorted(written.items()):
+            wr.add_metric([name], n)
+        yield wr
+
+    def describe(self) -> Iterator[Metric]:
+        """The families (names only), so the registry can check for duplicates."""
+        yield HistogramMetricFamily("torus_nbd_request_duration_seconds", "", labels=["cmd"])
+        yield CounterMetricFamily("torus_nbd_request_errors_total", "", labels=["cmd"])
+        yield CounterMetricFamily("torus_volume_read_bytes_total", "", labels=["volume"])
+        yield CounterMetricFamily("torus_volume_written_bytes_total", "", labels=["volume"])
+
+
+#: The process-wide NBD metrics (see :class:`NBDCollector`).
+NBD = NBDCollector()
+REGISTRY.register(NBD)
 
 
 # --- volumes (torus_core/block/volume.py) -------------------------------------------------------

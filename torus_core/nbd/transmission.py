@@ -97,7 +97,8 @@ class Transmission:
             allowed[_STATUS] = _REQ_ONE
         self._allowed = allowed
         self._reply_error = self._error_structured if session.structured else self._error_simple
-        m = metrics.NBDConnectionMetrics(getattr(self.export, "name", ""), _CMD_NAMES)  # bound once
+        # per-connection, lock-free (only this loop's thread updates it); folded in at close
+        self._metrics = m = metrics.NBD.connection(getattr(self.export, "name", ""), _CMD_NAMES)
         self._latency, self._errors = m.latency, m.errors
         self._read_bytes, self._written_bytes = m.read_bytes, m.written_bytes
 
@@ -124,6 +125,7 @@ class Transmission:
             try:
                 await self._wait_idle()
             finally:
+                metrics.NBD.retire(self._metrics)
                 await self.loop.run_in_executor(self.executor, self.export.close)
 
     def _on_lost(self) -> None:
