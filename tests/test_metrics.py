@@ -256,6 +256,36 @@ def test_counters_move_and_histograms_fill_while_a_real_nbd_client_works(data: P
     assert value(after, "torus_ready") == 1 and value(after, "torus_metadata_reachable") == 1
 
 
+def test_torusblk_nbdserve_serves_metrics_and_healthz(data: Path):
+    ctl_sqlite(data, "init", "--block-size", "64KiB")
+    ctl_sqlite(data, "volume", "create-block", VOLUME, "8MiB")
+    env = {k: v for k, v in child_env().items() if not k.startswith("TORUS_")}
+    env["TORUS_METADATA"] = f"sqlite:///{data}/metadata.db"
+    cmd = [sys.executable, "-m", "torus_core.cli.torusblk", "nbdserve", "--data-dir", str(data)]
+    cmd += ["--listen", "127.0.0.1:0", "--metrics", "127.0.0.1:0"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env)
+    try:
+        assert proc.stdout is not None
+        ports = {}
+        deadline = time.monotonic() + 30
+        while len(ports) < 2 and time.monotonic() < deadline:
+            kind, _, addr = proc.stdout.readline().strip().partition(" LISTENING ")
+            if addr:
+                ports[kind] = int(addr.rsplit(":", 1)[1])
+        assert set(ports) == {"NBD", "HTTP"}, ports
+        assert wait_health(ports["HTTP"], 200, 10.0)[1] == "ok\n"
+        samples = scrape(ports["HTTP"])
+        assert value(samples, "torus_store_block_size_bytes") == 64 * 1024
+        assert value(samples, "torus_volumes") == 1
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(10)
+
+
 def test_healthz_is_not_ready_out_of_the_ring_and_while_etcd_is_stopped(tmp_path: Path):
     (tmp_path / "etcd").mkdir()
     etcd = start_etcd(tmp_path / "etcd")
