@@ -104,11 +104,24 @@ def ctl_sqlite(data: Path, *args: str) -> str:
     return torusctl(f"sqlite:///{data}/metadata.db", *args)
 
 
-def run_workload(uri: str) -> None:
-    proc = subprocess.run(
-        [SYSTEM_PYTHON, "-c", WORKLOAD, uri], capture_output=True, text=True, timeout=120, check=False
+def start_workload(uri: str) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        [SYSTEM_PYTHON, "-c", WORKLOAD, uri], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
     )
-    assert proc.returncode == 0 and "done" in proc.stdout, proc.stderr
+
+
+def finish_workload(proc: subprocess.Popen[str]) -> None:
+    try:
+        out, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+    assert proc.returncode == 0 and "done" in out, err
+
+
+def run_workload(uri: str) -> None:
+    finish_workload(start_workload(uri))
 
 
 def get(port: int, path: str, timeout: float = 5.0) -> tuple[int, str]:
@@ -221,7 +234,21 @@ def test_counters_move_and_histograms_fill_while_a_real_nbd_client_works(data: P
         port = d.ports["HTTP"]
         assert get(port, "/healthz") == (200, "ok\n")
         before = scrape(port)
-        run_workload(f"nbd://127.0.0.1:{d.ports['NBD']}/{VOLUME}")
+        work = start_workload(f"nbd://127.0.0.1:{d.ports['NBD']}/{VOLUME}")
+        try:
+            # while the client is still connected (it idles 1 s after its last request), the
+            # scrape includes the live connection's counts
+            def connected_and_written() -> bool:
+                s = scrape(port)
+                return (
+                    value(s, "torus_nbd_connections") == 1
+                    and value(s, "torus_volume_written_bytes_total", volume=VOLUME) == 4 * MiB + 4096
+                )
+
+            assert wait_for(connected_and_written, 30.0, 0.05), scrape(port)
+            during = scrape(port)
+        finally:
+            finish_workload(work)
         after = scrape(port)
     finally:
         d.stop()
@@ -254,6 +281,10 @@ def test_counters_move_and_histograms_fill_while_a_real_nbd_client_works(data: P
     assert value(after, "torus_store_used_blocks") * 64 * 1024 == value(after, "torus_store_used_bytes")
     assert value(after, "torus_volumes") == 1
     assert value(after, "torus_ready") == 1 and value(after, "torus_metadata_reachable") == 1
+    # during the workload: one connection on the opened volume, its requests already counted
+    assert value(during, "torus_nbd_volume_connections", volume=VOLUME) == 1
+    assert value(during, "torus_nbd_open_volumes") == 1
+    assert value(during, "torus_nbd_request_duration_seconds_count", cmd="write") >= 5
 
 
 def test_torusblk_nbdserve_serves_metrics_and_healthz(data: Path):
