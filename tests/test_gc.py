@@ -215,3 +215,41 @@ def test_background_gc_on_a_storage_node_reclaims_a_deleted_volume(cluster: InPr
     md.delete_volume("tmp")
     assert node.store is not None
     assert wait_until(lambda: not any(node.store.has_block(r) for r in refs), 10.0)  # type: ignore[union-attr]
+
+
+def test_live_set_is_reused_while_the_metadata_log_has_not_moved(
+    cluster: InProcessCluster, node: ClusterNode
+) -> None:
+    md = cluster.md
+    md.create_volume("v", 10 * BS)
+    v_ref, _ = commit_blocks(md, node.distributor, "v", _blocks(2, b"v"))
+    gc = _gc(cluster, node)
+    first = gc.run_cycle()
+    assert not first.skipped and gc.live is not None
+    built = gc.live
+    # the INode goes missing, but the log did not move: the live set it gave is still the truth
+    assert node.store is not None
+    node.store.delete_block(_inode_block(v_ref))
+    node.distributor.cache.clear()
+    again = gc.run_cycle()
+    assert not again.skipped
+    assert gc.live is not None and gc.live.refs is built.refs and gc.live.started >= built.started
+    # any event makes the next cycle read every INode again (and skip, the INode being gone)
+    md.create_volume("w", 10 * BS)
+    assert gc.run_cycle().skipped
+    assert gc.live is not None and gc.live.refs is built.refs  # the last complete set is kept
+
+
+def test_a_collector_with_deletion_off_builds_the_live_set_and_deletes_nothing(
+    cluster: InProcessCluster, node: ClusterNode
+) -> None:
+    md = cluster.md
+    md.create_volume("gone", 10 * BS)
+    _, refs = commit_blocks(md, node.distributor, "gone", _blocks(3, b"g"))
+    md.delete_volume("gone")
+    assert node.store is not None
+    gc = GarbageCollector(md, node.distributor, node.store, grace=0, delete=False)
+    first, second = gc.run_cycle(), gc.run_cycle()
+    assert second.dead == len(refs) + 1 and first.deleted == second.deleted == 0
+    assert gc.live is not None and all(gc.live.is_dead(r) for r in refs)
+    assert all(node.store.has_block(r) for r in refs)

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 from torus_sqlite.backend import SQLiteBackend
 
+from torus_core.cli.peer_cmds import peer_settled
 from torus_core.cluster import (
     ClusterNode,
     PeerInfo,
@@ -20,7 +21,9 @@ from torus_core.cluster import (
     Rebalancer,
     parse_peers,
 )
-from torus_core.cluster.testing import InProcessCluster, open_mem_store, wait_until
+from torus_core.cluster.gc import LiveSet
+from torus_core.cluster.membership import Membership
+from torus_core.cluster.testing import InProcessCluster, commit_blocks, open_mem_store, wait_until
 from torus_core.distributor import PeerDirectory
 from torus_core.errors import InvalidArgument
 from torus_core.refs import BlockRef
@@ -132,7 +135,12 @@ def test_a_peer_back_from_a_short_outage_keeps_its_blocks(cluster: InProcessClus
 
 
 def _lonely_rebalancer(
-    owners_up: dict[str, PeerServer], members: list[str], *, settle: float = 0.0
+    owners_up: dict[str, PeerServer],
+    members: list[str],
+    *,
+    settle: float = 0.0,
+    live: LiveSet | None = None,
+    idle_max: float = 30.0,
 ) -> tuple[Rebalancer, Callable[[], None]]:
     store = open_mem_store(BS, 64)
     directory = PeerDirectory({u: s.address for u, s in owners_up.items()})
@@ -142,7 +150,8 @@ def _lonely_rebalancer(
             directory.set_down(m)
     ring = make_ring("ketama", [RingMember(m, 64) for m in members], replication=len(members))
     pool = PeerClientPool()
-    reb = Rebalancer("self", store, lambda: ring, directory, pool, RebalanceOptions(settle=settle))
+    options = RebalanceOptions(settle=settle, idle_max=idle_max)
+    reb = Rebalancer("self", store, lambda: ring, directory, pool, options, live_fn=lambda: live)
 
     def close() -> None:
         pool.close()
@@ -282,3 +291,159 @@ def test_handoff_copies_written_while_an_owner_was_down_move_to_it_when_it_retur
     cluster.add_node("c")  # same store, back in service
     assert wait_until(lambda: _placed_exactly(cluster, list(blocks)), 15.0)
     assert _content_intact(cluster, blocks)
+
+
+# --- garbage and an idle cluster (issue 11) ----------------------------------------------------------
+
+
+def _maintenance_counters(cluster: InProcessCluster) -> tuple[int, int, int]:
+    """(GC deletions, blocks pushed, copies dropped by rebalancers) summed over the running peers."""
+    gc = pushed = dropped = 0
+    for node in cluster.nodes.values():
+        if node.gc is not None:
+            gc += node.gc.total_deleted
+        if node.rebalancer is not None:
+            info = node.rebalancer.info()
+            pushed += info.pushed_blocks_total
+            dropped += info.deleted_total
+    return gc, pushed, dropped
+
+
+def test_gc_and_rebalancers_of_the_owners_do_not_move_dead_blocks_back_and_forth(
+    cluster: InProcessCluster,
+) -> None:
+    # GC timers out of phase (as after a peer restarted with fresh candidates): the owner that
+    # deletes a dead block last still holds it while the other owner has already dropped it
+    for name, grace in (("a", 0.0), ("b", 0.6), ("c", 1.2)):
+        cluster.add_node(name, gc_grace=grace)
+    client = cluster.client()
+    _sync_client(cluster, client)
+    md = cluster.md
+    vol = md.create_volume("v", 64 * BS)
+    dead: list[BlockRef] = []
+    for round_ in range(4):  # each commit supersedes the previous one's blocks
+        _, refs = commit_blocks(md, client.distributor, "v", [bytes([round_, i]) * 8 for i in range(24)])
+        dead += refs
+    md.allocate_inode_index(vol.id)  # the writer's next session: the last INode is below highwater
+    live = set(refs)
+    dead = [r for r in dead if r not in live]
+    # every dead copy is deleted exactly once (R copies of each dead data block and of each of
+    # the 3 superseded one-block INodes) and nothing has to be pushed
+    copies = 2 * (len(dead) + 3)
+    assert wait_until(
+        lambda: not any(cluster.holders(r) for r in dead) and _maintenance_counters(cluster)[0] >= copies,
+        15.0,
+    )
+    before = _maintenance_counters(cluster)
+    assert before == (copies, 0, 0)
+    # converged: from now on nobody deletes or pushes anything
+    time.sleep(1.5)  # ~15 maintenance rounds at the test's 0.1 s interval
+    assert _maintenance_counters(cluster) == before
+    assert not any(cluster.holders(r) for r in dead)
+    assert _placed_exactly(cluster, list(live))
+
+    def reported_clean() -> bool:
+        peers = parse_peers(cluster.md.list_peers())
+        version = cluster.md.get_ring().version
+        return all(u in peers and peer_settled(peers[u], version) for u in ("a", "b", "c"))
+
+    assert wait_until(reported_clean, 10.0)
+
+
+def test_dead_blocks_are_neither_pushed_nor_counted_as_under_replicated() -> None:
+    owner_store = open_mem_store(BS, 64)
+    server = PeerServer(owner_store, uuid="x").start()
+    live_refs = [BlockRef(1, 3, i) for i in range(1, 4)]
+    dead_refs = [BlockRef(1, 2, i) for i in range(1, 6)]  # an older INode of volume 1
+    live = LiveSet(started=time.time(), refs=set(live_refs), highwater={1: 4}, max_volume_id=1)
+    reb, close = _lonely_rebalancer({"x": server}, ["x"], live=live)
+    try:
+        for r in live_refs + dead_refs:
+            reb.store.write_block(r, b"data")
+        result = reb.run_pass()
+        assert result.complete and result.live_known
+        assert result.pushed_blocks == len(live_refs) and result.under_replicated == len(live_refs)
+        assert result.dead_skipped == len(dead_refs) and result.examined == 8
+        assert not any(owner_store.has_block(r) for r in dead_refs)
+        assert all(reb.store.has_block(r) for r in dead_refs)  # GC's job, not the rebalancer's
+        assert reb.info().under_replicated == len(live_refs) and reb.info().dead_skipped == len(dead_refs)
+    finally:
+        close()
+        server.stop()
+        owner_store.close()
+
+
+def test_without_a_live_set_every_block_is_pushed_and_the_count_is_unknown() -> None:
+    owner_store = open_mem_store(BS, 64)
+    server = PeerServer(owner_store, uuid="x").start()
+    reb, close = _lonely_rebalancer({"x": server}, ["x"])
+    try:
+        for i in range(1, 4):
+            reb.store.write_block(BlockRef(1, 2, i), b"data")
+        result = reb.run_pass()
+        assert result.pushed_blocks == 3 and not result.live_known
+        assert reb.info().under_replicated == -1  # may include garbage: shown as unknown
+    finally:
+        close()
+        server.stop()
+        owner_store.close()
+
+
+def test_an_idle_rebalancer_backs_off_and_a_poke_wakes_it() -> None:
+    owner_store = open_mem_store(BS, 64)
+    server = PeerServer(owner_store, uuid="x").start()
+    live = LiveSet(started=time.time(), max_volume_id=0)  # volume 1 is newer: its blocks are alive
+    reb, close = _lonely_rebalancer({"x": server}, ["self", "x"], live=live, idle_max=0.8)
+    try:
+        reb.store.write_block(BlockRef(1, 2, 1), b"data")
+        first = reb.run_pass()
+        assert first.pushed_blocks == 1 and not first.clean
+        assert reb.due() and not reb.idle  # work was done: look again at once
+        assert reb.info().rebalancing is False
+        second = reb.run_pass()
+        assert second.clean and reb.info().under_replicated == 0
+        assert not reb.due() and reb.idle and reb.maybe_run_pass() is None
+        reb.poke()
+        assert reb.due() and not reb.idle
+        third = reb.run_pass()
+        assert third.clean and not reb.due()
+        assert wait_until(reb.due, 2.0)  # the wait is bounded by idle_max
+        reb.ring_changed(reb._ring_version + 1)
+        reb.run_pass()
+        assert reb.due() is False
+        reb.ring_changed(reb._ring_version + 1)  # a new ring wakes it too
+        assert reb.due()
+    finally:
+        close()
+        server.stop()
+        owner_store.close()
+
+
+def test_membership_reports_a_peer_that_restarted_left_or_joined() -> None:
+    changes: list[int] = []
+    membership = Membership(PeerDirectory(), "self", on_change=lambda: changes.append(1))
+    a = PeerInfo("a", address="127.0.0.1:1", boot_id="one")
+    b = PeerInfo("b", address="127.0.0.1:2", boot_id="two")
+    membership.apply({"a": a, "b": b})
+    membership.apply({"a": a, "b": PeerInfo("b", address="127.0.0.1:2", boot_id="two")})
+    assert changes == []  # the first heartbeat and an unchanged one
+    membership.apply({"a": a, "b": PeerInfo("b", address="127.0.0.1:2", boot_id="three")})
+    assert len(changes) == 1  # b restarted
+    membership.apply({"a": a})
+    assert len(changes) == 2  # b left
+    membership.apply({"a": a, "b": b})
+    assert len(changes) == 3  # b is back
+
+
+def test_peer_list_counts_a_peer_as_settled_only_after_a_clean_pass_on_the_current_ring() -> None:
+    info = PeerInfo("a", address="127.0.0.1:1")
+    assert not peer_settled(info, 1)  # no pass yet
+    info.rebalance.passes, info.rebalance.ring_version, info.rebalance.under_replicated = 3, 1, 0
+    assert peer_settled(info, 1)
+    assert not peer_settled(info, 2)  # the ring moved on since
+    info.rebalance.under_replicated = -1
+    assert not peer_settled(info, 1)  # unknown (no live set)
+    info.rebalance.under_replicated, info.rebalance.unconfirmed = 0, 4
+    assert not peer_settled(info, 1)
+    info.rebalance.unconfirmed, info.rebalance.rebalancing = 0, True
+    assert not peer_settled(info, 1)

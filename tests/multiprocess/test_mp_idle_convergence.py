@@ -207,10 +207,12 @@ def _assert_converged(cluster: Cluster, label: str) -> None:
     converged, took = cluster.wait_quiet(CONVERGE_TIMEOUT)
     settling = cluster.counters().minus(before)
     table = torusctl(cluster.url, "peer", "list")
-    assert converged, f"{label}: no convergence in {took:.0f} s ({settling})\n{table}"
     start = cluster.counters()
     time.sleep(QUIET)
     window = cluster.counters().minus(start)
+    assert converged, (
+        f"{label}: no convergence in {took:.0f} s ({settling}); in the next {QUIET:.0f} s: {window}\n{table}"
+    )
     print(
         f"\n{label}: converged {took:.1f} s after the last event; while settling GC deleted "
         f"{settling.gc_deleted} blocks, the rebalancers pushed {settling.pushed_blocks} blocks "

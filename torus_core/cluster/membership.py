@@ -5,6 +5,8 @@
   that stopped heartbeating are marked down, so the distributor skips them at once instead of
   waiting for deadlines. Peers that report a protocol version below
   :data:`~torus_core.cluster.peerinfo.MIN_PROTOCOL_VERSION` are treated as down and warned about.
+  When a peer appears, disappears, moves or restarts (new boot id), ``on_change`` is called (the
+  node wakes its rebalancer: handoff copies can go home, lost copies be replaced).
 * :class:`RingWatcher` follows the metadata event log (``MetadataService.follow``, which uses the
   backend's push/blocking wait) in a thread and applies every ``RingChanged`` at once, so a ring
   change reaches every peer within the follow timeout (0.5 s by default). It also re-reads the
@@ -38,6 +40,9 @@ class Membership:
     :param self_uuid: this process's UUID (never marked down).
     :param self_address: this process's own RPC address (kept in the directory).
     :param ring_members: returns the current ring's member UUIDs.
+    :param on_change: called (from the heartbeat thread) after a heartbeat whose live peers
+        differ from the previous one's in who is there, their address or their boot id; not
+        called for the first heartbeat.
     """
 
     def __init__(
@@ -46,8 +51,11 @@ class Membership:
         self_uuid: str,
         self_address: str = "",
         ring_members: Callable[[], list[str]] | None = None,
+        on_change: Callable[[], None] | None = None,
     ) -> None:
         self.directory = directory
+        self.on_change = on_change
+        self._signature: dict[str, tuple[str, str]] | None = None
         self.self_uuid = self_uuid
         self.self_address = self_address
         self.ring_members = ring_members or (lambda: [])
@@ -84,6 +92,11 @@ class Membership:
         with self._lock:
             self.live = compatible
             self.incompatible = bad
+        signature = {u: (i.address, i.boot_id) for u, i in compatible.items() if i.address}
+        changed = self._signature is not None and signature != self._signature
+        self._signature = signature
+        if changed and self.on_change is not None:
+            self.on_change()
 
     def live_peers(self) -> dict[str, PeerInfo]:
         """The compatible live peers of the last heartbeat."""

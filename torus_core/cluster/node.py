@@ -27,7 +27,7 @@ import random
 import threading
 import time
 import uuid as uuidlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from torus_core.blockstore import BlockStore
 from torus_core.cluster.gc import GarbageCollector
@@ -69,7 +69,8 @@ class ClusterOptions:
 
     :param heartbeat_interval: seconds between heartbeats.
     :param lease_ttl: heartbeat lease TTL (default 3 x interval).
-    :param maintenance_interval: pause between GC + rebalance rounds.
+    :param maintenance_interval: pause between GC + rebalance rounds (after clean passes the
+        rebalancer backs off further, up to ``rebalance.idle_max``).
     :param gc: delete garbage on this storage peer (without it the peer still computes the
         live set each round, so that its rebalancer leaves garbage alone).
     :param gc_grace: seconds a block must stay dead before GC deletes it.
@@ -196,7 +197,10 @@ class ClusterNode:
             close_local_store=close_store,
         )
         self.membership = Membership(
-            self.directory, uuid, ring_members=lambda: self.distributor.ring.members()
+            self.directory,
+            uuid,
+            ring_members=lambda: self.distributor.ring.members(),
+            on_change=self._peers_changed,
         )
         self.rebalancer: Rebalancer | None = None
         self.gc: GarbageCollector | None = None
@@ -213,13 +217,17 @@ class ClusterNode:
                 delete=self.options.gc,
             )
             gc = self.gc
+            rebalance = self.options.rebalance
+            if self.options.write_level == "local":
+                # blocks written here wait for the rebalancer to reach their owners: no back-off
+                rebalance = replace(rebalance, idle_max=0.0)
             self.rebalancer = Rebalancer(
                 uuid,
                 store,
                 lambda: self.distributor.ring,
                 self.directory,
                 self.pool,
-                self.options.rebalance,
+                rebalance,
                 live_fn=lambda: gc.live,
             )
             self.rebalancer.ring_changed(ring.version)
@@ -259,6 +267,7 @@ class ClusterNode:
             total_blocks=store.num_blocks() if store is not None else 0,
             used_blocks=store.used_blocks() if store is not None else 0,
             block_size=self.block_size,
+            boot_id=self.server.servicer.boot_id if self.server is not None else "",
         )
         if self.rebalancer is not None:
             info.rebalance = self.rebalancer.info()
@@ -344,15 +353,27 @@ class ClusterNode:
     def _after_put(self, refs: list[BlockRef]) -> None:
         """After a replication batch was stored: freed heap back to the OS (rate-limited).
         Only here -- trimming the NBD-serving side's heap would make it page-fault its block
-        buffers afresh (see torus_core.block.malloc)."""
+        buffers afresh (see torus_core.block.malloc). A batch holding blocks this peer does not
+        own (handoff copies) wakes a backed-off rebalancer, so they go home without delay."""
         self.heap.maybe_trim()
+        reb = self.rebalancer
+        if reb is not None and reb.idle:
+            ring = self.distributor.ring
+            if any(self.uuid not in ring.get_peers(ref).owners for ref in refs):
+                reb.poke()
+
+    def _peers_changed(self) -> None:
+        """A peer joined, left, moved or restarted: check placement at the next round."""
+        if self.rebalancer is not None:
+            self.rebalancer.poke()
 
     def maintenance_round(self) -> None:
-        """One GC cycle then one rebalance pass (what the maintenance thread loops over)."""
+        """One GC cycle, then a rebalance pass if one is due (what the maintenance thread loops
+        over; see :attr:`RebalanceOptions.idle_max`)."""
         if self.gc is not None:
             self.gc.run_cycle()
         if self.rebalancer is not None:
-            self.rebalancer.run_pass(self._stop)
+            self.rebalancer.maybe_run_pass(self._stop)
 
     def _maintenance(self) -> None:
         self._stop.wait(random.uniform(0.25, 0.5))

@@ -74,6 +74,8 @@ class PeerInfo:
     :param block_size: block size of its store (0 for a client without one).
     :param protocol_version: its peer protocol version.
     :param rebalance: its rebalancer progress.
+    :param boot_id: random per process of its peer RPC server (a restart changes it; empty for
+        clients and older peers).
     """
 
     uuid: str
@@ -84,6 +86,7 @@ class PeerInfo:
     block_size: int = 0
     protocol_version: int = PROTOCOL_VERSION
     rebalance: RebalanceInfo = field(default_factory=RebalanceInfo)
+    boot_id: str = ""
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready dict (what ``register_peer`` stores)."""
@@ -114,6 +117,7 @@ class PeerInfo:
             ("used_blocks", 0),
             ("block_size", 0),
             ("protocol_version", 0),
+            ("boot_id", ""),
         ):
             if name in data and data[name] is not None:
                 kwargs[name] = _typed(uuid, name, data[name], default)

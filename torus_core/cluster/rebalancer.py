@@ -56,6 +56,10 @@ class RebalanceOptions:
     :param settle: seconds a ring must have been in force before local copies are deleted.
     :param check_timeout: deadline of one RebalanceCheck.
     :param push_timeout: deadline of one PutBlockStream.
+    :param idle_max: after a clean pass (every live block on its owners, nothing pushed,
+        deleted or unconfirmed) the next pass waits, doubling from 0.5 s up to ``idle_max``
+        seconds; :meth:`Rebalancer.poke` (a ring change, a peer joining, leaving or restarting,
+        blocks arriving that this peer does not own) ends the wait. 0 = a pass every round.
     """
 
     batch: int = 64
@@ -63,6 +67,7 @@ class RebalanceOptions:
     settle: float = 3.0
     check_timeout: float = 5.0
     push_timeout: float = 30.0
+    idle_max: float = 30.0
 
     def __post_init__(self) -> None:
         if not isinstance(self.batch, int) or not 1 <= self.batch <= 10_000:
@@ -71,6 +76,8 @@ class RebalanceOptions:
             raise InvalidArgument(f"rebalance rate must be >= 0 bytes/s, got {self.rate_bytes!r}")
         if not isinstance(self.settle, int | float) or self.settle < 0:
             raise InvalidArgument(f"settle time must be >= 0, got {self.settle!r}")
+        if not isinstance(self.idle_max, int | float) or self.idle_max < 0:
+            raise InvalidArgument(f"idle pass interval must be >= 0, got {self.idle_max!r}")
 
 
 class RateLimiter:
@@ -161,14 +168,42 @@ class Rebalancer:
         self._pushed_blocks_total = 0
         self._pushed_bytes_total = 0
         self._deleted_total = 0
+        # idle back-off: seconds the next pass waits after clean passes, and when it is due
+        self._idle = 0.0
+        self._next_at = 0.0
+        self._poked = threading.Event()
 
     # --- ring bookkeeping ----------------------------------------------------------------------
 
     def ring_changed(self, version: int) -> None:
-        """Tell the rebalancer a new ring is in force (restarts the settle clock)."""
+        """Tell the rebalancer a new ring is in force (restarts the settle clock, and the next
+        pass runs without waiting)."""
         if version != self._ring_version:
             self._ring_version = version
             self._ring_since = time.monotonic()
+            self.poke()
+
+    # --- idle back-off -------------------------------------------------------------------------
+
+    def poke(self) -> None:
+        """Something may have moved blocks out of place: run the next pass without waiting."""
+        self._poked.set()
+
+    @property
+    def idle(self) -> bool:
+        """Whether the last pass was clean and the next one waits (backs off)."""
+        return self._idle > 0 and not self._poked.is_set()
+
+    def due(self) -> bool:
+        """Whether a pass should run now (poked, not clean last time, or the wait is over)."""
+        return self._poked.is_set() or time.monotonic() >= self._next_at
+
+    def _schedule_next(self, result: PassResult) -> None:
+        if result.clean and self.options.idle_max > 0:
+            self._idle = min(self.options.idle_max, max(0.5, self._idle * 2))
+        else:
+            self._idle = 0.0
+        self._next_at = time.monotonic() + self._idle
 
     def _current_ring(self) -> Ring:
         ring = self.ring_fn()
@@ -210,11 +245,18 @@ class Rebalancer:
         if batch:
             yield batch
 
+    def maybe_run_pass(self, stop: threading.Event | None = None) -> PassResult | None:
+        """Run a pass if one is :meth:`due` (what the maintenance loop calls)."""
+        if not self.due():
+            return None
+        return self.run_pass(stop)
+
     def run_pass(self, stop: threading.Event | None = None) -> PassResult:
         """Walk every local block once. A ring change or ``stop`` ends the pass early
         (``complete=False``); nothing is deleted after a ring change was noticed."""
         stop = stop or threading.Event()
         ring = self._current_ring()
+        self._poked.clear()  # this pass covers what happened so far; a later poke asks for another
         result = PassResult(ring.version)
         live = self.live_fn() if self.live_fn is not None else None
         result.live_known = live is not None
@@ -262,6 +304,7 @@ class Rebalancer:
                 )
             self._update_info(**changes)
             self.last_result = result
+            self._schedule_next(result)
         return result
 
     def _step(
