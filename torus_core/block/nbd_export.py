@@ -25,14 +25,14 @@ import contextlib
 import logging
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 from torus_core.block.snapshots import open_snapshot, parse_target
 from torus_core.block.volume import DEFAULT_LEASE_TTL, BlockVolume
 from torus_core.blockstore import BlockStore
-from torus_core.errors import Closed, Locked, TorusError
+from torus_core.errors import Closed, Locked, OutOfSpace, TorusError
 from torus_core.file import DEFAULT_CACHE_BYTES, DEFAULT_STAGING_BYTES
 from torus_core.journal.replicas import JournalReplicas
 from torus_core.metadata import MetadataService
@@ -59,15 +59,78 @@ class _Shared:
     refs: int
 
 
+class SpaceGuard:
+    """What a write does when the block store is full.
+
+    A write that hits :class:`~torus_core.errors.OutOfSpace` first asks ``reclaim`` (e.g. a
+    garbage collection cycle run at once, :meth:`LocalGC.collect_now
+    <torus_core.block.local_gc.LocalGC.collect_now>`) to free space, waiting for it — the writer
+    is slowed down rather than failed — and retries, up to ``attempts`` times. If the store is
+    still full the client gets ENOSPC and the server logs it (once a minute per volume) with
+    the volume and the store's numbers.
+    """
+
+    def __init__(
+        self, store: BlockStore, reclaim: Callable[[], bool] | None = None, *, attempts: int = 3
+    ) -> None:
+        self.store = store
+        self.reclaim = reclaim
+        self.attempts = attempts
+        self.enospc = 0
+        self._logged: dict[str, float] = {}
+
+    def run(self, volume: BlockVolume, op: Callable[[], object]) -> None:
+        """Run ``op``; on OutOfSpace reclaim and retry, then log and re-raise."""
+        for attempt in range(self.attempts + 1):
+            try:
+                op()
+                return
+            except OutOfSpace as exc:
+                if self.reclaim is None or attempt == self.attempts or not self.reclaim():
+                    self._report(volume, exc)
+                    raise
+
+    def _report(self, volume: BlockVolume, exc: OutOfSpace) -> None:
+        self.enospc += 1
+        now = time.monotonic()
+        if now - self._logged.get(volume.name, -1e9) < 60:
+            return
+        self._logged[volume.name] = now
+        try:
+            used, total = self.store.used_blocks(), self.store.num_blocks()
+        except TorusError:
+            used = total = -1
+        bs = self.store.block_size
+        log.error(
+            "volume %r (%d bytes): out of space, answering ENOSPC: store holds %d of %d blocks "
+            "(%d of %d MiB, block size %d)%s: %s",
+            volume.name,
+            volume.size,
+            used,
+            total,
+            used * bs >> 20,
+            total * bs >> 20,
+            bs,
+            "" if self.reclaim is not None else "; no garbage collector to ask",
+            exc,
+        )
+
+
 class VolumeExport(Export):
     """One connection's handle on a (possibly shared) opened volume or snapshot."""
 
     blocking = True
 
     def __init__(
-        self, name: str, volume: BlockVolume, release: object, preferred_block_size: int = PREFERRED_BLOCK
+        self,
+        name: str,
+        volume: BlockVolume,
+        release: object,
+        preferred_block_size: int = PREFERRED_BLOCK,
+        space: SpaceGuard | None = None,
     ) -> None:
         self.name = name
+        self._space = space
         self.volume = volume
         self.size = volume.size
         self.read_only = volume.read_only
@@ -97,23 +160,29 @@ class VolumeExport(Export):
         """Done on the event loop when it only touches the write-back cache or staging file."""
         return not fua and self.volume.write_nowait(offset, data)
 
+    def _guarded(self, op: Callable[[], object]) -> None:
+        if self._space is None:
+            op()
+        else:
+            self._space.run(self.volume, op)
+
     def write(self, offset: int, data: Buffer, fua: bool) -> None:
         """Write; with ``fua`` also sync before returning."""
-        self.volume.write_at(offset, data)
+        self._guarded(lambda: self.volume.write_at(offset, data))
         if fua:
-            self.volume.sync()
+            self._guarded(self.volume.sync)
 
     def flush(self) -> None:
-        """Sync the shared volume (blocks, INode, fenced commit)."""
-        self.volume.sync()
+        """Make every completed write durable (journal record, or blocks + INode + commit)."""
+        self._guarded(self.volume.sync)
 
     def trim(self, offset: int, length: int) -> None:
         """Discard: whole blocks become holes."""
-        self.volume.trim(offset, length)
+        self._guarded(lambda: self.volume.trim(offset, length))
 
     def write_zeroes(self, offset: int, length: int, may_trim: bool) -> None:
         """Zero a range, punching holes when allowed."""
-        self.volume.write_zeroes(offset, length, punch_hole=may_trim)
+        self._guarded(lambda: self.volume.write_zeroes(offset, length, punch_hole=may_trim))
 
     def extents(self, offset: int, length: int) -> list[tuple[int, int]]:
         """Allocation from the blockset: holes are HOLE|ZERO, everything else data."""
@@ -149,8 +218,11 @@ class VolumeExportProvider(ExportProvider):
         staging_dir: str | None = None,
         journal: JournalReplicas | None = None,
         journal_options: Mapping[str, Any] | None = None,
+        space: SpaceGuard | None = None,
     ) -> None:
         self.md = md
+        #: ENOSPC handling of writes (reclaim, retry, log); set by the daemon
+        self.space = space if space is not None else SpaceGuard(store)
         #: volume journals (FLUSH through the journal; see torus_core.block.journaled)
         self.journal = journal
         self.journal_options = dict(journal_options or {})
@@ -233,7 +305,9 @@ class VolumeExportProvider(ExportProvider):
             elif shared.volume.lost:
                 raise TorusError(f"volume {vol!r} lost its lock; reconnect after the others closed")
             shared.refs += 1
-            return VolumeExport(name, shared.volume, self._release, self.preferred_block_size)
+            return VolumeExport(
+                name, shared.volume, self._release, self.preferred_block_size, space=self.space
+            )
 
     def _release(self, export: VolumeExport) -> None:
         with self._lock:

@@ -4,7 +4,8 @@ Attached to torusctl with ``cli.add_command(peer)``.
 
 ``peer list`` shows every storage peer (clients, which have no address, are hidden):
 ``OK`` = in the ring and heartbeating, ``Avail`` = heartbeating but not in the ring, ``DOWN`` =
-in the ring but not heartbeating (shown with its UUID only). REB/REP is the bytes/s its
+in the ring but not heartbeating (shown with its UUID only), ``single`` = a single-node torusd
+(no ring; listed for its store usage). REB/REP is the bytes/s its
 rebalancer pushed in its last or current pass. The footer sums usage, counts the live blocks
 found under-replicated by the peers' last complete passes (garbage is never counted) and says
 whether the cluster is balanced: ``Balanced: yes`` only when no ring member is down and every
@@ -70,12 +71,14 @@ def peer_list(as_csv: bool) -> None:
             rows.append(("", uuid, "", "", "DOWN", "", "", ""))
             balanced = False
             continue
-        status = "OK" if uuid in members else "Avail"
+        single = info.role == "single"
+        status = "single" if single else "OK" if uuid in members else "Avail"
         total += info.total_blocks
         used += info.used_blocks
         reb = info.rebalance
         under += max(0, reb.under_replicated)
-        balanced &= peer_settled(info, ring.version)
+        if not single:  # a single node has nothing to rebalance
+            balanced &= peer_settled(info, ring.version)
         size_b, used_b = info.total_blocks * block_size, info.used_blocks * block_size
         if as_csv:
             rows.append(

@@ -18,12 +18,14 @@ from __future__ import annotations
 
 import logging
 import sys
+from collections.abc import Callable
 from typing import Any
 
 import click
 
 from torus_core import __version__
 from torus_core.block.local_gc import LocalGC
+from torus_core.block.nbd_export import SpaceGuard
 from torus_core.block.server import Server
 from torus_core.block.volume import DEFAULT_LEASE_TTL
 from torus_core.cli.common import build_context, config_options, handle_errors
@@ -36,6 +38,9 @@ from torus_core.cli.serving import (
 )
 from torus_core.cluster.cli_options import cluster_options, make_cluster_options
 from torus_core.cluster.daemon import start_cluster_server
+from torus_core.cluster.heartbeat import Heartbeat
+from torus_core.cluster.node import load_or_create_uuid
+from torus_core.cluster.peerinfo import PeerInfo
 from torus_core.errors import NoGlobalMetadata, UsageError
 
 
@@ -146,6 +151,9 @@ def cli(
             server.md, server.store, grace=gc_grace, interval=gc_interval, layer_registry=layers
         )
         server.add_stopper(local_gc.start().stop)
+        server.exports.space = SpaceGuard(server.store, local_gc.collect_now)
+    if not peer_address:
+        server.add_stopper(start_single_node_heartbeat(server, ctx.config.data_dir, nbd_listen))
 
     def start() -> None:
         from torus_core.aoe.serve import serve_aoe_specs
@@ -158,6 +166,27 @@ def cli(
             serve_metrics(server, metrics_listen)
 
     serve_until_signalled(server, start)
+
+
+def start_single_node_heartbeat(server: Server, data_dir: str, nbd_listen: str | None) -> Callable[[], None]:
+    """Register this single node (role ``single``) with its store usage every 5 s, so that
+    ``torusctl peer list`` and monitoring see it; returns the stop function."""
+    uuid = load_or_create_uuid(data_dir)
+    store = server.store
+
+    def info() -> PeerInfo:
+        return PeerInfo(
+            uuid=uuid,
+            address=f"nbd://{nbd_listen}" if nbd_listen else "single-node",
+            total_blocks=store.num_blocks(),
+            used_blocks=store.used_blocks(),
+            block_size=store.block_size,
+            role="single",
+        )
+
+    beat = Heartbeat(server.md, info, interval=5.0)
+    beat.start()
+    return beat.stop
 
 
 def main() -> None:

@@ -76,6 +76,8 @@ class PeerInfo:
     :param rebalance: its rebalancer progress.
     :param boot_id: random per process of its peer RPC server (a restart changes it; empty for
         clients and older peers).
+    :param role: ``storage`` (a cluster peer) or ``single`` (a single-node torusd: no peer RPC,
+        not in a ring; registered so ``peer list`` and monitoring see its store usage).
     """
 
     uuid: str
@@ -87,6 +89,7 @@ class PeerInfo:
     protocol_version: int = PROTOCOL_VERSION
     rebalance: RebalanceInfo = field(default_factory=RebalanceInfo)
     boot_id: str = ""
+    role: str = "storage"
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready dict (what ``register_peer`` stores)."""
@@ -118,6 +121,7 @@ class PeerInfo:
             ("block_size", 0),
             ("protocol_version", 0),
             ("boot_id", ""),
+            ("role", "storage"),
         ):
             if name in data and data[name] is not None:
                 kwargs[name] = _typed(uuid, name, data[name], default)
