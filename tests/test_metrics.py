@@ -337,12 +337,14 @@ def test_healthz_is_not_ready_out_of_the_ring_and_while_etcd_is_stopped(tmp_path
             took, body = wait_health(port, 503, 15.0)
             assert "metadata backend" in body, body
             assert took < 10.0
+            print(f"/healthz not ready {took:.2f} s after etcd was stopped: {body.strip()}")
             # /metrics still answers at once, and says the metadata is unreachable
             t0 = time.monotonic()
             samples = scrape(port)
             assert time.monotonic() - t0 < 3.0
             assert value(samples, "torus_metadata_reachable") == 0 and value(samples, "torus_ready") == 0
         took, _ = wait_health(port, 200, 15.0)
+        print(f"/healthz ready again {took:.2f} s after etcd resumed")
         assert value(scrape(port), "torus_ready") == 1
     finally:
         peer.stop()
