@@ -11,6 +11,7 @@ Every process is started and stopped by its PID; every wait is bounded.
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 import tempfile
@@ -200,24 +201,41 @@ def _overwrite(uri: str, seconds: float, seed: int, out: Path) -> None:
     assert proc.returncode == 0, proc.stdout + proc.stderr
 
 
-def _assert_converged(cluster: Cluster, label: str) -> None:
+def _cpu_seconds(pids: list[int]) -> float:
+    """User + system CPU seconds used so far by ``pids`` (from /proc/PID/stat)."""
+    total = 0
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/stat") as fh:
+                fields = fh.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        total += int(fields[11]) + int(fields[12])  # utime, stime (fields 14 and 15)
+    return total / os.sysconf("SC_CLK_TCK")
+
+
+def _assert_converged(cluster: Cluster, label: str, since: Counters) -> None:
     """Bounded wait for a still, balanced cluster; then a measured quiet window, the placement of
-    every live block and the absence of garbage."""
-    before = cluster.counters()
+    every live block and the absence of garbage. ``since``: the counters when the scenario's
+    events began (after the last restart: a restarted peer starts counting from zero)."""
     converged, took = cluster.wait_quiet(CONVERGE_TIMEOUT)
-    settling = cluster.counters().minus(before)
+    settling = cluster.counters().minus(since)
     table = torusctl(cluster.url, "peer", "list")
-    start = cluster.counters()
+    pids = [p.pid for p in cluster.live() if p.pid is not None]
+    start, cpu0 = cluster.counters(), _cpu_seconds(pids)
     time.sleep(QUIET)
-    window = cluster.counters().minus(start)
+    window, cpu = cluster.counters().minus(start), _cpu_seconds(pids) - cpu0
     assert converged, (
-        f"{label}: no convergence in {took:.0f} s ({settling}); in the next {QUIET:.0f} s: {window}\n{table}"
+        f"{label}: no convergence in {took:.0f} s ({settling}); in the next {QUIET:.0f} s: {window}, "
+        f"{cpu:.2f} CPU s\n{table}"
     )
     print(
-        f"\n{label}: converged {took:.1f} s after the last event; while settling GC deleted "
-        f"{settling.gc_deleted} blocks, the rebalancers pushed {settling.pushed_blocks} blocks "
-        f"({settling.pushed_bytes} B) and dropped {settling.rebalance_deleted} copies; in the "
-        f"{QUIET:.0f} s idle window: {window.gc_deleted} deleted, {window.pushed_bytes} B pushed"
+        f"\n{label}: still and balanced {took:.1f} s after the last event (incl. the {QUIET:.0f} s "
+        f"still period); since the events: GC deleted {settling.gc_deleted} blocks, the rebalancers "
+        f"pushed {settling.pushed_blocks} blocks ({settling.pushed_bytes} B) and dropped "
+        f"{settling.rebalance_deleted} copies; in the next {QUIET:.0f} s idle window: "
+        f"{window.gc_deleted} deleted, {window.pushed_blocks} blocks / {window.pushed_bytes} B pushed, "
+        f"{cpu:.2f} CPU s over {len(pids)} torusd"
     )
     assert window.moved == 0 and window.pushed_bytes == 0, f"{label}: still churning: {window}"
     assert "Balanced: yes" in torusctl(cluster.url, "peer", "list"), table
@@ -239,7 +257,7 @@ def test_an_idle_cluster_stops_moving_and_deleting_blocks_after_a_peer_is_killed
     p2.kill()
     assert wait_for(lambda: "DOWN" in torusctl(cluster.url, "peer", "list"), 15.0)
     p2.start()
-    _assert_converged(cluster, "kill+restart")
+    _assert_converged(cluster, "kill+restart", cluster.counters())
 
 
 def test_an_idle_cluster_converges_after_kill_restart_add_and_remove(cluster: Cluster) -> None:
@@ -248,9 +266,10 @@ def test_an_idle_cluster_converges_after_kill_restart_add_and_remove(cluster: Cl
     p1.kill()
     assert wait_for(lambda: "DOWN" in torusctl(cluster.url, "peer", "list"), 15.0)
     p1.start()
+    since = cluster.counters()
     p3 = cluster.add_peer()  # joins the ring (--auto-join): a quarter of the blocks move to it
     torusctl(cluster.url, "peer", "remove", p2.uuid)  # live removal: p2 drains to the new owners
-    _assert_converged(cluster, "kill+restart+add+remove")
+    _assert_converged(cluster, "kill+restart+add+remove", since)
     infos = parse_peers(cluster.md.list_peers())
     assert infos[p3.uuid].used_blocks > 0
     assert infos[p2.uuid].used_blocks == 0  # drained
