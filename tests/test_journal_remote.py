@@ -271,3 +271,50 @@ def test_remote_replicas_satisfy_the_journal_replicas_protocol(cluster: JournalC
 
     r: JournalReplicas = cluster.replicas("client")
     assert isinstance(r, RemoteJournalReplicas)
+
+
+def test_cluster_nodes_serve_their_journal_stores_and_append_through_the_ring(tmp_path: Path) -> None:
+    from torus_sqlite.backend import SQLiteBackend
+
+    from torus_core.cluster import ClusterNode
+    from torus_core.cluster.testing import InProcessCluster, open_mem_store, wait_until
+
+    url = f"sqlite:///{tmp_path}/meta.db?poll_interval=0.02"
+    journals = {u: JournalStore(tmp_path / u / "journal") for u in PEERS}
+    try:
+        with InProcessCluster(lambda: SQLiteBackend.from_url(url), block_size=4096) as c:
+            for u in PEERS:
+                c.stores[u] = open_mem_store(4096, 256)
+                node = ClusterNode(
+                    c.new_md(),
+                    u,
+                    store=c.stores[u],
+                    listen="127.0.0.1:0",
+                    options=c.options,
+                    journal=journals[u],
+                )
+                c.nodes[u] = node
+                node.start(auto_join=True)
+            nodes = [c.nodes[u] for u in PEERS]
+            assert wait_until(
+                lambda: all(
+                    len(n.distributor.ring.members()) == 3 and all(n.directory.address(u) for u in PEERS)
+                    for n in nodes
+                ),
+                10.0,
+            )
+            writer = nodes[0].journal_replicas
+            assert writer.fence(VOL, 1) == 0
+            writer.append(VOL, 1, [rec(1), rec(2)])
+            owners = writer.replicas(VOL)
+            for u in PEERS:
+                assert [x.seq for x in journals[u].read(VOL, 0)] == ([1, 2] if u in owners else [])
+            # another node (a new writer after a takeover) fences and finds everything
+            successor = nodes[2].journal_replicas
+            assert successor.fence(VOL, 2) == 2
+            with pytest.raises(StaleEpoch):
+                writer.append(VOL, 1, [rec(3)])
+            assert [x.seq for x in select_replay(successor.read(VOL, 0), 0)] == [1, 2]
+    finally:
+        for j in journals.values():
+            j.close()

@@ -34,38 +34,6 @@ _JOURNAL_APPEND = "/torus.rpc.v1.TorusStorage/JournalAppend"
 BlockData = bytes | bytearray | memoryview
 
 
-class JournalAppendCall:
-    """A ``JournalAppend`` in flight (see :meth:`PeerClient.journal_append_start`)."""
-
-    __slots__ = ("_address", "_future", "_t0")
-
-    def __init__(self, address: str, future: Any, t0: float) -> None:
-        self._address = address
-        self._future = future
-        self._t0 = t0
-
-    def result(self) -> int:
-        """Wait for the reply (bounded by the call's deadline); returns the highest sequence
-        number the peer now stores. Raises the peer's torus error (``StaleEpoch``,
-        ``InvalidArgument``, ...) or :class:`~torus_core.errors.PeerUnavailable`."""
-        try:
-            return int(self._future.result().last_seq)
-        except grpc.RpcError as exc:
-            RPC_CLIENT_ERRORS_BY_METHOD["JournalAppend"].inc()
-            raise error_from_rpc(exc, self._address, "JournalAppend") from None
-        except grpc.FutureCancelledError:
-            RPC_CLIENT_ERRORS_BY_METHOD["JournalAppend"].inc()
-            raise PeerUnavailable(
-                f"peer {self._address} JournalAppend: cancelled", address=self._address
-            ) from None
-        finally:
-            RPC_CLIENT_SECONDS_BY_METHOD["JournalAppend"].observe(time.perf_counter() - self._t0)
-
-    def cancel(self) -> None:
-        """Give up on the call (the peer may still complete it)."""
-        self._future.cancel()
-
-
 @dataclass(frozen=True)
 class PeerInfoReply:
     """What ``Ping`` reports about a peer."""
@@ -271,31 +239,27 @@ class PeerClient:
         resp = self._call("JournalFence", self._stub.JournalFence, req, timeout or self.timeouts.journal)
         return int(resp.last_seq)
 
-    def journal_append_start(
-        self, volume_id: int, epoch: int, payloads: Sequence[bytes], *, timeout: float | None = None
-    ) -> JournalAppendCall:
-        """Send encoded records without waiting; :meth:`JournalAppendCall.result` waits for the
-        peer's durable acknowledgement. Lets a caller append to several peers in parallel
-        without a thread per peer."""
-        _check_u64(volume_id=volume_id, epoch=epoch)
-        if self._closed:
-            raise Closed(f"client for {self.address} is closed")
-        raw = encode_journal_append(volume_id, epoch, payloads)
-        t0 = time.perf_counter()
-        try:
-            fut = self._journal_append_raw.future(raw, timeout=timeout or self.timeouts.journal)
-        except ValueError as exc:  # a closed channel
-            RPC_CLIENT_ERRORS_BY_METHOD["JournalAppend"].inc()
-            raise PeerUnavailable(f"peer {self.address} JournalAppend: {exc}", address=self.address) from None
-        return JournalAppendCall(self.address, fut, t0)
-
     def journal_append(
         self, volume_id: int, epoch: int, payloads: Sequence[bytes], *, timeout: float | None = None
     ) -> int:
         """Append encoded records; returns once the peer made them durable (its highest stored
         sequence number). ``StaleEpoch`` if it saw a newer epoch, ``InvalidArgument`` for records
         that are not whole, valid records of this volume and epoch."""
-        return self.journal_append_start(volume_id, epoch, payloads, timeout=timeout).result()
+        _check_u64(volume_id=volume_id, epoch=epoch)
+        return self.journal_append_encoded(encode_journal_append(volume_id, epoch, payloads), timeout=timeout)
+
+    def journal_append_encoded(self, request: bytes, *, timeout: float | None = None) -> int:
+        """:meth:`journal_append` of a request already encoded with
+        :func:`~torus_core.rpc.wire.encode_journal_append` (one encoding for all replicas).
+
+        A blocking call: gRPC's asynchronous ``future()`` calls cost about twice the CPU and
+        latency of blocking ones here, so callers that append to several peers in parallel run
+        blocking calls on their own threads (see :mod:`torus_core.journal.remote`).
+        """
+        resp = self._call(
+            "JournalAppend", self._journal_append_raw, request, timeout or self.timeouts.journal
+        )
+        return int(resp.last_seq)
 
     def journal_read(
         self, volume_id: int, after_seq: int = 0, *, timeout: float | None = None
