@@ -6,6 +6,11 @@ exports use the node's :class:`~torus_core.distributor.Distributor` as their blo
 every block a client writes goes to its ring owners. The node's background threads are stopped
 first at shutdown (before the NBD listener and the volumes), and closing the server's store
 closes the distributor and, through it, the local store.
+
+Volume journals (issue 8): when ``server`` journals FLUSHes (a persistent store; its journal
+files are ``<data-dir>/journal``), this peer serves those files to the other peers' journal
+writers, and the cluster server's volumes append their journals to R ring peers
+(:class:`~torus_core.journal.remote.RemoteJournalReplicas`) instead of the local files alone.
 """
 
 from __future__ import annotations
@@ -50,6 +55,7 @@ def start_cluster_server(
     would otherwise keep resident.
     """
     limit_arenas()
+    journal_store = server.journal_store
     try:
         node = ClusterNode(
             server.md,
@@ -62,6 +68,7 @@ def start_cluster_server(
             ring_types=server.registries.ring_types if server.registries is not None else None,
             layer_registry=server.registries.blockset_layers if server.registries is not None else None,
             close_store=True,
+            journal=journal_store,
         )
     except BaseException:
         server.close()
@@ -81,6 +88,9 @@ def start_cluster_server(
         lease_ttl=lease_ttl,
         registries=server.registries,
         claim=server.claim,
+        journal_store=journal_store,
+        journal=node.journal_replicas if server.journal is not None else None,
+        journal_options=server.exports.journal_options,
     )
     clustered.add_stopper(node.stop_background)
     clustered.add_collector(ClusterCollector(node))

@@ -47,6 +47,8 @@ from torus_core.errors import (
     NotSupported,
     TorusError,
 )
+from torus_core.journal.remote import RemoteJournalReplicas
+from torus_core.journal.store import JournalStore
 from torus_core.metadata import MetadataService
 from torus_core.refs import BlockRef
 from torus_core.registry import Registry
@@ -139,6 +141,9 @@ class ClusterNode:
     :param ring_types: ring registry (built-ins if None).
     :param layer_registry: blockset layers (built-ins if None), for GC's INode decoding.
     :param close_store: whether closing the distributor closes ``store``.
+    :param journal: this storage peer's volume journal files (``<data-dir>/journal``), served to
+        other peers' journal writers over RPC and used directly by this node's own
+        :attr:`journal_replicas` (not closed by the node).
     """
 
     def __init__(
@@ -155,6 +160,7 @@ class ClusterNode:
         ring_types: Registry | None = None,
         layer_registry: Registry | None = None,
         close_store: bool = False,
+        journal: JournalStore | None = None,
     ) -> None:
         if not isinstance(uuid, str) or not uuid:
             raise InvalidArgument("a cluster node needs a non-empty uuid")
@@ -177,7 +183,9 @@ class ClusterNode:
         self.server: PeerServer | None = None
         if listen is not None and store is not None:
             # replication batches are what leaves freed heap behind: trim after them (rate-limited)
-            self.server = PeerServer(store, uuid=uuid, address=listen, tls=tls, on_put=self._after_put)
+            self.server = PeerServer(
+                store, uuid=uuid, address=listen, tls=tls, on_put=self._after_put, journal=journal
+            )
         self._advertise = advertise
         self.directory = PeerDirectory()
         self.pool = PeerClientPool(tls=tls, timeouts=self.options.rpc_timeouts)
@@ -195,6 +203,17 @@ class ClusterNode:
             timeouts=self.options.timeouts,
             block_size=None if store is not None else self.block_size,
             close_local_store=close_store,
+        )
+        #: this node's journal files (served by the RPC server) and the cluster's volume journals
+        #: as this node's writers append to them (R ring peers per volume, see torus_core.journal.remote)
+        self.journal = journal if self.server is not None else None
+        self.journal_replicas = RemoteJournalReplicas(
+            uuid,
+            self.journal,
+            lambda: self.distributor.ring,
+            self.directory,
+            self.pool,
+            timeout=self.pool.timeouts.journal,
         )
         self.membership = Membership(
             self.directory,
@@ -412,6 +431,7 @@ class ClusterNode:
             return
         self._closed = True
         self.stop_background(unregister=unregister)
+        self.journal_replicas.close()
         self.distributor.close()
         self.pool.close()
 
