@@ -1,9 +1,11 @@
 """Every Prometheus metric torus exports, defined in one place (see docs/metrics.md).
 
 Process-wide counters and histograms live in prometheus_client's default registry, so they also
-carry the process/platform/GC collectors it comes with. Instrumented code imports the metric (or,
-on hot paths, a **pre-bound labelled child** from the tables below) and calls ``inc``/``observe``;
-nothing here does I/O.
+carry the process/platform/GC collectors it comes with. Instrumented code imports the metric (or a
+**pre-bound labelled child** from the tables below) and calls ``inc``/``observe``; nothing here
+does I/O. The NBD request path, the hottest, does not even take a lock: each connection updates
+its own :class:`NBDConnectionMetrics` from its event-loop thread and :data:`NBD` (a collector)
+sums them at scrape time.
 
 Values that are *read* rather than counted (store capacity, open volumes, ring membership,
 rebalancer state) come from collectors bound to one running server: :class:`StoreCollector`,
