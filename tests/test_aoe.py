@@ -124,6 +124,27 @@ def make_cluster(data: Path, size: int = VOLUME_SIZE) -> None:
     ctl(data, "volume", "create-block", "disk", str(size))
 
 
+_template: list[Path] = []
+
+
+def template_cluster() -> Path:
+    """A formatted data dir with volume ``disk``, made once per module and copied per test."""
+    if not _template:
+        import tempfile
+
+        d = Path(tempfile.mkdtemp(prefix="torus-aoe-template-")) / "data"
+        make_cluster(d)
+        _template.append(d)
+    return _template[0]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _drop_template() -> Iterator[None]:
+    yield
+    while _template:
+        shutil.rmtree(_template.pop().parent, ignore_errors=True)
+
+
 def volume_status(data: Path, name: str = "disk") -> str:
     for line in ctl(data, "volume", "list", "--csv").stdout.splitlines():
         fields = line.split(",")
@@ -154,12 +175,12 @@ class Target:
             env = None
         else:
             if not self.data.exists():
-                make_cluster(self.data)
+                shutil.copytree(template_cluster(), self.data)
             cmd = [str(BIN / "torusblk"), "aoe", "--data-dir", str(self.data), "--size", "64MiB"]
             cmd += [*extra, "disk", self.iface, str(MAJOR), str(MINOR)]
             env = env_for(self.data)
         self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=self.err.open("wb"), env=env)
-        line = read_line(self.proc, 30)
+        line = read_line(self.proc, 90)
         if not line:
             stop_proc(self.proc)
             pytest.fail(f"{self.kind} did not start: {self.err.read_text()}")
@@ -193,7 +214,7 @@ def rig(kind, veth, tmp_path) -> Iterator[tuple[Target, Initiator]]:
     """
     t_if, i_if = veth
     target = Target(kind, t_if, tmp_path)
-    ini = Initiator(i_if, MAJOR, MINOR, timeout=2.0)
+    ini = Initiator(i_if, MAJOR, MINOR, timeout=5.0)
     try:
         target.start()
         ini.advertisement = ini.wait_advertisement(5.0)  # type: ignore[attr-defined]
@@ -360,8 +381,8 @@ def test_mac_mask_list_edits_and_restricts_who_is_answered(rig):
     assert ini.request(2, bytes((0, 0, 0, 0))).arg[3] == 0  # nothing was added
     r = ini.request(2, bytes((0, 1, 0, 1)) + bytes((0, 1)) + OTHER_MAC)  # only someone else
     assert not r.is_error and r.arg[2:4] == bytes((0, 1)) and r.arg[6:12] == OTHER_MAC
-    assert ini.no_reply(0, ini.ata_arg(ATA_IDENTIFY, 0, 1), wait=0.5)  # we are no longer answered
-    assert ini.no_reply(1, ini.config_arg(0), wait=0.5)
+    assert ini.no_reply(0, ini.ata_arg(ATA_IDENTIFY, 0, 1), wait=1.5)  # we are no longer answered
+    assert ini.no_reply(1, ini.config_arg(0), wait=1.5)
 
 
 def test_torus_mac_mask_delete_directives_and_a_full_list(torus_rig):
@@ -380,7 +401,7 @@ def test_torus_mac_mask_delete_directives_and_a_full_list(torus_rig):
     assert r.arg[2] == 3 and r.arg[3] == 31  # list full at 32: directive 31 failed, 0..30 applied
     r = ini.request(2, bytes((0, 1, 0, 1)) + bytes((0, 2)) + me)  # delete ourselves
     assert not r.is_error and r.arg[3] == 31
-    assert ini.no_reply(0, ini.ata_arg(ATA_IDENTIFY, 0, 1), wait=0.5)
+    assert ini.no_reply(0, ini.ata_arg(ATA_IDENTIFY, 0, 1), wait=1.5)
 
 
 def test_reserve_release_refuses_other_macs_until_released(rig):
@@ -410,7 +431,7 @@ def test_reserve_release_refuses_other_macs_until_released(rig):
 def torus_rig(veth, tmp_path) -> Iterator[tuple[Target, Initiator]]:
     t_if, i_if = veth
     target = Target("torus", t_if, tmp_path)
-    ini = Initiator(i_if, MAJOR, MINOR, timeout=2.0)
+    ini = Initiator(i_if, MAJOR, MINOR, timeout=5.0)
     try:
         target.start("--flush-interval", "0")
         ini.discover()
@@ -487,7 +508,7 @@ def nbd_read(data: Path, tmp: Path, length: int) -> bytes:
         env=env_for(data),
     )
     try:
-        line = read_line(proc, 30)
+        line = read_line(proc, 90)
         assert line.startswith("NBD LISTENING"), (tmp / "nbdserve.err").read_text()
         port = line.rsplit(":", 1)[1]
         out = tmp / "back.img"
@@ -530,7 +551,7 @@ def test_torusd_aoe_option_serves_volumes_coherently_with_its_nbd_exports(veth, 
             cmd, stdout=subprocess.PIPE, stderr=(tmp_path / "torusd.err").open("wb"), env=env_for(data)
         )
         try:
-            lines = [read_line(proc, 30) for _ in range(3)]
+            lines = [read_line(proc, 90) for _ in range(3)]
             assert lines[0].startswith(f"AOE SERVING e{MAJOR}.{MINOR} {t_if} ") and lines[0].endswith(" disk")
             assert lines[1].startswith(f"AOE SERVING e{MAJOR}.{MINOR + 1} ") and lines[2].startswith("NBD")
             ini.discover()

@@ -222,7 +222,7 @@ class Initiator:
                     return r
         raise AoETimeout(f"no reply to AoE command {command} (tag {tag.hex()})")
 
-    def no_reply(self, command: int, arg: bytes = b"", *, wait: float = 0.5, **kw: Any) -> bool:
+    def no_reply(self, command: int, arg: bytes = b"", *, wait: float = 1.5, **kw: Any) -> bool:
         """Send once; True if no reply with that tag arrived within ``wait`` seconds."""
         tag = self.next_tag()
         self.sock.send(self.build(command, arg, tag=tag, **kw))
