@@ -125,9 +125,23 @@ def test_unsynced_writes_are_not_visible_to_a_reader_of_the_committed_inode(md, 
     vol.write_at(0, b"x" * BS)
     vol.sync()
     vol.write_at(0, b"y" * BS)
-    create_snapshot(md, "v@s")
+    md.save_snapshot("v", "s")  # the committed INode as it is, behind the writer's back
     with open_snapshot(md, store, "v", "s") as snap:
         assert snap.read_at(0, BS) == b"x" * BS
+    vol.close()
+
+
+def test_snapshot_of_a_held_volume_is_saved_by_its_writer_with_every_completed_write(md, store):
+    md.create_volume("v", MiB)
+    vol = BlockVolume.open(md, store, "v")
+    vol.write_at(0, b"x" * BS)
+    vol.sync()
+    vol.write_at(0, b"y" * BS)  # completed before the snapshot, not flushed
+    create_snapshot(md, "v@s", wait=10)  # the writer's watcher syncs and saves it
+    vol.write_at(0, b"z" * BS)
+    with open_snapshot(md, store, "v", "s") as snap:
+        assert snap.read_at(0, BS) == b"y" * BS
+    assert md.snapshot_requests(vol.volume_id) == ()
     vol.close()
 
 

@@ -37,6 +37,7 @@ EXPECTED_TOPICS = {
     "torus.volume.inode_index_allocated",
     "torus.volume.inode_committed",
     "torus.volume.snapshot_saved",
+    "torus.volume.snapshot_requested",
     "torus.volume.snapshot_deleted",
     "torus.volume.snapshot_restored",
     "torus.volume.lock_acquired",

@@ -60,6 +60,7 @@ __all__ = [
     "RecordedEvent",
     "RingChanged",
     "SnapshotDeleted",
+    "SnapshotRequested",
     "SnapshotRestored",
     "SnapshotSaved",
     "TopicRegistry",
@@ -370,6 +371,17 @@ class SnapshotSaved(DomainEvent):
 
 
 @dataclass(frozen=True)
+class SnapshotRequested(DomainEvent):
+    """A snapshot of a volume held open by a writer was asked for: the writer folds its journal
+    in and saves it (as ``SnapshotSaved``), so the snapshot holds every acknowledged write."""
+
+    TOPIC: ClassVar[str] = "torus.volume.snapshot_requested"
+    volume_id: int
+    name: str
+    time: float
+
+
+@dataclass(frozen=True)
 class SnapshotDeleted(DomainEvent):
     """A snapshot record was removed."""
 
@@ -524,5 +536,6 @@ for _cls in (
     SnapshotRestored,
     VolumeLockAcquired,
     VolumeLockReleased,
+    SnapshotRequested,
 ):
     REGISTRY.register(_cls)

@@ -72,6 +72,7 @@ from torus_core.events import (
     RecordedEvent,
     RingChanged,
     SnapshotDeleted,
+    SnapshotRequested,
     SnapshotRestored,
     SnapshotSaved,
     TopicRegistry,
@@ -706,6 +707,33 @@ class MetadataService:
                 continue
             return info
         raise Again(f"could not save snapshot {volume}@{name}: too much contention")
+
+    def request_snapshot(self, volume: str, name: str) -> None:
+        """Ask the volume's writer to fold in what it has acknowledged and save snapshot
+        ``name`` (see :func:`torus_core.block.snapshots.create_snapshot`)."""
+        _check_name("snapshot name", name)
+        for _ in range(MAX_ATTEMPTS):
+            state = self.state()
+            vol = self._volume(state, volume)
+            if name in vol.snapshots:
+                raise AlreadyExists(f"snapshot {volume}@{name} already exists")
+            if name in vol.snapshot_requests:
+                return
+            stream = volume_stream(vol.id)
+            try:
+                self._append(
+                    self._event(
+                        stream, state.stream_version(stream) + 1, SnapshotRequested(vol.id, name, time.time())
+                    )
+                )
+            except CompareFailed:
+                continue
+            return
+        raise Again(f"could not request snapshot {volume}@{name}: too much contention")
+
+    def snapshot_requests(self, volume_id: int) -> tuple[str, ...]:
+        """Snapshot names asked of volume ``volume_id``'s writer and not saved yet."""
+        return self._volume_id(self.state(), volume_id).snapshot_requests
 
     def list_snapshots(self, volume: str) -> list[SnapshotInfo]:
         """The volume's snapshots, oldest first."""

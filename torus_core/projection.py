@@ -26,6 +26,7 @@ from torus_core.events import (
     RecordedEvent,
     RingChanged,
     SnapshotDeleted,
+    SnapshotRequested,
     SnapshotRestored,
     SnapshotSaved,
     TopicRegistry,
@@ -59,7 +60,7 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 #: Version of the snapshot encoding; a snapshot of another format is ignored (full replay).
-SNAPSHOT_FORMAT = 2  # 2: VolumeState.snapshot_highwater
+SNAPSHOT_FORMAT = 3  # 2: VolumeState.snapshot_highwater, 3: snapshot_requests
 
 
 @dataclass(frozen=True)
@@ -104,6 +105,8 @@ class VolumeState:
     #: clone made from one may still name its blocks); blocks minted under a higher INode number
     #: are named by no snapshot or clone, only by this volume's own INodes
     snapshot_highwater: int = 0
+    #: snapshot names asked of the volume's writer (``SnapshotRequested``) and not saved yet
+    snapshot_requests: tuple[str, ...] = ()
 
     @property
     def inode(self) -> INodeRef:
@@ -173,6 +176,12 @@ def apply(state: ClusterState, rec: RecordedEvent) -> ClusterState:
         return dataclasses.replace(base, volumes=_with_volume(state, e.volume_id, last_inode_index=e.index))
     if isinstance(e, INodeCommitted):
         return dataclasses.replace(base, volumes=_with_volume(state, e.volume_id, current_inode=e.inode_ref))
+    if isinstance(e, SnapshotRequested):
+        req_vol = state.volumes.get(e.volume_id)
+        if req_vol is None or e.name in req_vol.snapshot_requests:
+            return base
+        pending = (*req_vol.snapshot_requests, e.name)
+        return dataclasses.replace(base, volumes=_with_volume(state, e.volume_id, snapshot_requests=pending))
     if isinstance(e, SnapshotSaved | SnapshotDeleted | SnapshotRestored):
         snap_vol = state.volumes.get(e.volume_id)
         if snap_vol is None:
@@ -180,7 +189,10 @@ def apply(state: ClusterState, rec: RecordedEvent) -> ClusterState:
         if isinstance(e, SnapshotSaved):
             snaps = {**snap_vol.snapshots, e.name: SnapshotInfo(e.name, e.inode_ref, e.time)}
             high = max(snap_vol.snapshot_highwater, e.inode_ref.inode)
-            volumes = _with_volume(state, e.volume_id, snapshots=snaps, snapshot_highwater=high)
+            pending = tuple(n for n in snap_vol.snapshot_requests if n != e.name)
+            volumes = _with_volume(
+                state, e.volume_id, snapshots=snaps, snapshot_highwater=high, snapshot_requests=pending
+            )
             return dataclasses.replace(base, volumes=volumes)
         if isinstance(e, SnapshotDeleted):
             snaps = {k: v for k, v in snap_vol.snapshots.items() if k != e.name}

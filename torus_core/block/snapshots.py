@@ -11,10 +11,11 @@ minted under the volume's own id).
 from __future__ import annotations
 
 import contextlib
+import time
 
 from torus_core.block.volume import DEFAULT_LEASE_TTL, BlockVolume, check_store, default_owner
 from torus_core.blockstore import BlockStore
-from torus_core.errors import InvalidArgument, NotExist, TorusError
+from torus_core.errors import Again, InvalidArgument, NotExist, TorusError
 from torus_core.file import File
 from torus_core.inode import VIRTUAL_INODE, INode, INodeStore
 from torus_core.metadata import MetadataService, SnapshotInfo, VolumeInfo
@@ -40,10 +41,35 @@ def parse_snapshot(target: str) -> tuple[str, str]:
     return vol, snap
 
 
-def create_snapshot(md: MetadataService, target: str) -> SnapshotInfo:
-    """Save ``VOL@SNAP`` (the volume's last committed INode)."""
+#: Seconds ``create_snapshot`` waits for a volume's writer to save a requested snapshot.
+SNAPSHOT_WAIT = 30.0
+
+
+def create_snapshot(md: MetadataService, target: str, *, wait: float = SNAPSHOT_WAIT) -> SnapshotInfo:
+    """Save ``VOL@SNAP`` holding every write acknowledged (flushed) before the call.
+
+    A volume nobody holds is saved at once (its last writer folded its journal in when it
+    closed). A volume held by a writer may have flushed writes still in its journal only: the
+    writer is asked (``SnapshotRequested``) to fold them in and save the snapshot itself, and
+    this waits up to ``wait`` seconds for it; Again if it did not (the request stays pending and
+    the writer saves it when it can; a writer that died leaves it to the next one to open the
+    volume).
+    """
     vol, snap = parse_snapshot(target)
-    return md.save_snapshot(vol, snap)
+    if not md.lock_status(vol).locked:
+        return md.save_snapshot(vol, snap)
+    md.request_snapshot(vol, snap)
+    deadline = time.monotonic() + wait
+    while True:
+        for info in md.list_snapshots(vol):
+            if info.name == snap:
+                return info
+        if time.monotonic() >= deadline:
+            raise Again(
+                f"snapshot {target} requested, but the volume's writer has not saved it within "
+                f"{wait:g} s; it stays pending and is saved when the volume is next open"
+            )
+        time.sleep(0.1)
 
 
 def list_snapshots(md: MetadataService, volume: str) -> list[SnapshotInfo]:

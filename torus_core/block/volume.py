@@ -37,7 +37,7 @@ from typing import Any
 from torus_core.block.journaled import VolumeJournal
 from torus_core.block.lease import LeaseKeeper
 from torus_core.blockstore import BlockStore
-from torus_core.errors import Closed, InvalidArgument, Locked, TorusError
+from torus_core.errors import AlreadyExists, Closed, InvalidArgument, Locked, TorusError
 from torus_core.eventlog import Lease
 from torus_core.file import DEFAULT_CACHE_BYTES, File
 from torus_core.journal.replicas import JournalReplicas
@@ -48,6 +48,9 @@ from torus_core.refs import BlockRef, INodeRef
 from torus_core.registry import Registry
 
 log = logging.getLogger(__name__)
+
+#: Seconds between a writer's looks for snapshot requests (``torusctl block snapshot create``).
+SNAPSHOT_REQUEST_POLL = 0.5
 
 #: Default lease TTL in seconds (the original used 30 s). The keeper renews every ttl/3, so a
 #: holder that dies loses its lock within 5 s; a restarted ``torusd`` takes over the locks of its
@@ -102,6 +105,13 @@ class BlockVolume:
         self._close_lock = threading.Lock()
         #: the write journal, for volumes opened with one
         self.journal: VolumeJournal | None = None
+        self._requests: threading.Thread | None = None
+        self._stop_requests = threading.Event()
+        #: while a snapshot is being taken, superseded blocks wait here: the INode about to be
+        #: saved may name them and the snapshot high-water mark does not know it yet
+        self._free_lock = threading.Lock()
+        self._snapshotting = 0
+        self._deferred: list[BlockRef] = []
 
     # --- opening -------------------------------------------------------------------------
 
@@ -166,7 +176,10 @@ class BlockVolume:
                     raise
 
             def free_superseded(_ref: INodeRef, refs: list[BlockRef]) -> None:
-                free_superseded_blocks(md, store, vid, refs)
+                if holder:
+                    holder[0]._free_superseded(refs)
+                else:
+                    free_superseded_blocks(md, store, vid, refs)
 
             file = File.open(
                 store,
@@ -192,6 +205,11 @@ class BlockVolume:
                 )
                 vj.recover()
                 vol.journal = vj.start()
+            vol.serve_snapshot_requests()  # a request a dead writer left pending
+            vol._requests = threading.Thread(
+                target=vol._watch_requests, name=f"snapshot-requests-{name}", daemon=True
+            )
+            vol._requests.start()
             vol.keeper = LeaseKeeper(leases, lease, on_lost=vol.mark_lost, name=f"lease-{name}").start()
             return vol
         except BaseException:
@@ -337,11 +355,55 @@ class BlockVolume:
         if self.file.size < new_size:
             self.file.truncate(new_size)
 
+    def _free_superseded(self, refs: list[BlockRef]) -> None:
+        with self._free_lock:
+            if self._snapshotting:
+                self._deferred.extend(refs)
+                return
+        free_superseded_blocks(self.md, self.store, self.volume_id, refs)
+
     def snapshot(self, snap: str) -> None:
         """Sync and fold in the journal, then save snapshot ``snap`` of what was just committed."""
-        self.sync()
-        self.checkpoint()
-        self.md.save_snapshot(self.name, snap)
+        with self._free_lock:
+            self._snapshotting += 1
+        try:
+            self.sync()
+            self.checkpoint()
+            self.md.save_snapshot(self.name, snap)
+        finally:
+            with self._free_lock:
+                self._snapshotting -= 1
+                deferred = [] if self._snapshotting else self._deferred
+                if deferred:
+                    self._deferred = []
+            if deferred:
+                try:
+                    free_superseded_blocks(self.md, self.store, self.volume_id, deferred)
+                except TorusError as exc:
+                    log.warning("volume %r: freeing superseded blocks: %s", self.name, exc)
+
+    def serve_snapshot_requests(self) -> int:
+        """Save every snapshot asked of this writer (``SnapshotRequested``) after folding in the
+        journal, so it holds every acknowledged write; returns how many were saved."""
+        names = self.md.snapshot_requests(self.volume_id)
+        for snap in names:
+            try:
+                self.snapshot(snap)
+                log.info("volume %r: saved requested snapshot %r", self.name, snap)
+            except AlreadyExists:
+                pass
+        return len(names)
+
+    def _watch_requests(self) -> None:
+        while not self._stop_requests.wait(SNAPSHOT_REQUEST_POLL):
+            if self._closed or self._lost.is_set():
+                return
+            try:
+                self.serve_snapshot_requests()
+            except (Closed, Locked):
+                return
+            except TorusError as exc:
+                log.warning("volume %r: serving snapshot requests: %s", self.name, exc)
 
     # --- closing ---------------------------------------------------------------------------
 
@@ -353,6 +415,9 @@ class BlockVolume:
         with self._close_lock:
             if self._closed:
                 return
+            self._stop_requests.set()
+            if self._requests is not None and self._requests is not threading.current_thread():
+                self._requests.join(30.0)
             try:
                 if self.journal is not None:
                     self.journal.close()
