@@ -318,3 +318,31 @@ def test_cluster_nodes_serve_their_journal_stores_and_append_through_the_ring(tm
     finally:
         for j in journals.values():
             j.close()
+
+
+def test_a_hung_replica_is_given_up_after_the_deadline_and_the_next_peer_takes_the_record(
+    cluster: JournalCluster,
+) -> None:
+    import threading
+    import time
+
+    perm = cluster.ring.get_peers(journal_ref(VOL)).peers
+    release = threading.Event()
+    hung = cluster.journals[perm[0]]
+    real_append = hung.append
+
+    def stuck(volume_id: int, epoch: int, payloads: list[bytes]) -> None:
+        release.wait(10)
+        real_append(volume_id, epoch, payloads)
+
+    r = cluster.replicas("client", timeout=0.5)
+    r.fence(VOL, 1)
+    hung.append = stuck  # type: ignore[method-assign]
+    try:
+        t0 = time.monotonic()
+        r.append(VOL, 1, [rec(1)])
+        assert time.monotonic() - t0 < 3.0
+        assert cluster.stored_seqs(perm[1], VOL) == [1] and cluster.stored_seqs(perm[2], VOL) == [1]
+    finally:
+        release.set()
+        hung.append = real_append  # type: ignore[method-assign]
