@@ -126,6 +126,7 @@ class Initiator:
         self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 8 << 20)
         self._tag = int.from_bytes(os.urandom(4), "big") & 0x7FFF_FFFF
         self.stray = 0  # replies ignored (unknown tag, other source)
+        self.retransmits = 0  # requests sent again after a timeout
 
     def close(self) -> None:
         """Close the socket."""
@@ -338,6 +339,7 @@ class Initiator:
                         del pending[tag]
                         if tries >= self.retries:
                             raise AoETimeout(f"no reply for LBA {lba} after {tries} tries")
+                        self.retransmits += 1
                         send(lba, count, data, tries + 1)
                 continue
             if r.tag not in pending or (self.target is not None and r.src != self.target):
