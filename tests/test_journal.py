@@ -100,13 +100,20 @@ def segment(tmp_path: Path, vol: int = 3) -> Path:
     return seg
 
 
+def put_after_records(seg: Path, extra: bytes) -> None:
+    """Write ``extra`` right after the segment's last whole record (into its zero-filled tail),
+    as a crash in the middle of the next append would leave it."""
+    raw = bytearray(seg.read_bytes())
+    _, valid = decode_records(raw)
+    raw[valid : valid + len(extra)] = extra
+    seg.write_bytes(raw)
+
+
 def test_torn_tail_is_cut_and_later_appends_are_readable(tmp_path):
     js = JournalStore(tmp_path)
     js.append(3, 1, [rec(1), rec(2)])
     js.close()
-    seg = segment(tmp_path)
-    raw = seg.read_bytes()
-    seg.write_bytes(raw + rec(3)[: HEADER_SIZE + 1])  # a torn third record
+    put_after_records(segment(tmp_path), rec(3)[: HEADER_SIZE + 1])  # a torn third record
     again = JournalStore(tmp_path)
     assert [r.seq for r in again.read(3, 0)] == [1, 2]
     again.append(3, 1, [rec(3, data=b"new")])
@@ -129,11 +136,24 @@ def test_duplicate_records_replay_once(tmp_path):
     js = JournalStore(tmp_path)
     js.append(3, 1, [rec(1), rec(2)])
     js.close()
-    seg = segment(tmp_path)
-    seg.write_bytes(seg.read_bytes() + rec(2))  # the same record twice (a retried write)
+    put_after_records(segment(tmp_path), rec(2))  # the same record twice (a retried write)
     records = JournalStore(tmp_path).read(3, 0)
     assert [r.seq for r in records] == [1, 2, 2]
     assert [r.seq for r in select_replay(records, 0)] == [1, 2]
+
+
+def test_a_torn_batch_never_resurrects_its_records_after_a_shorter_append(tmp_path):
+    js = JournalStore(tmp_path)
+    js.append(3, 1, [rec(1)])
+    js.close()
+    torn = bytearray(rec(2, data=b"x" * 100) + rec(3))
+    torn[HEADER_SIZE + 5] ^= 0xFF  # record 2 torn, record 3 whole behind it
+    put_after_records(segment(tmp_path), bytes(torn))
+    again = JournalStore(tmp_path)
+    assert [r.seq for r in again.read(3, 0)] == [1]
+    again.fence(3, 2)
+    again.append(3, 2, [rec(2, epoch=2)])  # shorter than the torn batch
+    assert [(r.seq, r.epoch) for r in again.read(3, 0)] == [(1, 1), (2, 2)]
 
 
 def test_stale_epoch_is_refused_after_a_newer_fence_and_nothing_is_appended(tmp_path):
