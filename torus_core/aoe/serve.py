@@ -19,6 +19,7 @@ from torus_core.aoe.target import DEFAULT_FLUSH_INTERVAL, AoETarget, check_addre
 from torus_core.errors import InvalidArgument, TorusError, UsageError
 
 if TYPE_CHECKING:
+    from torus_core.block.nbd_export import VolumeExport
     from torus_core.block.server import Server
 
 _SPEC = re.compile(r"^(?P<iface>[^:=\s]+):(?P<major>\d+)\.(?P<minor>\d+)=(?P<volume>\S+)$")
@@ -47,6 +48,41 @@ def parse_aoe_spec(text: str) -> AoESpec:
     return spec
 
 
+class ExportDevice:
+    """The AoE target's view of an opened export: the same guarded paths NBD uses (e.g. a write
+    that finds the store full waits for GC like an NBD write), and the volume's live size."""
+
+    def __init__(self, export: VolumeExport) -> None:
+        self.export = export
+
+    @property
+    def size(self) -> int:
+        """Current volume size in bytes."""
+        return self.export.volume.size
+
+    @property
+    def read_only(self) -> bool:
+        """True for snapshots."""
+        return self.export.read_only
+
+    def read_at(self, offset: int, length: int) -> bytes:
+        """Read (zero-padded at the end)."""
+        return self.export.read(offset, length)
+
+    def write_at(self, offset: int, data: bytes | bytearray | memoryview) -> int:
+        """Write into the volume's write-back cache."""
+        self.export.write(offset, data, False)
+        return len(data)
+
+    def trim(self, offset: int, length: int) -> None:
+        """Discard (reads back as zeros)."""
+        self.export.trim(offset, length)
+
+    def sync(self) -> None:
+        """What an NBD FLUSH does: every completed write durable."""
+        self.export.flush()
+
+
 def serve_aoe(
     server: Server,
     volume: str,
@@ -64,7 +100,7 @@ def serve_aoe(
     try:
         vol = export.volume
         target = AoETarget(
-            vol,
+            ExportDevice(export),
             iface,
             major,
             minor,
