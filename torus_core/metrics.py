@@ -242,6 +242,30 @@ VOLUME_FLUSH_SECONDS = Histogram(
     buckets=LATENCY_BUCKETS,
 )
 
+# --- volume write journal (torus_core/journal/writer.py, torus_core/block/journaled.py) ---------
+
+JOURNAL_APPEND_SECONDS = Histogram(
+    "torus_journal_append_duration_seconds",
+    "Time of one group append of journal records to the volume's journal replicas (durable).",
+    buckets=LATENCY_BUCKETS,
+)
+JOURNAL_RECORDS = Counter("torus_journal_records_total", "Journal records made durable.")
+JOURNAL_BYTES = Counter("torus_journal_bytes_total", "Bytes of journal records made durable.")
+JOURNAL_APPENDS = Counter(
+    "torus_journal_appends_total", "Group appends (records per append = records_total / appends_total)."
+)
+JOURNAL_CHECKPOINT_SECONDS = Histogram(
+    "torus_journal_checkpoint_duration_seconds",
+    "Time of one checkpoint: dirty blocks written, INode committed, journal trimmed.",
+    buckets=LATENCY_BUCKETS,
+)
+JOURNAL_REPLAYED_RECORDS = Counter(
+    "torus_journal_replayed_records_total", "Journal records replayed when opening a volume after a crash."
+)
+JOURNAL_FALLBACKS = Counter(
+    "torus_journal_fallbacks_total", "Flushes made durable by a checkpoint because the journal append failed."
+)
+
 # --- peer RPC client (torus_core/rpc/client.py) -------------------------------------------------
 
 #: The peer RPC methods used as the ``method`` label.

@@ -36,6 +36,7 @@ from torus_core.file import JOURNAL_SEQ_ATTR, File
 from torus_core.journal.record import Extent, JournalRecord
 from torus_core.journal.replicas import JournalReplicas, select_replay
 from torus_core.journal.writer import JournalWriter
+from torus_core.metrics import JOURNAL_CHECKPOINT_SECONDS, JOURNAL_FALLBACKS, JOURNAL_REPLAYED_RECORDS
 from torus_core.refs import BlockRef, INodeRef
 
 log = logging.getLogger(__name__)
@@ -115,6 +116,7 @@ class VolumeJournal:
             except TorusError as exc:
                 log.warning("volume %r: trimming the journal after recovery: %s", self.name, exc)
         self.replayed = len(records)
+        JOURNAL_REPLAYED_RECORDS.inc(len(records))
         return len(records)
 
     def _apply(self, rec: JournalRecord) -> None:
@@ -155,6 +157,7 @@ class VolumeJournal:
             raise
         except TorusError as exc:
             self.fallbacks += 1
+            JOURNAL_FALLBACKS.inc()
             log.warning(
                 "volume %r: journal append failed (%s); flushing through a checkpoint", self.name, exc
             )
@@ -182,7 +185,7 @@ class VolumeJournal:
         writer = self.writer
         if writer is None:
             raise Closed(f"volume {self.name!r}: the journal is not open")
-        with self._ckpt_lock:
+        with self._ckpt_lock, JOURNAL_CHECKPOINT_SECONDS.time():
             ref, seq = self.file.checkpoint(lambda: writer.last_assigned)
             writer.note_checkpoint()
             self._last_checkpoint = time.monotonic()

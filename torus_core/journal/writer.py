@@ -20,6 +20,7 @@ from collections.abc import Sequence
 from torus_core.errors import TorusError
 from torus_core.journal.record import Extent, encode_record
 from torus_core.journal.replicas import JournalReplicas
+from torus_core.metrics import JOURNAL_APPEND_SECONDS, JOURNAL_APPENDS, JOURNAL_BYTES, JOURNAL_RECORDS
 
 #: Seconds a flush waits for its record to become durable before giving up.
 DEFAULT_WAIT_TIMEOUT = 60.0
@@ -96,10 +97,16 @@ class JournalWriter:
     def _lead(self, batch: list[tuple[int, bytes]]) -> None:
         payloads = [p for _, p in batch]
         error: BaseException | None = None
+        t0 = time.perf_counter()
         try:
             self.replicas.append(self.volume_id, self.epoch, payloads)
         except BaseException as exc:  # every waiter of the batch (and later ones) gets it
             error = exc
+        else:
+            JOURNAL_APPEND_SECONDS.observe(time.perf_counter() - t0)
+            JOURNAL_APPENDS.inc()
+            JOURNAL_RECORDS.inc(len(payloads))
+            JOURNAL_BYTES.inc(sum(len(p) for p in payloads))
         with self._cond:
             self._leading = False
             if error is None:
