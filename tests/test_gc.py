@@ -253,3 +253,30 @@ def test_a_collector_with_deletion_off_builds_the_live_set_and_deletes_nothing(
     assert second.dead == len(refs) + 1 and first.deleted == second.deleted == 0
     assert gc.live is not None and all(gc.live.is_dead(r) for r in refs)
     assert all(node.store.has_block(r) for r in refs)
+
+
+def test_an_idle_collector_backs_off_until_the_metadata_log_moves(
+    cluster: InProcessCluster, node: ClusterNode
+) -> None:
+    md = cluster.md
+    md.create_volume("v", 10 * BS)
+    commit_blocks(md, node.distributor, "v", _blocks(2, b"v"))
+    assert node.store is not None
+    gc = GarbageCollector(md, node.distributor, node.store, grace=0, idle_max=30.0)
+    first = gc.maybe_run_cycle()
+    assert first is not None and first.dead == 0
+    assert gc.maybe_run_cycle() is None  # nothing dead, nothing changed: the walk waits
+    md.create_volume("gone", 10 * BS)
+    _, refs = commit_blocks(md, node.distributor, "gone", _blocks(3, b"g"))
+    md.delete_volume("gone")  # the log moved: the next call walks at once
+    found = gc.maybe_run_cycle()
+    assert found is not None and found.dead == len(refs) + 1
+    deleted = gc.maybe_run_cycle()  # dead blocks pending: no back-off until they are gone
+    assert deleted is not None and deleted.deleted == len(refs) + 1
+    assert not any(node.store.has_block(r) for r in refs)
+
+
+def test_gc_rejects_a_negative_idle_interval(cluster: InProcessCluster, node: ClusterNode) -> None:
+    assert node.store is not None
+    with pytest.raises(InvalidArgument):
+        GarbageCollector(cluster.md, node.distributor, node.store, idle_max=-1)

@@ -102,6 +102,9 @@ class GarbageCollector:
     :param layer_registry: blockset layers (built-ins if None).
     :param delete: delete dead blocks; False only builds the live set each cycle (a peer run
         with ``--no-gc`` still tells its rebalancer what is garbage).
+    :param idle_max: :meth:`maybe_run_cycle` backs off while cycles find nothing dead and the
+        metadata log does not move: the walk of the local store then runs at most every
+        0.5 s, doubling up to ``idle_max`` seconds (0 = every call).
     """
 
     def __init__(
@@ -113,9 +116,12 @@ class GarbageCollector:
         grace: float = 30.0,
         layer_registry: Registry | None = None,
         delete: bool = True,
+        idle_max: float = 0.0,
     ) -> None:
         if not isinstance(grace, int | float) or grace < 0:
             raise InvalidArgument(f"GC grace must be >= 0 seconds, got {grace!r}")
+        if not isinstance(idle_max, int | float) or idle_max < 0:
+            raise InvalidArgument(f"GC idle interval must be >= 0 seconds, got {idle_max!r}")
         self.md = md
         self.reader = reader
         self.local = local
@@ -130,6 +136,9 @@ class GarbageCollector:
         self.skipped_cycles = 0
         #: the last cycle that was not skipped
         self.last_result: GCResult | None = None
+        self.idle_max = float(idle_max)
+        self._idle = 0.0
+        self._next_walk = 0.0
 
     def live_set(self) -> LiveSet:
         """Build the live set; raises :class:`GCSkipped` if anything could not be read.
@@ -166,6 +175,31 @@ class GarbageCollector:
                 except TorusError as exc:
                     raise GCSkipped(f"INode {iref} unreadable: {exc}") from exc
         return live
+
+    def maybe_run_cycle(self) -> GCResult | None:
+        """Run a cycle unless the cluster is idle (what the maintenance loop calls).
+
+        Idle: the last cycle found nothing dead, the metadata log has not moved since its live
+        set, and the back-off wait (see ``idle_max``) is not over. Any metadata event (a commit,
+        a deleted volume or snapshot) ends the wait, so new garbage is seen at the next round;
+        dead blocks that arrive without one (pushed by a peer whose live set was older) are
+        found within ``idle_max``.
+        """
+        last, live = self.last_result, self.live
+        if last is not None and live is not None and last.dead == 0 and time.monotonic() < self._next_walk:
+            try:
+                position = self.md.state().position
+            except TorusError:
+                position = -1  # let run_cycle skip and count it
+            if position == live.position:
+                return None
+        result = self.run_cycle()
+        if not result.skipped and result.dead == 0 and self.idle_max > 0:
+            self._idle = min(self.idle_max, max(0.5, self._idle * 2))
+        else:
+            self._idle = 0.0
+        self._next_walk = time.monotonic() + self._idle
+        return result
 
     def run_cycle(self, now: float | None = None) -> GCResult:
         """One cycle: build the live set (or skip), then delete blocks dead for ``grace`` seconds."""

@@ -71,8 +71,8 @@ class ClusterOptions:
 
     :param heartbeat_interval: seconds between heartbeats.
     :param lease_ttl: heartbeat lease TTL (default 3 x interval).
-    :param maintenance_interval: pause between GC + rebalance rounds (after clean passes the
-        rebalancer backs off further, up to ``rebalance.idle_max``).
+    :param maintenance_interval: pause between GC + rebalance rounds (on an idle cluster GC
+        walks and rebalance passes back off further, up to ``rebalance.idle_max``).
     :param gc: delete garbage on this storage peer (without it the peer still computes the
         live set each round, so that its rebalancer leaves garbage alone).
     :param gc_grace: seconds a block must stay dead before GC deletes it.
@@ -234,6 +234,7 @@ class ClusterNode:
                 grace=self.options.gc_grace,
                 layer_registry=layer_registry,
                 delete=self.options.gc,
+                idle_max=self.options.rebalance.idle_max,
             )
             gc = self.gc
             rebalance = self.options.rebalance
@@ -387,10 +388,10 @@ class ClusterNode:
             self.rebalancer.poke()
 
     def maintenance_round(self) -> None:
-        """One GC cycle, then a rebalance pass if one is due (what the maintenance thread loops
-        over; see :attr:`RebalanceOptions.idle_max`)."""
+        """A GC cycle, then a rebalance pass, each unless it is backing off on an idle cluster
+        (what the maintenance thread loops over; see :attr:`RebalanceOptions.idle_max`)."""
         if self.gc is not None:
-            self.gc.run_cycle()
+            self.gc.maybe_run_cycle()
         if self.rebalancer is not None:
             self.rebalancer.maybe_run_pass(self._stop)
 
