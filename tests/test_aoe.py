@@ -675,3 +675,23 @@ def test_lba28_commands_ignore_the_high_lba_bits():
     dev.buf[512:1024] = b"x" * 512
     r = ata.execute(wire.AtaArg(command=ATA_READ, count=1, lba=(0xF0 << 24) | 1), 2)
     assert r.data == b"x" * 512
+
+
+def test_fast_read_write_path_replies_exactly_like_the_general_path(monkeypatch):
+    fast = AoETarget(MemDevice(MiB), "x", 1, 2, mac=TGT, mtu=9000, flush_interval=0)
+    slow = AoETarget(MemDevice(MiB), "x", 1, 2, mac=TGT, mtu=9000, flush_interval=0)
+    monkeypatch.setattr(slow, "_fast_read_write", lambda frame: None)
+    arg = ini_mod.Initiator.ata_arg
+    frames = [
+        request(0, arg(ATA_WRITE_EXT, 7, 3, write=True, ext=True) + os.urandom(3 * 512)),
+        request(0, arg(ATA_WRITE, (0xAB << 24) | 40, 1, write=True) + os.urandom(512)),
+        request(0, arg(ATA_READ_EXT, 6, 5, ext=True)),
+        request(0, arg(ATA_READ, 40, 1)),
+        request(0, arg(ATA_READ_EXT, MiB // 512 - 1, 2, ext=True)),  # past the end
+        request(0, arg(ATA_READ_EXT, 0, 18, ext=True)),  # more than the MTU allows
+        request(0, arg(ATA_WRITE_EXT, 0, 2, write=True, ext=True) + bytes(512)),  # short data
+        request(0, arg(ATA_READ_EXT, 0, 1, write=True, ext=True)),  # direction mismatch
+    ]
+    for f in frames:
+        assert fast.handle(f) == slow.handle(f)
+    assert fast.device.buf == slow.device.buf  # type: ignore[attr-defined]
