@@ -19,6 +19,9 @@ from torus_core.file import File
 from torus_core.inode import virtual_inode
 from torus_core.refs import BlockRef
 from torus_core.ring import RingMember, make_ring
+from torus_core.ring.builtin import builtin_ring_types
+
+RING_TYPES = builtin_ring_types()
 
 
 def _rate(fn: object, n: int) -> float:
@@ -30,8 +33,8 @@ def _rate(fn: object, n: int) -> float:
 def bench_rings() -> None:
     refs = [BlockRef(1, 7, i) for i in range(50_000)]
     members = [RingMember(f"peer-{i:02d}", 1000) for i in range(10)]
-    ketama = make_ring("ketama", members, replication=2)
-    mod = make_ring("mod", members, replication=2)
+    ketama = make_ring("ketama", members, replication=2, registry=RING_TYPES)
+    mod = make_ring("mod", members, replication=2, registry=RING_TYPES)
 
     def md5_only(n: int) -> None:
         for r in refs[:n]:

@@ -160,7 +160,7 @@ def test_ring_change_reaches_a_watcher_within_a_second(md: MetadataService) -> N
     watcher = RingWatcher(md, on_ring, follow_timeout=0.2).start()
     try:
         assert seen == [1]
-        ring = ring_from_spec(None, md.get_ring()).change_replication(3)
+        ring = ring_from_spec(md.ring_types, md.get_ring()).change_replication(3)
         t0 = time.monotonic()
         md.set_ring(ring.to_spec())
         assert got.wait(1.0)
@@ -179,7 +179,7 @@ def test_three_nodes_auto_join_concurrently_and_all_see_the_same_ring(cluster: I
         t.start()
     for t in threads:
         t.join(30)
-    ring = ring_from_spec(None, cluster.md.get_ring())
+    ring = ring_from_spec(cluster.md.ring_types, cluster.md.get_ring())
     assert sorted(ring.members()) == ["peer-0", "peer-1", "peer-2"]
     assert wait_until(
         lambda: all(n.distributor.ring.version == ring.version for n in cluster.nodes.values()), 2.0

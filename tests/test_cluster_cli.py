@@ -72,9 +72,9 @@ def test_peer_add_by_address_and_all_peers(cluster: InProcessCluster, run: Invok
     b = cluster.add_node("b", join=False)
     cluster.add_node("c", join=False)
     run("peer", "add", b.address)
-    assert set(ring_from_spec(None, cluster.md.get_ring()).members()) == {"a", "b"}
+    assert set(ring_from_spec(cluster.md.ring_types, cluster.md.get_ring()).members()) == {"a", "b"}
     run("peer", "add", "--all-peers")
-    assert set(ring_from_spec(None, cluster.md.get_ring()).members()) == {"a", "b", "c"}
+    assert set(ring_from_spec(cluster.md.ring_types, cluster.md.get_ring()).members()) == {"a", "b", "c"}
     assert "already in the ring" in run("peer", "add", "--all-peers").output
     assert "not the address or UUID" in run("peer", "add", "127.0.0.1:1", ok=False).output
 
@@ -84,12 +84,12 @@ def test_peer_remove_needs_force_for_a_dead_peer(cluster: InProcessCluster, run:
     cluster.add_node("b")
     cluster.add_node("c")
     run("peer", "remove", "c")
-    assert set(ring_from_spec(None, cluster.md.get_ring()).members()) == {"a", "b"}
+    assert set(ring_from_spec(cluster.md.ring_types, cluster.md.get_ring()).members()) == {"a", "b"}
     cluster.crash("b")
     assert wait_until(lambda: _csv(run)["b"][4] == "DOWN", 5.0)
     assert "--force" in run("peer", "remove", "b", ok=False).output
     run("peer", "remove", "--force", "b")
-    assert ring_from_spec(None, cluster.md.get_ring()).members() == ["a"]
+    assert ring_from_spec(cluster.md.ring_types, cluster.md.get_ring()).members() == ["a"]
 
 
 def test_peer_commands_reject_missing_arguments(cluster: InProcessCluster, run: Invoke) -> None:

@@ -52,14 +52,14 @@ def test_flags_override_env_which_overrides_file(tmp_path: Path) -> None:
     assert cfg.storage_size == 4 * 10**9  # flag wins
     assert cfg.read_level == "spread"  # env beats file
     assert cfg.write_level == "one"  # file beats default; a None flag is ignored
-    assert cfg.metadata_backend == "etcd"
+    assert cfg.metadata_scheme == "etcd"
     assert cfg.tls.ca_file == "/ca.pem"
 
 
 def test_default_metadata_is_sqlite_inside_the_data_dir(tmp_path: Path) -> None:
     cfg = load_config(overrides={"data_dir": str(tmp_path)}, environ={})
     assert cfg.metadata == f"sqlite:///{tmp_path}/metadata.db"
-    assert cfg.metadata_backend == "sqlite"
+    assert cfg.metadata_scheme == "sqlite"
     assert cfg.block_store == "file"
 
 

@@ -9,7 +9,7 @@ import pytest
 from click.testing import CliRunner
 
 from torus_core.cli.torusctl import cli
-from torus_core.errors import DuplicateBackendError, UnknownBackendError
+from torus_core.errors import DuplicateBackendError, PluginError, UnknownBackendError
 from torus_core.plugins import make_plugin_manager
 
 
@@ -123,3 +123,170 @@ def test_torusctl_plugins_lists_distributions_and_failures(fake_site: Path) -> N
     assert result.exit_code == 0, result.output
     assert "torus-core" in result.output
     assert "torus-broken" in result.output and "FAILED: RuntimeError: boom" in result.output
+
+
+# A plugin that exists only in this test: a metadata backend reached through two URL schemes
+# of its own (declared through torus_declare_backends, nothing in core knows them) and a ring
+# type with a type id no built-in uses, which must also work nested inside a union ring.
+SCHEME_AND_RING_PLUGIN = """
+    from torus_core import hookimpl
+    from torus_core.registry import BackendDeclaration
+    from torus_core.ring.base import PeerPermutation
+    from torus_core.ring.mod import ModRing
+    from torus_sqlite.backend import SQLiteBackend
+
+    class OtterBackend(SQLiteBackend):
+        name = "otter"
+
+        @classmethod
+        def from_url(cls, url, options=None):
+            scheme, rest = url.split("://", 1)
+            assert scheme in ("otter", "otters"), url
+            return super().from_url("sqlite://" + rest, options)
+
+    class ReverseModRing(ModRing):
+        name = "reverse-mod"
+        type_id = 9
+
+        def get_peers(self, ref):
+            perm = super().get_peers(ref)
+            return PeerPermutation(list(reversed(perm.peers)), perm.replication)
+
+    @hookimpl
+    def torus_register_metadata_backends(registry):
+        registry.register(OtterBackend.name, OtterBackend)
+
+    @hookimpl
+    def torus_register_ring_types(registry):
+        registry.register(ReverseModRing.name, ReverseModRing)
+
+    @hookimpl
+    def torus_declare_backends():
+        return [
+            BackendDeclaration(
+                kind="metadata",
+                name="otter",
+                url_schemes=("otter", "otters"),
+                config_keys=("busy_timeout",),
+                install_hint="pip install torus-otter",
+            )
+        ]
+"""
+
+
+def test_plugin_declared_url_schemes_and_a_plugin_ring_inside_a_union_work_end_to_end(
+    fake_site: Path, tmp_path: Path
+) -> None:
+    from torus_core.config import load_config
+    from torus_core.metadata import MetadataService
+    from torus_core.opener import Opener
+    from torus_core.ring.base import RingMember
+    from torus_core.ring.codec import make_ring, marshal_ring, unmarshal_ring
+    from torus_core.ring.union import UnionRing
+
+    _fake_distribution(
+        fake_site, "torus-otter", {"otter": "otter_plugin"}, {"otter_plugin": SCHEME_AND_RING_PLUGIN}
+    )
+    db = tmp_path / "meta.db"
+    url = f"otters:///{db}"  # the plugin's second scheme, like etcds:// or rediss://
+    runner = CliRunner()
+
+    result = runner.invoke(cli, ["--metadata", url, "init", "--ring-type", "reverse-mod", "-r", "1"])
+    assert result.exit_code == 0, result.output
+    assert "ring reverse-mod" in result.output
+    result = runner.invoke(cli, ["--metadata", f"otter:///{db}", "volume", "create-block", "v1", "1MiB"])
+    assert result.exit_code == 0, result.output
+
+    # A union whose new side is the plugin's ring, committed and read back through the CLI.
+    regs = make_plugin_manager().collect_registries()
+    members = [RingMember("a"), RingMember("b")]
+    with Opener(regs, load_config(overrides={"metadata": url}, environ={})).open_metadata() as backend:
+        md = MetadataService(backend, ring_types=regs.ring_types)
+        old = make_ring("mod", members, replication=1, version=2, registry=regs.ring_types)
+        md.set_ring(old.to_spec())
+        new = make_ring("reverse-mod", members, replication=1, version=3, registry=regs.ring_types)
+        md.set_ring(UnionRing(old, new).to_spec())
+        again = unmarshal_ring(marshal_ring(UnionRing(old, new)), regs.ring_types)
+        assert isinstance(again, UnionRing) and type(again.new).__name__ == "ReverseModRing"
+    result = runner.invoke(cli, ["--metadata", url, "ring", "get"])
+    assert result.exit_code == 0, result.output
+    assert "Union Ring" in result.output
+    result = runner.invoke(cli, ["--metadata", url, "volume", "list"])
+    assert result.exit_code == 0 and "v1" in result.output, result.output
+
+    result = runner.invoke(cli, ["plugins"])
+    assert "declares metadata otter; schemes otter://, otters://" in result.output, result.output
+
+
+def test_a_scheme_no_plugin_declares_names_the_known_schemes(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("TORUS_DISABLE_PLUGIN_AUTOLOAD", raising=False)
+    regs = make_plugin_manager().collect_registries()
+    assert regs.metadata.get_for_url("etcds://127.0.0.1:2379").name == "etcd"
+    assert regs.metadata.get_for_url("rediss://127.0.0.1:6379/0").name == "redis"
+    with pytest.raises(
+        UnknownBackendError, match=r"unknown metadata URL scheme 'nosuch'; known schemes: .*etcds"
+    ):
+        regs.metadata.get_for_url("nosuch://x")
+
+
+def test_two_plugins_claiming_one_url_scheme_is_an_error(fake_site: Path) -> None:
+    clash = """
+        from torus_core import hookimpl
+        from torus_core.registry import BackendDeclaration
+
+        class Clash:
+            name = "clash"
+
+        @hookimpl
+        def torus_register_metadata_backends(registry):
+            registry.register("clash", Clash)
+
+        @hookimpl
+        def torus_declare_backends():
+            return [BackendDeclaration(kind="metadata", name="clash", url_schemes=("etcds",))]
+    """
+    _fake_distribution(fake_site, "torus-clash", {"clash": "clash_plugin"}, {"clash_plugin": clash})
+    with pytest.raises(DuplicateBackendError, match="URL scheme 'etcds' claimed by"):
+        make_plugin_manager().collect_registries()
+
+
+def test_declaring_a_backend_the_plugin_did_not_register_is_an_error(fake_site: Path) -> None:
+    liar = """
+        from torus_core import hookimpl
+        from torus_core.registry import BackendDeclaration
+
+        @hookimpl
+        def torus_declare_backends():
+            return [BackendDeclaration(kind="metadata", name="etcd", url_schemes=("mine",))]
+    """
+    _fake_distribution(fake_site, "torus-liar", {"liar": "liar_plugin"}, {"liar_plugin": liar})
+    with pytest.raises(PluginError, match="declares metadata 'etcd' but did not register it"):
+        make_plugin_manager().collect_registries()
+
+
+def test_undeclared_metadata_options_and_missing_client_libraries_are_config_errors(
+    fake_site: Path, tmp_path: Path
+) -> None:
+    from torus_core.config import load_config
+    from torus_core.errors import ConfigError
+    from torus_core.opener import Opener
+
+    _fake_distribution(
+        fake_site, "torus-otter", {"otter": "otter_plugin2"}, {"otter_plugin2": SCHEME_AND_RING_PLUGIN}
+    )
+    regs = make_plugin_manager().collect_registries()
+    cfg = load_config(overrides={"metadata": f"otter:///{tmp_path}/m.db"}, environ={})
+    bad = Opener(regs, cfg.__class__(metadata=cfg.metadata, metadata_options={"nope": 1}))
+    with pytest.raises(
+        ConfigError, match=r"unknown \[metadata_options\] key\(s\) for metadata 'otter': nope"
+    ):
+        bad.open_metadata()
+
+    class NeedsLib:
+        @classmethod
+        def from_url(cls, url: str, options: object = None) -> None:
+            raise ModuleNotFoundError("No module named 'otterclient'")
+
+    regs.metadata._entries["otter"].impl = NeedsLib
+    with pytest.raises(ConfigError, match=r"otterclient.*install what it needs: pip install torus-otter"):
+        Opener(regs, cfg).open_metadata()

@@ -28,8 +28,11 @@ from torus_core.distributor import PeerDirectory
 from torus_core.errors import InvalidArgument
 from torus_core.refs import BlockRef
 from torus_core.ring.base import RingMember
+from torus_core.ring.builtin import builtin_ring_types
 from torus_core.ring.codec import make_ring, ring_from_spec
 from torus_core.rpc import PeerClientPool, PeerServer
+
+RING_TYPES = builtin_ring_types()
 
 BS = 4096
 
@@ -42,7 +45,7 @@ def cluster(tmp_path: Path) -> Iterator[InProcessCluster]:
 
 
 def _ring(cluster: InProcessCluster):  # type: ignore[no-untyped-def]
-    return ring_from_spec(None, cluster.md.get_ring())
+    return ring_from_spec(cluster.md.ring_types, cluster.md.get_ring())
 
 
 def _write(client: ClusterNode, n: int, volume: int = 7) -> dict[BlockRef, bytes]:
@@ -148,7 +151,9 @@ def _lonely_rebalancer(
         if m not in owners_up:
             directory.update({m: "127.0.0.1:1"})
             directory.set_down(m)
-    ring = make_ring("ketama", [RingMember(m, 64) for m in members], replication=len(members))
+    ring = make_ring(
+        "ketama", [RingMember(m, 64) for m in members], replication=len(members), registry=RING_TYPES
+    )
     pool = PeerClientPool()
     options = RebalanceOptions(settle=settle, idle_max=idle_max)
     reb = Rebalancer("self", store, lambda: ring, directory, pool, options, live_fn=lambda: live)
@@ -220,7 +225,7 @@ def test_a_ring_change_mid_pass_ends_the_pass_without_deleting() -> None:
     stores = {u: open_mem_store(BS, 256) for u in ("x", "y")}
     servers = {u: PeerServer(s, uuid=u).start() for u, s in stores.items()}
     members = [RingMember("x", 64), RingMember("y", 64)]
-    rings = [make_ring("ketama", members, replication=2)]
+    rings = [make_ring("ketama", members, replication=2, registry=RING_TYPES)]
     store = open_mem_store(BS, 256)
     pool = PeerClientPool()
     directory = PeerDirectory({u: s.address for u, s in servers.items()})

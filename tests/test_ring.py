@@ -23,9 +23,12 @@ from torus_core.ring import (
     spec_from_bytes,
     unmarshal_ring,
 )
+from torus_core.ring.builtin import builtin_ring_types
 from torus_core.ring.ketama import KetamaRing
 from torus_core.ring.mod import ModRing
 from torus_core.ring.union import UnionRing
+
+RING_TYPES = builtin_ring_types()
 
 uuids = st.lists(
     st.text(alphabet="0123456789abcdef-", min_size=1, max_size=12), min_size=1, max_size=8, unique=True
@@ -96,7 +99,7 @@ def reference_mod(names: list[str], rep: int, ref: BlockRef) -> tuple[list[str],
 def test_every_permutation_is_a_permutation_of_all_members_with_clamped_replication(
     names: list[str], rep: int, ref: BlockRef, kind: str
 ) -> None:
-    ring = make_ring(kind, members_of(names), replication=rep)
+    ring = make_ring(kind, members_of(names), replication=rep, registry=RING_TYPES)
     perm = ring.get_peers(ref)
     assert sorted(perm.peers) == sorted(names)
     assert len(set(perm.owners)) == len(perm.owners)
@@ -114,13 +117,13 @@ def test_ketama_matches_straightforward_reimplementation(
     names: list[str], sizes: list[int], rep: int, ref: BlockRef
 ) -> None:
     members = members_of(names, sizes)
-    perm = make_ring("ketama", members, replication=rep).get_peers(ref)
+    perm = make_ring("ketama", members, replication=rep, registry=RING_TYPES).get_peers(ref)
     assert (perm.peers, perm.replication) == reference_ketama(members, rep, ref)
 
 
 @given(names=uuids, rep=st.integers(0, 4), ref=refs)
 def test_mod_matches_crc32_rotation_in_ring_order(names: list[str], rep: int, ref: BlockRef) -> None:
-    perm = make_ring("mod", members_of(names), replication=rep).get_peers(ref)
+    perm = make_ring("mod", members_of(names), replication=rep, registry=RING_TYPES).get_peers(ref)
     assert (perm.peers, perm.replication) == reference_mod(names, rep, ref)
 
 
@@ -130,7 +133,7 @@ def test_mod_known_answer_follows_unsorted_ring_order() -> None:
     assert ref.to_bytes() == raw
     start = zlib.crc32(raw) % 3
     names = ["c", "a", "b"]  # deliberately unsorted: the original never sorts
-    perm = make_ring("mod", members_of(names), replication=2).get_peers(ref)
+    perm = make_ring("mod", members_of(names), replication=2, registry=RING_TYPES).get_peers(ref)
     assert perm.peers == (names * 2)[start : start + 3]
     assert perm.owners == perm.peers[:2]
 
@@ -156,7 +159,7 @@ def test_ketama_known_answer_by_hand_for_one_member_pair() -> None:
 
 @given(names=st.lists(st.uuids().map(str), min_size=2, max_size=6, unique=True))
 def test_ketama_adding_a_peer_moves_blocks_only_to_the_new_peer(names: list[str]) -> None:
-    ring = make_ring("ketama", members_of(names), replication=1)
+    ring = make_ring("ketama", members_of(names), replication=1, registry=RING_TYPES)
     bigger = ring.add_peers([RingMember("newcomer", 1000)])
     moved = 0
     total = 2000
@@ -186,7 +189,7 @@ def test_ketama_tiny_peer_without_points_is_appended_in_ring_order() -> None:
 
 def test_replication_above_member_count_is_clamped_with_a_warning(caplog: pytest.LogCaptureFixture) -> None:
     with caplog.at_level("WARNING"):
-        ring = make_ring("ketama", members_of(["a", "b"]), replication=5)
+        ring = make_ring("ketama", members_of(["a", "b"]), replication=5, registry=RING_TYPES)
     assert ring.get_peers(BlockRef(1, 1, 1)).replication == 2
     assert "exceeds" in caplog.text
     assert ring.to_spec().replication == 5  # configured value is kept for later growth
@@ -196,7 +199,7 @@ def test_replication_above_member_count_is_clamped_with_a_warning(caplog: pytest
 
 @pytest.mark.parametrize("kind", ["mod", "ketama"])
 def test_every_modification_returns_a_new_ring_with_version_plus_one(kind: str) -> None:
-    ring = make_ring(kind, members_of(["a", "b"]), replication=2, version=7)
+    ring = make_ring(kind, members_of(["a", "b"]), replication=2, version=7, registry=RING_TYPES)
     added = ring.add_peers([RingMember("c")])
     removed = added.remove_peers(["a"])
     changed = removed.change_replication(1)
@@ -215,10 +218,10 @@ def test_every_modification_returns_a_new_ring_with_version_plus_one(kind: str) 
 
 def test_single_ring_needs_exactly_one_peer() -> None:
     with pytest.raises(InvalidArgument):
-        make_ring("single", [])
+        make_ring("single", [], registry=RING_TYPES)
     with pytest.raises(InvalidArgument):
-        make_ring("single", members_of(["a", "b"]))
-    ring = make_ring("single", members_of(["a"]))
+        make_ring("single", members_of(["a", "b"]), registry=RING_TYPES)
+    ring = make_ring("single", members_of(["a"]), registry=RING_TYPES)
     assert ring.get_peers(BlockRef(1, 2, 3)).peers == ["a"]
     assert ring.get_peers(BlockRef(1, 2, 3)).replication == 1
     with pytest.raises(NotSupported):
@@ -226,22 +229,22 @@ def test_single_ring_needs_exactly_one_peer() -> None:
 
 
 def test_empty_ring_gives_empty_permutations() -> None:
-    ring = make_ring("empty")
+    ring = make_ring("empty", registry=RING_TYPES)
     perm = ring.get_peers(BlockRef(1, 2, 3))
     assert perm.peers == [] and perm.replication == 0
     with pytest.raises(InvalidArgument):
-        make_ring("empty", members_of(["a"]))
+        make_ring("empty", members_of(["a"]), registry=RING_TYPES)
 
 
 def test_rings_without_members_give_empty_permutations() -> None:
     for kind in ("mod", "ketama"):
-        perm = make_ring(kind, []).get_peers(BlockRef(1, 2, 3))
+        perm = make_ring(kind, [], registry=RING_TYPES).get_peers(BlockRef(1, 2, 3))
         assert perm.peers == [] and perm.replication == 0
 
 
 def test_union_ring_lists_old_peers_then_new_extras_with_new_replication_and_version() -> None:
-    old = make_ring("mod", members_of(["a", "b"]), replication=1, version=3)
-    new = make_ring("ketama", members_of(["b", "c", "d"]), replication=3, version=4)
+    old = make_ring("mod", members_of(["a", "b"]), replication=1, version=3, registry=RING_TYPES)
+    new = make_ring("ketama", members_of(["b", "c", "d"]), replication=3, version=4, registry=RING_TYPES)
     union = UnionRing(old, new)
     ref = BlockRef(9, 9, 9)
     perm = union.get_peers(ref)
@@ -249,14 +252,14 @@ def test_union_ring_lists_old_peers_then_new_extras_with_new_replication_and_ver
     assert perm.peers[2:] == [p for p in new.get_peers(ref).peers if p not in ("a", "b")]
     assert perm.replication == 3
     assert union.version == 4
-    again = unmarshal_ring(marshal_ring(union))
+    again = unmarshal_ring(marshal_ring(union), RING_TYPES)
     assert isinstance(again, UnionRing)
     assert again.get_peers(ref) == perm
 
 
 def test_unknown_ring_type_is_invalid_argument_listing_known_types() -> None:
     with pytest.raises(InvalidArgument, match="ketama"):
-        make_ring("rendezvous", [])
+        make_ring("rendezvous", [], registry=RING_TYPES)
 
 
 @given(
@@ -270,12 +273,12 @@ def test_spec_and_bytes_round_trip(
     names: list[str], rep: int, version: int, kind: str, sizes: list[int]
 ) -> None:
     members = [RingMember(u, sizes[i], f"127.0.0.1:{4000 + i}") for i, u in enumerate(names)]
-    ring = make_ring(kind, members, replication=rep, version=version)
+    ring = make_ring(kind, members, replication=rep, version=version, registry=RING_TYPES)
     spec = ring.to_spec()
-    assert ring_from_spec(None, spec).to_spec() == spec
+    assert ring_from_spec(RING_TYPES, spec).to_spec() == spec
     data = marshal_ring(ring)
-    assert spec_from_bytes(data) == spec
-    again = unmarshal_ring(data)
+    assert spec_from_bytes(data, RING_TYPES) == spec
+    again = unmarshal_ring(data, RING_TYPES)
     assert type(again) is type(ring)
     assert again.get_peers(BlockRef(1, 2, 3)) == ring.get_peers(BlockRef(1, 2, 3))
 
@@ -290,7 +293,7 @@ def test_marshal_matches_hand_encoded_models_ring_proto() -> None:
 @given(data=st.binary(max_size=64))
 def test_garbage_ring_bytes_raise_invalid_argument_or_decode(data: bytes) -> None:
     try:
-        unmarshal_ring(data)
+        unmarshal_ring(data, RING_TYPES)
     except InvalidArgument:
         pass
 

@@ -75,7 +75,8 @@ def test_ring_replication_change_is_a_new_ring_version(run) -> None:
 def test_unknown_metadata_scheme_lists_available_backends(tmp_path: Path) -> None:
     result = CliRunner().invoke(cli, ["--metadata", "foo://x", "volume", "list"])
     assert result.exit_code == 1
-    assert "unknown metadata 'foo'; available:" in result.output and "sqlite" in result.output
+    assert "unknown metadata URL scheme 'foo'; known schemes:" in result.output
+    assert "sqlite" in result.output and "etcds" in result.output
 
 
 def test_metadata_migrate_copies_history_and_refuses_a_non_empty_target(run, tmp_path: Path) -> None:

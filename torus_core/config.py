@@ -83,10 +83,10 @@ class Config:
             )
 
     @property
-    def metadata_backend(self) -> str:
-        """The metadata backend name: the URL scheme (``rediss`` counts as ``redis``)."""
-        scheme = self.metadata.split("://", 1)[0].lower()
-        return "redis" if scheme == "rediss" else scheme
+    def metadata_scheme(self) -> str:
+        """The metadata URL's scheme; the plugins' declarations map it to a backend
+        (:class:`torus_core.opener.Opener`)."""
+        return self.metadata.split("://", 1)[0].lower()
 
 
 _SIZE_FIELDS = {"storage_size", "read_cache_size"}

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 import pluggy
 
 if TYPE_CHECKING:
-    from torus_core.registry import Registry
+    from torus_core.registry import BackendDeclaration, Registry
 
 hookspec = pluggy.HookspecMarker("torus")
 
@@ -27,8 +27,9 @@ hookspec = pluggy.HookspecMarker("torus")
 def torus_register_metadata_backends(registry: Registry) -> None:
     """Register :class:`~torus_core.eventlog.MetadataBackend` classes.
 
-    :param registry: call ``registry.register(cls.name, cls)``; the name is the URL scheme
-        users write in ``--metadata`` (``sqlite``, ``etcd``, ``redis``).
+    :param registry: call ``registry.register(cls.name, cls)``. Users select a backend by the
+        scheme of ``--metadata URL``; a backend's schemes are its name unless the plugin declares
+        others in :func:`torus_declare_backends` (``etcd`` takes ``etcd://`` and ``etcds://``).
     """
 
 
@@ -57,3 +58,28 @@ def torus_register_blockset_layers(registry: Registry) -> None:
     :param registry: call ``registry.register(cls.name, cls)``. Layer names appear in spec
         strings such as ``crc,base`` and their kind ids in stored INodes, so they are stable.
     """
+
+
+@hookspec
+def torus_declare_backends() -> list[BackendDeclaration]:
+    """Declare the URL schemes, configuration keys and install hint of this plugin's backends.
+
+    Called once per plugin, after the ``torus_register_*`` hooks. Each
+    :class:`~torus_core.registry.BackendDeclaration` names a metadata backend or block store
+    *this plugin* registered (declaring another plugin's name is a
+    :class:`~torus_core.errors.PluginError`), so core needs no table of plugin names or schemes:
+
+    - ``url_schemes``: the ``--metadata`` URL schemes that select the backend (default: its
+      name); two backends claiming one scheme is a
+      :class:`~torus_core.errors.DuplicateBackendError`;
+    - ``config_keys``: the keys accepted in ``[metadata_options]`` / ``[blockstore_options]``
+      (checked by :class:`~torus_core.opener.Opener` before the backend is opened, and listed by
+      ``torusctl plugins``);
+    - ``install_hint``: printed when the backend is selected but something it imports lazily is
+      missing (``pip install torus-etcd``).
+
+    A plugin that declares nothing still works: each backend's scheme is then its name.
+
+    :return: a list of declarations (may be empty).
+    """
+    return []  # a spec is never called; pluggy runs the plugins' implementations

@@ -256,7 +256,9 @@ class MetadataService:
     """Cluster metadata over a :class:`~torus_core.eventlog.MetadataBackend`.
 
     :param backend: the backend (not closed by the service).
-    :param ring_types: registry used to validate ring specs (built-in rings when ``None``).
+    :param ring_types: the process's ring registry, used to validate ring specs and by everything
+        built on this service (cluster nodes, ring watchers). Processes pass the plugin manager's;
+        ``None`` builds a registry of the built-in ring types (tests and plugin-free tools).
     :param snapshot_every: projection snapshot interval in events.
     """
 
@@ -269,7 +271,11 @@ class MetadataService:
         snapshot_every: int = 200,
     ) -> None:
         self.backend = backend
-        self.ring_types = ring_types
+        if ring_types is None:
+            from torus_core.ring.builtin import builtin_ring_types
+
+            ring_types = builtin_ring_types()
+        self.ring_types: Registry = ring_types
         self.registry = registry
         self.projector = Projector(backend.log, registry=registry, snapshot_every=snapshot_every)
         backend_name = getattr(backend, "name", type(backend).__name__)

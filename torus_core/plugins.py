@@ -23,11 +23,13 @@ import sys
 from dataclasses import dataclass, field
 from importlib import metadata as importlib_metadata
 from types import ModuleType
+from typing import cast
 
 import pluggy
 
 from torus_core import hookspecs
-from torus_core.registry import Registry
+from torus_core.errors import PluginError
+from torus_core.registry import BackendDeclaration, Registry
 
 ENTRY_POINT_GROUP = "torus"
 
@@ -44,6 +46,8 @@ class PluginInfo:
     version: str
     hooks: list[str] = field(default_factory=list)
     registered: dict[str, list[str]] = field(default_factory=dict)
+    #: What the plugin declared (``torus_declare_backends``), one line per backend.
+    declared: list[str] = field(default_factory=list)
     error: str | None = None
 
 
@@ -105,8 +109,8 @@ class TorusPluginManager(pluggy.PluginManager):
     def collect_registries(self) -> Registries:
         """Call each registration hook once per plugin and return the filled registries."""
         regs = Registries(
-            metadata=Registry("metadata"),
-            block_stores=Registry("block store"),
+            metadata=Registry("metadata", dist_prefix="torus-"),
+            block_stores=Registry("block store", dist_prefix="torus-blockstore-"),
             ring_types=Registry("ring type"),
             blockset_layers=Registry("blockset layer"),
         )
@@ -133,7 +137,36 @@ class TorusPluginManager(pluggy.PluginManager):
                     if added:
                         info.registered.setdefault(label, []).extend(added)
             reg.current_plugin = "?"
+        by_kind = {regs.metadata.kind: regs.metadata, regs.block_stores.kind: regs.block_stores}
+        for impl in self.hook.torus_declare_backends.get_hookimpls():
+            declared = cast("list[BackendDeclaration] | None", impl.function()) or []
+            for decl in declared:
+                target = by_kind.get(decl.kind)
+                if target is None:
+                    raise PluginError(
+                        f"plugin {impl.plugin_name!r} declares a {decl.kind!r}; "
+                        f"only {', '.join(sorted(by_kind))} can be declared"
+                    )
+                target.declare(decl, impl.plugin_name)
+                info = self.plugin_info.get(impl.plugin_name)
+                if info is not None:
+                    if "torus_declare_backends" not in info.hooks:
+                        info.hooks.append("torus_declare_backends")
+                    info.declared.append(_describe(decl))
+        for reg in by_kind.values():
+            reg.finish()
         return regs
+
+
+def _describe(decl: BackendDeclaration) -> str:
+    parts = [f"{decl.kind} {decl.name}"]
+    if decl.kind == "metadata":
+        parts.append("schemes " + ", ".join(f"{s}://" for s in decl.schemes()))
+    if decl.config_keys is not None:
+        parts.append("options " + (", ".join(decl.config_keys) or "none"))
+    if decl.install_hint:
+        parts.append(f"install: {decl.install_hint}")
+    return "; ".join(parts)
 
 
 def make_plugin_manager(*, autoload: bool | None = None, block: tuple[str, ...] = ()) -> TorusPluginManager:

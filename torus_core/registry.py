@@ -1,4 +1,11 @@
-"""Name → implementation registries, one per extension kind."""
+"""Name → implementation registries, one per extension kind, and what plugins declare about them.
+
+Core keeps no table of plugin names, URL schemes or distributions: a plugin registers its
+classes (``torus_register_*`` hooks) and declares their URL schemes, configuration keys and
+install hint (``torus_declare_backends``). For a name no installed plugin provides, the only
+hint core can give is the naming convention of the kind (``torus-<name>`` for metadata
+backends, ``torus-blockstore-<name>`` for block stores), which CONTRIBUTING.md documents.
+"""
 
 from __future__ import annotations
 
@@ -7,13 +14,32 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from torus_core.errors import DuplicateBackendError, UnknownBackendError
+from torus_core.errors import DuplicateBackendError, PluginError, UnknownBackendError
 
-#: Which distribution provides a name that is not built in, for "pip install" hints.
-KNOWN_DISTRIBUTIONS: dict[str, dict[str, str]] = {
-    "metadata": {"sqlite": "torus-sqlite", "etcd": "torus-etcd", "redis": "torus-redis"},
-    "block store": {"file": "torus-blockstore-file", "mem": "torus-blockstore-mem"},
-}
+
+@dataclass(frozen=True)
+class BackendDeclaration:
+    """What a plugin says about one backend it registers (returned by ``torus_declare_backends``).
+
+    :param kind: ``"metadata"`` or ``"block store"``.
+    :param name: the registered name (``etcd``, ``file``).
+    :param url_schemes: metadata URL schemes that select this backend (``("etcd", "etcds")``);
+        empty means just ``name``. Ignored for block stores.
+    :param config_keys: keys accepted in ``[metadata_options]`` / ``[blockstore_options]``;
+        ``None`` means "not declared" (the backend checks its options itself).
+    :param install_hint: what to run when the backend cannot be used because something it needs
+        is missing, e.g. ``"pip install torus-etcd"``.
+    """
+
+    kind: str
+    name: str
+    url_schemes: tuple[str, ...] = ()
+    config_keys: tuple[str, ...] | None = None
+    install_hint: str = ""
+
+    def schemes(self) -> tuple[str, ...]:
+        """The URL schemes selecting this backend (``name`` when none were declared)."""
+        return self.url_schemes or (self.name,)
 
 
 @dataclass
@@ -30,7 +56,14 @@ class Registry:
     """Implementations of one kind (metadata, block store, ring type, blockset layer)."""
 
     kind: str
+    #: Naming convention of the distributions that provide this kind, used in the install hint
+    #: for a name no installed plugin provides (``torus-`` + name); empty: no hint.
+    dist_prefix: str = ""
     _entries: dict[str, Registration] = field(default_factory=dict)
+    #: Declarations by registered name (filled by the plugin manager from ``torus_declare_backends``).
+    declarations: dict[str, BackendDeclaration] = field(default_factory=dict)
+    #: URL scheme -> registered name (metadata backends).
+    _schemes: dict[str, str] = field(default_factory=dict)
     #: Plugins that failed to import: name -> error text (filled by the plugin manager).
     failed_plugins: dict[str, str] = field(default_factory=dict)
     #: Name of the plugin whose hook is running (set by the plugin manager).
@@ -46,22 +79,74 @@ class Registry:
             )
         self._entries[name] = Registration(name, impl, self.current_plugin)
 
+    def declare(self, decl: BackendDeclaration, plugin: str) -> None:
+        """Attach ``decl`` to the name ``plugin`` registered; its schemes must be free."""
+        reg = self._entries.get(decl.name)
+        if reg is None or reg.plugin != plugin:
+            raise PluginError(f"plugin {plugin!r} declares {self.kind} {decl.name!r} but did not register it")
+        if decl.name in self.declarations:
+            raise DuplicateBackendError(f"{self.kind} {decl.name!r} declared twice by plugin {plugin!r}")
+        self.declarations[decl.name] = decl
+
+    def finish(self) -> None:
+        """Build the scheme table from the declarations (undeclared names are their own scheme)."""
+        self._schemes.clear()
+        for reg in self.registrations():
+            decl = self.declarations.get(reg.name)
+            for scheme in decl.schemes() if decl is not None else (reg.name,):
+                scheme = scheme.lower()
+                owner = self._schemes.get(scheme)
+                if owner is not None and owner != reg.name:
+                    raise DuplicateBackendError(
+                        f"URL scheme {scheme!r} claimed by {self.kind} {owner!r} "
+                        f"(plugin {self._entries[owner].plugin!r}) and {reg.name!r} (plugin {reg.plugin!r})"
+                    )
+                self._schemes[scheme] = reg.name
+
     def get(self, name: str) -> Any:
         """Return the implementation for ``name`` or raise a helpful :class:`UnknownBackendError`."""
         try:
             return self._entries[name].impl
         except KeyError:
             pass
-        available = ", ".join(sorted(self._entries)) or "none"
-        msg = f"unknown {self.kind} {name!r}; available: {available}"
-        dist = KNOWN_DISTRIBUTIONS.get(self.kind, {}).get(name)
-        if dist:
-            failed = self.failed_plugins.get(name)
-            if failed:
-                msg += f"; plugin {name!r} failed to import: {failed}"
-            else:
-                msg += f"; install it with: pip install {dist}"
-        raise UnknownBackendError(msg)
+        available = ", ".join(self.names()) or "none"
+        raise UnknownBackendError(
+            f"unknown {self.kind} {name!r}; available: {available}{self._missing_hint(name)}"
+        )
+
+    def name_for_scheme(self, scheme: str) -> str:
+        """The registered name a URL scheme selects (as declared by its plugin)."""
+        name = self._schemes.get(scheme.lower())
+        if name is not None:
+            return name
+        known = ", ".join(sorted(self._schemes)) or "none"
+        raise UnknownBackendError(
+            f"unknown {self.kind} URL scheme {scheme!r}; known schemes: {known}{self._missing_hint(scheme)}"
+        )
+
+    def get_for_url(self, url: str) -> Any:
+        """The implementation selected by ``url``'s scheme (``etcds://...`` -> ``etcd``)."""
+        scheme = url.split("://", 1)[0] if "://" in url else url
+        return self.get(self.name_for_scheme(scheme))
+
+    def schemes(self) -> dict[str, str]:
+        """URL scheme -> registered name."""
+        return dict(sorted(self._schemes.items()))
+
+    def install_hint(self, name: str) -> str:
+        """The install hint the plugin declared for ``name`` ("" if none)."""
+        decl = self.declarations.get(name)
+        return decl.install_hint if decl is not None else ""
+
+    def _missing_hint(self, name: str) -> str:
+        failed = self.failed_plugins.get(name)
+        if failed:
+            return f"; plugin {name!r} failed to import: {failed}"
+        if self.dist_prefix:
+            return (
+                f"; if a plugin provides it, install it (by convention: pip install {self.dist_prefix}{name})"
+            )
+        return ""
 
     def names(self) -> list[str]:
         """Registered names, sorted."""
@@ -79,8 +164,8 @@ class Registry:
 def builtin_registry(kind: str, plugin_name: str, register: Callable[..., None]) -> Registry:
     """A registry filled by one built-in plugin's hook only (no entry points loaded).
 
-    Used where a caller passes no registry: built-in rings and layers then still resolve, the
-    same way the plugin manager would register them.
+    For tests and tools that load no plugins; the composition roots (the CLIs and daemons)
+    always use the plugin manager's registries.
     """
     reg = Registry(kind)
     reg.current_plugin = plugin_name
@@ -93,6 +178,7 @@ def builtin_registry(kind: str, plugin_name: str, register: Callable[..., None])
 def cached_builtin_registry(kind: str, plugin_name: str, register: Callable[..., None]) -> Registry:
     """:func:`builtin_registry`, built once per arguments and shared by every caller.
 
-    For lookups only: callers must not register into it.
+    For lookups only: callers must not register into it. Still used for blockset layers when a
+    caller passes no layer registry (issue 10 leaves that fallback for later).
     """
     return builtin_registry(kind, plugin_name, register)

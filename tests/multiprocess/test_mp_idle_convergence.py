@@ -156,7 +156,7 @@ def _live_blocks(md: MetadataService) -> set[BlockRef]:
 
 def _missing_copies(cluster: Cluster, blocks: set[BlockRef]) -> list[tuple[BlockRef, str]]:
     """(block, owner) pairs where a ring owner does not hold the block (RebalanceCheck)."""
-    ring = ring_from_spec(None, cluster.md.get_ring())
+    ring = ring_from_spec(cluster.md.ring_types, cluster.md.get_ring())
     addresses = {u: p.address for u, p in parse_peers(cluster.md.list_peers()).items() if p.address}
     by_owner: dict[str, list[BlockRef]] = {}
     for ref in blocks:

@@ -26,7 +26,7 @@ from torus_core.block.identity import DataDirClaim
 from torus_core.block.malloc import limit_arenas
 from torus_core.block.nbd_export import CLOSE_WAIT, VolumeExportProvider
 from torus_core.block.volume import DEFAULT_LEASE_TTL, check_store, default_owner
-from torus_core.blockstore import BlockStore, BlockStoreConfig
+from torus_core.blockstore import BlockStore
 from torus_core.config import Config
 from torus_core.errors import AlreadyExists, InvalidArgument, TorusError
 from torus_core.eventlog import MetadataBackend
@@ -36,7 +36,8 @@ from torus_core.journal import JournalReplicas, JournalStore, LocalJournalReplic
 from torus_core.metadata import MetadataService
 from torus_core.metrics import Collector, HealthCollector, ServerCollector, StoreCollector, server_registry
 from torus_core.nbd.server import NBDServer, ServerThread
-from torus_core.plugins import Registries, load_registries
+from torus_core.opener import Opener
+from torus_core.plugins import Registries
 
 log = logging.getLogger(__name__)
 
@@ -132,7 +133,7 @@ class Server:
         config: Config,
         *,
         debug_init: bool = False,
-        registries: Registries | None = None,
+        registries: Registries,
         lease_ttl: float = DEFAULT_LEASE_TTL,
         journal: bool = True,
         journal_options: Mapping[str, Any] | None = None,
@@ -145,16 +146,17 @@ class Server:
         An unformatted cluster raises :class:`~torus_core.errors.NoGlobalMetadata` unless
         ``debug_init`` is set, which formats it (512 KiB blocks, ``crc,base``, empty ring).
         """
-        regs = registries if registries is not None else load_registries()
-        backend_cls = regs.metadata.get(config.metadata_backend)
-        store_cls = regs.block_stores.get(config.block_store)
+        regs = registries
+        opener = Opener(regs, config)
+        opener.metadata_class()  # an unknown scheme fails before any directory is made
+        store_cls = opener.block_store_class()
         if getattr(store_cls, "persistent", False):
             os.makedirs(config.data_dir, exist_ok=True)
         if config.metadata.startswith("sqlite:///"):
             parent = os.path.dirname(config.metadata[len("sqlite:///") :].split("?", 1)[0])
             if parent:
                 os.makedirs(parent, exist_ok=True)
-        backend: MetadataBackend = backend_cls.from_url(config.metadata, dict(config.metadata_options))
+        backend = opener.open_metadata()
         try:
             md = MetadataService(backend, ring_types=regs.ring_types)
             if debug_init:
@@ -163,14 +165,7 @@ class Server:
                         md.format(DEBUG_INIT_BLOCK_SIZE, DEBUG_INIT_BLOCK_SPEC)
                         log.info("formatted the cluster (--debug-init)")
             gm = md.global_metadata()
-            store: BlockStore = store_cls.open(
-                BlockStoreConfig(
-                    block_size=gm.block_size,
-                    capacity_bytes=config.storage_size,
-                    path=os.path.join(config.data_dir, "block"),
-                    options=dict(config.blockstore_options),
-                )
-            )
+            store = opener.open_block_store(gm.block_size)
             try:
                 check_store(store, gm)
                 # A persistent store's data dir is this node's: claim its identity (see

@@ -10,11 +10,12 @@ from typing import Any, TypeVar
 
 import click
 
-from torus_core.blockstore import BlockStore, BlockStoreConfig
+from torus_core.blockstore import BlockStore
 from torus_core.config import Config, load_config
 from torus_core.errors import TorusError
 from torus_core.eventlog import MetadataBackend
 from torus_core.metadata import MetadataService
+from torus_core.opener import Opener
 from torus_core.plugins import Registries, load_registries
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -31,20 +32,21 @@ class CliContext:
 
     @property
     def registries(self) -> Registries:
-        """Plugin registries (loaded on first use)."""
+        """Plugin registries (loaded on first use, once per invocation)."""
         if self._registries is None:
             self._registries = load_registries()
         return self._registries
+
+    @property
+    def opener(self) -> Opener:
+        """The :class:`~torus_core.opener.Opener` of this invocation's config and registries."""
+        return Opener(self.registries, self.config)
 
     def open_backend(self, url: str | None = None) -> MetadataBackend:
         """Open the metadata backend named by ``url`` (default: the configured one)."""
         if url is None and self._backend is not None:
             return self._backend
-        target = url or self.config.metadata
-        scheme = target.split("://", 1)[0].lower()
-        scheme = "redis" if scheme == "rediss" else scheme
-        cls = self.registries.metadata.get(scheme)
-        backend: MetadataBackend = cls.from_url(target, dict(self.config.metadata_options))
+        backend = self.opener.open_metadata(url)
         self._closers.append(backend.close)
         if url is None:
             self._backend = backend
@@ -54,15 +56,7 @@ class CliContext:
         self, block_size: int, *, name: str | None = None, path: str | None = None
     ) -> BlockStore:
         """Open the configured block store with the cluster's block size."""
-        cls = self.registries.block_stores.get(name or self.config.block_store)
-        store: BlockStore = cls.open(
-            BlockStoreConfig(
-                block_size=block_size,
-                capacity_bytes=self.config.storage_size,
-                path=path or f"{self.config.data_dir}/block",
-                options=dict(self.config.blockstore_options),
-            )
-        )
+        store = self.opener.open_block_store(block_size, name=name, path=path)
         self._closers.append(store.close)
         return store
 
@@ -90,7 +84,10 @@ def config_options(func: F) -> F:
             "-C",
             "metadata",
             envvar="TORUS_METADATA",
-            help="Metadata URL: sqlite:///path.db, etcd://host:2379[,host:2379], redis://host:6379/0.",
+            help=(
+                "Metadata URL; its scheme selects the backend (torusctl plugins lists them), "
+                "e.g. sqlite:///path.db, etcd://host:2379."
+            ),
         ),
         click.option("--data-dir", default=None, help="Data directory (default: torus-data)."),
         click.option("--read-cache-size", default=None, help="Read cache size, e.g. 50MiB."),

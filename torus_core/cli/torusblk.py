@@ -77,7 +77,7 @@ def nbdserve(
     parse_listen(listen)  # a bad address is refused before the store is opened
     metrics_address(metrics_listen)
     ctx = build_context(config_path, storage_size=size, block_store=block_store, **overrides)
-    server = Server.from_config(ctx.config, lease_ttl=lease_ttl)
+    server = Server.from_config(ctx.config, registries=ctx.registries, lease_ttl=lease_ttl)
 
     def start() -> None:
         serve_nbd(server, listen, tls_cert, tls_key, require_tls, ctx.config.tls.ca_file)
@@ -142,7 +142,7 @@ def aoe(
     except (TorusError, UnicodeError) as exc:
         raise UsageError(str(exc)) from None
     ctx = build_context(config_path, storage_size=size, block_store=block_store, **overrides)
-    server = Server.from_config(ctx.config, lease_ttl=lease_ttl)
+    server = Server.from_config(ctx.config, registries=ctx.registries, lease_ttl=lease_ttl)
 
     def start() -> None:
         target = serve_aoe(

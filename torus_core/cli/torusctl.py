@@ -53,6 +53,8 @@ def plugins_cmd(as_json: bool) -> None:
         click.echo(f"{info.name:<16} {info.distribution:<24} {info.version:<8} {status}")
         for kind, names in sorted(info.registered.items()):
             click.echo(f"    {kind}: {', '.join(names)}")
+        for line in info.declared:
+            click.echo(f"    declares {line}")
 
 
 def _size(text: str) -> int:

@@ -124,7 +124,9 @@ def cli(
     check_tls_options(tls_cert, tls_key, require_tls)
     metrics_listen = metrics_address(metrics_listen, host, port)
     try:
-        server = Server.from_config(ctx.config, debug_init=debug_init, lease_ttl=lease_ttl)
+        server = Server.from_config(
+            ctx.config, registries=ctx.registries, debug_init=debug_init, lease_ttl=lease_ttl
+        )
     except NoGlobalMetadata as exc:
         raise NoGlobalMetadata(f"{exc}; or start torusd with --debug-init to format it") from None
     if peer_address:

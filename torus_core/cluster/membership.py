@@ -109,7 +109,7 @@ class RingWatcher:
 
     :param md: metadata service.
     :param on_ring: called with each newer ring (in version order); exceptions are logged.
-    :param ring_types: ring-type registry (built-ins if None).
+    :param ring_types: ring-type registry (default: ``md.ring_types``, the process's).
     :param follow_timeout: how long one wait on the log may block.
     :param resync: seconds between full re-reads of the current ring.
     """
@@ -125,7 +125,7 @@ class RingWatcher:
     ) -> None:
         self.md = md
         self.on_ring = on_ring
-        self.ring_types = ring_types
+        self.ring_types: Registry = ring_types if ring_types is not None else md.ring_types
         self.follow_timeout = follow_timeout
         self.resync = resync
         self.version = 0

@@ -138,7 +138,7 @@ class ClusterNode:
     :param block_size: required for a client without a store (default: the cluster's).
     :param tls: mutual TLS for peer RPC.
     :param options: timing and levels.
-    :param ring_types: ring registry (built-ins if None).
+    :param ring_types: ring registry (default: ``md.ring_types``, the process's).
     :param layer_registry: blockset layers (built-ins if None), for GC's INode decoding.
     :param close_store: whether closing the distributor closes ``store``.
     :param journal: this storage peer's volume journal files (``<data-dir>/journal``), served to

@@ -5,9 +5,12 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
 from torus_core.refs import BlockRef
+
+if TYPE_CHECKING:
+    from torus_core.registry import Registry
 
 
 @dataclass(frozen=True)
@@ -53,8 +56,12 @@ class Ring(ABC):
 
     @classmethod
     @abstractmethod
-    def from_spec(cls, spec: RingSpec) -> Ring:
-        """Build a ring from its serialisable spec; raises InvalidArgument if malformed."""
+    def from_spec(cls, spec: RingSpec, ring_types: Registry) -> Ring:
+        """Build a ring from its serialisable spec; raises InvalidArgument if malformed.
+
+        :param ring_types: the process's ring registry; a ring that nests others (``union``)
+            builds them through it, so nested rings may be plugin ring types too.
+        """
 
     @abstractmethod
     def to_spec(self) -> RingSpec:

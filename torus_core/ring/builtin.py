@@ -17,3 +17,13 @@ def torus_register_ring_types(registry: Registry) -> None:
 
     for cls in (EmptyRing, SingleRing, ModRing, UnionRing, KetamaRing):
         registry.register(cls.name, cls)
+
+
+def builtin_ring_types() -> Registry:
+    """A new registry of the built-in ring types only (no plugins loaded).
+
+    For tests and tools that load no plugins; processes pass the plugin manager's registry.
+    """
+    from torus_core.registry import builtin_registry
+
+    return builtin_registry("ring type", "builtin-ring", torus_register_ring_types)

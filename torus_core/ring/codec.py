@@ -11,47 +11,34 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 
 from torus_core.errors import InvalidArgument, UnknownBackendError
-from torus_core.registry import Registry, cached_builtin_registry
+from torus_core.registry import Registry
 from torus_core.ring import wire
 from torus_core.ring.base import Ring, RingMember, RingSpec
 
 
-def default_ring_registry() -> Registry:
-    """A registry holding only the built-in ring types (no entry points loaded); built once and shared."""
-    from torus_core.ring import builtin
-
-    return cached_builtin_registry("ring type", "builtin-ring", builtin.torus_register_ring_types)
-
-
-def _registry(registry: Registry | None) -> Registry:
-    return registry if registry is not None else default_ring_registry()
-
-
-def ring_class(name: str, registry: Registry | None = None) -> type[Ring]:
+def ring_class(name: str, registry: Registry) -> type[Ring]:
     """The ring class registered as ``name``; InvalidArgument listing the known types otherwise."""
-    reg = _registry(registry)
     try:
-        cls: type[Ring] = reg.get(name)
+        cls: type[Ring] = registry.get(name)
     except UnknownBackendError:
-        raise InvalidArgument(f"unknown ring type {name!r}; known: {', '.join(reg.names())}") from None
+        raise InvalidArgument(f"unknown ring type {name!r}; known: {', '.join(registry.names())}") from None
     return cls
 
 
-def ring_class_by_id(type_id: int, registry: Registry | None = None) -> type[Ring]:
+def ring_class_by_id(type_id: int, registry: Registry) -> type[Ring]:
     """The ring class with numeric ``type_id``; InvalidArgument if none is registered."""
-    reg = _registry(registry)
-    for r in reg.registrations():
+    for r in registry.registrations():
         if getattr(r.impl, "type_id", None) == type_id:
             cls: type[Ring] = r.impl
             return cls
-    raise InvalidArgument(f"unknown ring type id {type_id}")
+    raise InvalidArgument(f"unknown ring type id {type_id}; known: {', '.join(registry.names())}")
 
 
-def ring_from_spec(registry: Registry | None, spec: RingSpec) -> Ring:
-    """Build a ring from its spec through the registry (built-ins if ``registry`` is None)."""
+def ring_from_spec(registry: Registry, spec: RingSpec) -> Ring:
+    """Build a ring from its spec through ``registry`` (which also resolves nested rings)."""
     if not isinstance(spec, RingSpec):
         raise InvalidArgument(f"expected a RingSpec, got {type(spec).__name__}")
-    return ring_class(spec.type, registry).from_spec(spec)
+    return ring_class(spec.type, registry).from_spec(spec, registry)
 
 
 def make_ring(
@@ -61,7 +48,7 @@ def make_ring(
     replication: int = 2,
     version: int = 1,
     attrs: Mapping[str, bytes] | None = None,
-    registry: Registry | None = None,
+    registry: Registry,
 ) -> Ring:
     """Build a ring by type name, e.g. ``make_ring("ketama", members, replication=2)``."""
     spec = RingSpec(type, version, replication, tuple(members), dict(attrs or {}))
@@ -84,9 +71,12 @@ def _decode_member(data: bytes) -> RingMember:
     return RingMember(uuid=uuid, total_blocks=total, address=address)
 
 
-def spec_to_bytes(spec: RingSpec, registry: Registry | None = None) -> bytes:
+def spec_to_bytes(spec: RingSpec, registry: Registry) -> bytes:
     """Encode a spec as ``models.Ring`` protobuf bytes."""
-    type_id = ring_class(spec.type, registry).type_id
+    return _encode(spec, ring_class(spec.type, registry).type_id)
+
+
+def _encode(spec: RingSpec, type_id: int) -> bytes:
     out = [
         wire.uint_field(1, type_id),
         wire.uint_field(2, spec.version),
@@ -98,7 +88,7 @@ def spec_to_bytes(spec: RingSpec, registry: Registry | None = None) -> bytes:
     return b"".join(out)
 
 
-def spec_from_bytes(data: bytes, registry: Registry | None = None) -> RingSpec:
+def spec_from_bytes(data: bytes, registry: Registry) -> RingSpec:
     """Decode ``models.Ring`` protobuf bytes into a spec; InvalidArgument if malformed."""
     type_id = version = rep = 0
     members: list[RingMember] = []
@@ -122,11 +112,11 @@ def spec_from_bytes(data: bytes, registry: Registry | None = None) -> RingSpec:
     return RingSpec(cls.name, version, rep, tuple(members), attrs)
 
 
-def marshal_ring(ring: Ring, registry: Registry | None = None) -> bytes:
-    """``models.Ring`` bytes of a ring."""
-    return spec_to_bytes(ring.to_spec(), registry)
+def marshal_ring(ring: Ring) -> bytes:
+    """``models.Ring`` bytes of a ring (its class carries the type id)."""
+    return _encode(ring.to_spec(), type(ring).type_id)
 
 
-def unmarshal_ring(data: bytes, registry: Registry | None = None) -> Ring:
-    """Rebuild a ring from ``models.Ring`` bytes."""
+def unmarshal_ring(data: bytes, registry: Registry) -> Ring:
+    """Rebuild a ring from ``models.Ring`` bytes; ``registry`` resolves its type id."""
     return ring_from_spec(registry, spec_from_bytes(data, registry))

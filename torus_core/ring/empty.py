@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
-from typing import ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
 from torus_core.errors import InvalidArgument
 from torus_core.refs import BlockRef
 from torus_core.ring.base import PeerPermutation, Ring, RingSpec
 from torus_core.ring.members import check_version
+
+if TYPE_CHECKING:
+    from torus_core.registry import Registry
 
 
 class EmptyRing(Ring):
@@ -20,7 +23,7 @@ class EmptyRing(Ring):
         self._version = check_version(version)
 
     @classmethod
-    def from_spec(cls, spec: RingSpec) -> EmptyRing:
+    def from_spec(cls, spec: RingSpec, ring_types: Registry) -> EmptyRing:
         """Build from a spec; an empty ring must not list members."""
         if spec.members:
             raise InvalidArgument("an empty ring cannot have members")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from typing import Self
+from typing import TYPE_CHECKING, Self
 
 from torus_core.errors import InvalidArgument
 from torus_core.ring.base import Ring, RingMember, RingSpec
@@ -15,6 +15,9 @@ from torus_core.ring.members import (
     remove_members,
     union_members,
 )
+
+if TYPE_CHECKING:
+    from torus_core.registry import Registry
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +50,7 @@ class ModifiableRing(Ring):
             )
 
     @classmethod
-    def from_spec(cls, spec: RingSpec) -> Self:
+    def from_spec(cls, spec: RingSpec, ring_types: Registry) -> Self:
         """Build from a spec (attrs are ignored by these ring types)."""
         if spec.type != cls.name:
             raise InvalidArgument(f"spec is for a {spec.type!r} ring, not {cls.name!r}")

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
-from typing import ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
 from torus_core.errors import InvalidArgument
 from torus_core.refs import BlockRef
 from torus_core.ring.base import PeerPermutation, Ring, RingMember, RingSpec
 from torus_core.ring.members import check_members, check_version
+
+if TYPE_CHECKING:
+    from torus_core.registry import Registry
 
 
 class SingleRing(Ring):
@@ -21,7 +24,7 @@ class SingleRing(Ring):
         self._version = check_version(version)
 
     @classmethod
-    def from_spec(cls, spec: RingSpec) -> SingleRing:
+    def from_spec(cls, spec: RingSpec, ring_types: Registry) -> SingleRing:
         """Build from a spec; raises InvalidArgument unless it has exactly one member."""
         if len(spec.members) != 1:
             raise InvalidArgument(f"a single ring needs exactly one peer, got {len(spec.members)}")

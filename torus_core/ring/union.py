@@ -7,11 +7,14 @@ stores both rings, marshalled in the ``models.Ring`` format, under ``attrs["old"
 
 from __future__ import annotations
 
-from typing import ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
 from torus_core.errors import InvalidArgument
 from torus_core.refs import BlockRef
 from torus_core.ring.base import PeerPermutation, Ring, RingSpec
+
+if TYPE_CHECKING:
+    from torus_core.registry import Registry
 
 
 class UnionRing(Ring):
@@ -27,15 +30,16 @@ class UnionRing(Ring):
         self.new = new
 
     @classmethod
-    def from_spec(cls, spec: RingSpec) -> UnionRing:
-        """Build from ``attrs["old"]`` and ``attrs["new"]`` (built-in ring types only)."""
+    def from_spec(cls, spec: RingSpec, ring_types: Registry) -> UnionRing:
+        """Build from ``attrs["old"]`` and ``attrs["new"]``, resolved through ``ring_types``
+        (so either side may be a ring type registered by a plugin)."""
         from torus_core.ring.codec import unmarshal_ring
 
         try:
             old_b, new_b = spec.attrs["old"], spec.attrs["new"]
         except KeyError as exc:
             raise InvalidArgument(f"union ring spec lacks attrs[{exc.args[0]!r}]") from None
-        return cls(unmarshal_ring(old_b), unmarshal_ring(new_b))
+        return cls(unmarshal_ring(old_b, ring_types), unmarshal_ring(new_b, ring_types))
 
     def to_spec(self) -> RingSpec:
         """Spec carrying both rings in attrs."""

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from torus_core import hookimpl
-from torus_core.registry import Registry
+from torus_core.registry import BackendDeclaration, Registry
 
 
 @hookimpl
@@ -12,3 +12,19 @@ def torus_register_metadata_backends(registry: Registry) -> None:
     from torus_redis.backend import RedisBackend
 
     registry.register(RedisBackend.name, RedisBackend)
+
+
+@hookimpl
+def torus_declare_backends() -> list[BackendDeclaration]:
+    """``redis://`` and ``rediss://`` (TLS) select the redis backend."""
+    from torus_redis._config import OPTION_NAMES
+
+    return [
+        BackendDeclaration(
+            kind="metadata",
+            name="redis",
+            url_schemes=("redis", "rediss"),
+            config_keys=tuple(OPTION_NAMES),
+            install_hint="pip install torus-redis (brings redis-py)",
+        )
+    ]

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from torus_core import hookimpl
-from torus_core.registry import Registry
+from torus_core.registry import BackendDeclaration, Registry
 
 
 @hookimpl
@@ -12,3 +12,19 @@ def torus_register_metadata_backends(registry: Registry) -> None:
     from torus_sqlite.backend import SQLiteBackend
 
     registry.register(SQLiteBackend.name, SQLiteBackend)
+
+
+@hookimpl
+def torus_declare_backends() -> list[BackendDeclaration]:
+    """``sqlite:///path.db`` selects the sqlite backend."""
+    from torus_sqlite.backend import _OPTIONS
+
+    return [
+        BackendDeclaration(
+            kind="metadata",
+            name="sqlite",
+            url_schemes=("sqlite",),
+            config_keys=tuple(sorted(_OPTIONS)),
+            install_hint="pip install torus-sqlite (brings SQLAlchemy 2)",
+        )
+    ]
