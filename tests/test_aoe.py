@@ -695,3 +695,59 @@ def test_fast_read_write_path_replies_exactly_like_the_general_path(monkeypatch)
     for f in frames:
         assert fast.handle(f) == slow.handle(f)
     assert fast.device.buf == slow.device.buf  # type: ignore[attr-defined]
+
+
+def test_torus_periodic_flush_makes_writes_durable_without_a_flush_command(veth, tmp_path):
+    t_if, i_if = veth
+    target = Target("torus", t_if, tmp_path)
+    payload = os.urandom(MiB)
+    with Initiator(i_if, MAJOR, MINOR) as ini:
+        try:
+            target.start("--flush-interval", "0.5", "--lease-ttl", "2")
+            ini.discover()
+            ini.write(4 * MiB, payload)
+            time.sleep(3)  # several flush intervals
+            assert target.proc is not None
+            target.proc.kill()  # no clean shutdown: only the periodic flushes made it durable
+            target.proc.wait(20)
+        finally:
+            target.stop()
+    image = nbd_read(target.data, tmp_path, VOLUME_SIZE)
+    assert image[4 * MiB : 5 * MiB] == payload
+
+
+class FailingDevice(MemDevice):
+    """Writes raise ``exc``; sync raises ``sync_exc``."""
+
+    def __init__(self, size: int, exc: Exception, sync_exc: Exception) -> None:
+        super().__init__(size)
+        self.exc, self.sync_exc = exc, sync_exc
+
+    def write_at(self, offset: int, data) -> int:
+        raise self.exc
+
+    def sync(self) -> None:
+        raise self.sync_exc
+
+
+def test_a_lost_volume_lock_answers_device_unavailable():
+    from torus_core.errors import Locked
+
+    t = AoETarget(
+        FailingDevice(MiB, Locked("lease lost"), Locked("lease lost")), "x", 1, 2, mac=TGT, mtu=1500
+    )
+    arg = ini_mod.Initiator.ata_arg
+    for f in (request(0, arg(ATA_WRITE_EXT, 0, 1, write=True, ext=True) + bytes(512)), request(0, arg(0xE7))):
+        h = wire.Header.decode(t.handle(f) or b"")
+        assert h.is_error and h.error == 3
+
+
+def test_store_failures_are_ata_aborts_and_a_failed_flush_sets_device_fault():
+    from torus_core.errors import BlockUnavailable
+
+    dev = FailingDevice(MiB, BlockUnavailable("replicas down"), BlockUnavailable("replicas down"))
+    ata = AtaDevice(dev)
+    r = ata.execute(wire.AtaArg(aflags=1, command=ATA_WRITE_EXT, count=1, data=bytes(512)), 2)
+    assert (r.status, r.error, r.aoe_error) == (ST_DRDY | ST_ERR, ER_ABRT, None)
+    r = ata.execute(wire.AtaArg(command=0xEA), 2)
+    assert (r.status, r.error) == (ST_DRDY | 0x20 | ST_ERR, ER_ABRT)
