@@ -240,7 +240,7 @@ def test_fresh_volume_has_virtual_inode_one_and_indexes_start_at_two(formatted: 
 def test_lock_is_exclusive_and_blocks_delete_and_restore(formatted: MetadataService) -> None:
     formatted.create_volume("a", MiB)
     formatted.save_snapshot("a", "s")
-    lease_a, lease_b = formatted.backend.leases.grant(30), formatted.backend.leases.grant(30)
+    lease_a, lease_b = formatted.leases.grant(30), formatted.leases.grant(30)
     lock = formatted.lock_volume("a", "client-a", lease_a)
     assert lock.epoch == 1
     status = formatted.lock_status("a")
@@ -261,8 +261,8 @@ def test_lock_is_exclusive_and_blocks_delete_and_restore(formatted: MetadataServ
 
 def test_lock_with_a_revoked_lease_raises_lease_not_found(formatted: MetadataService) -> None:
     formatted.create_volume("a", MiB)
-    lease = formatted.backend.leases.grant(30)
-    formatted.backend.leases.revoke(lease)
+    lease = formatted.leases.grant(30)
+    formatted.leases.revoke(lease)
     with pytest.raises(LeaseNotFound):
         formatted.lock_volume("a", "me", lease)
     assert formatted.lock_status("a").locked is False
@@ -270,7 +270,7 @@ def test_lock_with_a_revoked_lease_raises_lease_not_found(formatted: MetadataSer
 
 def test_commit_moves_the_current_inode(formatted: MetadataService) -> None:
     vol = formatted.create_volume("a", MiB)
-    lock = formatted.lock_volume("a", "me", formatted.backend.leases.grant(30))
+    lock = formatted.lock_volume("a", "me", formatted.leases.grant(30))
     for _ in range(3):
         ref = INodeRef(vol.id, formatted.allocate_inode_index(vol.id))
         formatted.commit_inode(lock, ref)
@@ -284,7 +284,7 @@ def test_commit_survives_unrelated_appends_by_other_clients(
 ) -> None:
     other = MetadataService(open_backend())
     vol = formatted.create_volume("a", MiB)
-    lock = formatted.lock_volume("a", "me", formatted.backend.leases.grant(30))
+    lock = formatted.lock_volume("a", "me", formatted.leases.grant(30))
     idx = other.allocate_inode_index(vol.id)
     other.save_snapshot("a", "while-mounted")
     other.resize_volume("a", 2 * MiB)
@@ -297,11 +297,11 @@ def test_writer_whose_lease_expired_is_fenced_out_by_the_new_holder(
 ) -> None:
     b = MetadataService(open_backend())
     vol = formatted.create_volume("a", MiB)
-    lock_a = formatted.lock_volume("a", "client-a", formatted.backend.leases.grant(1.0))
+    lock_a = formatted.lock_volume("a", "client-a", formatted.leases.grant(1.0))
     formatted.commit_inode(lock_a, INodeRef(vol.id, formatted.allocate_inode_index(vol.id)))
     # A stops renewing; once its lease expires, B takes the lock over.
     assert _wait_until(lambda: not b.lock_status("a").locked, 8.0)
-    lock_b = b.lock_volume("a", "client-b", b.backend.leases.grant(30))
+    lock_b = b.lock_volume("a", "client-b", b.leases.grant(30))
     assert lock_b.epoch == lock_a.epoch + 1
     b_ref = INodeRef(vol.id, b.allocate_inode_index(vol.id))
     b.commit_inode(lock_b, b_ref)
@@ -319,13 +319,13 @@ def test_commit_of_a_lost_lock_is_refused_by_the_log_even_if_the_key_check_passe
     """The log itself fences: a stale holder whose seen version predates a takeover fails."""
     b = MetadataService(open_backend())
     vol = formatted.create_volume("a", MiB)
-    lease = formatted.backend.leases.grant(30)
+    lease = formatted.leases.grant(30)
     lock_a = formatted.lock_volume("a", "client-a", lease)
     # Simulate the takeover race: A's key is replaced by B's (as after expiry) and B appends
     # its acquisition; then A's key check is made to pass again by restoring A's value.
-    formatted.backend.leases.revoke(lease)
-    lock_b = b.lock_volume("a", "client-b", b.backend.leases.grant(30))
-    formatted.backend.leases.put(lock_a.key, lock_a.value)
+    formatted.leases.revoke(lease)
+    lock_b = b.lock_volume("a", "client-b", b.leases.grant(30))
+    formatted.leases.put(lock_a.key, lock_a.value)
     with pytest.raises(Locked):
         formatted.commit_inode(lock_a, INodeRef(vol.id, 7))
     assert formatted.current_inode(vol.id) == INodeRef(vol.id, 1)
@@ -339,7 +339,7 @@ def test_commit_of_a_lost_lock_is_refused_by_the_log_even_if_the_key_check_passe
 
 def test_snapshots_record_restore_and_delete(formatted: MetadataService) -> None:
     vol = formatted.create_volume("a", MiB)
-    lock = formatted.lock_volume("a", "me", formatted.backend.leases.grant(30))
+    lock = formatted.lock_volume("a", "me", formatted.leases.grant(30))
     first = INodeRef(vol.id, formatted.allocate_inode_index(vol.id))
     formatted.commit_inode(lock, first)
     s1 = formatted.save_snapshot("a", "s1")
@@ -368,15 +368,15 @@ def test_snapshots_record_restore_and_delete(formatted: MetadataService) -> None
 
 
 def test_peers_live_as_long_as_their_lease(formatted: MetadataService) -> None:
-    lease = formatted.backend.leases.grant(30)
+    lease = formatted.leases.grant(30)
     formatted.register_peer({"uuid": "p1", "address": "127.0.0.1:4000", "total_blocks": 10}, lease)
-    formatted.register_peer({"uuid": "p2", "address": ""}, formatted.backend.leases.grant(30))
+    formatted.register_peer({"uuid": "p2", "address": ""}, formatted.leases.grant(30))
     assert [p["uuid"] for p in formatted.list_peers()] == ["p1", "p2"]
     assert formatted.list_peers()[0]["total_blocks"] == 10
-    formatted.backend.leases.revoke(lease)
+    formatted.leases.revoke(lease)
     assert [p["uuid"] for p in formatted.list_peers()] == ["p2"]
     with pytest.raises(InvalidArgument):
-        formatted.register_peer({"address": "x"}, formatted.backend.leases.grant(30))
+        formatted.register_peer({"address": "x"}, formatted.leases.grant(30))
 
 
 def test_events_and_follow_expose_the_decoded_log(
@@ -406,3 +406,63 @@ def test_a_new_service_on_the_same_store_sees_the_same_state(
     fresh = MetadataService(open_backend())
     assert fresh.get_volume("a") == vol
     assert fresh.state() == formatted.state()
+
+
+def test_a_command_that_keeps_losing_races_backs_off_with_growing_jitter_then_raises_again(
+    formatted: MetadataService, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import torus_core.metadata as metadata_module
+    from torus_core.errors import CompareFailed
+
+    sleeps: list[float] = []
+    monkeypatch.setattr(metadata_module.time, "sleep", sleeps.append)
+
+    def always_lose(*events: object) -> list[int]:
+        raise CompareFailed("someone else appended first")
+
+    monkeypatch.setattr(formatted, "_append", always_lose)
+    with pytest.raises(Again, match=r"could not create volume 'v': too much contention"):
+        formatted.create_volume("v", MiB)
+    assert len(sleeps) == metadata_module.MAX_ATTEMPTS
+    caps = [min(metadata_module.RETRY_CAP, metadata_module.RETRY_BASE * 2**n) for n in range(len(sleeps))]
+    assert all(0.0 <= s <= cap for s, cap in zip(sleeps, caps, strict=True))
+    assert len(set(sleeps)) > 1  # jittered, not lock-step
+    assert formatted.list_volumes() == []  # nothing was written
+
+
+def test_a_lost_race_is_decided_again_against_the_new_state(
+    formatted: MetadataService, open_backend: Callable[[], SQLiteBackend], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    other = MetadataService(open_backend())
+    real_append = formatted._append
+    calls = 0
+
+    def lose_once_to_another_writer(*events: object) -> list[int]:
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            other.create_volume("theirs", MiB)  # takes the volume id this append expected
+        return real_append(*events)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(formatted, "_append", lose_once_to_another_writer)
+    mine = formatted.create_volume("mine", MiB)
+    assert calls == 2
+    assert mine.id == other.get_volume("theirs").id + 1
+    assert {v.name for v in formatted.list_volumes()} == {"mine", "theirs"}
+
+
+def test_no_module_outside_the_metadata_service_reaches_into_its_backend() -> None:
+    import re
+    from pathlib import Path
+
+    import torus_core
+
+    root = Path(torus_core.__file__).parent
+    offenders = [
+        f"{path.relative_to(root)}:{n}"
+        for path in root.rglob("*.py")
+        if path.name != "metadata.py"
+        for n, line in enumerate(path.read_text().splitlines(), 1)
+        if re.search(r"\bmd\.backend\b|\bmetadata_service\(\)\.backend\b", line)
+    ]
+    assert offenders == [], "use MetadataService's own API (md.leases, md.head_position())"

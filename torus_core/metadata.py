@@ -41,13 +41,14 @@ import functools
 import json
 import logging
 import os
+import random
 import socket
 import threading
 import time
 import uuid
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 from torus_core.errors import (
     Again,
@@ -59,7 +60,7 @@ from torus_core.errors import (
     NonSequentialRing,
     NotExist,
 )
-from torus_core.eventlog import Lease, MetadataBackend, NewEvent
+from torus_core.eventlog import Lease, LeaseStore, MetadataBackend, NewEvent
 from torus_core.events import (
     CLUSTER_STREAM,
     REGISTRY,
@@ -109,6 +110,15 @@ log = logging.getLogger(__name__)
 
 #: Attempts for commands that re-read and retry after losing a race.
 MAX_ATTEMPTS = 32
+#: Backoff between attempts: a uniform random sleep in [0, min(RETRY_CAP, RETRY_BASE * 2**n)]
+#: ("full jitter"), so writers that collided do not collide again in lock step.
+RETRY_BASE = 0.001
+RETRY_CAP = 0.05
+
+_T = TypeVar("_T")
+#: What a command's decide step returns: the events to append (none: nothing to write) and the
+#: command's result once they are appended.
+Decision = tuple[Sequence[NewEvent], _T]
 #: Lease-store key prefixes.
 LOCK_PREFIX = "volume-lock/"
 PEER_PREFIX = "peers/"
@@ -296,6 +306,40 @@ class MetadataService:
     def _event(self, stream: str, version: int, event: DomainEvent) -> NewEvent:
         return self.registry.new_event(stream, version, event)
 
+    def _run(self, what: str, decide: Callable[[ClusterState], Decision[_T]]) -> _T:
+        """Decide, append, retry: the one optimistic-concurrency loop of every command.
+
+        ``decide`` reads the projected state, validates (raising ``AlreadyExists``,
+        ``NotExist``, ...) and returns the events to append with the stream versions it read,
+        plus the command's result. A lost race (``CompareFailed``) re-reads and decides again
+        after a jittered backoff, up to :data:`MAX_ATTEMPTS`; then :class:`Again` says
+        ``could not <what>: too much contention``. An empty event list returns at once.
+        """
+        for attempt in range(MAX_ATTEMPTS):
+            events, result = decide(self.state())
+            if not events:
+                return result
+            try:
+                self._append(*events)
+            except CompareFailed:
+                _backoff(attempt)
+                continue
+            return result
+        raise Again(f"could not {what}: too much contention")
+
+    def head_position(self) -> int:
+        """The metadata log's head position (one cheap read; also a liveness probe)."""
+        return self.backend.log.head_position()
+
+    @property
+    def leases(self) -> LeaseStore:
+        """The backend's lease store (peer registrations, volume lock keys, volume leases).
+
+        The one public way to the backend's ephemeral state: code outside this module uses this
+        (or the service's own methods), never ``md.backend``.
+        """
+        return self.backend.leases
+
     def _append(self, *events: NewEvent) -> list[int]:
         batch = list(events)
         with self._append_seconds.time():
@@ -406,27 +450,25 @@ class MetadataService:
         """Create a block volume (thin: metadata only). AlreadyExists if the name is taken."""
         _check_name("volume name", name)
         _check_positive("volume size", size)
-        for _ in range(MAX_ATTEMPTS):
-            state = self.state()
+
+        def decide(state: ClusterState) -> Decision[VolumeInfo]:
             if name in state.names:
                 raise AlreadyExists(f"volume {name!r} already exists")
             vid = state.stream_version(VOLUME_IDS_STREAM) + 1
             if vid > VOLUME_MAX:
                 raise InvalidArgument("volume ids are exhausted")
-            try:
-                self._append(
-                    self._event(VOLUME_IDS_STREAM, vid, VolumeIdAllocated(vid, name)),
-                    self._event(
-                        name_stream(name),
-                        state.stream_version(name_stream(name)) + 1,
-                        VolumeNameClaimed(name, vid),
-                    ),
-                    self._event(volume_stream(vid), 1, VolumeCreated(vid, name, size, "block")),
-                )
-            except CompareFailed:
-                continue
-            return VolumeInfo(vid, name, size, "block")
-        raise Again(f"could not create volume {name!r}: too much contention")
+            events = [
+                self._event(VOLUME_IDS_STREAM, vid, VolumeIdAllocated(vid, name)),
+                self._event(
+                    name_stream(name),
+                    state.stream_version(name_stream(name)) + 1,
+                    VolumeNameClaimed(name, vid),
+                ),
+                self._event(volume_stream(vid), 1, VolumeCreated(vid, name, size, "block")),
+            ]
+            return events, VolumeInfo(vid, name, size, "block")
+
+        return self._run(f"create volume {name!r}", decide)
 
     def get_volume(self, name: str) -> VolumeInfo:
         """The volume called ``name``; NotExist if none."""
@@ -444,44 +486,37 @@ class MetadataService:
     def resize_volume(self, name: str, new_size: int) -> VolumeInfo:
         """Grow a volume to ``new_size`` bytes; shrinking raises InvalidArgument."""
         _check_positive("volume size", new_size)
-        for _ in range(MAX_ATTEMPTS):
-            state = self.state()
+
+        def decide(state: ClusterState) -> Decision[VolumeInfo]:
             vol = self._volume(state, name)
             if new_size < vol.size:
                 raise InvalidArgument(
                     f"volume {name!r} is {vol.size} bytes; shrinking to {new_size} is not supported"
                 )
             if new_size == vol.size:
-                return _info(vol)
+                return [], _info(vol)
             stream = volume_stream(vol.id)
-            try:
-                self._append(
-                    self._event(
-                        stream, state.stream_version(stream) + 1, VolumeResized(vol.id, vol.size, new_size)
-                    )
-                )
-            except CompareFailed:
-                continue
-            return VolumeInfo(vol.id, vol.name, new_size, vol.type)
-        raise Again(f"could not resize volume {name!r}: too much contention")
+            event = self._event(
+                stream, state.stream_version(stream) + 1, VolumeResized(vol.id, vol.size, new_size)
+            )
+            return [event], VolumeInfo(vol.id, vol.name, new_size, vol.type)
+
+        return self._run(f"resize volume {name!r}", decide)
 
     def delete_volume(self, name: str) -> None:
         """Delete a volume and free its name; Locked while someone holds its lock."""
-        for _ in range(MAX_ATTEMPTS):
-            state = self.state()
+
+        def decide(state: ClusterState) -> Decision[None]:
             vol = self._volume(state, name)
             if self.backend.leases.get(f"{LOCK_PREFIX}{vol.id}") is not None:
                 raise Locked(f"volume {name!r} is locked (in use)")
             vs, ns = volume_stream(vol.id), name_stream(name)
-            try:
-                self._append(
-                    self._event(vs, state.stream_version(vs) + 1, VolumeDeleted(vol.id, name)),
-                    self._event(ns, state.stream_version(ns) + 1, VolumeNameReleased(name, vol.id)),
-                )
-            except CompareFailed:
-                continue
-            return
-        raise Again(f"could not delete volume {name!r}: too much contention")
+            return [
+                self._event(vs, state.stream_version(vs) + 1, VolumeDeleted(vol.id, name)),
+                self._event(ns, state.stream_version(ns) + 1, VolumeNameReleased(name, vol.id)),
+            ], None
+
+        self._run(f"delete volume {name!r}", decide)
 
     def allocate_inode_index(self, volume_id: int) -> int:
         """Reserve and return the volume's next INode index (2, 3, ...; 1 is the virtual INode).
@@ -497,19 +532,16 @@ class MetadataService:
             index, version = reserved
             if self.backend.log.stream_version(volume_stream(volume_id)) == version:
                 return index
-        for _ in range(MAX_ATTEMPTS):
-            state = self.state()
+
+        def decide(state: ClusterState) -> Decision[int]:
             vol = self._volume_id(state, volume_id)
             stream = volume_stream(vol.id)
             index = vol.last_inode_index + 1
-            try:
-                self._append(
-                    self._event(stream, state.stream_version(stream) + 1, INodeIndexAllocated(vol.id, index))
-                )
-            except CompareFailed:
-                continue
-            return index
-        raise Again(f"could not allocate an INode index for volume {volume_id}: too much contention")
+            return [
+                self._event(stream, state.stream_version(stream) + 1, INodeIndexAllocated(vol.id, index))
+            ], index
+
+        return self._run(f"allocate an INode index for volume {volume_id}", decide)
 
     def current_inode(self, volume_id: int) -> INodeRef:
         """The volume's current INodeRef (``(id, 1)`` until the first commit)."""
@@ -577,26 +609,23 @@ class MetadataService:
         else:
             now_held = self.lock_holder(name)
             raise Locked(now_held.describe(name) if now_held else f"volume {name!r} is locked (contended)")
+        stream = volume_stream(vol.id)
+
+        def decide(state: ClusterState) -> Decision[tuple[int, int]]:
+            current = state.volumes.get(vol.id)
+            if current is None:
+                raise NotExist(f"volume {name!r} was deleted")
+            version = state.stream_version(stream) + 1
+            epoch = current.lock_epoch + 1
+            event = self._event(stream, version, VolumeLockAcquired(vol.id, owner, epoch, lease.id))
+            return [event], (version, epoch)
+
         try:
-            for _ in range(MAX_ATTEMPTS):
-                state = self.state()
-                current = state.volumes.get(vol.id)
-                if current is None:
-                    raise NotExist(f"volume {name!r} was deleted")
-                stream = volume_stream(vol.id)
-                version = state.stream_version(stream) + 1
-                epoch = current.lock_epoch + 1
-                try:
-                    self._append(
-                        self._event(stream, version, VolumeLockAcquired(vol.id, owner, epoch, lease.id))
-                    )
-                except CompareFailed:
-                    continue
-                lock = VolumeLock(vol.id, name, owner, epoch, lease, token, version)
-                with self._mutex:
-                    self._held[stream] = lock
-                return lock
-            raise Again(f"could not lock volume {name!r}: too much contention")
+            version, epoch = self._run(f"lock volume {name!r}", decide)
+            lock = VolumeLock(vol.id, name, owner, epoch, lease, token, version)
+            with self._mutex:
+                self._held[stream] = lock
+            return lock
         except BaseException:
             self.backend.leases.delete(key, expected=value)
             raise
@@ -621,6 +650,10 @@ class MetadataService:
         past harmless ones). With ``reserve_next`` the same atomic append also allocates the
         volume's next INode index for the holder's next write session (see
         :meth:`allocate_inode_index`).
+
+        This is not :meth:`_run`: it decides from the lock's ``seen_version`` rather than the
+        projection, and a lost race is resolved by reading the newer events (no backoff needed:
+        either they fence us, or we append after them at once).
         """
         stream = volume_stream(lock.volume_id)
         for _ in range(MAX_ATTEMPTS):
@@ -694,48 +727,34 @@ class MetadataService:
     def save_snapshot(self, volume: str, name: str) -> SnapshotInfo:
         """Record the volume's last committed INode as snapshot ``name`` (works while locked)."""
         _check_name("snapshot name", name)
-        for _ in range(MAX_ATTEMPTS):
-            state = self.state()
+
+        def decide(state: ClusterState) -> Decision[SnapshotInfo]:
             vol = self._volume(state, volume)
             if name in vol.snapshots:
                 raise AlreadyExists(f"snapshot {volume}@{name} already exists")
             info = SnapshotInfo(name, vol.inode, time.time())
             stream = volume_stream(vol.id)
-            try:
-                self._append(
-                    self._event(
-                        stream,
-                        state.stream_version(stream) + 1,
-                        SnapshotSaved(vol.id, name, info.inode_ref, info.time),
-                    )
-                )
-            except CompareFailed:
-                continue
-            return info
-        raise Again(f"could not save snapshot {volume}@{name}: too much contention")
+            saved = SnapshotSaved(vol.id, name, info.inode_ref, info.time)
+            return [self._event(stream, state.stream_version(stream) + 1, saved)], info
+
+        return self._run(f"save snapshot {volume}@{name}", decide)
 
     def request_snapshot(self, volume: str, name: str) -> None:
         """Ask the volume's writer to fold in what it has acknowledged and save snapshot
         ``name`` (see :func:`torus_core.block.snapshots.create_snapshot`)."""
         _check_name("snapshot name", name)
-        for _ in range(MAX_ATTEMPTS):
-            state = self.state()
+
+        def decide(state: ClusterState) -> Decision[None]:
             vol = self._volume(state, volume)
             if name in vol.snapshots:
                 raise AlreadyExists(f"snapshot {volume}@{name} already exists")
             if name in vol.snapshot_requests:
-                return
+                return [], None
             stream = volume_stream(vol.id)
-            try:
-                self._append(
-                    self._event(
-                        stream, state.stream_version(stream) + 1, SnapshotRequested(vol.id, name, time.time())
-                    )
-                )
-            except CompareFailed:
-                continue
-            return
-        raise Again(f"could not request snapshot {volume}@{name}: too much contention")
+            requested = SnapshotRequested(vol.id, name, time.time())
+            return [self._event(stream, state.stream_version(stream) + 1, requested)], None
+
+        self._run(f"request snapshot {volume}@{name}", decide)
 
     def snapshot_requests(self, volume_id: int) -> tuple[str, ...]:
         """Snapshot names asked of volume ``volume_id``'s writer and not saved yet."""
@@ -764,25 +783,22 @@ class MetadataService:
 
     def delete_snapshot(self, volume: str, name: str) -> None:
         """Remove a snapshot record; NotExist if missing."""
-        for _ in range(MAX_ATTEMPTS):
-            state = self.state()
+
+        def decide(state: ClusterState) -> Decision[None]:
             vol = self._volume(state, volume)
             if name not in vol.snapshots:
                 raise NotExist(f"snapshot {volume}@{name} does not exist")
             stream = volume_stream(vol.id)
-            try:
-                self._append(
-                    self._event(stream, state.stream_version(stream) + 1, SnapshotDeleted(vol.id, name))
-                )
-            except CompareFailed:
-                continue
-            return
-        raise Again(f"could not delete snapshot {volume}@{name}: too much contention")
+            return [
+                self._event(stream, state.stream_version(stream) + 1, SnapshotDeleted(vol.id, name))
+            ], None
+
+        self._run(f"delete snapshot {volume}@{name}", decide)
 
     def restore_snapshot(self, volume: str, name: str) -> INodeRef:
         """Point the volume back at a snapshot's INode; Locked while the volume is locked."""
-        for _ in range(MAX_ATTEMPTS):
-            state = self.state()
+
+        def decide(state: ClusterState) -> Decision[INodeRef]:
             vol = self._volume(state, volume)
             if self.backend.leases.get(f"{LOCK_PREFIX}{vol.id}") is not None:
                 raise Locked(f"volume {volume!r} is locked (in use); unmount it first")
@@ -790,18 +806,10 @@ class MetadataService:
             if snap is None:
                 raise NotExist(f"snapshot {volume}@{name} does not exist")
             stream = volume_stream(vol.id)
-            try:
-                self._append(
-                    self._event(
-                        stream,
-                        state.stream_version(stream) + 1,
-                        SnapshotRestored(vol.id, name, snap.inode_ref),
-                    )
-                )
-            except CompareFailed:
-                continue
-            return snap.inode_ref
-        raise Again(f"could not restore snapshot {volume}@{name}: too much contention")
+            restored = SnapshotRestored(vol.id, name, snap.inode_ref)
+            return [self._event(stream, state.stream_version(stream) + 1, restored)], snap.inode_ref
+
+        return self._run(f"restore snapshot {volume}@{name}", decide)
 
     # --- peers (lease store, not events) ------------------------------------------------------
 
@@ -846,6 +854,11 @@ class MetadataService:
     def follow(self, after: int, timeout: float) -> list[RecordedEvent]:
         """Wait up to ``timeout`` seconds for events after position ``after``; [] on timeout."""
         return [self.registry.recorded(s) for s in self.backend.log.wait_for_events(after, timeout)]
+
+
+def _backoff(attempt: int) -> None:
+    """Sleep a jittered, exponentially growing time before retry ``attempt + 1``."""
+    time.sleep(random.uniform(0.0, min(RETRY_CAP, RETRY_BASE * (1 << min(attempt, 16)))))
 
 
 def _json_default(value: Any) -> Any:

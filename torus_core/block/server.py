@@ -101,7 +101,8 @@ class Server:
         self.journal_store = journal_store
         self.journal = journal
         self.store = store
-        self.backend = backend if backend is not None else md.backend
+        #: the metadata backend this server opened and closes (None: the caller owns it)
+        self.backend = backend
         self.registries = registries
         #: the data directory's identity claim (released at close); with it, the volume locks of
         #: this peer's dead earlier incarnations are taken over at once
@@ -231,7 +232,7 @@ class Server:
         if self.http is not None:
             raise InvalidArgument("the HTTP server is already running")
         probe = BackgroundProbe(
-            "metadata backend", self.backend.log.head_position, interval=probe_interval, timeout=probe_timeout
+            "metadata backend", self.md.head_position, interval=probe_interval, timeout=probe_timeout
         )
         checks: list[HealthCheck] = [probe.status, *self._health_checks]
         health = HealthCollector(lambda: http.health()[0], lambda: probe.healthy)
@@ -276,7 +277,8 @@ class Server:
         if self.journal_store is not None:
             self._quietly("journal store", self.journal_store.close)
         self._quietly("block store", self.store.close)
-        self._quietly("metadata backend", self.backend.close)
+        if self.backend is not None:
+            self._quietly("metadata backend", self.backend.close)
         if self.claim is not None:
             self.claim.release()
 

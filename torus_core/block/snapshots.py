@@ -164,7 +164,7 @@ def clone(
     try:
         if not src_inode.blocks:
             return created  # the snapshot is an empty volume: the new one starts empty too
-        lease = md.backend.leases.grant(float(lease_ttl))
+        lease = md.leases.grant(float(lease_ttl))
         try:
             lock = md.lock_volume(new_name, owner or default_owner(), lease)
             try:
@@ -179,7 +179,7 @@ def clone(
                 md.unlock(lock)
         finally:
             with contextlib.suppress(TorusError):
-                md.backend.leases.revoke(lease)
+                md.leases.revoke(lease)
     except BaseException:
         with contextlib.suppress(TorusError, NotExist):
             md.delete_volume(new_name)

@@ -155,7 +155,7 @@ class BlockVolume:
         gm = md.global_metadata()
         check_store(store, gm)
         md.get_volume(name)  # NotExist before granting anything
-        leases = md.backend.leases
+        leases = md.leases
         lease = leases.grant(float(lease_ttl))
         lock: VolumeLock | None = None
         try:
@@ -441,7 +441,7 @@ class BlockVolume:
                 log.warning("unlocking volume %r: %s", self.name, exc)
         if self.lease is not None:
             try:
-                self.md.backend.leases.revoke(self.lease)
+                self.md.leases.revoke(self.lease)
             except TorusError as exc:
                 log.warning("revoking the lease of volume %r: %s", self.name, exc)
 

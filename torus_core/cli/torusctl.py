@@ -131,7 +131,7 @@ def events_cmd(follow: bool, stream: str | None, after: int, as_json: bool) -> N
     md = metadata_service()
     # Follow by global position; with --stream, remember the last version shown so an event
     # appended while the history was being listed is printed exactly once.
-    position = md.backend.log.head_position() if (follow and stream is not None) else after
+    position = md.head_position() if (follow and stream is not None) else after
     shown_version = after
     for rec in md.events(after=after, stream=stream):
         _print_event(rec, as_json)

@@ -68,13 +68,13 @@ class Heartbeat:
         """The current lease (kept alive) or a new one; the flag says whether it is new."""
         if self.lease is not None:
             try:
-                self.md.backend.leases.keepalive(self.lease)
+                self.md.leases.keepalive(self.lease)
                 PEER_LEASE_RENEWALS.inc()
                 return self.lease, False
             except LeaseNotFound:
                 PEER_LEASE_LOSSES.inc()
                 log.warning("heartbeat lease %s expired; granting a new one", self.lease.id)
-        self.lease = self.md.backend.leases.grant(self.ttl)
+        self.lease = self.md.leases.grant(self.ttl)
         self.leases_granted += 1
         return self.lease, True
 
@@ -129,5 +129,5 @@ class Heartbeat:
             self._thread = None
         if unregister and self.lease is not None:
             with contextlib.suppress(TorusError):
-                self.md.backend.leases.revoke(self.lease)
+                self.md.leases.revoke(self.lease)
             self.lease = None

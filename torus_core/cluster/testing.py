@@ -61,7 +61,7 @@ def commit_blocks(
     Returns the INodeRef and the data refs written.
     """
     vol = md.get_volume(volume)
-    lease = md.backend.leases.grant(30.0)
+    lease = md.leases.grant(30.0)
     lock = md.lock_volume(volume, "test-writer", lease)
     try:
         index = md.allocate_inode_index(vol.id)
@@ -78,7 +78,7 @@ def commit_blocks(
             store.flush()  # the blocks are in the stores (a distributor may queue writes)
         md.unlock(lock)
     finally:
-        md.backend.leases.revoke(lease)
+        md.leases.revoke(lease)
     return iref, refs
 
 
