@@ -5,7 +5,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import pytest
@@ -331,7 +331,7 @@ def test_a_hung_replica_is_given_up_after_the_deadline_and_the_next_peer_takes_t
     hung = cluster.journals[perm[0]]
     real_append = hung.append
 
-    def stuck(volume_id: int, epoch: int, payloads: list[bytes]) -> None:
+    def stuck(volume_id: int, epoch: int, payloads: Sequence[bytes]) -> None:
         release.wait(10)
         real_append(volume_id, epoch, payloads)
 
