@@ -751,3 +751,19 @@ def test_store_failures_are_ata_aborts_and_a_failed_flush_sets_device_fault():
     assert (r.status, r.error, r.aoe_error) == (ST_DRDY | ST_ERR, ER_ABRT, None)
     r = ata.execute(wire.AtaArg(command=0xEA), 2)
     assert (r.status, r.error) == (ST_DRDY | 0x20 | ST_ERR, ER_ABRT)
+
+
+def test_kernel_filter_keeps_other_targets_frames_and_replies_out_of_the_process(veth):
+    t_if, i_if = veth
+    target = AoETarget(MemDevice(MiB), t_if, MAJOR, MINOR, flush_interval=0)
+    with Initiator(i_if, MAJOR, MINOR) as ini, target:
+        assert target.kernel_filter
+        ini.discover()
+        before = (target.stats.requests, target.stats.dropped)
+        ident = ini.ata_arg(ATA_IDENTIFY, 0, 1)
+        for major, minor, flags in ((MAJOR, MINOR + 1, 0), (MAJOR + 1, MINOR, 0), (MAJOR, MINOR, 0x8)):
+            ini.send_raw(ini.build(0, ident, tag=ini.next_tag(), major=major, minor=minor, flags=flags))
+        assert len(ini.identify()) == 512
+        assert (target.stats.requests, target.stats.dropped) == (before[0] + 1, before[1])
+        r = ini.request(0, ident, major=0xFFFF, minor=0xFF)  # broadcast address passes the filter
+        assert not r.is_error and r.major == MAJOR and r.minor == MINOR

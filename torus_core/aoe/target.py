@@ -34,6 +34,7 @@ reserve the target. Serve only on a trusted segment (docs/aoe.md).
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import logging
 import socket
 import struct
@@ -66,6 +67,7 @@ DEFAULT_FLUSH_INTERVAL = 5.0
 MAX_MASKS = 32
 MAX_RESERVE = 64
 #: packet types (``sockaddr_ll.sll_pkttype``) that are not addressed to this host
+_SO_ATTACH_FILTER = 26
 _PACKET_OTHERHOST = 3
 _PACKET_OUTGOING = 4
 _FAST_HEADER = struct.Struct(">6s6sHBBHBB4sBBBB6s2x")  # Ethernet + AoE + ATA argument: 36 bytes
@@ -82,6 +84,37 @@ def interface_mtu(iface: str) -> int:
             return int(f.read().strip())
     except (OSError, ValueError):
         return 1500
+
+
+def bpf_program(major: int, minor: int) -> list[tuple[int, int, int, int]]:
+    """Classic BPF: accept requests (R flag clear) for ``major``/``minor`` or the broadcast values."""
+    ld_b, ld_h, jeq, jset, ret = 0x30, 0x28, 0x15, 0x45, 0x06
+    return [
+        (ld_b, 0, 0, wire.ETH_HEADER),  # 0: version/flags byte
+        (jset, 7, 0, wire.FLAG_RESPONSE),  # 1: a reply -> drop
+        (ld_h, 0, 0, wire.ETH_HEADER + 2),  # 2: major
+        (jeq, 1, 0, major),  # 3: ours -> 5
+        (jeq, 0, 4, wire.BROADCAST_MAJOR),  # 4: broadcast -> 5, else drop
+        (ld_b, 0, 0, wire.ETH_HEADER + 4),  # 5: minor
+        (jeq, 1, 0, minor),  # 6: ours -> accept
+        (jeq, 0, 1, wire.BROADCAST_MINOR),  # 7: broadcast -> accept, else drop
+        (ret, 0, 0, 0xFFFF_FFFF),  # 8: accept the whole frame
+        (ret, 0, 0, 0),  # 9: drop
+    ]
+
+
+def attach_filter(sock: socket.socket, major: int, minor: int) -> bool:
+    """Let the kernel drop frames for other targets and replies; False if it cannot (then the
+    same checks run in user space anyway)."""
+    prog = bpf_program(major, minor)
+    buf = ctypes.create_string_buffer(b"".join(struct.pack("HBBI", *ins) for ins in prog))
+    fprog = struct.pack("HL", len(prog), ctypes.addressof(buf))
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, _SO_ATTACH_FILTER, fprog)
+    except OSError as exc:
+        log.debug("no kernel filter for AoE %d.%d: %s", major, minor, exc)
+        return False
+    return True
 
 
 def check_address(major: int, minor: int) -> None:
@@ -159,6 +192,8 @@ class AoETarget:
         self.stats = TargetStats()
         self._address = major.to_bytes(2, "big") + bytes((minor, wire.CMD_ATA))
         self._sock: socket.socket | None = None
+        #: whether the kernel drops frames for other targets (a BPF filter on the socket)
+        self.kernel_filter = False
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
 
@@ -428,6 +463,7 @@ class AoETarget:
         with contextlib.suppress(OSError):
             want = max(self.buffer_count, 64) * (self.mtu + wire.ETH_HEADER) * 2
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, want)
+        self.kernel_filter = attach_filter(sock, self.major, self.minor)
         if self.mac is None:
             self.mac = bytes(sock.getsockname()[4])[:6]
         sock.settimeout(0.2)
