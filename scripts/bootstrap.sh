@@ -13,13 +13,15 @@ if [ ${#missing[@]} -gt 0 ]; then
 fi
 PY=${PYTHON:-python3}
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
-# Reinstall only when a pyproject changed since the last successful bootstrap.
+# Dev tools, pinned so every machine and CI lint and type-check alike (bump here, in one commit).
+DEV_TOOLS=(ruff==0.17.6 mypy==2.4.1 pytest-timeout==2.4.0 import-linter==2.16)
+# Reinstall only when a pyproject or this script changed since the last successful bootstrap.
 STAMP=.venv/.torus-bootstrap
-if [ ! -f "$STAMP" ] || [ -n "$(find pyproject.toml plugins/*/pyproject.toml -newer "$STAMP" 2>/dev/null)" ]; then
+if [ ! -f "$STAMP" ] || [ -n "$(find pyproject.toml plugins/*/pyproject.toml scripts/bootstrap.sh -newer "$STAMP" 2>/dev/null)" ]; then
   .venv/bin/pip install -q -U pip "setuptools>=77" wheel build
   .venv/bin/pip install -q -e ".[testing]" \
     -e plugins/torus_sqlite -e plugins/torus_blockstore_file -e plugins/torus_blockstore_mem \
     -e plugins/torus_etcd -e plugins/torus_redis
-  .venv/bin/pip install -q ruff mypy pytest-timeout
+  .venv/bin/pip install -q "${DEV_TOOLS[@]}"
   touch "$STAMP"
 fi
