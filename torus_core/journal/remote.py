@@ -211,10 +211,9 @@ class RemoteJournalReplicas:
         self._max_workers = max_workers
         self._executor: ThreadPoolExecutor | None = None
         self._helpers: list[_Helper] = []  # idle append helpers (list ops are atomic)
-        self._closed = False
-        #: which replica an append writes in the calling thread when this peer is one of them:
-        #: a peer's (blocking) RPC, the local fdatasync on a helper thread (False, measured
-        #: faster: bench/journal.py), or its own store (True)
+        #: when this peer is one of the replicas: False (default, measured faster by
+        #: bench/journal.py) runs one RPC in the calling thread and the local append on a helper
+        #: thread; True swaps them
         self.local_inline = False
         #: place the journals this peer writes on itself plus the next R-1 peers of the
         #: permutation (one RPC fewer per append for a writer that is not among the first R)
@@ -237,7 +236,7 @@ class RemoteJournalReplicas:
 
     def replicas(self, volume_id: int) -> list[str]:
         """The peers that hold the volume's journal when all are up (the first R of its
-        permutation)."""
+        permutation; with ``prefer_local``, this peer and the first R-1 others)."""
         pl = self._placement(volume_id)
         return list(pl.peers[: pl.replication])
 
@@ -562,10 +561,10 @@ class RemoteJournalReplicas:
             log.debug("journal trim of volume %d on %s skipped: %s", volume_id, uuid, exc)
 
     def close(self) -> None:
-        """Stop the helper threads of fence/read/trim (the pool and store are the caller's)."""
+        """Stop the helper threads (the pool and the store are the caller's). A later call
+        starts new ones."""
         with self._lock:
             executor, self._executor = self._executor, None
-            self._closed = True
         if executor is not None:
             executor.shutdown(wait=False, cancel_futures=True)
         while self._helpers:
