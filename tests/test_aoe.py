@@ -574,6 +574,7 @@ def test_bad_aoe_arguments_are_refused_with_a_clear_message(aoe_possible, tmp_pa
     cases = [
         ([str(BIN / "torusd"), "--aoe", "eth0-1.2-disk"], "IFACE:MAJOR.MINOR=VOLUME"),
         ([str(BIN / "torusd"), "--aoe", "eth0:65535.1=disk"], "major"),
+        ([str(BIN / "torusd"), "--aoe", "lo:1.2=disk", "--aoe", "lo:1.2=other"], "given twice"),
         ([str(BIN / "torusblk"), "aoe", "disk", "lo", "1", "255"], "minor"),
         ([str(BIN / "torusblk"), "aoe", "disk", "nosuchif0", "1", "2"], "cannot bind AoE to interface"),
         ([str(BIN / "torusblk"), "aoe", "--mask", "zz", "disk", "lo", "1", "2"], "bad MAC"),

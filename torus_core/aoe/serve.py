@@ -135,6 +135,12 @@ def serving_line(target: AoETarget, volume: str) -> str:
 def serve_aoe_specs(server: Server, specs: tuple[str, ...] | list[str]) -> list[str]:
     """``torusd --aoe``: parse every spec first, then serve each; returns their serving lines."""
     parsed = [parse_aoe_spec(s) for s in specs]
+    seen = set()
+    for spec in parsed:
+        key = (spec.iface, spec.major, spec.minor)
+        if key in seen:
+            raise UsageError(f"--aoe: e{spec.major}.{spec.minor} is given twice on {spec.iface}")
+        seen.add(key)
     lines = []
     for spec in parsed:
         target = serve_aoe(server, spec.volume, spec.iface, spec.major, spec.minor)
