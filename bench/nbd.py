@@ -36,7 +36,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from torus_core.cluster.procs import peak_rss_kib
+from torus_core.testing.procs import peak_rss_kib
 
 ROOT = Path(__file__).resolve().parent.parent
 PY = sys.executable

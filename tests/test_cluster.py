@@ -20,12 +20,12 @@ from torus_core.cluster import (
     load_or_create_uuid,
     parse_peers,
 )
-from torus_core.cluster.testing import InProcessCluster, open_mem_store, wait_until
 from torus_core.distributor import PeerDirectory
 from torus_core.errors import ConfigError, InvalidArgument
 from torus_core.metadata import MetadataService
 from torus_core.ring.base import RingSpec
 from torus_core.ring.codec import ring_from_spec
+from torus_core.testing.cluster import InProcessCluster, open_mem_store, wait_until
 
 
 @pytest.fixture

@@ -11,8 +11,8 @@ from torus_sqlite.backend import SQLiteBackend
 
 from torus_core.cli.torusctl import cli
 from torus_core.cluster import ClusterOptions, RebalanceOptions
-from torus_core.cluster.testing import InProcessCluster, wait_until
 from torus_core.ring.codec import ring_from_spec
+from torus_core.testing.cluster import InProcessCluster, wait_until
 
 Invoke = Callable[..., Result]
 

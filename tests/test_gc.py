@@ -11,12 +11,12 @@ import pytest
 from torus_sqlite.backend import SQLiteBackend
 
 from torus_core.cluster import ClusterNode, GarbageCollector, LiveSet
-from torus_core.cluster.testing import InProcessCluster, commit_blocks
 from torus_core.errors import InvalidArgument, MetadataUnavailable
 from torus_core.inode import INode, INodeStore
 from torus_core.metadata import MetadataService
 from torus_core.projection import ClusterState
 from torus_core.refs import BlockRef, BlockType, INodeRef
+from torus_core.testing.cluster import InProcessCluster, commit_blocks
 
 BS = 4096
 
@@ -206,7 +206,7 @@ def test_gc_rejects_negative_grace(cluster: InProcessCluster, node: ClusterNode)
 
 
 def test_background_gc_on_a_storage_node_reclaims_a_deleted_volume(cluster: InProcessCluster) -> None:
-    from torus_core.cluster.testing import wait_until
+    from torus_core.testing.cluster import wait_until
 
     node = cluster.add_node("b")  # GC on, grace 0 in the test options
     md = cluster.md

@@ -277,7 +277,7 @@ def test_cluster_nodes_serve_their_journal_stores_and_append_through_the_ring(tm
     from torus_sqlite.backend import SQLiteBackend
 
     from torus_core.cluster import ClusterNode
-    from torus_core.cluster.testing import InProcessCluster, open_mem_store, wait_until
+    from torus_core.testing.cluster import InProcessCluster, open_mem_store, wait_until
 
     url = f"sqlite:///{tmp_path}/meta.db?poll_interval=0.02"
     journals = {u: JournalStore(tmp_path / u / "journal") for u in PEERS}

@@ -23,9 +23,9 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from torus_core.cli.serving import metrics_address
-from torus_core.cluster.procs import TorusdProcess, child_env, torusctl, wait_for
 from torus_core.errors import InvalidArgument, UsageError
 from torus_core.http import BackgroundProbe
+from torus_core.testing.procs import TorusdProcess, child_env, torusctl, wait_for
 from torus_core.testing.services import free_port, start_etcd
 
 pytestmark = pytest.mark.nbd_clients

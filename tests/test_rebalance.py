@@ -23,7 +23,6 @@ from torus_core.cluster import (
 )
 from torus_core.cluster.gc import LiveSet
 from torus_core.cluster.membership import Membership
-from torus_core.cluster.testing import InProcessCluster, commit_blocks, open_mem_store, wait_until
 from torus_core.distributor import PeerDirectory
 from torus_core.errors import InvalidArgument
 from torus_core.refs import BlockRef
@@ -31,6 +30,7 @@ from torus_core.ring.base import RingMember
 from torus_core.ring.builtin import builtin_ring_types
 from torus_core.ring.codec import make_ring, ring_from_spec
 from torus_core.rpc import PeerClientPool, PeerServer
+from torus_core.testing.cluster import InProcessCluster, commit_blocks, open_mem_store, wait_until
 
 RING_TYPES = builtin_ring_types()
 

@@ -11,7 +11,7 @@ blockset layers. Its binary encoding is the Go original's protobuf ``models.INod
       repeated BlockLayer blocks = 8;   // BlockLayer { uint32 type = 1; bytes content = 2; }
     }
 
-encoded by a small hand-rolled proto3 codec (:mod:`torus_core.ring.wire`; zero scalars omitted,
+encoded by a small hand-rolled proto3 codec (:mod:`torus_core.protowire`; zero scalars omitted,
 map entries in key order), so INodes written by either implementation decode in the other.
 
 The :class:`INodeStore` keeps an encoded INode as full-size blocks of the block store under
@@ -27,10 +27,10 @@ from __future__ import annotations
 import struct
 from dataclasses import dataclass, field
 
+from torus_core import protowire as wire
 from torus_core.blockstore import BlockStore
 from torus_core.errors import BlockNotExist, CorruptBlock, InvalidArgument
 from torus_core.refs import BlockRef, BlockType, INodeRef
-from torus_core.ring import wire
 
 #: The INode number every new volume starts at; never stored.
 VIRTUAL_INODE = 1

@@ -17,10 +17,10 @@ import pytest
 
 from torus_core.block.volume import BlockVolume
 from torus_core.cluster import ClusterNode, ClusterOptions, parse_peers
-from torus_core.cluster.procs import TorusdProcess, torusctl, wait_for
 from torus_core.errors import Locked
 from torus_core.metadata import MetadataService
 from torus_core.plugins import make_plugin_manager
+from torus_core.testing.procs import TorusdProcess, torusctl, wait_for
 from torus_core.testing.services import EtcdServer, start_etcd
 
 pytestmark = pytest.mark.timeout(300)

@@ -23,13 +23,13 @@ from pathlib import Path
 import pytest
 
 from torus_core.cluster import ClusterNode, ClusterOptions, GarbageCollector, parse_peers
-from torus_core.cluster.procs import TorusdProcess, torusctl, wait_for
 from torus_core.inode import INodeStore
 from torus_core.metadata import MetadataService
 from torus_core.plugins import make_plugin_manager
 from torus_core.refs import BlockRef, BlockType
 from torus_core.ring.codec import ring_from_spec
 from torus_core.rpc.client import PeerClientPool
+from torus_core.testing.procs import TorusdProcess, torusctl, wait_for
 from torus_core.testing.services import EtcdServer, start_etcd
 
 pytestmark = pytest.mark.timeout(240)

@@ -20,7 +20,6 @@ from pathlib import Path
 import pytest
 
 from torus_core.cluster import parse_peers
-from torus_core.cluster.procs import TorusdProcess, torusctl, wait_for
 from torus_core.distributor.peers import PeerDirectory
 from torus_core.errors import StaleEpoch
 from torus_core.journal.record import Extent, decode_record, encode_record
@@ -31,6 +30,7 @@ from torus_core.plugins import make_plugin_manager
 from torus_core.ring.codec import ring_from_spec
 from torus_core.rpc.client import PeerClientPool
 from torus_core.rpc.options import RPCTimeouts
+from torus_core.testing.procs import TorusdProcess, torusctl, wait_for
 from torus_core.testing.services import start_etcd
 
 pytestmark = pytest.mark.timeout(300)

@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 from torus_core.block.volume import DEFAULT_LEASE_TTL
-from torus_core.cluster.procs import TorusdProcess, torusctl
+from torus_core.testing.procs import TorusdProcess, torusctl
 from torus_core.testing.services import EtcdServer, start_etcd
 
 pytestmark = pytest.mark.timeout(300)

@@ -7,11 +7,12 @@ Public API:
   :func:`create_snapshot`, :func:`list_snapshots`, :func:`delete_snapshot`, :func:`restore_snapshot`
 * :func:`dump`, :func:`load`
 * :class:`VolumeExportProvider`, :class:`VolumeExport` (NBD)
-* :class:`Server` (``torusd`` / ``torusblk nbdserve``)
+
+The daemon (:class:`torus_core.block.server.Server`, ``torusd`` / ``torusblk nbdserve``) is
+not re-exported: it is wiring above this package, imported from its module by the CLIs.
 """
 
 from torus_core.block.nbd_export import VolumeExport, VolumeExportProvider
-from torus_core.block.server import Server
 from torus_core.block.snapshots import (
     clone,
     create_snapshot,
@@ -28,7 +29,6 @@ from torus_core.block.volume import DEFAULT_LEASE_TTL, BlockVolume, resize_volum
 __all__ = [
     "DEFAULT_LEASE_TTL",
     "BlockVolume",
-    "Server",
     "VolumeExport",
     "VolumeExportProvider",
     "clone",

@@ -23,6 +23,7 @@ import os
 import uuid
 from dataclasses import dataclass
 
+from torus_core.datadir import load_or_create_uuid  # the canonical peer UUID file
 from torus_core.errors import ConfigError
 from torus_core.metadata import format_owner
 
@@ -62,8 +63,6 @@ class DataDirClaim:
     @classmethod
     def acquire(cls, data_dir: str) -> DataDirClaim | None:
         """Claim ``data_dir``'s identity, or ``None`` (logged) if another process holds it."""
-        from torus_core.cluster.node import load_or_create_uuid  # the canonical peer UUID file
-
         meta = os.path.join(data_dir, "metadata")
         path = os.path.join(meta, CLAIM_FILE)
         try:

@@ -39,8 +39,8 @@ from torus_core.cli.serving import (
 from torus_core.cluster.cli_options import cluster_options, make_cluster_options
 from torus_core.cluster.daemon import start_cluster_server
 from torus_core.cluster.heartbeat import Heartbeat
-from torus_core.cluster.node import load_or_create_uuid
 from torus_core.cluster.peerinfo import PeerInfo
+from torus_core.datadir import load_or_create_uuid
 from torus_core.errors import NoGlobalMetadata, UsageError
 
 

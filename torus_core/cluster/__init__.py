@@ -9,9 +9,10 @@ Public API: :class:`ClusterNode`, :class:`ClusterOptions`, :class:`PeerInfo`,
 from torus_core.cluster.gc import GarbageCollector, GCResult, GCSkipped, LiveSet
 from torus_core.cluster.heartbeat import Heartbeat
 from torus_core.cluster.membership import Membership, RingWatcher
-from torus_core.cluster.node import ClusterNode, ClusterOptions, load_or_create_uuid
+from torus_core.cluster.node import ClusterNode, ClusterOptions
 from torus_core.cluster.peerinfo import MIN_PROTOCOL_VERSION, PeerInfo, RebalanceInfo, parse_peers
 from torus_core.cluster.rebalancer import PassResult, RateLimiter, RebalanceOptions, Rebalancer
+from torus_core.datadir import load_or_create_uuid
 
 __all__ = [
     "MIN_PROTOCOL_VERSION",

@@ -22,11 +22,9 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
 import random
 import threading
 import time
-import uuid as uuidlib
 from dataclasses import dataclass, field, replace
 
 from torus_core.blockstore import BlockStore
@@ -36,6 +34,9 @@ from torus_core.cluster.membership import Membership, RingWatcher
 from torus_core.cluster.memory import HeapTrimmer
 from torus_core.cluster.peerinfo import MIN_PROTOCOL_VERSION, PeerInfo
 from torus_core.cluster.rebalancer import RebalanceOptions, Rebalancer
+
+# Moved below block/ and cluster/ (torus_core.datadir); re-exported for existing importers.
+from torus_core.datadir import load_or_create_uuid as load_or_create_uuid
 from torus_core.distributor.distributor import DEFAULT_READ_CACHE_BYTES, Distributor, DistributorTimeouts
 from torus_core.distributor.peers import PeerDirectory
 from torus_core.errors import (
@@ -102,29 +103,6 @@ class ClusterOptions:
     def __post_init__(self) -> None:
         if not isinstance(self.maintenance_interval, int | float) or self.maintenance_interval < 0:
             raise InvalidArgument(f"maintenance interval must be >= 0, got {self.maintenance_interval!r}")
-
-
-def load_or_create_uuid(data_dir: str) -> str:
-    """This peer's UUID from ``<data_dir>/metadata/uuid``, created on first start."""
-    path = os.path.join(data_dir, "metadata", "uuid")
-    try:
-        with open(path, encoding="ascii") as fh:
-            value = fh.read().strip()
-        if value:
-            return value
-    except FileNotFoundError:
-        pass
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"cannot read peer uuid file {path}: {exc}") from exc
-    value = str(uuidlib.uuid4())
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    tmp = f"{path}.tmp"
-    with open(tmp, "w", encoding="ascii") as fh:
-        fh.write(value + "\n")
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-    return value
 
 
 class ClusterNode:
@@ -248,7 +226,7 @@ class ClusterNode:
                 self.directory,
                 self.pool,
                 rebalance,
-                live_fn=lambda: gc.live,
+                live_fn=gc.refresh_live,
             )
             self.rebalancer.ring_changed(ring.version)
         self.heartbeat = Heartbeat(

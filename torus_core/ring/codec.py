@@ -10,9 +10,9 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 
+from torus_core import protowire as wire
 from torus_core.errors import InvalidArgument, UnknownBackendError
 from torus_core.registry import Registry
-from torus_core.ring import wire
 from torus_core.ring.base import Ring, RingMember, RingSpec
 
 

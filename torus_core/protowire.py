@@ -12,6 +12,24 @@ from collections.abc import Iterator
 
 from torus_core.errors import InvalidArgument
 
+__all__ = [
+    "FIXED32",
+    "FIXED64",
+    "LENGTH_DELIMITED",
+    "VARINT",
+    "bytes_field",
+    "decode_map_entry",
+    "decode_varint",
+    "encode_varint",
+    "expect_bytes",
+    "expect_int",
+    "iter_fields",
+    "key",
+    "map_entry",
+    "string_field",
+    "uint_field",
+]
+
 VARINT = 0
 FIXED64 = 1
 LENGTH_DELIMITED = 2

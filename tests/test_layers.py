@@ -1,0 +1,28 @@
+"""Layer rules that are cheaper to state as tests than as import contracts (see CONTRIBUTING.md)."""
+
+from __future__ import annotations
+
+import importlib
+
+
+def test_block_package_does_not_reexport_the_daemon_server() -> None:
+    block = importlib.import_module("torus_core.block")
+    assert not hasattr(block, "Server")
+    assert "Server" not in block.__all__
+
+
+def test_moved_test_harnesses_are_importable_from_torus_core_testing_and_their_old_paths() -> None:
+    from torus_core.cluster import procs as old_procs
+    from torus_core.cluster import testing as old_testing
+    from torus_core.testing import cluster, procs
+
+    assert old_procs.TorusdProcess is procs.TorusdProcess
+    assert old_testing.InProcessCluster is cluster.InProcessCluster
+
+
+def test_the_protobuf_wire_codec_is_not_part_of_the_ring_package() -> None:
+    from torus_core import inode, protowire
+    from torus_core.ring import codec
+
+    assert inode.wire is protowire
+    assert codec.wire is protowire
