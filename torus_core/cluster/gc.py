@@ -139,6 +139,7 @@ class GarbageCollector:
         self.idle_max = float(idle_max)
         self._idle = 0.0
         self._next_walk = 0.0
+        self._live_at = 0.0  # time.monotonic() when self.live was built or confirmed
 
     def live_set(self) -> LiveSet:
         """Build the live set; raises :class:`GCSkipped` if anything could not be read.
@@ -176,6 +177,22 @@ class GarbageCollector:
                     raise GCSkipped(f"INode {iref} unreadable: {exc}") from exc
         return live
 
+    def refresh_live(self, max_age: float = 5.0) -> LiveSet | None:
+        """The last live set, first rebuilt if it is older than ``max_age`` seconds (cheap
+        while the metadata log has not moved, see :meth:`live_set`); a failed rebuild keeps the
+        old one. What the rebalancer consults during a long pass."""
+        if self.live is not None and time.monotonic() - self._live_at < max_age:
+            return self.live
+        try:
+            self._set_live(self.live_set())
+        except GCSkipped as exc:
+            log.debug("live set not refreshed: %s", exc)
+        return self.live
+
+    def _set_live(self, live: LiveSet) -> None:
+        self.live = live
+        self._live_at = time.monotonic()
+
     def maybe_run_cycle(self) -> GCResult | None:
         """Run a cycle unless the cluster is idle (what the maintenance loop calls).
 
@@ -210,7 +227,7 @@ class GarbageCollector:
             metrics.GC_SKIPPED_CYCLES.inc()
             log.warning("GC cycle skipped, nothing deleted: %s", exc)
             return GCResult(skipped=True, reason=str(exc))
-        self.live = live
+        self._set_live(live)
         now = time.time() if now is None else now
         result = GCResult()
         seen_dead: dict[BlockRef, float] = {}

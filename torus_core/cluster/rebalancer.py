@@ -139,7 +139,9 @@ class Rebalancer:
     :param pool: RPC channels.
     :param options: tuning.
     :param live_fn: returns GC's latest complete live set, or None when none is known (then
-        every block is treated as live).
+        every block is treated as live). Called at the start of a pass and before every batch,
+        so a long pass follows the metadata (the node's function refreshes a live set older
+        than a few seconds, cheaply while the log has not moved).
     """
 
     def __init__(
@@ -274,6 +276,8 @@ class Rebalancer:
                 if self._current_ring().version != ring.version:
                     log.info("ring changed during the rebalance pass; restarting")
                     return result
+                if self.live_fn is not None:
+                    live = self.live_fn() or live
                 self._step(ring, batch, result, limiter, live)
                 elapsed = max(time.monotonic() - t0, 1e-6)
                 moving = {"rebalancing": True} if result.pushed_blocks or result.deleted else {}
