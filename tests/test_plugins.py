@@ -290,3 +290,43 @@ def test_undeclared_metadata_options_and_missing_client_libraries_are_config_err
     regs.metadata._entries["otter"].impl = NeedsLib
     with pytest.raises(ConfigError, match=r"otterclient.*install what it needs: pip install torus-otter"):
         Opener(regs, cfg).open_metadata()
+
+
+def test_the_plugin_template_scaffolds_a_block_store_plugin_that_loads_and_passes_its_suites(
+    fake_site: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import subprocess
+    import sys
+
+    from torus_core.config import load_config
+    from torus_core.opener import Opener
+    from torus_core.refs import BlockRef
+
+    repo = Path(__file__).resolve().parent.parent
+    made = subprocess.run(
+        [sys.executable, str(repo / "plugins/template/new_plugin.py"), "acme", str(fake_site)],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    plugin_dir = Path(made.stdout.strip())
+    assert plugin_dir == fake_site / "torus_blockstore_acme"
+    # What `pip install -e` would add: the package on sys.path and the entry point's dist-info.
+    monkeypatch.syspath_prepend(str(plugin_dir))
+    _fake_distribution(fake_site, "torus-blockstore-acme", {"acme": "torus_blockstore_acme.plugin"}, {})
+
+    pm = make_plugin_manager()
+    regs = pm.collect_registries()
+    assert pm.plugin_info["acme"].registered == {"block_stores": ["acme"]}
+    cfg = load_config(overrides={"block_store": "acme", "data_dir": str(tmp_path / "data")}, environ={})
+    with Opener(regs, cfg).open_block_store(4096) as store:
+        store.write_block(BlockRef(1, 2, 3), b"hello")
+        assert store.get_block(BlockRef(1, 2, 3))[:5] == b"hello"
+
+    tests = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(plugin_dir / "tests")],
+        capture_output=True,
+        text=True,
+        cwd=plugin_dir,
+    )
+    assert tests.returncode == 0, tests.stdout[-3000:] + tests.stderr[-2000:]
