@@ -174,6 +174,8 @@ class File:
         if self._blockset.length < n_blocks:
             self._blockset.truncate(n_blocks)
         self._superseded_sink: list[BlockRef] = []
+        #: journaled files: refs superseded before the last commit, freed after the next one
+        self._held_superseded: list[BlockRef] = []
         if not read_only:
             self._blockset.set_superseded_sink(self._superseded_sink)
         self._committed = inode.ref
@@ -661,8 +663,17 @@ class File:
             return inode.ref
 
     def _after_commit(self, inode: INode) -> None:
-        """Hand the blocks ``inode`` no longer names to ``on_commit`` (errors only logged)."""
-        freed = [*self._superseded_sink, *self._retired_inode_blocks]
+        """Hand the blocks ``inode`` no longer names to ``on_commit`` (errors only logged).
+
+        A journaled file hands superseded data blocks over one commit later: a journal record
+        numbered after this checkpoint's position may still name a block superseded before the
+        commit, and replay after a crash needs it until the next checkpoint covers that record.
+        """
+        if self._journaled:
+            freed = [*self._held_superseded, *self._retired_inode_blocks]
+            self._held_superseded = list(self._superseded_sink)
+        else:
+            freed = [*self._superseded_sink, *self._retired_inode_blocks]
         self._superseded_sink.clear()
         self._retired_inode_blocks = self._committed_inode_blocks
         self._committed_inode_blocks = self._inode_store.block_refs(inode)

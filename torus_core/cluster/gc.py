@@ -59,7 +59,9 @@ class LiveSet:
     refs: set[BlockRef] = field(default_factory=set)
     #: INodes that are current or saved in a snapshot
     inodes: set[INodeRef] = field(default_factory=set)
-    #: volume id -> highest allocated INode index at cycle start
+    #: volume id -> its committed INode number at cycle start: blocks minted under it or a later
+    #: (uncommitted, in-flight) write session are alive -- a crashed writer's journal may name
+    #: them until the next commit folds it in (docs/durability.md)
     highwater: dict[int, int] = field(default_factory=dict)
     #: highest volume id handed out at cycle start
     max_volume_id: int = 0
@@ -162,7 +164,7 @@ class GarbageCollector:
         )
         istore = INodeStore(self.reader)
         for vol in state.volumes.values():
-            live.highwater[vol.id] = vol.last_inode_index
+            live.highwater[vol.id] = vol.inode.inode
             wanted = {vol.inode} | {s.inode_ref for s in vol.snapshots.values()}
             for iref in wanted:
                 if iref.inode == VIRTUAL_INODE:
