@@ -768,3 +768,27 @@ def test_kernel_filter_keeps_other_targets_frames_and_replies_out_of_the_process
         assert (target.stats.requests, target.stats.dropped) == (before[0] + 1, before[1])
         r = ini.request(0, ident, major=0xFFFF, minor=0xFF)  # broadcast address passes the filter
         assert not r.is_error and r.major == MAJOR and r.minor == MINOR
+
+
+def test_torusd_cluster_peer_serves_aoe_from_the_distributor(veth, tmp_path):
+    t_if, i_if = veth
+    data = tmp_path / "data"
+    data.mkdir()
+    ctl(data, "init", "--block-size", "64KiB", "-r", "1")
+    ctl(data, "volume", "create-block", "disk", str(VOLUME_SIZE))
+    cmd = [str(BIN / "torusd"), "--data-dir", str(data), "--size", "64MiB"]
+    cmd += ["--peer-address", "127.0.0.1:0", "--auto-join", "--aoe", f"{t_if}:{MAJOR}.{MINOR}=disk"]
+    payload = os.urandom(MiB)
+    err = tmp_path / "torusd.err"
+    with Initiator(i_if, MAJOR, MINOR) as ini:
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=err.open("wb"), env=env_for(data))
+        try:
+            assert read_line(proc, 90).startswith("PEER LISTENING"), err.read_text()
+            assert read_line(proc, 90).startswith(f"AOE SERVING e{MAJOR}.{MINOR} "), err.read_text()
+            ini.discover()
+            ini.write(MiB, payload)
+            assert ok(ini.flush())
+            assert ini.read(MiB, MiB) == payload
+        finally:
+            assert stop_proc(proc) == 0, err.read_text()
+    assert nbd_read(data, tmp_path, VOLUME_SIZE)[MiB : 2 * MiB] == payload
