@@ -519,7 +519,9 @@ class AoETarget:
             if len(addr) > 2 and addr[2] in (_PACKET_OTHERHOST, _PACKET_OUTGOING):
                 continue
             try:
-                reply = self.handle(view[:n])
+                # a copy: the volume may keep (a view of) written data beyond the call, and
+                # the receive buffer is reused for the next frame
+                reply = self.handle(bytes(view[:n]))
             except Exception:  # a bug must not take the target down; the frame goes unanswered
                 log.exception("AoE %s: failed to handle a frame", self.name)
                 self.stats.dropped += 1
