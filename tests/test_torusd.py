@@ -424,3 +424,31 @@ def test_flush_heavy_random_writes_never_hit_enospc_and_usage_is_reported(data, 
         assert time.monotonic() < deadline, listing
         time.sleep(0.5)
     assert "/96.0 MiB" in usage, usage
+
+
+def test_a_data_dir_reused_after_wipe_and_init_never_replays_the_old_clusters_journal(
+    data, daemons, tmp_path
+):
+    ctl(data, "init", "--block-size", "64KiB")
+    ctl(data, "volume", "create-block", "v", "4MiB")
+    args = ("--size", "64MiB", "--nbd-listen", "127.0.0.1:0")
+    d = Daemon(data, *args)
+    daemons.append(d.start())
+    prog = (
+        f"import nbd\nh = nbd.NBD()\nh.connect_uri({d.uri('v')!r})\n"
+        "h.pwrite(b'old cluster' * 100, 0)\nh.flush()\nprint('flushed', flush=True)\nimport time; time.sleep(30)\n"
+    )
+    client = subprocess.Popen([SYSTEM_PYTHON, "-c", prog], stdout=subprocess.PIPE, text=True)
+    try:
+        assert client.stdout is not None and client.stdout.readline().strip() == "flushed"
+        d.signal(signal.SIGKILL)  # the record stays in the journal, never folded in
+        d.wait()
+    finally:
+        client.kill()
+        client.wait(10)
+    ctl(data, "wipe", "--yes-i-am-sure")
+    ctl(data, "init", "--block-size", "64KiB")
+    ctl(data, "volume", "create-block", "v", "4MiB")  # volume id 1 again
+    again = Daemon(data, *args)
+    daemons.append(again.start())
+    assert read_volume(again.uri("v"), 4 * MiB, tmp_path / "v.img") == bytes(4 * MiB)

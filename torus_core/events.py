@@ -273,6 +273,10 @@ class ClusterFormatted(DomainEvent):
     block_spec: str
     ring_type: str
     replication: int
+    #: random id of this formatting (empty in clusters formatted before it existed): node-local
+    #: state keyed by volume ids, such as journal files, is kept per cluster id so a data dir
+    #: reused after ``torusctl wipe`` + ``init`` never mixes two clusters' volume 1
+    cluster_id: str = ""
 
 
 @dataclass(frozen=True)

@@ -404,7 +404,7 @@ class MetadataService:
         if not isinstance(spec, RingSpec) or spec.version != 1:
             raise InvalidArgument("the initial ring must be a RingSpec with version 1")
         self._validate_ring(spec)
-        formatted = ClusterFormatted(block_size, block_spec, spec.type, spec.replication)
+        formatted = ClusterFormatted(block_size, block_spec, spec.type, spec.replication, uuid.uuid4().hex)
         try:
             self._append(
                 self._event(CLUSTER_STREAM, 1, formatted),

@@ -60,7 +60,7 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 #: Version of the snapshot encoding; a snapshot of another format is ignored (full replay).
-SNAPSHOT_FORMAT = 3  # 2: VolumeState.snapshot_highwater, 3: snapshot_requests
+SNAPSHOT_FORMAT = 4  # 2: snapshot_highwater, 3: snapshot_requests, 4: GlobalMetadata.cluster_id
 
 
 @dataclass(frozen=True)
@@ -71,6 +71,8 @@ class GlobalMetadata:
     block_spec: str
     ring_type: str
     replication: int
+    #: random id of the formatting ("" for clusters formatted before it existed)
+    cluster_id: str = ""
 
 
 @dataclass(frozen=True)
@@ -150,7 +152,7 @@ def apply(state: ClusterState, rec: RecordedEvent) -> ClusterState:
     base = dataclasses.replace(state, position=rec.position, stream_versions=versions)
     e = rec.event
     if isinstance(e, ClusterFormatted):
-        gm = GlobalMetadata(e.block_size, e.block_spec, e.ring_type, e.replication)
+        gm = GlobalMetadata(e.block_size, e.block_spec, e.ring_type, e.replication, e.cluster_id)
         return dataclasses.replace(base, global_metadata=gm)
     if isinstance(e, RingChanged):
         return dataclasses.replace(base, ring=e.spec)

@@ -149,14 +149,11 @@ class Server:
         """
         regs = registries
         opener = Opener(regs, config)
-        opener.metadata_class()  # an unknown scheme fails before any directory is made
+        backend_cls = opener.metadata_class()  # an unknown scheme fails before any directory is made
         store_cls = opener.block_store_class()
         if getattr(store_cls, "persistent", False):
             os.makedirs(config.data_dir, exist_ok=True)
-        if config.metadata.startswith("sqlite:///"):
-            parent = os.path.dirname(config.metadata[len("sqlite:///") :].split("?", 1)[0])
-            if parent:
-                os.makedirs(parent, exist_ok=True)
+        backend_cls.prepare_local(config.metadata)
         backend = opener.open_metadata()
         try:
             md = MetadataService(backend, ring_types=regs.ring_types)
@@ -173,7 +170,10 @@ class Server:
                 # torus_core.block.identity) so a restart takes over its own volume locks.
                 persistent = getattr(store_cls, "persistent", False)
                 claim = DataDirClaim.acquire(config.data_dir) if persistent else None
-                jstore = JournalStore(os.path.join(config.data_dir, "journal")) if persistent else None
+                # journal files are per cluster formatting: a data dir reused after a wipe + init
+                # must not replay the old cluster's records into the new cluster's volume 1
+                jdir = os.path.join(config.data_dir, "journal", gm.cluster_id or "legacy")
+                jstore = JournalStore(jdir) if persistent else None
             except BaseException:
                 store.close()
                 raise
