@@ -139,11 +139,21 @@ class LeaseStore(ABC):
 class MetadataBackend(ABC):
     """One metadata plugin's connection: an :class:`EventLog` and a :class:`LeaseStore`.
 
-    Registered by name (the URL scheme) through ``torus_register_metadata_backends``.
+    Registered by name through ``torus_register_metadata_backends``; the URL schemes that select
+    it are its name unless its plugin declares others (``torus_declare_backends``).
     """
 
-    #: Registered name, also the URL scheme (``sqlite``, ``etcd``, ``redis``).
+    #: Registered name (``sqlite``, ``etcd``, ``redis``).
     name: ClassVar[str]
+
+    @classmethod
+    def prepare_local(cls, url: str) -> None:
+        """Create what ``url`` needs on this machine before a server opens it (default: nothing).
+
+        Called by ``torusd``/``torusblk`` (not by ``torusctl``) so a node's embedded metadata can
+        live in a directory that does not exist yet, e.g. sqlite's database directory.
+        """
+        return None
 
     @classmethod
     @abstractmethod

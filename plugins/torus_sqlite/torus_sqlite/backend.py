@@ -82,6 +82,14 @@ class SQLiteBackend(MetadataBackend):
         self._leases = SQLiteLeaseStore(self._db)
 
     @classmethod
+    def prepare_local(cls, url: str) -> None:
+        """Create the database's directory (a server's default lives in its data dir)."""
+        path, _ = parse_url(url)
+        parent = os.path.dirname(path)
+        if parent:
+            os.makedirs(parent, exist_ok=True)
+
+    @classmethod
     def from_url(cls, url: str, options: Mapping[str, Any] | None = None) -> SQLiteBackend:
         """Open (creating if needed) the database named by ``url``; ``options`` override URL options."""
         path, opts = parse_url(url)
