@@ -17,6 +17,10 @@ one call at a time (QD1), for ``--seconds`` each:
   (two RPCs in parallel, one on a helper thread); ``same, prefer_local`` places the journal on
   the writer plus the next peer instead (``RemoteJournalReplicas(prefer_local=True)``).
 
+``--e2e`` measures the goal itself instead: etcd and three real ``torusd`` peers (file stores,
+R=2, journaling FLUSHes), and ``fio --ioengine=nbd --rw=randwrite --bs=4k --iodepth=1
+--fsync=1`` against a peer that holds one of the volume's journal replicas and one that does not.
+
 Peers: 3 storage peers, ketama ring R=2. ``--peers procs`` (default) runs two of them as
 separate processes (``bench/journal.py --serve``), the third is this process (so the replica
 case has a real local store); ``--peers inproc`` runs all three in this process (they then
@@ -98,16 +102,84 @@ def record(volume: int, seq: int) -> bytes:
     return encode_record(volume, 1, seq, [Extent(seq * PAYLOAD, PAYLOAD, os.urandom(16) * (PAYLOAD // 16))])
 
 
+def e2e(seconds: float) -> None:
+    """``--e2e``: flushed 4 KiB random writes at QD1 through NBD on a real 3-peer cluster."""
+    import json
+    import shutil
+
+    from torus_core.metadata import MetadataService
+    from torus_core.plugins import make_plugin_manager
+    from torus_core.ring.codec import ring_from_spec
+    from torus_core.testing.procs import TorusdProcess, torusctl, wait_for
+    from torus_core.testing.services import start_etcd
+
+    root = Path(tempfile.mkdtemp(prefix="torus-bench-journal-e2e-"))
+    (root / "etcd").mkdir()
+    etcd = start_etcd(root / "etcd")
+    peers: list[TorusdProcess] = []
+    md: MetadataService | None = None
+    try:
+        torusctl(etcd.url, "init", "--replication", "2")
+        for i in range(3):
+            p = TorusdProcess(
+                etcd.url, root / f"peer{i}", size="512MiB", extra=("--heartbeat-interval", "0.5")
+            )
+            peers.append(p.start())
+        md = MetadataService(
+            make_plugin_manager().collect_registries().metadata.get("etcd").from_url(etcd.url)
+        )
+        assert md is not None
+        members = lambda: ring_from_spec(md.ring_types, md.get_ring()).members()  # noqa: E731
+        if not wait_for(lambda: len(members()) == 3, 30.0):
+            raise SystemExit("the peers did not join the ring")
+        torusctl(etcd.url, "volume", "create-block", "vol", "64MiB")
+        vid = md.get_volume("vol").id
+        owners = ring_from_spec(md.ring_types, md.get_ring()).get_peers(journal_ref(vid)).owners
+        by_uuid = {p.uuid: p for p in peers}
+        other = next(p for p in peers if p.uuid not in owners)
+        print(f"3 torusd R=2, fio 4k randwrite --fsync=1 QD1, {seconds:g} s per run")
+        print(f"{'NBD served by':32} {'IOPS':>8} {'write p50 ms':>13} {'flush p50 ms':>13}")
+        for label, p in (("a journal replica", by_uuid[owners[0]]), ("a peer that is not a replica", other)):
+            cmd = [
+                "fio", "--name=journal", "--ioengine=nbd", f"--uri={p.nbd_uri}/vol", "--rw=randwrite",
+                "--bs=4k", "--iodepth=1", "--fsync=1", "--size=64M", "--time_based",
+                f"--runtime={seconds:g}", "--output-format=json",
+            ]  # fmt: skip
+            out = subprocess.run(
+                cmd, capture_output=True, text=True, timeout=seconds + 120, check=True
+            ).stdout
+            job = json.loads(out[out.index("{") :])["jobs"][0]
+            write_p50 = job["write"]["clat_ns"]["percentile"]["50.000000"] / 1e6
+            sync_p50 = (
+                job["sync"]["lat_ns"]["percentile"]["50.000000"] / 1e6 if "sync" in job else float("nan")
+            )
+            print(f"{label:32} {job['write']['iops']:8.0f} {write_p50:13.3f} {sync_p50:13.3f}")
+            # the next client opens the volume on another peer: wait until this one let it go
+            wait_for(lambda: not md.lock_status("vol").locked, 30.0)
+    finally:
+        for p in peers:
+            p.stop()
+        if md is not None:
+            md.backend.close()
+        etcd.stop()
+        shutil.rmtree(root, ignore_errors=True)
+    print(f"load average: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
+
+
 def main() -> None:
     """Run the benchmark and print the table."""
     ap = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     ap.add_argument("--seconds", type=float, default=6.0, help="per case, over all rounds")
     ap.add_argument("--rounds", type=int, default=3, help="cases run interleaved, this many times")
     ap.add_argument("--peers", choices=("procs", "inproc"), default="procs")
+    ap.add_argument("--e2e", action="store_true", help="fio through NBD on 3 real torusd peers instead")
     ap.add_argument("--serve", nargs=2, metavar=("DIR", "UUID"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.serve:
         serve(*args.serve)
+        return
+    if args.e2e:
+        e2e(args.seconds)
         return
 
     uuids = [SELF, "peer-b", "peer-c"]
