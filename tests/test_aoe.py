@@ -792,3 +792,22 @@ def test_torusd_cluster_peer_serves_aoe_from_the_distributor(veth, tmp_path):
         finally:
             assert stop_proc(proc) == 0, err.read_text()
     assert nbd_read(data, tmp_path, VOLUME_SIZE)[MiB : 2 * MiB] == payload
+
+
+def test_random_reads_and_writes_match_a_model_of_the_disk(rig):
+    target, ini = rig
+    rnd = __import__("random").Random(1234)
+    model = bytearray(VOLUME_SIZE)
+    for _ in range(300):
+        count = rnd.randint(1, ini.max_sectors)
+        lba = rnd.choice((rnd.randrange(0, SECTORS - count + 1), rnd.randrange(0, 64)))
+        ext = rnd.random() < 0.7
+        if rnd.random() < 0.5:
+            data = rnd.randbytes(count * 512)
+            r = ini.ata(ATA_WRITE_EXT if ext else ATA_WRITE, lba, count, data, write=True, ext=ext)
+            assert ok(r), (target.kind, lba, count)
+            model[lba * 512 : (lba + count) * 512] = data
+        else:
+            r = ini.ata(ATA_READ_EXT if ext else ATA_READ, lba, count, ext=ext)
+            assert ok(r) and r.ata_data[: count * 512] == model[lba * 512 : (lba + count) * 512]
+    assert ini.read(0, 64 * 512) == model[: 64 * 512]
