@@ -346,3 +346,20 @@ def test_a_hung_replica_is_given_up_after_the_deadline_and_the_next_peer_takes_t
     finally:
         release.set()
         hung.append = real_append  # type: ignore[method-assign]
+
+
+def test_prefer_local_keeps_one_replica_on_the_writer_and_others_still_find_every_record(
+    cluster: JournalCluster,
+) -> None:
+    me = others(cluster)[0]  # not among the volume's first R
+    perm = cluster.ring.get_peers(journal_ref(VOL)).peers
+    r = cluster.replicas(me, prefer_local=True)
+    assert r.replicas(VOL) == [me, next(p for p in perm if p != me)]
+    r.fence(VOL, 1)
+    r.append(VOL, 1, [rec(1), rec(2)])
+    assert cluster.servers[me].stats["JournalAppend"] == 0  # its own replica: no RPC
+    for uuid in PEERS:
+        assert cluster.stored_seqs(uuid, VOL) == ([1, 2] if uuid in r.replicas(VOL) else [])
+    successor = cluster.replicas("client")  # default placement: fence and read ask everyone
+    assert successor.fence(VOL, 2) == 2
+    assert [x.seq for x in select_replay(successor.read(VOL, 0), 0)] == [1, 2]

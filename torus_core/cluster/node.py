@@ -28,7 +28,6 @@ import time
 from dataclasses import dataclass, field, replace
 
 from torus_core.blockstore import BlockStore
-from torus_core.cluster.gc import GarbageCollector
 from torus_core.cluster.heartbeat import Heartbeat
 from torus_core.cluster.membership import Membership, RingWatcher
 from torus_core.cluster.memory import HeapTrimmer
@@ -48,6 +47,7 @@ from torus_core.errors import (
     NotSupported,
     TorusError,
 )
+from torus_core.gc import GarbageCollector
 from torus_core.journal.remote import RemoteJournalReplicas
 from torus_core.journal.store import JournalStore
 from torus_core.metadata import MetadataService
@@ -85,6 +85,10 @@ class ClusterOptions:
     :param rpc_timeouts: RPC deadlines of the shared client pool.
     :param write_behind: the distributor replicates in background workers and surfaces errors
         at flush (see :mod:`torus_core.distributor.writebehind`).
+    :param journal_prefer_local: volume journals this peer writes keep one replica on this peer
+        (plus the permutation's first R-1 others) instead of the permutation's first R: one RPC
+        per flush instead of two for a writer outside its volume's first R (see
+        :class:`~torus_core.journal.remote.RemoteJournalReplicas`).
     """
 
     heartbeat_interval: float = 2.0
@@ -99,6 +103,7 @@ class ClusterOptions:
     timeouts: DistributorTimeouts | None = None
     rpc_timeouts: RPCTimeouts | None = None
     write_behind: bool = True
+    journal_prefer_local: bool = False
 
     def __post_init__(self) -> None:
         if not isinstance(self.maintenance_interval, int | float) or self.maintenance_interval < 0:
@@ -192,6 +197,7 @@ class ClusterNode:
             self.directory,
             self.pool,
             timeout=self.pool.timeouts.journal,
+            prefer_local=self.options.journal_prefer_local,
         )
         self.membership = Membership(
             self.directory,
