@@ -26,3 +26,12 @@ def test_the_protobuf_wire_codec_is_not_part_of_the_ring_package() -> None:
 
     assert inode.wire is protowire
     assert codec.wire is protowire
+
+
+def test_the_garbage_collector_lives_below_block_and_cluster() -> None:
+    from torus_core import gc
+    from torus_core.block import local_gc
+    from torus_core.cluster import gc as old_gc
+
+    assert local_gc.GarbageCollector is gc.GarbageCollector
+    assert old_gc.LiveSet is gc.LiveSet

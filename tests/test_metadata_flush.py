@@ -14,9 +14,9 @@ import pytest
 from torus_sqlite._append import AppendRequest
 from torus_sqlite.backend import SQLiteBackend
 
-from torus_core.cluster.gc import LiveSet
 from torus_core.errors import Locked
 from torus_core.events import REGISTRY, INodeCommitted, INodeIndexAllocated, volume_stream
+from torus_core.gc import LiveSet
 from torus_core.groupcommit import GroupCommitter
 from torus_core.metadata import MetadataService, VolumeLock
 from torus_core.projection import Projector, fold

@@ -2,7 +2,7 @@
 
 Each sync writes new blocks and a new INode; the superseded ones become garbage. In a cluster
 the :class:`~torus_core.cluster.node.ClusterNode` collects them; a single node runs the same
-:class:`~torus_core.cluster.gc.GarbageCollector` over its local store from this thread, with
+:class:`~torus_core.gc.GarbageCollector` over its local store from this thread, with
 the same safety rules (no deletion in a cycle where metadata or an INode could not be read;
 in-flight writes, snapshots and clones kept; a grace period across cycles).
 """
@@ -14,8 +14,8 @@ import threading
 import time
 
 from torus_core.blockstore import BlockStore
-from torus_core.cluster.gc import GarbageCollector
 from torus_core.errors import InvalidArgument, TorusError
+from torus_core.gc import GarbageCollector
 from torus_core.metadata import MetadataService
 from torus_core.registry import Registry
 

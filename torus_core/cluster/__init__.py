@@ -6,13 +6,13 @@ Public API: :class:`ClusterNode`, :class:`ClusterOptions`, :class:`PeerInfo`,
 :func:`load_or_create_uuid`.
 """
 
-from torus_core.cluster.gc import GarbageCollector, GCResult, GCSkipped, LiveSet
 from torus_core.cluster.heartbeat import Heartbeat
 from torus_core.cluster.membership import Membership, RingWatcher
 from torus_core.cluster.node import ClusterNode, ClusterOptions
 from torus_core.cluster.peerinfo import MIN_PROTOCOL_VERSION, PeerInfo, RebalanceInfo, parse_peers
 from torus_core.cluster.rebalancer import PassResult, RateLimiter, RebalanceOptions, Rebalancer
 from torus_core.datadir import load_or_create_uuid
+from torus_core.gc import GarbageCollector, GCResult, GCSkipped, LiveSet
 
 __all__ = [
     "MIN_PROTOCOL_VERSION",

@@ -28,7 +28,6 @@ import time
 from dataclasses import dataclass, field, replace
 
 from torus_core.blockstore import BlockStore
-from torus_core.cluster.gc import GarbageCollector
 from torus_core.cluster.heartbeat import Heartbeat
 from torus_core.cluster.membership import Membership, RingWatcher
 from torus_core.cluster.memory import HeapTrimmer
@@ -48,6 +47,7 @@ from torus_core.errors import (
     NotSupported,
     TorusError,
 )
+from torus_core.gc import GarbageCollector
 from torus_core.journal.remote import RemoteJournalReplicas
 from torus_core.journal.store import JournalStore
 from torus_core.metadata import MetadataService

@@ -12,7 +12,7 @@ it (``PutBlockStream``), and asks again. It deletes its local copy only when
   owner and both drop their copy; ring changes reach every peer within a second, so a settle
   time of a few seconds rules that out).
 
-Garbage is left alone: blocks that GC's last live set (:class:`~torus_core.cluster.gc.LiveSet`)
+Garbage is left alone: blocks that GC's last live set (:class:`~torus_core.gc.LiveSet`)
 calls dead are neither checked, pushed, deleted nor counted as under-replicated -- GC deletes
 them on every holder. Pushing them would undo the GC of the other holders and the two would
 move the same dead blocks back and forth forever (issue 11: an idle cluster deleting and
@@ -36,10 +36,10 @@ from dataclasses import dataclass, field, replace
 
 from torus_core import metrics
 from torus_core.blockstore import BlockStore
-from torus_core.cluster.gc import LiveSet
 from torus_core.cluster.peerinfo import RebalanceInfo
 from torus_core.distributor.peers import PeerDirectory
 from torus_core.errors import BlockNotExist, InvalidArgument, PeerUnavailable, TorusError
+from torus_core.gc import LiveSet
 from torus_core.refs import BlockRef
 from torus_core.ring.base import Ring
 from torus_core.rpc.client import PeerClientPool
