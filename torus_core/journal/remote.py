@@ -22,6 +22,11 @@ permutation, as hinted handoff does for blocks (docs/cluster.md).
   such a set meets each one (else ``ReplicationFailed``, retryable).
 * :meth:`~RemoteJournalReplicas.trim` is best effort on every reachable member.
 
+Appends to a peer that advertises a journal channel (:mod:`torus_core.journal.channel`; set
+:attr:`~RemoteJournalReplicas.channel_address`) go over it instead of gRPC: a framed request on
+a kept-open TCP (or TLS, the pool's certificates) connection costs a fraction of a gRPC call. A
+refused channel connection falls back to the peer's ``JournalAppend`` RPC for that call.
+
 Records that outlive a ring change on a peer that left the ring are not found by ``read``
 (checkpoints trim the journal often, so only the tail since the last checkpoint is at risk).
 """
@@ -46,6 +51,7 @@ from torus_core.errors import (
     StaleEpoch,
     TorusError,
 )
+from torus_core.journal.channel import ChannelRefused, JournalChannelClient, encode_append
 from torus_core.journal.record import JournalRecord, decode_record
 from torus_core.journal.store import JournalStore
 from torus_core.refs import VOLUME_MAX, BlockRef
@@ -218,6 +224,10 @@ class RemoteJournalReplicas:
         #: place the journals this peer writes on itself plus the next R-1 peers of the
         #: permutation (one RPC fewer per append for a writer that is not among the first R)
         self.prefer_local = prefer_local
+        #: ``uuid -> address`` of the peer's journal channel, "" or None for none (then appends
+        #: use gRPC); None: never use channels. The cluster node sets it from the heartbeats.
+        self.channel_address: Callable[[str], str | None] | None = None
+        self._channels: dict[str, JournalChannelClient] = {}
 
     # --- placement ------------------------------------------------------------------------------
 
@@ -252,6 +262,45 @@ class RemoteJournalReplicas:
             client = self.pool.get(address)
             self._clients[address] = client
         return client
+
+    def _channel(self, uuid: str) -> JournalChannelClient | None:
+        """The channel client of peer ``uuid`` when it advertises one (else None: use gRPC)."""
+        lookup = self.channel_address
+        address = lookup(uuid) if lookup is not None else None
+        if not address:
+            return None
+        chan = self._channels.get(uuid)
+        if chan is not None and chan.address == address:
+            return chan
+        try:
+            fresh = JournalChannelClient(
+                address, tls=self.pool.tls, allow_insecure=self.pool.allow_insecure, timeout=self.timeout
+            )
+        except TorusError as exc:
+            log.warning("journal channel of peer %s at %s unusable, using gRPC: %s", uuid, address, exc)
+            return None
+        with self._lock:
+            old = self._channels.get(uuid)
+            self._channels[uuid] = fresh
+        if old is not None:
+            old.close()
+        return fresh
+
+    def _append_channel(
+        self,
+        chan: JournalChannelClient,
+        address: str,
+        frame: bytes,
+        volume_id: int,
+        epoch: int,
+        payloads: Sequence[bytes],
+    ) -> None:
+        """One append over the peer's channel; over gRPC if the channel refused the connection."""
+        try:
+            chan.append_encoded(frame, timeout=self.timeout)
+        except ChannelRefused as exc:
+            log.debug("journal channel %s refused (%s); appending over gRPC", chan.address, exc)
+            self._client(address).journal_append(volume_id, epoch, payloads, timeout=self.timeout)
 
     def _suspect(self, uuid: str) -> None:
         with self._lock:
@@ -350,6 +399,7 @@ class RemoteJournalReplicas:
         """One parallel round: every target but one on the helper threads, one in this thread
         (blocking gRPC calls: cheaper than gRPC's asynchronous ones)."""
         remote: list[tuple[str, str, PeerClient]] = []
+        channels: list[tuple[str, str, JournalChannelClient]] = []
         local = False
         for uuid in targets:
             if uuid == self.self_uuid:
@@ -359,11 +409,16 @@ class RemoteJournalReplicas:
             if address is None:
                 failed[uuid] = PeerUnavailable(f"peer {uuid} is down or has no known address")
                 continue
+            chan = self._channel(uuid)
+            if chan is not None:
+                channels.append((uuid, address, chan))
+                continue
             try:
                 remote.append((uuid, address, self._client(address)))
             except TorusError as exc:
                 failed[uuid] = exc
         request = encode_journal_append(volume_id, epoch, payloads) if remote else b""
+        frame = encode_append(volume_id, epoch, payloads) if channels else b""
         jobs: list[tuple[str, str | None, Callable[[], object]]] = []
         if local:
             store = self.local
@@ -373,9 +428,17 @@ class RemoteJournalReplicas:
             jobs.append(
                 (uuid, address, partial(client.journal_append_encoded, request, timeout=self.timeout))
             )
+        for uuid, address, chan in channels:
+            jobs.append(
+                (
+                    uuid,
+                    address,
+                    partial(self._append_channel, chan, address, frame, volume_id, epoch, payloads),
+                )
+            )
         if not jobs:
             return
-        inline = jobs.pop(0) if self.local_inline or not remote else jobs.pop()
+        inline = jobs.pop(0) if self.local_inline or not (remote or channels) else jobs.pop()
         pending: list[tuple[str, str | None, _Helper]] = []
         for uuid, address, fn in jobs:
             helper = self._helper()
@@ -572,3 +635,7 @@ class RemoteJournalReplicas:
                 self._helpers.pop().stop()
             except IndexError:
                 break
+        with self._lock:
+            channels, self._channels = list(self._channels.values()), {}
+        for chan in channels:
+            chan.close()

@@ -3,7 +3,9 @@
 :class:`JournalCluster` starts one :class:`~torus_core.rpc.server.PeerServer` per peer on
 127.0.0.1 (an in-memory block store plus a real :class:`~torus_core.journal.store.JournalStore`
 under ``<root>/<uuid>/journal``) and builds :class:`~torus_core.journal.remote.RemoteJournalReplicas`
-as any of those peers, or as a client outside the ring, would.
+as any of those peers, or as a client outside the ring, would. With ``channels=True`` every peer
+also serves its store over a :class:`~torus_core.journal.channel.JournalChannelServer` and the
+replicas it builds append over those channels.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from typing import Any
 
 from torus_core.distributor.peers import PeerDirectory
 from torus_core.distributor.testing import mem_store_factory
+from torus_core.journal.channel import JournalChannelServer
 from torus_core.journal.remote import RemoteJournalReplicas
 from torus_core.journal.store import JournalStore
 from torus_core.ring.base import Ring, RingMember
@@ -39,12 +42,15 @@ class JournalCluster:
         replication: int = 2,
         block_size: int = 4096,
         timeout: float = 2.0,
+        channels: bool = False,
     ) -> None:
         make = mem_store_factory()
         self.root = Path(root)
         self.timeout = timeout
         self.journals: dict[str, JournalStore] = {}
         self.servers: dict[str, PeerServer] = {}
+        #: journal channel servers by peer (``channels=True``)
+        self.channels: dict[str, JournalChannelServer] = {}
         self._stores = []
         self._replicas: list[RemoteJournalReplicas] = []
         try:
@@ -53,10 +59,13 @@ class JournalCluster:
                 self._stores.append(store)
                 self.journals[uuid] = JournalStore(self.root / uuid / "journal")
                 self.servers[uuid] = PeerServer(store, uuid=uuid, journal=self.journals[uuid]).start()
+                if channels:
+                    self.channels[uuid] = JournalChannelServer(self.journals[uuid]).start()
         except BaseException:
             self.close()
             raise
         self.addresses = {u: s.address for u, s in self.servers.items()}
+        self.channel_addresses = {u: c.address for u, c in self.channels.items()}
         self.ring: Ring = KetamaRing(
             [RingMember(u, 1024, self.addresses[u]) for u in uuids], replication=replication
         )
@@ -72,12 +81,16 @@ class JournalCluster:
         r = RemoteJournalReplicas(
             uuid, self.journals.get(uuid), lambda: self.ring, self.directory, self.pool, **kwargs
         )
+        if self.channels:
+            r.channel_address = self.channel_addresses.get
         self._replicas.append(r)
         return r
 
     def stop(self, uuid: str) -> None:
-        """Stop peer ``uuid``'s server (its port then refuses connections)."""
+        """Stop peer ``uuid``'s server and channel (their ports then refuse connections)."""
         self.servers[uuid].stop(grace=0)
+        if uuid in self.channels:
+            self.channels[uuid].stop()
 
     def stored_seqs(self, uuid: str, volume_id: int) -> list[int]:
         """Sequence numbers in peer ``uuid``'s own journal files (read directly, not over RPC)."""
@@ -89,6 +102,8 @@ class JournalCluster:
             r.close()
         for server in self.servers.values():
             server.stop(grace=0)
+        for chan in self.channels.values():
+            chan.stop()
         for journal in self.journals.values():
             journal.close()
         for store in self._stores:
