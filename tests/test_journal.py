@@ -370,3 +370,29 @@ def test_blocks_named_by_records_past_a_checkpoint_survive_until_the_next_one(tm
         js.close()
         store.close()
         backend.close()
+
+
+def test_a_failed_flush_is_never_followed_by_a_flush_that_reports_success_without_the_data(tmp_path):
+    from torus_blockstore_mem.store import MemBlockStore
+
+    from torus_core.errors import OutOfSpace
+
+    backend = SQLiteBackend.from_url(f"sqlite:///{tmp_path}/m.db", {})
+    md = MetadataService(backend)
+    md.format(BS, "crc,base")
+    md.create_volume("v", SIZE)
+    store = MemBlockStore.open(BlockStoreConfig(block_size=BS, capacity_bytes=3 * BS))
+    js = JournalStore(tmp_path / "j")
+    vol = BlockVolume.open(md, store, "v", journal=LocalJournalReplicas(js))
+    try:
+        vol.write_at(0, b"w" * SIZE)  # whole blocks: a flush writes them as new blocks
+        for _ in range(3):  # the writes are still not durable: every retry fails too
+            with pytest.raises(OutOfSpace):
+                vol.sync()
+    finally:
+        vol.keeper.stop()
+        vol.journal.close()
+        vol.file.close()
+        js.close()
+        store.close()
+        backend.close()

@@ -436,7 +436,8 @@ def test_a_data_dir_reused_after_wipe_and_init_never_replays_the_old_clusters_jo
     daemons.append(d.start())
     prog = (
         f"import nbd\nh = nbd.NBD()\nh.connect_uri({d.uri('v')!r})\n"
-        "h.pwrite(b'old cluster' * 100, 0)\nh.flush()\nprint('flushed', flush=True)\nimport time; time.sleep(30)\n"
+        "h.pwrite(b'old cluster' * 100, 0)\nh.flush()\nprint('flushed', flush=True)\n"
+        "import time\ntime.sleep(30)\n"
     )
     client = subprocess.Popen([SYSTEM_PYTHON, "-c", prog], stdout=subprocess.PIPE, text=True)
     try:
@@ -452,3 +453,18 @@ def test_a_data_dir_reused_after_wipe_and_init_never_replays_the_old_clusters_jo
     again = Daemon(data, *args)
     daemons.append(again.start())
     assert read_volume(again.uri("v"), 4 * MiB, tmp_path / "v.img") == bytes(4 * MiB)
+
+
+def test_a_store_too_small_for_the_data_answers_enospc_and_logs_it_once(data, daemons, tmp_path):
+    ctl(data, "init", "--block-size", "64KiB")
+    ctl(data, "volume", "create-block", "v", "16MiB")
+    d = Daemon(data, "--size", "4MiB", "--nbd-listen", "127.0.0.1:0")
+    daemons.append(d.start())
+    src = tmp_path / "src.img"
+    src.write_bytes(os.urandom(16 * MiB))
+    out = run("nbdcopy", "--flush", str(src), d.uri("v"), check=False, timeout=120)
+    assert out.returncode != 0
+    assert "No space left on device" in out.stderr or "ENOSPC" in out.stderr, out.stderr
+    log = d.err.read_text()
+    assert log.count("out of space, answering ENOSPC") == 1, log[-2000:]
+    assert "store holds" in log and "volume 'v'" in log

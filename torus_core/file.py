@@ -703,65 +703,79 @@ class File:
         new block and journaled as a REF extent; the store is flushed before ``submit`` so the
         record never names a block that is not durable. Other ranges are copied (DATA), and
         ranges reading as zeros become ZERO extents.
+
+        If anything fails before every record was handed to ``submit``, the ranges stay marked
+        as not journaled (a later flush retries them; nothing is reported durable that is not).
         """
         with self._lock:
             rng = self._unjournaled
             if not rng.starts:
                 return None
             self._unjournaled = _Ranges()
-            bs = self._bs
-            per_block: dict[int, list[tuple[int, int]]] = {}
-            for a, b in zip(rng.starts, rng.ends, strict=True):
-                b = min(b, self._size)
-                while a < b:
-                    i, s = divmod(a, bs)
-                    e = min(bs, s + b - a)
-                    per_block.setdefault(i, []).append((s, e))
-                    a += e - s
-            base = self._blockset.layers()[-1]
-            refs_ok = isinstance(base, BaseLayer)
-            extents: list[Extent] = []
-            wrote_blocks = False
-            for i in sorted(per_block):
-                segs = per_block[i]
-                block_len = min(bs, self._size - i * bs)
-                if refs_ok and sum(e - s for s, e in segs) >= bs * ref_fraction:
-                    wref = self._open_write()
-                    if i in self._dirty:
-                        self._flush_mem(i, wref)
-                        wrote_blocks = True
-                    elif i in self._staged:
-                        self._flush_staged(i, wref)
-                        wrote_blocks = True
-                    assert isinstance(base, BaseLayer)
-                    bref = base.ref_at(i)
-                    if bref.is_zero():
-                        extents.append(Extent(i * bs, block_len))
-                    else:
-                        extents.append(Extent(i * bs, block_len, bref.to_bytes(), KIND_REF))
-                        wrote_blocks = True
-                    continue
-                for s, e in segs:
-                    data = self._block_bytes(i, s, e - s)
-                    if data == self._zero_block[: e - s]:
-                        extents.append(Extent(i * bs + s, e - s))
-                    else:
-                        extents.append(Extent(i * bs + s, e - s, bytes(data)))
-            if wrote_blocks:
-                self._store.flush()
-            seq: int | None = None
-            chunk: list[Extent] = []
-            size = 0
-            for ext in extents:
-                n = len(ext.data) if ext.data is not None else 0
-                if chunk and size + n + 64 > JOURNAL_CHUNK:
-                    seq = submit(chunk)
-                    chunk, size = [], 0
-                chunk.append(ext)
-                size += n + 16
-            if chunk:
+            try:
+                return self._journal_ranges(rng, submit, ref_fraction)
+            except BaseException:
+                for a, b in zip(rng.starts, rng.ends, strict=True):
+                    self._unjournaled.add(a, b)
+                raise
+
+    def _journal_ranges(
+        self, rng: _Ranges, submit: Callable[[list[Extent]], int], ref_fraction: float
+    ) -> int | None:
+        """:meth:`take_journal`'s work on the taken ranges (lock held)."""
+        bs = self._bs
+        per_block: dict[int, list[tuple[int, int]]] = {}
+        for a, b in zip(rng.starts, rng.ends, strict=True):
+            b = min(b, self._size)
+            while a < b:
+                i, s = divmod(a, bs)
+                e = min(bs, s + b - a)
+                per_block.setdefault(i, []).append((s, e))
+                a += e - s
+        base = self._blockset.layers()[-1]
+        refs_ok = isinstance(base, BaseLayer)
+        extents: list[Extent] = []
+        wrote_blocks = False
+        for i in sorted(per_block):
+            segs = per_block[i]
+            block_len = min(bs, self._size - i * bs)
+            if refs_ok and sum(e - s for s, e in segs) >= bs * ref_fraction:
+                wref = self._open_write()
+                if i in self._dirty:
+                    self._flush_mem(i, wref)
+                    wrote_blocks = True
+                elif i in self._staged:
+                    self._flush_staged(i, wref)
+                    wrote_blocks = True
+                assert isinstance(base, BaseLayer)
+                bref = base.ref_at(i)
+                if bref.is_zero():
+                    extents.append(Extent(i * bs, block_len))
+                else:
+                    extents.append(Extent(i * bs, block_len, bref.to_bytes(), KIND_REF))
+                    wrote_blocks = True
+                continue
+            for s, e in segs:
+                data = self._block_bytes(i, s, e - s)
+                if data == self._zero_block[: e - s]:
+                    extents.append(Extent(i * bs + s, e - s))
+                else:
+                    extents.append(Extent(i * bs + s, e - s, bytes(data)))
+        if wrote_blocks:
+            self._store.flush()
+        seq: int | None = None
+        chunk: list[Extent] = []
+        size = 0
+        for ext in extents:
+            n = len(ext.data) if ext.data is not None else 0
+            if chunk and size + n + 64 > JOURNAL_CHUNK:
                 seq = submit(chunk)
-            return seq
+                chunk, size = [], 0
+            chunk.append(ext)
+            size += n + 16
+        if chunk:
+            seq = submit(chunk)
+        return seq
 
     def discard_unjournaled(self) -> None:
         """Forget the ranges written since the last :meth:`take_journal` (a replay's writes,

@@ -81,6 +81,9 @@ class VolumeJournal:
         self.checkpoints = 0
         self.fallbacks = 0
         self._ckpt_lock = threading.Lock()
+        #: a flush failed after its writes left the file's unjournaled ranges: the next flush
+        #: must be a checkpoint
+        self._failed = False
         self._ckpt_done = threading.Condition()
         self._last_checkpoint = time.monotonic()
         self._wake = threading.Event()
@@ -148,6 +151,13 @@ class VolumeJournal:
             raise Closed(f"volume {self.name!r}: the journal is not open")
         if writer.bytes_since_checkpoint >= self.journal_limit:
             self._backpressure(writer)
+        if self._failed:
+            # an earlier flush failed after its writes left the file's unjournaled ranges (its
+            # records were lost with the append): only a checkpoint makes them durable now
+            self.checkpoint()
+            writer.reset()
+            self._failed = False
+            return
         try:
             seq = self.file.take_journal(writer.submit)
             if seq is None:
@@ -161,8 +171,10 @@ class VolumeJournal:
             log.warning(
                 "volume %r: journal append failed (%s); flushing through a checkpoint", self.name, exc
             )
+            self._failed = True
             self.checkpoint()
             writer.reset()
+            self._failed = False
             return
         if writer.bytes_since_checkpoint >= self.checkpoint_bytes:
             self._wake.set()
