@@ -323,3 +323,56 @@ def test_mutual_tls_appends_and_refuses_clients_without_the_right_certificates(
             stranger.append(VOL, 1, [rec(2)])
         stranger.close()
         assert [r.seq for r in store.read(VOL)] == [1]
+
+
+def test_cluster_nodes_advertise_their_channels_and_append_over_them(tmp_path: Path) -> None:
+    from torus_sqlite.backend import SQLiteBackend
+
+    from torus_core.cluster import ClusterNode
+    from torus_core.cluster.peerinfo import PeerInfo
+    from torus_core.testing.cluster import InProcessCluster, open_mem_store, wait_until
+
+    url = f"sqlite:///{tmp_path}/meta.db?poll_interval=0.02"
+    journals = {u: JournalStore(tmp_path / u / "journal") for u in PEERS}
+    try:
+        with InProcessCluster(lambda: SQLiteBackend.from_url(url), block_size=4096) as c:
+            for u in PEERS:
+                c.stores[u] = open_mem_store(4096, 256)
+                node = ClusterNode(
+                    c.new_md(),
+                    u,
+                    store=c.stores[u],
+                    listen="127.0.0.1:0",
+                    options=c.options,
+                    journal=journals[u],
+                )
+                c.nodes[u] = node
+                node.start(auto_join=True)
+            nodes = [c.nodes[u] for u in PEERS]
+            assert wait_until(
+                lambda: all(
+                    len(n.distributor.ring.members()) == 3
+                    and all(n.membership.live.get(u) and n.membership.live[u].journal_address for u in PEERS)
+                    for n in nodes
+                ),
+                10.0,
+            )
+            for n in nodes:
+                assert n.peer_info().journal_address.startswith("127.0.0.1:")
+                assert n.journal_channel is not None and n.journal_address.endswith(
+                    f":{n.journal_channel.port}"
+                )
+            owners = nodes[0].journal_replicas.replicas(VOL)
+            writer = c.nodes[next(u for u in PEERS if u not in owners)].journal_replicas
+            writer.fence(VOL, 1)
+            writer.append(VOL, 1, [rec(1), rec(2)])
+            for u in PEERS:
+                assert [x.seq for x in journals[u].read(VOL, 0)] == ([1, 2] if u in owners else [])
+                assert c.nodes[u].server is not None
+                assert c.nodes[u].server.stats["JournalAppend"] == 0  # over the channels
+            # an older peer's info (no journal_address) parses, and then appends use gRPC
+            info = PeerInfo.from_dict({"uuid": "old", "address": "127.0.0.1:1"})
+            assert info.journal_address == ""
+    finally:
+        for j in journals.values():
+            j.close()

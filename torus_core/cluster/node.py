@@ -48,6 +48,7 @@ from torus_core.errors import (
     TorusError,
 )
 from torus_core.gc import GarbageCollector
+from torus_core.journal.channel import JournalChannelServer
 from torus_core.journal.remote import RemoteJournalReplicas
 from torus_core.journal.store import JournalStore
 from torus_core.metadata import MetadataService
@@ -58,7 +59,7 @@ from torus_core.ring.codec import make_ring, ring_from_spec
 from torus_core.rpc.client import PeerClientPool
 from torus_core.rpc.options import RPCTimeouts
 from torus_core.rpc.server import PeerServer
-from torus_core.rpc.tls import TLSConfig
+from torus_core.rpc.tls import TLSConfig, split_host_port
 
 log = logging.getLogger(__name__)
 
@@ -89,6 +90,11 @@ class ClusterOptions:
         (plus the permutation's first R-1 others) instead of the permutation's first R: one RPC
         per flush instead of two for a writer outside its volume's first R (see
         :class:`~torus_core.journal.remote.RemoteJournalReplicas`).
+    :param journal_channel: a storage peer with a journal store also serves it on a journal
+        channel (:mod:`torus_core.journal.channel`; same host and TLS as the peer RPC, advertised
+        as ``PeerInfo.journal_address``), and this node's journal writers append over the
+        channels other peers advertise (else over gRPC).
+    :param journal_channel_port: port of the journal channel (0: any free port).
     """
 
     heartbeat_interval: float = 2.0
@@ -104,6 +110,8 @@ class ClusterOptions:
     rpc_timeouts: RPCTimeouts | None = None
     write_behind: bool = True
     journal_prefer_local: bool = False
+    journal_channel: bool = True
+    journal_channel_port: int = 0
 
     def __post_init__(self) -> None:
         if not isinstance(self.maintenance_interval, int | float) or self.maintenance_interval < 0:
@@ -205,6 +213,14 @@ class ClusterNode:
             ring_members=lambda: self.distributor.ring.members(),
             on_change=self._peers_changed,
         )
+        #: this peer's journal channel (its journal store, for other peers' journal writers)
+        self.journal_channel: JournalChannelServer | None = None
+        if self.journal is not None and listen is not None and self.options.journal_channel:
+            self.journal_channel = JournalChannelServer(
+                self.journal, host=split_host_port(listen)[0], port=self.options.journal_channel_port, tls=tls
+            )
+        if self.options.journal_channel:
+            self.journal_replicas.channel_address = self._journal_channel_of
         self.rebalancer: Rebalancer | None = None
         self.gc: GarbageCollector | None = None
         if self.is_storage:
@@ -262,6 +278,22 @@ class ClusterNode:
             return ""
         return self._advertise or self.server.address
 
+    @property
+    def journal_address(self) -> str:
+        """The advertised journal channel address ('' without one, or before :meth:`start`)."""
+        chan = self.journal_channel
+        if chan is None or not self.address:
+            return ""
+        try:
+            return f"{self.address.rsplit(':', 1)[0]}:{chan.port}"
+        except TorusError:
+            return ""
+
+    def _journal_channel_of(self, uuid: str) -> str | None:
+        """Peer ``uuid``'s journal channel address as its last heartbeat said (None: unknown)."""
+        info = self.membership.live.get(uuid)
+        return info.journal_address if info is not None else None
+
     def peer_info(self) -> PeerInfo:
         """This node's current :class:`PeerInfo` (what the heartbeat publishes)."""
         store = self.store
@@ -272,6 +304,7 @@ class ClusterNode:
             used_blocks=store.used_blocks() if store is not None else 0,
             block_size=self.block_size,
             boot_id=self.server.servicer.boot_id if self.server is not None else "",
+            journal_address=self.journal_address,
         )
         if self.rebalancer is not None:
             info.rebalance = self.rebalancer.info()
@@ -335,6 +368,8 @@ class ClusterNode:
             if self.server is not None:
                 self.server.start()
                 self.membership.self_address = self.address
+                if self.journal_channel is not None:
+                    self.journal_channel.start()
             peers = self.heartbeat.beat()
             old = [p for p in peers.values() if p.protocol_version < MIN_PROTOCOL_VERSION]
             if old:
@@ -400,11 +435,15 @@ class ClusterNode:
             self._maint = None
         if self.server is not None:
             self.server.stop()
+        if self.journal_channel is not None:
+            self.journal_channel.stop()
 
     def abort(self) -> None:
         """Like a crash: stop at once without revoking the lease (peers see us time out)."""
         if self.server is not None:
             self.server.stop(grace=0)
+        if self.journal_channel is not None:
+            self.journal_channel.stop()
         self._close(unregister=False)
 
     def close(self) -> None:

@@ -78,6 +78,8 @@ class PeerInfo:
         clients and older peers).
     :param role: ``storage`` (a cluster peer) or ``single`` (a single-node torusd: no peer RPC,
         not in a ring; registered so ``peer list`` and monitoring see its store usage).
+    :param journal_address: ``host:port`` of its journal channel (low-latency journal appends,
+        :mod:`torus_core.journal.channel`); empty if it has none (older peers): use gRPC.
     """
 
     uuid: str
@@ -90,6 +92,7 @@ class PeerInfo:
     rebalance: RebalanceInfo = field(default_factory=RebalanceInfo)
     boot_id: str = ""
     role: str = "storage"
+    journal_address: str = ""
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready dict (what ``register_peer`` stores)."""
@@ -122,6 +125,7 @@ class PeerInfo:
             ("protocol_version", 0),
             ("boot_id", ""),
             ("role", "storage"),
+            ("journal_address", ""),
         ):
             if name in data and data[name] is not None:
                 kwargs[name] = _typed(uuid, name, data[name], default)
