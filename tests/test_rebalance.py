@@ -514,3 +514,26 @@ def test_peer_list_counts_a_peer_as_settled_only_after_a_clean_pass_on_the_curre
     assert not peer_settled(info, 1)
     info.rebalance.unconfirmed, info.rebalance.rebalancing = 0, True
     assert not peer_settled(info, 1)
+
+
+def test_a_pass_that_keeps_an_unowned_copy_until_the_ring_settles_does_not_back_off() -> None:
+    stores = {u: open_mem_store(BS, 64) for u in ("x", "y")}
+    servers = {u: PeerServer(s, uuid=u).start() for u, s in stores.items()}
+    live = LiveSet(started=time.time(), max_volume_id=0)  # volume 1 is newer: alive
+    reb, close = _lonely_rebalancer(servers, ["x", "y"], settle=0.5, live=live)
+    try:
+        reb.store.write_block(BlockRef(1, 2, 1), b"payload")
+        for s in stores.values():
+            s.write_block(BlockRef(1, 2, 1), b"payload")  # every owner already has it
+        first = reb.run_pass()
+        assert first.pushed_blocks == 0 and first.under_replicated == 0 and first.kept == 1
+        assert not first.clean and reb.due()  # the copy still has to go: no back-off
+        assert wait_until(lambda: reb.run_pass().deleted == 1, 3.0)
+        assert reb.store.used_blocks() == 0
+        assert reb.run_pass().clean and not reb.due()
+    finally:
+        close()
+        for srv in servers.values():
+            srv.stop()
+        for s in stores.values():
+            s.close()

@@ -114,6 +114,8 @@ class PassResult:
     unconfirmed: int = 0
     #: blocks left alone because the live set calls them garbage
     dead_skipped: int = 0
+    #: live copies this peer does not own that it kept (ring not settled, owners unconfirmed)
+    kept: int = 0
     #: whether the pass had a live set (otherwise under_replicated may count garbage)
     live_known: bool = False
     started: float = field(default_factory=time.time)
@@ -121,11 +123,14 @@ class PassResult:
 
     @property
     def clean(self) -> bool:
-        """A complete pass that found every live block on its owners and moved nothing."""
+        """A complete pass that found every live block on its owners, moved nothing and kept no
+        copy it does not own."""
         return (
             self.complete
             and self.live_known
-            and not (self.pushed_blocks or self.deleted or self.under_replicated or self.unconfirmed)
+            and not (
+                self.pushed_blocks or self.deleted or self.under_replicated or self.unconfirmed or self.kept
+            )
         )
 
 
@@ -337,7 +342,9 @@ class Rebalancer:
             self._sync_owner(uuid, orefs, confirmed, missing_any, failed, result, limiter)
         result.under_replicated += len(missing_any)
         result.unconfirmed += len(failed)
+        misplaced = sum(1 for owners in owners_of.values() if owners and self.self_uuid not in owners)
         if not self.settled() or self._current_ring().version != ring.version:
+            result.kept += misplaced  # dropped by a later pass, which must not wait
             return
         deleted = 0
         for ref, owners in owners_of.items():
@@ -349,6 +356,7 @@ class Rebalancer:
                     deleted += 1
                 except BlockNotExist:
                     pass
+        result.kept += misplaced - deleted
         if deleted:
             self.store.flush()
             result.deleted += deleted
