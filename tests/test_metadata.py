@@ -415,7 +415,7 @@ def test_a_command_that_keeps_losing_races_backs_off_with_growing_jitter_then_ra
     from torus_core.errors import CompareFailed
 
     sleeps: list[float] = []
-    monkeypatch.setattr(metadata_module.time, "sleep", sleeps.append)
+    monkeypatch.setattr("torus_core.metadata.time.sleep", sleeps.append)
 
     def always_lose(*events: object) -> list[int]:
         raise CompareFailed("someone else appended first")

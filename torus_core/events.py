@@ -488,7 +488,7 @@ class TopicRegistry:
                 raise SchemaError(f"{topic}: no upcaster from schema {schema}")
             data = up(data)
             schema += 1
-        return typing.cast(DomainEvent, _dataclass_from(data, cls))
+        return _dataclass_from(data, cls)
 
     def new_event(self, stream_id: str, version: int, event: DomainEvent) -> NewEvent:
         """A :class:`NewEvent` carrying ``event`` at ``(stream_id, version)``."""
