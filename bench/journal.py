@@ -16,6 +16,9 @@ one call at a time (QD1), for ``--seconds`` each:
 * ``remote: writer not a replica`` -- the same from a ring peer that is not among the first R
   (two RPCs in parallel, one on a helper thread); ``same, prefer_local`` places the journal on
   the writer plus the next peer instead (``RemoteJournalReplicas(prefer_local=True)``).
+* ``chan-1 append`` -- one append over a peer's journal channel (``torus_core.journal.channel``:
+  framed TCP, a kept-open connection) instead of the ``JournalAppend`` RPC; ``chan: ...`` --
+  the ``remote`` cases with ``RemoteJournalReplicas`` appending over the peers' channels.
 
 ``--e2e`` measures the goal itself instead: etcd and three real ``torusd`` peers (file stores,
 R=2, journaling FLUSHes), and ``fio --ioengine=nbd --rw=randwrite --bs=4k --iodepth=1
@@ -42,6 +45,7 @@ from pathlib import Path
 
 from torus_core.distributor.peers import PeerDirectory
 from torus_core.distributor.testing import mem_store_factory
+from torus_core.journal.channel import JournalChannelClient, JournalChannelServer
 from torus_core.journal.record import Extent, encode_record
 from torus_core.journal.remote import RemoteJournalReplicas, journal_ref
 from torus_core.journal.store import JournalStore
@@ -56,14 +60,17 @@ SELF = "peer-a"
 
 
 def serve(directory: str, uuid: str) -> None:
-    """``--serve``: one storage peer with a journal store; prints its address, runs until stdin closes."""
+    """``--serve``: one storage peer with a journal store; prints its RPC and journal channel
+    addresses, runs until stdin closes."""
     store = mem_store_factory()(PAYLOAD, 16)
     journal = JournalStore(directory)
     server = PeerServer(store, uuid=uuid, journal=journal).start()
-    print(server.address, flush=True)
+    chan = JournalChannelServer(journal).start()
+    print(server.address, chan.address, flush=True)
     try:
         sys.stdin.read()
     finally:
+        chan.stop()
         server.stop(grace=0)
         journal.close()
         store.close()
@@ -187,6 +194,8 @@ def main() -> None:
         root = Path(tmp)
         procs: list[subprocess.Popen[str]] = []
         servers: list[PeerServer] = []
+        chans: list[JournalChannelServer] = []
+        chan_addresses: dict[str, str] = {}
         stores = []
         journals: dict[str, JournalStore] = {}
         addresses: dict[str, str] = {}
@@ -202,9 +211,10 @@ def main() -> None:
                     )
                     procs.append(proc)
                     assert proc.stdout is not None
-                    addresses[uuid] = proc.stdout.readline().strip()
-                    if not addresses[uuid]:
+                    line = proc.stdout.readline().split()
+                    if len(line) != 2:
                         raise SystemExit(f"peer {uuid} did not start")
+                    addresses[uuid], chan_addresses[uuid] = line
                 else:
                     store = mem_store_factory()(PAYLOAD, 16)
                     stores.append(store)
@@ -212,14 +222,18 @@ def main() -> None:
                     server = PeerServer(store, uuid=uuid, journal=journals[uuid]).start()
                     servers.append(server)
                     addresses[uuid] = server.address
+                    chans.append(JournalChannelServer(journals[uuid]).start())
+                    chan_addresses[uuid] = chans[-1].address
             ring = KetamaRing([RingMember(u, 1024, addresses[u]) for u in uuids], replication=2)
             directory = PeerDirectory(addresses)
             writers: list[RemoteJournalReplicas] = []
 
-            def writer(**kwargs: bool) -> RemoteJournalReplicas:
+            def writer(channels: bool = False, **kwargs: bool) -> RemoteJournalReplicas:
                 w = RemoteJournalReplicas(SELF, journals[SELF], lambda: ring, directory, pool)
                 for k, v in kwargs.items():
                     setattr(w, k, v)
+                if channels:
+                    w.channel_address = chan_addresses.get
                 writers.append(w)
                 return w
 
@@ -230,6 +244,9 @@ def main() -> None:
             vols = iter(range(1, 1 << 20))
             local_vol, rpc_vol = next(vols), next(vols)
             rpc_client = pool.get(addresses["peer-b"])
+            chan_vol = next(vols)
+            chan_client = JournalChannelClient(chan_addresses["peer-b"], timeout=10.0)
+            chan_client.fence(chan_vol, 1)
 
             raw_fd = os.open(root / "raw.log", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
             raw_rec = record(9, 1)
@@ -256,6 +273,14 @@ def main() -> None:
                 Case("  same, local fsync inline", appender(writer(local_inline=True), owned(True))),
                 Case("remote: writer not a replica", appender(writer(), owned(False))),
                 Case("  same, prefer_local", appender(writer(prefer_local=True), owned(False))),
+                Case(
+                    "chan-1 append",
+                    lambda s: chan_client.append(chan_vol, 1, [record(chan_vol, s)]),
+                ),
+                Case("chan: writer is a replica", appender(writer(True), owned(True))),
+                Case("  same, local fsync inline", appender(writer(True, local_inline=True), owned(True))),
+                Case("chan: writer not a replica", appender(writer(True), owned(False))),
+                Case("  same, prefer_local", appender(writer(True, prefer_local=True), owned(False))),
             ]
             for _ in range(max(1, args.rounds)):
                 for case in cases:
@@ -263,7 +288,10 @@ def main() -> None:
             os.close(raw_fd)
             for w in writers:
                 w.close()
+            chan_client.close()
         finally:
+            for chan in chans:
+                chan.stop()
             pool.close()
             for server in servers:
                 server.stop(grace=0)

@@ -16,6 +16,12 @@ from torus_core.units import parse_size
 F = TypeVar("F", bound=Callable[..., Any])
 
 
+def _remember(ctx: click.Context, param: click.Parameter, value: Any) -> Any:
+    """Keep an option's value in ``ctx.meta`` (options the command does not take as arguments)."""
+    ctx.meta[f"torus.{param.name}"] = value
+    return value
+
+
 def cluster_options(func: F) -> F:
     """Add ``--peer-address``, ``--auto-join``, heartbeat, rebalance and GC options."""
     options = [
@@ -41,6 +47,24 @@ def cluster_options(func: F) -> F:
         ),
         click.option("--gc-grace", default=30.0, show_default=True, type=float, help="Dead-block grace (s)."),
         click.option("--no-gc", is_flag=True, help="Do not garbage-collect on this peer."),
+        click.option(
+            "--journal-channel-port",
+            default=0,
+            show_default=True,
+            type=click.IntRange(0, 65535),
+            envvar="TORUS_JOURNAL_CHANNEL_PORT",
+            expose_value=False,
+            callback=_remember,
+            help="Port of the journal channel (low-latency journal appends; 0 = any free port).",
+        ),
+        click.option(
+            "--no-journal-channel",
+            is_flag=True,
+            envvar="TORUS_NO_JOURNAL_CHANNEL",
+            expose_value=False,
+            callback=_remember,
+            help="Serve and use no journal channel: journal appends go over gRPC.",
+        ),
     ]
     for opt in reversed(options):
         func = opt(func)
@@ -58,6 +82,8 @@ def make_cluster_options(
     no_gc: bool,
 ) -> ClusterOptions:
     """Build :class:`ClusterOptions` from the flags and the config (levels, read cache)."""
+    ctx = click.get_current_context(silent=True)
+    meta: dict[str, Any] = ctx.meta if ctx is not None else {}
     try:
         rate = parse_size(rebalance_rate) if rebalance_rate not in ("", "0") else 0
         return ClusterOptions(
@@ -70,6 +96,8 @@ def make_cluster_options(
             read_level=config.read_level,
             write_level=config.write_level,
             read_cache_bytes=config.read_cache_size,
+            journal_channel=not meta.get("torus.no_journal_channel", False),
+            journal_channel_port=int(meta.get("torus.journal_channel_port") or 0),
         )
     except InvalidArgument as exc:
         raise UsageError(str(exc)) from None

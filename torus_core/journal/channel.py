@@ -84,7 +84,10 @@ class ChannelError(TorusError):
 
 
 class ChannelRefused(PeerUnavailable):
-    """Nothing listens at the journal channel's address (the connection was refused)."""
+    """The journal channel refused a new connection: nothing listens at its address, the TLS
+    handshake failed, or the peer closed it before answering the first request. The request
+    did not reach the store (or, at worst, was stored and may be sent again harmlessly), so the
+    caller may try the peer's gRPC service instead."""
 
 
 class _Malformed(Exception):
@@ -398,6 +401,9 @@ class JournalChannelClient:
                 sock.settimeout(max(0.001, deadline - time.monotonic()))
                 name = self.tls.server_name if self.tls is not None and self.tls.server_name else self.host
                 sock = self._ssl.wrap_socket(sock, server_hostname=name)
+        except ssl.SSLError as exc:
+            sock.close()
+            raise ChannelRefused(f"journal channel {self.address}: TLS: {exc}", address=self.address) from exc
         except (OSError, ValueError) as exc:
             sock.close()
             raise PeerUnavailable(
@@ -423,9 +429,11 @@ class JournalChannelClient:
                 sock.close()
                 if reused:
                     continue  # the peer closed it while idle: once more on a new connection
-                raise PeerUnavailable(
-                    f"journal channel {self.address}: {exc}", address=self.address
-                ) from None
+                raise ChannelRefused(f"journal channel {self.address}: {exc}", address=self.address) from None
+            except ssl.SSLError as exc:  # e.g. TLS 1.3: the server refused our certificate
+                sock.close()
+                kind = PeerUnavailable if reused else ChannelRefused
+                raise kind(f"journal channel {self.address}: TLS: {exc}", address=self.address) from exc
             except (OSError, ValueError) as exc:
                 sock.close()
                 what = "timed out" if isinstance(exc, TimeoutError) else str(exc)
