@@ -211,3 +211,21 @@ class TestSecureRedisEventLog(_SecureFixtures, EventLogContract):
 
 class TestSecureRedisLeaseStore(_SecureFixtures, LeaseStoreContract):
     """LeaseStoreContract over TLS with a client certificate and an ACL user."""
+
+
+def test_torusctl_takes_a_rediss_url_through_the_schemes_the_plugin_declares(secure: Secure) -> None:
+    """Issue 10: ``rediss://`` used to work only through a special case in core; now the redis
+    plugin declares both schemes, and torusctl reaches the TLS-only server with it."""
+    from click.testing import CliRunner
+
+    from torus_core.cli.torusctl import cli
+
+    url = secure.url()
+    assert url.startswith("rediss://")
+    runner = CliRunner()
+    result = runner.invoke(cli, ["--metadata", url, "init", "--block-size", "4096"])
+    assert result.exit_code == 0, result.output
+    result = runner.invoke(cli, ["--metadata", url, "volume", "create-block", "v", "1MiB"])
+    assert result.exit_code == 0, result.output
+    result = runner.invoke(cli, ["--metadata", url, "volume", "list"])
+    assert result.exit_code == 0 and "v" in result.output, result.output
