@@ -14,7 +14,6 @@ from typing import Protocol
 Buffer = bytes | bytearray | memoryview
 
 
-
 class _Crc32(Protocol):
     def __call__(self, data: Buffer, value: int = 0, /) -> int: ...
 
