@@ -396,3 +396,35 @@ def test_a_failed_flush_is_never_followed_by_a_flush_that_reports_success_withou
         js.close()
         store.close()
         backend.close()
+
+
+def test_a_cleanly_closed_journaled_volume_leaves_no_superseded_blocks(tmp_path):
+    from torus_core.refs import BlockType
+
+    backend = SQLiteBackend.from_url(f"sqlite:///{tmp_path}/m.db", {})
+    md = MetadataService(backend)
+    md.format(BS, "crc,base")
+    md.create_volume("v", SIZE)
+    store = FileBlockStore.open(
+        BlockStoreConfig(block_size=BS, capacity_bytes=4 << 20, path=str(tmp_path / "b"))
+    )
+    js = JournalStore(tmp_path / "j")
+    try:
+        for round_ in range(3):
+            vol = BlockVolume.open(md, store, "v", journal=LocalJournalReplicas(js))
+            for k in range(6):
+                vol.write_at(0, bytes([round_ * 10 + k + 1]) * (2 * BS))  # whole blocks: REF records
+                vol.sync()
+                vol.checkpoint()
+            vol.close()
+        data = {r for r in store.iter_refs() if r.type == BlockType.DATA}
+        assert len(data) == 2  # exactly the two blocks the committed INode names
+        reopened = BlockVolume.open(md, store, "v", journal=LocalJournalReplicas(js))
+        try:
+            assert reopened.read_at(0, 2 * BS) == bytes([26]) * (2 * BS)
+        finally:
+            reopened.close()
+    finally:
+        js.close()
+        store.close()
+        backend.close()

@@ -777,6 +777,18 @@ class File:
             seq = submit(chunk)
         return seq
 
+    def release_held(self) -> None:
+        """Hand the superseded blocks held back for the journal to ``on_commit`` now: call it
+        once the journal holds nothing past the last checkpoint (the volume is closing and its
+        journal was trimmed)."""
+        with self._lock:
+            held, self._held_superseded = self._held_superseded, []
+        if held and self._on_commit is not None:
+            try:
+                self._on_commit(self._committed, held)
+            except TorusError as exc:  # the blocks stay for the garbage collector
+                log.warning("freeing %d superseded block(s) of volume %d: %s", len(held), self._volume, exc)
+
     def discard_unjournaled(self) -> None:
         """Forget the ranges written since the last :meth:`take_journal` (a replay's writes,
         already folded by a checkpoint)."""

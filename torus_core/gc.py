@@ -59,9 +59,10 @@ class LiveSet:
     refs: set[BlockRef] = field(default_factory=set)
     #: INodes that are current or saved in a snapshot
     inodes: set[INodeRef] = field(default_factory=set)
-    #: volume id -> its committed INode number at cycle start: blocks minted under it or a later
-    #: (uncommitted, in-flight) write session are alive -- a crashed writer's journal may name
-    #: them until the next commit folds it in (docs/durability.md)
+    #: volume id -> the INode number below which unreferenced blocks are dead: the highest
+    #: allocated index for a volume released cleanly, its committed INode number while a writer
+    #: holds it or died holding it (that writer's journal may name blocks of its last committed
+    #: session or later ones until the next commit folds it in; docs/durability.md)
     highwater: dict[int, int] = field(default_factory=dict)
     #: highest volume id handed out at cycle start
     max_volume_id: int = 0
@@ -164,7 +165,11 @@ class GarbageCollector:
         )
         istore = INodeStore(self.reader)
         for vol in state.volumes.values():
-            live.highwater[vol.id] = vol.inode.inode
+            # A volume whose writer released it cleanly folded and trimmed its journal at close:
+            # only blocks of sessions after the last allocated index can be in flight. One that
+            # is held, or whose writer died holding it, may have journal records naming blocks
+            # of its last committed session or later ones (docs/durability.md).
+            live.highwater[vol.id] = vol.last_inode_index if not vol.lock_owner else vol.inode.inode
             wanted = {vol.inode} | {s.inode_ref for s in vol.snapshots.values()}
             for iref in wanted:
                 if iref.inode == VIRTUAL_INODE:

@@ -423,7 +423,8 @@ class BlockVolume:
                     self.journal.close()
                 if not self.read_only and not self._lost.is_set():
                     if self.journal is not None:
-                        self.journal.checkpoint()
+                        self.journal.checkpoint()  # folds everything and trims the journal
+                        self.file.release_held()
                     else:
                         self.file.sync()
             finally:
