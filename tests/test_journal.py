@@ -428,3 +428,17 @@ def test_a_cleanly_closed_journaled_volume_leaves_no_superseded_blocks(tmp_path)
         js.close()
         store.close()
         backend.close()
+
+
+def test_an_open_volumes_journal_never_grows_past_two_checkpoints(tmp_path):
+    js = JournalStore(tmp_path)
+    seq = 0
+    for _ in range(6):
+        for _ in range(10):
+            seq += 1
+            js.append(3, 1, [rec(seq)])
+        js.trim(3, 1, seq - 4)  # the checkpoint covered all but records appended while it ran
+    assert len(list((tmp_path / "3").glob("*.seg"))) <= 2
+    kept = [r.seq for r in js.read(3, 0)]
+    assert kept[0] > seq - 25, kept[:3]  # records two checkpoints old are gone from disk
+    assert [r.seq for r in js.read(3, seq - 4)] == list(range(seq - 3, seq + 1))

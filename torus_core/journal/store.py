@@ -156,6 +156,12 @@ class _VolumeJournal:
             seg.unlink()
             self.segment_last.pop(seg, None)
             removed += 1
+        if self.active is not None and int(self.active.stem) <= through_seq:
+            # The newest segment also holds records past the trim (appended while the checkpoint
+            # ran): start a new one, so the next trim can delete this one whole. Without this a
+            # volume that stays open grows one segment forever.
+            self.close_active()
+            self.active = None
         return removed
 
     def close_active(self) -> None:
