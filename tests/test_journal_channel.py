@@ -285,7 +285,9 @@ def test_a_refused_channel_falls_back_to_the_peers_grpc_append(tmp_path: Path) -
         r.append(VOL, 1, [rec(1)])
         assert cluster.servers[owners[0]].stats["JournalAppend"] == 1
         assert cluster.servers[owners[1]].stats["JournalAppend"] == 0
-        assert all(cluster.stored_seqs(u, VOL) == [1] for u in owners)
+        r.append(VOL, 1, [rec(2)])  # the channel is skipped for `suspect` seconds: gRPC
+        assert cluster.servers[owners[0]].stats["JournalAppend"] == 2
+        assert all(cluster.stored_seqs(u, VOL) == [1, 2] for u in owners)
 
 
 # --- TLS -----------------------------------------------------------------------------------------

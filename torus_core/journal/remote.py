@@ -25,7 +25,8 @@ permutation, as hinted handoff does for blocks (docs/cluster.md).
 Appends to a peer that advertises a journal channel (:mod:`torus_core.journal.channel`; set
 :attr:`~RemoteJournalReplicas.channel_address`) go over it instead of gRPC: a framed request on
 a kept-open TCP (or TLS, the pool's certificates) connection costs a fraction of a gRPC call. A
-refused channel connection falls back to the peer's ``JournalAppend`` RPC for that call.
+refused channel connection falls back to the peer's ``JournalAppend`` RPC, and that peer's appends
+stay on gRPC for the next ``suspect`` seconds.
 
 Records that outlive a ring change on a peer that left the ring are not found by ``read``
 (checkpoints trim the journal often, so only the tail since the last checkpoint is at risk).
@@ -228,6 +229,7 @@ class RemoteJournalReplicas:
         #: use gRPC); None: never use channels. The cluster node sets it from the heartbeats.
         self.channel_address: Callable[[str], str | None] | None = None
         self._channels: dict[str, JournalChannelClient] = {}
+        self._channel_off: dict[str, float] = {}  # uuid -> until when its channel is not used
 
     # --- placement ------------------------------------------------------------------------------
 
@@ -269,6 +271,11 @@ class RemoteJournalReplicas:
         address = lookup(uuid) if lookup is not None else None
         if not address:
             return None
+        off = self._channel_off.get(uuid)
+        if off is not None:
+            if off > time.monotonic():
+                return None
+            self._channel_off.pop(uuid, None)
         chan = self._channels.get(uuid)
         if chan is not None and chan.address == address:
             return chan
@@ -288,6 +295,7 @@ class RemoteJournalReplicas:
 
     def _append_channel(
         self,
+        uuid: str,
         chan: JournalChannelClient,
         address: str,
         frame: bytes,
@@ -300,6 +308,7 @@ class RemoteJournalReplicas:
             chan.append_encoded(frame, timeout=self.timeout)
         except ChannelRefused as exc:
             log.debug("journal channel %s refused (%s); appending over gRPC", chan.address, exc)
+            self._channel_off[uuid] = time.monotonic() + self.suspect_seconds
             self._client(address).journal_append(volume_id, epoch, payloads, timeout=self.timeout)
 
     def _suspect(self, uuid: str) -> None:
@@ -433,7 +442,7 @@ class RemoteJournalReplicas:
                 (
                     uuid,
                     address,
-                    partial(self._append_channel, chan, address, frame, volume_id, epoch, payloads),
+                    partial(self._append_channel, uuid, chan, address, frame, volume_id, epoch, payloads),
                 )
             )
         if not jobs:
