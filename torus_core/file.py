@@ -176,6 +176,8 @@ class File:
         self._superseded_sink: list[BlockRef] = []
         #: journaled files: refs superseded before the last commit, freed after the next one
         self._held_superseded: list[BlockRef] = []
+        #: journaled files: refs named by REF records made since the last commit
+        self._ref_named: set[BlockRef] = set()
         if not read_only:
             self._blockset.set_superseded_sink(self._superseded_sink)
         self._committed = inode.ref
@@ -678,13 +680,18 @@ class File:
     def _after_commit(self, inode: INode) -> None:
         """Hand the blocks ``inode`` no longer names to ``on_commit`` (errors only logged).
 
-        A journaled file hands superseded data blocks over one commit later: a journal record
-        numbered after this checkpoint's position may still name a block superseded before the
-        commit, and replay after a crash needs it until the next checkpoint covers that record.
+        A journaled file hands a superseded block over one commit later if a REF record made
+        since the previous commit names it: such a record may be numbered after this
+        checkpoint's position, and replay after a crash needs the block until the next
+        checkpoint covers that record. (Records made before the previous commit are all at or
+        below this checkpoint's position, which was taken after that commit.)
         """
         if self._journaled:
+            named = self._ref_named
             freed = [*self._held_superseded, *self._retired_inode_blocks]
-            self._held_superseded = list(self._superseded_sink)
+            freed += [r for r in self._superseded_sink if r not in named]
+            self._held_superseded = [r for r in self._superseded_sink if r in named]
+            self._ref_named = set()
         else:
             freed = [*self._superseded_sink, *self._retired_inode_blocks]
         self._superseded_sink.clear()
@@ -766,6 +773,7 @@ class File:
                     extents.append(Extent(i * bs, block_len))
                 else:
                     extents.append(Extent(i * bs, block_len, bref.to_bytes(), KIND_REF))
+                    self._ref_named.add(bref)
                     wrote_blocks = True
                 continue
             for s, e in segs:
