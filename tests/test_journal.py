@@ -298,58 +298,73 @@ JournaledVolumeMachine.TestCase.settings = settings(max_examples=25, stateful_st
 test_journaled_volume_state_machine = JournaledVolumeMachine.TestCase
 
 
-def test_flushes_append_no_metadata_and_a_crash_replays_every_flushed_write(tmp_path):
-    backend = SQLiteBackend.from_url(f"sqlite:///{tmp_path}/m.db", {})
-    md = MetadataService(backend)
-    md.format(BS, "crc,base")
-    md.create_volume("v", SIZE)
-    store = FileBlockStore.open(
-        BlockStoreConfig(block_size=BS, capacity_bytes=4 << 20, path=str(tmp_path / "b"))
+class Env:
+    """A formatted SQLite cluster with volume ``v``, a block store and a journal store."""
+
+    def __init__(self, tmp_path: Path, store) -> None:
+        self.backend = SQLiteBackend.from_url(f"sqlite:///{tmp_path}/m.db", {})
+        self.md = MetadataService(self.backend)
+        self.md.format(BS, "crc,base")
+        self.md.create_volume("v", SIZE)
+        self.store = store
+        self.js = JournalStore(tmp_path / "j")
+
+    def open(self, **journal_options) -> BlockVolume:
+        opts = {"checkpoint_interval": 3600.0, **journal_options}
+        return BlockVolume.open(
+            self.md, self.store, "v", journal=LocalJournalReplicas(self.js), journal_options=opts
+        )
+
+    def crash(self, vol: BlockVolume) -> None:
+        """Abandon ``vol`` as a SIGKILL would (no checkpoint, no unlock); its lease expires."""
+        vol.keeper.stop()
+        vol.journal.close()
+        vol.file.close()
+        self.md.leases.revoke(vol.lease)
+
+    def close(self) -> None:
+        self.js.close()
+        self.store.close()
+        self.backend.close()
+
+
+@pytest.fixture
+def env(tmp_path):
+    e = Env(
+        tmp_path,
+        FileBlockStore.open(
+            BlockStoreConfig(block_size=BS, capacity_bytes=4 << 20, path=str(tmp_path / "b"))
+        ),
     )
-    js = JournalStore(tmp_path / "j")
-    opts = {"checkpoint_interval": 3600.0}
-    vol = BlockVolume.open(md, store, "v", journal=LocalJournalReplicas(js), journal_options=opts)
+    yield e
+    e.close()
+
+
+def test_flushes_append_no_metadata_and_a_crash_replays_every_flushed_write(env):
+    vol = env.open()
     model = bytearray(SIZE)
     vol.write_at(SIZE - 1, b"\x01")  # the first write of a session reserves an INode number
     model[SIZE - 1] = 1
     vol.sync()
-    position = md.state().position
+    position = env.md.state().position
     for k in range(50):
         off = (k * 7919) % (SIZE - 100)
         vol.write_at(off, bytes([k + 1]) * 100)
         model[off : off + 100] = bytes([k + 1]) * 100
         vol.sync()
-    assert md.state().position == position  # no INode commit, no metadata append
+    assert env.md.state().position == position  # no INode commit, no metadata append
     vol.write_at(0, b"never flushed")
-    vol.keeper.stop()
-    vol.journal.close()
-    vol.file.close()
-    md.backend.leases.revoke(vol.lease)
-    again = BlockVolume.open(md, store, "v", journal=LocalJournalReplicas(js), journal_options=opts)
-    try:
+    env.crash(vol)
+    with env.open() as again:
         assert again.journal.replayed == 51
         assert again.read_at(0, SIZE) == bytes(model)
-    finally:
-        again.close()
-        js.close()
-        store.close()
-        backend.close()
 
 
-def test_blocks_named_by_records_past_a_checkpoint_survive_until_the_next_one(tmp_path):
+def test_blocks_named_by_records_past_a_checkpoint_survive_until_the_next_one(env):
     """A REF record numbered after a checkpoint's position may name a block that was superseded
     before that checkpoint committed: replay after a crash still needs it, so neither the
     writer's reclaim nor GC may free it before the next checkpoint."""
-    backend = SQLiteBackend.from_url(f"sqlite:///{tmp_path}/m.db", {})
-    md = MetadataService(backend)
-    md.format(BS, "crc,base")
-    md.create_volume("v", SIZE)
-    store = FileBlockStore.open(
-        BlockStoreConfig(block_size=BS, capacity_bytes=4 << 20, path=str(tmp_path / "b"))
-    )
-    js = JournalStore(tmp_path / "j")
-    opts = {"checkpoint_interval": 3600.0}
-    vol = BlockVolume.open(md, store, "v", journal=LocalJournalReplicas(js), journal_options=opts)
+    vol = env.open()
     vol.write_at(0, b"a" * BS)
     vol.sync()  # REF record 1 names block X1
     vol.write_at(0, b"b" * BS)
@@ -357,19 +372,10 @@ def test_blocks_named_by_records_past_a_checkpoint_survive_until_the_next_one(tm
     # a checkpoint whose position was taken before both records (as when they are journaled
     # while it runs) commits an INode naming X2 only
     vol.file.checkpoint(lambda: 0)
-    vol.keeper.stop()
-    vol.journal.close()
-    vol.file.close()
-    md.backend.leases.revoke(vol.lease)
-    again = BlockVolume.open(md, store, "v", journal=LocalJournalReplicas(js), journal_options=opts)
-    try:
+    env.crash(vol)
+    with env.open() as again:
         assert again.journal.replayed == 2
         assert again.read_at(0, BS) == b"b" * BS
-    finally:
-        again.close()
-        js.close()
-        store.close()
-        backend.close()
 
 
 def test_a_failed_flush_is_never_followed_by_a_flush_that_reports_success_without_the_data(tmp_path):
@@ -377,57 +383,31 @@ def test_a_failed_flush_is_never_followed_by_a_flush_that_reports_success_withou
 
     from torus_core.errors import OutOfSpace
 
-    backend = SQLiteBackend.from_url(f"sqlite:///{tmp_path}/m.db", {})
-    md = MetadataService(backend)
-    md.format(BS, "crc,base")
-    md.create_volume("v", SIZE)
-    store = MemBlockStore.open(BlockStoreConfig(block_size=BS, capacity_bytes=3 * BS))
-    js = JournalStore(tmp_path / "j")
-    vol = BlockVolume.open(md, store, "v", journal=LocalJournalReplicas(js))
+    small = Env(tmp_path, MemBlockStore.open(BlockStoreConfig(block_size=BS, capacity_bytes=3 * BS)))
+    vol = small.open()
     try:
         vol.write_at(0, b"w" * SIZE)  # whole blocks: a flush writes them as new blocks
         for _ in range(3):  # the writes are still not durable: every retry fails too
             with pytest.raises(OutOfSpace):
                 vol.sync()
     finally:
-        vol.keeper.stop()
-        vol.journal.close()
-        vol.file.close()
-        js.close()
-        store.close()
-        backend.close()
+        small.crash(vol)
+        small.close()
 
 
-def test_a_cleanly_closed_journaled_volume_leaves_no_superseded_blocks(tmp_path):
+def test_a_cleanly_closed_journaled_volume_leaves_no_superseded_blocks(env):
     from torus_core.refs import BlockType
 
-    backend = SQLiteBackend.from_url(f"sqlite:///{tmp_path}/m.db", {})
-    md = MetadataService(backend)
-    md.format(BS, "crc,base")
-    md.create_volume("v", SIZE)
-    store = FileBlockStore.open(
-        BlockStoreConfig(block_size=BS, capacity_bytes=4 << 20, path=str(tmp_path / "b"))
-    )
-    js = JournalStore(tmp_path / "j")
-    try:
-        for round_ in range(3):
-            vol = BlockVolume.open(md, store, "v", journal=LocalJournalReplicas(js))
+    for round_ in range(3):
+        with env.open() as vol:
             for k in range(6):
                 vol.write_at(0, bytes([round_ * 10 + k + 1]) * (2 * BS))  # whole blocks: REF records
                 vol.sync()
                 vol.checkpoint()
-            vol.close()
-        data = {r for r in store.iter_refs() if r.type == BlockType.DATA}
-        assert len(data) == 2  # exactly the two blocks the committed INode names
-        reopened = BlockVolume.open(md, store, "v", journal=LocalJournalReplicas(js))
-        try:
-            assert reopened.read_at(0, 2 * BS) == bytes([26]) * (2 * BS)
-        finally:
-            reopened.close()
-    finally:
-        js.close()
-        store.close()
-        backend.close()
+    data = {r for r in env.store.iter_refs() if r.type == BlockType.DATA}
+    assert len(data) == 2  # exactly the two blocks the committed INode names
+    with env.open() as reopened:
+        assert reopened.read_at(0, 2 * BS) == bytes([26]) * (2 * BS)
 
 
 def test_an_open_volumes_journal_never_grows_past_two_checkpoints(tmp_path):
