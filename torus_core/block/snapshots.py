@@ -15,7 +15,7 @@ import time
 
 from torus_core.block.volume import DEFAULT_LEASE_TTL, BlockVolume, check_store, default_owner
 from torus_core.blockstore import BlockStore
-from torus_core.errors import Again, InvalidArgument, NotExist, TorusError
+from torus_core.errors import Again, AlreadyExists, InvalidArgument, NotExist, TorusError
 from torus_core.file import File
 from torus_core.inode import VIRTUAL_INODE, INode, INodeStore
 from torus_core.metadata import MetadataService, SnapshotInfo, VolumeInfo
@@ -64,6 +64,12 @@ def create_snapshot(md: MetadataService, target: str, *, wait: float = SNAPSHOT_
         for info in md.list_snapshots(vol):
             if info.name == snap:
                 return info
+        if not md.lock_status(vol).locked:
+            # the writer closed meanwhile (folding its journal in): save it from here
+            try:
+                return md.save_snapshot(vol, snap)
+            except AlreadyExists:
+                continue  # the writer saved it after all
         if time.monotonic() >= deadline:
             raise Again(
                 f"snapshot {target} requested, but the volume's writer has not saved it within "

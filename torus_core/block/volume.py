@@ -394,6 +394,21 @@ class BlockVolume:
                 pass
         return len(names)
 
+    def _save_requested_snapshots(self) -> None:
+        """At close, after the final fold: save snapshots asked for since the watcher stopped."""
+        try:
+            names = self.md.snapshot_requests(self.volume_id)
+        except TorusError as exc:
+            log.warning("volume %r: reading snapshot requests at close: %s", self.name, exc)
+            return
+        for snap in names:
+            try:
+                self.md.save_snapshot(self.name, snap)
+            except AlreadyExists:
+                pass
+            except TorusError as exc:
+                log.warning("volume %r: saving requested snapshot %r at close: %s", self.name, snap, exc)
+
     def _watch_requests(self) -> None:
         while not self._stop_requests.wait(SNAPSHOT_REQUEST_POLL):
             if self._closed or self._lost.is_set():
@@ -427,6 +442,7 @@ class BlockVolume:
                         self.file.release_held()
                     else:
                         self.file.sync()
+                    self._save_requested_snapshots()
             finally:
                 self._closed = True
                 self.file.close()
