@@ -227,7 +227,12 @@ def fio(
             f"--iodepth={depth}", f"--size={size}", "--time_based", f"--runtime={runtime}",
             "--output-format=json", *extra,
         ]  # fmt: skip
-        out = subprocess.run(cmd, check=True, capture_output=True, text=True, timeout=runtime + 120).stdout
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=runtime + 120)
+        if proc.returncode != 0:
+            raise RuntimeError(
+                f"fio {rw} {bs} QD{depth} failed ({proc.returncode}): {proc.stderr.strip()[-500:]}"
+            )
+        out = proc.stdout
         job = json.loads(out[out.index("{") :])["jobs"][0]
         side = job["read"] if "read" in rw else job["write"]
         return float(side["iops"]) if metric == "iops" else side["bw_bytes"] / 1e6
