@@ -140,7 +140,7 @@ class Torusd:
 
     def start(self, want_peer: bool) -> Torusd:
         """Start and wait (bounded) for its NBD, HTTP (and PEER) LISTENING lines."""
-        from torus_core.cluster.procs import child_env
+        from torus_core.testing.procs import child_env
 
         self.data_dir.mkdir(parents=True, exist_ok=True)
         cmd = [sys.executable, "-m", "torus_core.cli.torusd", "--data-dir", str(self.data_dir), *self.args]
@@ -202,25 +202,15 @@ class Torusd:
             pass
         self.last_journal = disk_bytes(self.data_dir / "journal")
         self.peak_journal = max(self.peak_journal, self.last_journal)
-        self.peak_rss_kib = max(self.peak_rss_kib, status_kib(self.proc.pid, "VmHWM"))
+        from torus_core.testing.procs import proc_status_kib
+
+        self.peak_rss_kib = max(self.peak_rss_kib, proc_status_kib(self.proc.pid, "VmHWM"))
 
     def log_count(self, pattern: str) -> int:
         try:
             return sum(1 for line in self.log.read_text().splitlines() if pattern in line)
         except OSError:
             return 0
-
-
-def status_kib(pid: int, key: str) -> int:
-    """A ``/proc/PID/status`` field in KiB (0 if gone)."""
-    try:
-        with open(f"/proc/{pid}/status") as fh:
-            for line in fh:
-                if line.startswith(key + ":"):
-                    return int(line.split()[1])
-    except OSError:
-        pass
-    return 0
 
 
 def disk_bytes(path: Path) -> int:
@@ -234,7 +224,7 @@ def disk_bytes(path: Path) -> int:
 
 
 def ctl(metadata: str, *args: str, timeout: float = 120.0) -> str:
-    from torus_core.cluster.procs import torusctl
+    from torus_core.testing.procs import torusctl
 
     return torusctl(metadata, *args, timeout=timeout)
 
