@@ -116,6 +116,17 @@ def encode_record(volume_id: int, epoch: int, seq: int, extents: Sequence[Extent
     return head + _CRC.pack(crc32(body, crc32(head))) + body
 
 
+def record_id(buf: bytes | bytearray | memoryview) -> tuple[int, int, int]:
+    """``(volume_id, epoch, seq)`` from the header of an encoded record (not validated)."""
+    _m, _v, _f, _r, vol, epoch, seq, _n, _len = _HEADER.unpack_from(buf, 0)
+    return vol, epoch, seq
+
+
+def record_seq(buf: bytes | bytearray | memoryview) -> int:
+    """The sequence number in an encoded record's header."""
+    return record_id(buf)[2]
+
+
 def record_length(buf: bytes | bytearray | memoryview, pos: int = 0) -> int | None:
     """Total length of the whole, valid record at ``buf[pos:]``, or None if there is none."""
     if len(buf) - pos < HEADER_SIZE:

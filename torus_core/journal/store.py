@@ -30,7 +30,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from torus_core.errors import Closed, InvalidArgument, StaleEpoch
-from torus_core.journal.record import JournalRecord, decode_records, record_length
+from torus_core.journal.record import JournalRecord, decode_records, record_id, record_length, record_seq
 
 _EPOCH = struct.Struct("<Q")
 _SUFFIX = ".seg"
@@ -170,11 +170,6 @@ class _VolumeJournal:
             self.fd = -1
 
 
-def record_seq(payload: bytes) -> int:
-    """The sequence number in an encoded record's header."""
-    return int.from_bytes(payload[24:32], "little")
-
-
 class JournalStore:
     """Durable journal files of every volume this node holds a journal replica of.
 
@@ -220,9 +215,7 @@ class JournalStore:
         for p in payloads:
             if record_length(p) != len(p):
                 raise InvalidArgument("journal append: not a whole, valid record")
-            vol = int.from_bytes(p[8:16], "little")
-            rec_epoch = int.from_bytes(p[16:24], "little")
-            seq = record_seq(p)
+            vol, rec_epoch, seq = record_id(p)
             if vol != volume_id or rec_epoch != epoch:
                 raise InvalidArgument(f"journal append: record of volume {vol} epoch {rec_epoch}")
             if prev is not None and seq <= prev:

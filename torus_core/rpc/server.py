@@ -35,8 +35,8 @@ from torus_core.errors import (
     NotSupported,
     TorusError,
 )
-from torus_core.journal.record import encode_record
-from torus_core.journal.store import JournalStore, record_seq
+from torus_core.journal.record import encode_record, record_seq
+from torus_core.journal.store import JournalStore
 from torus_core.refs import VOLUME_MAX, BlockRef
 from torus_core.rpc import torus_storage_pb2 as pb
 from torus_core.rpc import torus_storage_pb2_grpc as pb_grpc
