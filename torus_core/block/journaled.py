@@ -154,9 +154,7 @@ class VolumeJournal:
         if self._failed:
             # an earlier flush failed after its writes left the file's unjournaled ranges (its
             # records were lost with the append): only a checkpoint makes them durable now
-            self.checkpoint()
-            writer.reset()
-            self._failed = False
+            self._flush_by_checkpoint(writer)
             return
         try:
             seq = self.file.take_journal(writer.submit)
@@ -172,12 +170,16 @@ class VolumeJournal:
                 "volume %r: journal append failed (%s); flushing through a checkpoint", self.name, exc
             )
             self._failed = True
-            self.checkpoint()
-            writer.reset()
-            self._failed = False
+            self._flush_by_checkpoint(writer)
             return
         if writer.bytes_since_checkpoint >= self.checkpoint_bytes:
             self._wake.set()
+
+    def _flush_by_checkpoint(self, writer: JournalWriter) -> None:
+        """Make everything durable by a checkpoint, then let the writer go on numbering."""
+        self.checkpoint()
+        writer.reset()
+        self._failed = False
 
     def _backpressure(self, writer: JournalWriter) -> None:
         self._wake.set()
