@@ -79,11 +79,11 @@ class SpaceGuard:
         self.enospc = 0
         self._logged: dict[str, float] = {}
 
-    def run(self, volume: BlockVolume, op: Callable[[], object]) -> None:
-        """Run ``op``; on OutOfSpace reclaim and retry, then log and re-raise."""
+    def run(self, volume: BlockVolume, op: Callable[..., object], *args: object) -> None:
+        """Run ``op(*args)``; on OutOfSpace reclaim and retry, then log and re-raise."""
         for attempt in range(self.attempts + 1):
             try:
-                op()
+                op(*args)
                 return
             except OutOfSpace as exc:
                 if self.reclaim is None or attempt == self.attempts or not self.reclaim():
@@ -160,15 +160,15 @@ class VolumeExport(Export):
         """Done on the event loop when it only touches the write-back cache or staging file."""
         return not fua and self.volume.write_nowait(offset, data)
 
-    def _guarded(self, op: Callable[[], object]) -> None:
+    def _guarded(self, op: Callable[..., object], *args: object) -> None:
         if self._space is None:
-            op()
+            op(*args)
         else:
-            self._space.run(self.volume, op)
+            self._space.run(self.volume, op, *args)
 
     def write(self, offset: int, data: Buffer, fua: bool) -> None:
         """Write; with ``fua`` also sync before returning."""
-        self._guarded(lambda: self.volume.write_at(offset, data))
+        self._guarded(self.volume.write_at, offset, data)
         if fua:
             self._guarded(self.volume.sync)
 
@@ -178,7 +178,7 @@ class VolumeExport(Export):
 
     def trim(self, offset: int, length: int) -> None:
         """Discard: whole blocks become holes."""
-        self._guarded(lambda: self.volume.trim(offset, length))
+        self._guarded(self.volume.trim, offset, length)
 
     def write_zeroes(self, offset: int, length: int, may_trim: bool) -> None:
         """Zero a range, punching holes when allowed."""

@@ -176,10 +176,7 @@ class BlockVolume:
                     raise
 
             def free_superseded(_ref: INodeRef, refs: list[BlockRef]) -> None:
-                if holder:
-                    holder[0]._free_superseded(refs)
-                else:
-                    free_superseded_blocks(md, store, vid, refs)
+                holder[0]._free_superseded(refs)  # no commit happens before the volume exists
 
             file = File.open(
                 store,
