@@ -22,7 +22,7 @@ from __future__ import annotations
 import threading
 from bisect import bisect_left
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from typing import Any
+from typing import Any, Protocol, cast
 
 from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics
 from prometheus_client.core import (
@@ -32,14 +32,18 @@ from prometheus_client.core import (
     InfoMetricFamily,
 )
 from prometheus_client.metrics_core import Metric
-from prometheus_client.registry import Collector
+from prometheus_client.registry import Collector as Collector  # re-exported for the collectors' users
 from prometheus_client.utils import floatToGoString
 
 from torus_core import __version__
 from torus_core.errors import TorusError
 
+# prometheus_client leaves these two unannotated; their types, once, here.
+_disable_created_metrics = cast(Callable[[], None], disable_created_metrics)
+_float_to_go_string = cast(Callable[[float], str], floatToGoString)
+
 # ``*_created`` series (a timestamp per counter/histogram) double the scrape for no use here.
-disable_created_metrics()
+_disable_created_metrics()
 
 #: Latency buckets for requests served from memory up to slow syncs (100 µs .. 10 s).
 LATENCY_BUCKETS = (
@@ -195,7 +199,7 @@ class NBDCollector(Collector):
             cumulative, buckets = 0, []
             for bound, n in zip((*h.bounds, float("inf")), h.counts, strict=True):
                 cumulative += n
-                buckets.append((floatToGoString(bound), cumulative))
+                buckets.append((_float_to_go_string(bound), cumulative))
             hist.add_metric([cmd], buckets, h.sum)
         yield hist
         err = CounterMetricFamily(
@@ -358,13 +362,22 @@ GC_DEAD_BLOCKS = Gauge(
 # --- collectors bound to one server --------------------------------------------------------------
 
 
+class StoreCapacity(Protocol):
+    """What :class:`StoreCollector` reads (a :class:`~torus_core.blockstore.BlockStore` has it)."""
+
+    @property
+    def block_size(self) -> int: ...
+    def num_blocks(self) -> int: ...
+    def used_blocks(self) -> int: ...
+
+
 class StoreCollector(Collector):
     """Capacity and usage of a block store, read at scrape time.
 
     :param store: anything with ``block_size``, ``num_blocks()`` and ``used_blocks()``.
     """
 
-    def __init__(self, store: Any) -> None:
+    def __init__(self, store: StoreCapacity) -> None:
         self.store = store
 
     def collect(self) -> Iterator[Metric]:

@@ -35,6 +35,7 @@ from __future__ import annotations
 import struct
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import cast
 
 from torus_core.crc32 import crc32
 from torus_core.errors import InvalidArgument
@@ -50,6 +51,8 @@ _HEADER = struct.Struct("<4sBBHQQQII")  # without the CRC
 _CRC = struct.Struct("<I")
 _EXTENT = struct.Struct("<QIB3x")
 HEADER_SIZE = _HEADER.size + _CRC.size
+#: ``_HEADER`` unpacked: magic, version, flags, reserved, volume_id, epoch, seq, n_extents, body_len.
+_HeaderFields = tuple[bytes, int, int, int, int, int, int, int, int]
 #: Upper bound of one record's body (a FLUSH after writing this much makes several records).
 MAX_BODY = 64 * 1024 * 1024
 
@@ -116,9 +119,19 @@ def encode_record(volume_id: int, epoch: int, seq: int, extents: Sequence[Extent
     return head + _CRC.pack(crc32(body, crc32(head))) + body
 
 
+def _unpack_header(buf: bytes | bytearray | memoryview, pos: int) -> _HeaderFields:
+    """The header fields of the record at ``buf[pos:]`` (not validated)."""
+    return cast(_HeaderFields, _HEADER.unpack_from(buf, pos))
+
+
+def _unpack_extent(buf: memoryview, pos: int) -> tuple[int, int, int]:
+    """``(offset, length, kind)`` of the extent header at ``buf[pos:]``."""
+    return cast(tuple[int, int, int], _EXTENT.unpack_from(buf, pos))
+
+
 def record_id(buf: bytes | bytearray | memoryview) -> tuple[int, int, int]:
     """``(volume_id, epoch, seq)`` from the header of an encoded record (not validated)."""
-    _m, _v, _f, _r, vol, epoch, seq, _n, _len = _HEADER.unpack_from(buf, 0)
+    _m, _v, _f, _r, vol, epoch, seq, _n, _len = _unpack_header(buf, 0)
     return vol, epoch, seq
 
 
@@ -131,7 +144,7 @@ def record_length(buf: bytes | bytearray | memoryview, pos: int = 0) -> int | No
     """Total length of the whole, valid record at ``buf[pos:]``, or None if there is none."""
     if len(buf) - pos < HEADER_SIZE:
         return None
-    magic, version, _flags, _res, _vol, _epoch, _seq, _n, body_len = _HEADER.unpack_from(buf, pos)
+    magic, version, _flags, _res, _vol, _epoch, _seq, _n, body_len = _unpack_header(buf, pos)
     if magic != MAGIC or version != VERSION or body_len > MAX_BODY:
         return None
     end = pos + HEADER_SIZE + body_len
@@ -153,14 +166,14 @@ def decode_record(buf: bytes | bytearray | memoryview) -> JournalRecord:
 
 
 def _decode_valid(mv: memoryview, pos: int) -> JournalRecord:
-    _m, _v, _f, _r, vol, epoch, seq, n_ext, body_len = _HEADER.unpack_from(mv, pos)
+    _m, _v, _f, _r, vol, epoch, seq, n_ext, body_len = _unpack_header(mv, pos)
     body = pos + HEADER_SIZE
     if n_ext * _EXTENT.size > body_len:
         raise InvalidArgument("journal record: extent table exceeds the body")
     data_pos = body + n_ext * _EXTENT.size
     extents = []
     for k in range(n_ext):
-        off, length, kind = _EXTENT.unpack_from(mv, body + k * _EXTENT.size)
+        off, length, kind = _unpack_extent(mv, body + k * _EXTENT.size)
         if kind == KIND_ZERO:
             extents.append(Extent(off, length))
         elif kind in (KIND_DATA, KIND_REF):

@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol, TypeVar, cast
 
 import grpc
 
@@ -32,6 +32,36 @@ _PUT_BLOCKS = "/torus.rpc.v1.TorusStorage/PutBlocks"
 _JOURNAL_APPEND = "/torus.rpc.v1.TorusStorage/JournalAppend"
 
 BlockData = bytes | bytearray | memoryview
+
+_Req = TypeVar("_Req")
+_Resp = TypeVar("_Resp")
+_Req_contra = TypeVar("_Req_contra", contravariant=True)
+_Resp_co = TypeVar("_Resp_co", covariant=True)
+
+
+class _Call(Protocol[_Req_contra, _Resp_co]):
+    """One blocking gRPC call (a multi-callable of the channel) as this module uses it."""
+
+    def __call__(self, request: _Req_contra, /, *, timeout: float) -> _Resp_co: ...
+
+
+class _StorageStub(Protocol):
+    """The typed face of the generated (unannotated) ``TorusStorageStub``."""
+
+    GetBlock: _Call[pb.GetBlockRequest, pb.GetBlockResponse]
+    PutBlockStream: _Call[Iterable[pb.PutBlocksRequest], pb.PutBlocksResponse]
+    Flush: _Call[pb.FlushRequest, pb.FlushResponse]
+    RebalanceCheck: _Call[pb.RebalanceCheckRequest, pb.RebalanceCheckResponse]
+    Ping: _Call[pb.PingRequest, pb.PingResponse]
+    JournalFence: _Call[pb.JournalFenceRequest, pb.JournalFenceResponse]
+    JournalRead: _Call[pb.JournalReadRequest, Iterator[pb.JournalReadResponse]]
+    JournalTrim: _Call[pb.JournalTrimRequest, pb.JournalTrimResponse]
+
+
+def _storage_stub(channel: Any) -> _StorageStub:
+    """The generated stub over ``channel`` (a ``grpc.Channel``; grpc ships no type hints)."""
+    new_stub = cast(Callable[[Any], _StorageStub], pb_grpc.TorusStorageStub)
+    return new_stub(channel)
 
 
 @dataclass(frozen=True)
@@ -74,19 +104,19 @@ class PeerClient:
             if tls.server_name:
                 options.append(("grpc.ssl_target_name_override", tls.server_name))
             self._channel = grpc.secure_channel(self.address, tls.channel_credentials(), options=options)
-        self._stub = pb_grpc.TorusStorageStub(self._channel)
+        self._stub = _storage_stub(self._channel)
         # requests are already serialized (torus_core.rpc.wire): no message object, no copy
-        self._put_raw = self._channel.unary_unary(
+        self._put_raw: _Call[bytes, pb.PutBlocksResponse] = self._channel.unary_unary(
             _PUT_BLOCKS, request_serializer=None, response_deserializer=pb.PutBlocksResponse.FromString
         )
-        self._journal_append_raw = self._channel.unary_unary(
+        self._journal_append_raw: _Call[bytes, pb.JournalAppendResponse] = self._channel.unary_unary(
             _JOURNAL_APPEND,
             request_serializer=None,
             response_deserializer=pb.JournalAppendResponse.FromString,
         )
         self._closed = False
 
-    def _call(self, method: str, fn: Any, request: Any, timeout: float) -> Any:
+    def _call(self, method: str, fn: _Call[_Req, _Resp], request: _Req, timeout: float) -> _Resp:
         if self._closed:
             raise Closed(f"client for {self.address} is closed")
         t0 = time.perf_counter()
@@ -269,14 +299,13 @@ class PeerClient:
         _check_u64(volume_id=volume_id, after_seq=after_seq)
         req = pb.JournalReadRequest(volume_id=volume_id, after_seq=after_seq)
 
-        def read_all(request: pb.JournalReadRequest, timeout: float) -> list[bytes]:
+        def read_all(request: pb.JournalReadRequest, /, *, timeout: float) -> list[bytes]:
             out: list[bytes] = []
             for msg in self._stub.JournalRead(request, timeout=timeout):
                 out.extend(msg.records)
             return out
 
-        result: list[bytes] = self._call("JournalRead", read_all, req, timeout or self.timeouts.journal)
-        return result
+        return self._call("JournalRead", read_all, req, timeout or self.timeouts.journal)
 
     def journal_trim(
         self, volume_id: int, epoch: int, through_seq: int, *, timeout: float | None = None

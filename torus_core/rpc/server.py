@@ -22,7 +22,7 @@ import uuid as uuidlib
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from concurrent import futures
-from typing import Any, NoReturn, TypeVar
+from typing import Any, NoReturn, TypeVar, cast
 
 import grpc
 
@@ -343,7 +343,11 @@ def _add_servicer(servicer: StorageServicer, server: Any) -> None:
     """Register the generated handlers, except that PutBlocks requests are decoded by
     :func:`~torus_core.rpc.wire.decode_put_blocks` (blocks as views, not copies)."""
     capture = _HandlerCapture()
-    pb_grpc.add_TorusStorageServicer_to_server(servicer, capture)
+    # the generated function is unannotated; it only calls the capture's two methods
+    add_to_server = cast(
+        Callable[[StorageServicer, _HandlerCapture], None], pb_grpc.add_TorusStorageServicer_to_server
+    )
+    add_to_server(servicer, capture)
     handlers = capture.handlers
     handlers["PutBlocks"] = grpc.unary_unary_rpc_method_handler(
         servicer.PutBlocks,
