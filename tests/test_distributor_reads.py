@@ -56,7 +56,7 @@ def test_a_ranged_read_with_a_full_cache_fetches_only_the_range(cluster: LocalCl
     client.get_block(other)  # the cache is now full
     assert client.read_block_range(ref, 100, 200) == data(0)[100:300]
     assert client.stats.ranged_reads == 1
-    assert client._prefetcher.started == 0  # no whole-block fetch behind it
+    assert client.reads.prefetcher.started == 0  # no whole-block fetch behind it
     assert ref not in client.cache
 
 
@@ -183,7 +183,7 @@ def test_random_misses_do_not_read_ahead(cluster: LocalCluster) -> None:
     seed_blocks(cluster, refs)
     for ref in refs:
         client.get_block(ref)
-    assert client._prefetcher.started == 0
+    assert client.reads.prefetcher.started == 0
 
 
 # --- flush of a lone small write ----------------------------------------------------------------
@@ -193,8 +193,8 @@ def test_a_write_followed_by_a_flush_is_written_durably_by_the_flush_in_one_roun
     cluster: LocalCluster,
 ) -> None:
     client = cluster.client(timeouts=FAST, write_behind=True)
-    assert client._wb is not None
-    client._wb.linger = 5.0  # the workers leave a lone block queued; the flush takes it
+    assert client.replication.write_behind is not None
+    client.replication.write_behind.linger = 5.0  # the workers leave a lone block queued; the flush takes it
     for server in cluster.servers.values():
         server.stats.reset()
     ref = BlockRef(6, 1, 1)
@@ -210,15 +210,15 @@ def test_a_batch_larger_than_the_linger_threshold_is_replicated_without_a_flush(
     cluster: LocalCluster,
 ) -> None:
     client = cluster.client(timeouts=FAST, write_behind=True)
-    assert client._wb is not None
-    client._wb.linger = 5.0
-    client._wb.batch_bytes = 2 * BS  # two queued blocks fill a batch: no lingering
+    assert client.replication.write_behind is not None
+    client.replication.write_behind.linger = 5.0
+    client.replication.write_behind.batch_bytes = 2 * BS  # two queued blocks fill a batch: no lingering
     refs = [BlockRef(6, 2, i) for i in range(2)]
     client.write_blocks([(r, data(i)) for i, r in enumerate(refs)])
     end = time.monotonic() + 4
-    while time.monotonic() < end and client._wb.pending_bytes:
+    while time.monotonic() < end and client.replication.write_behind.pending_bytes:
         time.sleep(0.01)
-    assert client._wb.pending_bytes == 0
+    assert client.replication.write_behind.pending_bytes == 0
     assert all(cluster.holders(r) == set(cluster.ring.get_peers(r).owners) for r in refs)
 
 
@@ -229,7 +229,7 @@ def test_without_a_read_cache_nothing_is_fetched_ahead(cluster: LocalCluster) ->
     calls = get_calls(cluster)
     assert [client.get_block(r) for r in refs] == [data(i) for i in range(5)]
     assert client.prefetch(refs) == 0
-    assert client._prefetcher.started == 0
+    assert client.reads.prefetcher.started == 0
     assert get_calls(cluster) - calls == 5  # one GetBlock per read, none wasted
 
 
@@ -260,9 +260,9 @@ def test_with_a_full_cache_a_block_read_by_range_twice_is_pulled_into_the_cache(
     seed_blocks(cluster, [ref, other])
     client.get_block(other)  # the cache is now full
     client.read_block_range(ref, 0, 16)
-    assert client._prefetcher.started == 0  # once: stays ranged
+    assert client.reads.prefetcher.started == 0  # once: stays ranged
     client.read_block_range(ref, 16, 16)
-    assert client._prefetcher.started == 1  # again: worth caching
+    assert client.reads.prefetcher.started == 1  # again: worth caching
     end = time.monotonic() + 4
     while time.monotonic() < end and ref not in client.cache:
         time.sleep(0.01)

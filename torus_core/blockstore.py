@@ -87,6 +87,9 @@ class BlockStore(ABC):
     name: ClassVar[str]
     #: True if blocks survive a process restart.
     persistent: ClassVar[bool] = False
+    #: True if :meth:`prefetch` fetches anything (blocks that live elsewhere, e.g. on peers);
+    #: callers skip working out which blocks will be read next when it is False.
+    prefetches: ClassVar[bool] = False
 
     @classmethod
     @abstractmethod
@@ -131,6 +134,11 @@ class BlockStore(ABC):
     @abstractmethod
     def delete_block(self, ref: BlockRef) -> None:
         """Remove ``ref`` and free its space."""
+
+    def prefetch(self, refs: Iterable[BlockRef]) -> int:
+        """Start fetching ``refs`` (blocks read soon) in the background; returns how many
+        fetches started. A store whose blocks are all local has nothing to fetch: 0."""
+        return 0
 
     def discard_blocks(self, refs: Iterable[BlockRef]) -> int:
         """Free blocks that no INode will name again (a writer's superseded blocks, right after
