@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 from torus_blockstore_mem.store import MemBlockStore
 
 from torus_core.blockset.base import BaseLayer
@@ -13,21 +15,29 @@ BS = 4 * 4096
 VOL = 11
 
 
-class PrefetchingStore(MemBlockStore):
-    """A memory store with the Distributor's ``prefetch(refs)`` hint, recording every call."""
+class RecordingStore(MemBlockStore):
+    """A memory store recording every ``prefetch(refs)`` call; declares no prefetching."""
 
     def __init__(self, block_size: int, capacity: int) -> None:
         super().__init__(block_size, capacity)
         self.prefetched: list[list[BlockRef]] = []
 
-    def prefetch(self, refs: list[BlockRef]) -> int:
+    def prefetch(self, refs: Iterable[BlockRef]) -> int:
         """Record the hint; nothing to fetch in memory."""
         self.prefetched.append(list(refs))
         return 0
 
 
-def _volume(blocks: int) -> tuple[FileVolume, PrefetchingStore]:
-    store = PrefetchingStore(BS, 10_000)
+class PrefetchingStore(RecordingStore):
+    """Declares the Distributor's capability: its ``prefetch(refs)`` hint fetches."""
+
+    prefetches = True
+
+
+def _volume(
+    blocks: int, store_class: type[RecordingStore] = PrefetchingStore
+) -> tuple[FileVolume, RecordingStore]:
+    store = store_class(BS, 10_000)
     vol = FileVolume(store, VOL, blocks * BS)
     f = vol.open()
     for i in range(blocks):
@@ -58,6 +68,14 @@ def test_sequential_reads_name_the_next_stored_blocks_to_prefetch() -> None:
     assert len(store.prefetched) == 2
     f.read_at(19 * BS, BS)  # continues, but nothing stored lies beyond the last block
     assert len(store.prefetched) == 2
+
+
+def test_a_store_that_declares_no_prefetching_gets_no_hints() -> None:
+    vol, store = _volume(12, RecordingStore)
+    f = vol.open()
+    for i in range(6):
+        f.read_at(i * BS, BS)
+    assert store.prefetched == []  # a sequential run, but the store says hints are useless
 
 
 def test_random_reads_never_prefetch() -> None:

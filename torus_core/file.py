@@ -203,8 +203,10 @@ class File:
         self._journaled = journaled
         #: byte ranges of the file written since the last take_journal (journaled files only)
         self._unjournaled = _Ranges()
-        #: the store's read-ahead hint (``Distributor.prefetch``), if it has one
-        self._prefetch: Callable[[list[BlockRef]], object] | None = getattr(store, "prefetch", None)
+        #: the store's read-ahead hint (``Distributor.prefetch``), if it declares one that fetches
+        self._prefetch: Callable[[list[BlockRef]], object] | None = (
+            store.prefetch if store.prefetches else None
+        )
         #: last block of the previous read (sequential-access detection for read-ahead)
         self._last_read_block = -2
 
