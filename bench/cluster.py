@@ -2,7 +2,7 @@
 """Benchmark a torus cluster on loopback against single-node torus and ``nbdkit file``, in one run.
 
     .venv/bin/python bench/cluster.py [--quick] [--size 128MiB] [--runtime 5] [--block-size 512KiB]
-                                      [--only "single,3p R2"]
+                                      [--only "single,3p R2"] [--baseline DIR]
 
 Configurations (each on a fresh etcd): ``nbdkit file`` (reference), single-node torus (one
 ``torusd`` peer, R=1), then three ``torusd`` peers with R = 1, 2, 3. Workloads through the first
@@ -13,6 +13,10 @@ to single-node torus and to nbdkit. Then, for R=2: a peer is SIGKILLed and remov
 with nothing under-replicated gives the re-replication rate (MB/s of the dead peer's data).
 Peak RSS of all torus processes together is reported per configuration. The Ceph RBD figures
 are a constant reference column (from the task brief), not measured here.
+
+``--baseline DIR`` (a checkout of another commit, e.g. ``git worktree add /tmp/base v1``) also
+measures every torus configuration with that tree's ``torusd``/``torusctl``, right before this
+tree's, and prints this tree's figures as a ratio to it: a change's before/after in one run.
 
 All processes are started and stopped by PID; every wait is bounded.
 """
@@ -32,14 +36,20 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 # this tree's code (and its plugins), whatever the environment's editable installs point at;
-# the torusd children get the same paths (torus_core.cluster.procs.child_env)
+# the torusd children get the same paths (torus_core.testing.procs.child_env)
 for _path in [*sorted(ROOT.glob("plugins/torus_*")), ROOT]:
     sys.path.insert(0, str(_path))
 
 from torus_core.cluster.peerinfo import parse_peers  # noqa: E402
-from torus_core.cluster.procs import TorusdProcess, peak_rss_kib, torusctl, wait_for  # noqa: E402
 from torus_core.metadata import MetadataService  # noqa: E402
 from torus_core.plugins import make_plugin_manager  # noqa: E402
+from torus_core.testing.procs import (  # noqa: E402
+    TorusdProcess,
+    children_run_tree,
+    peak_rss_kib,
+    torusctl,
+    wait_for,
+)
 from torus_core.testing.services import etcd_service, free_port  # noqa: E402
 from torus_core.units import parse_size  # noqa: E402
 
@@ -239,6 +249,12 @@ def main(argv: list[str] | None = None) -> int:
         default="single,3p R1,3p R2,3p R3",
         help="comma-separated torus configurations to measure (nbdkit is always measured)",
     )
+    ap.add_argument(
+        "--baseline",
+        type=Path,
+        default=None,
+        help="another torus checkout: measure each configuration with it too (before/after)",
+    )
     args = ap.parse_args(argv)
     only = {c.strip() for c in args.only.split(",")}
     if "single" not in only:
@@ -260,15 +276,26 @@ def main(argv: list[str] | None = None) -> int:
         columns["nbdkit"] = measure_nbdkit(work, size, tmp)
         recovery = None
         configs = (("single", 1, 1), ("3p R1", 3, 1), ("3p R2", 3, 2), ("3p R3", 3, 3))
+        base_recovery = None
         for label, peers, rep in [c for c in configs if c[0] in only]:
+            with_recovery = rep == 2 and peers == 3
+            if args.baseline is not None:
+                print(f"measuring torus {label} with the baseline {args.baseline} ...")
+                with children_run_tree(args.baseline.resolve()):
+                    figures, peak, rate = measure_torus(
+                        work, size, tmp, peers, rep, args.block_size, recovery=with_recovery
+                    )
+                columns[label + " base"], rss[label + " base"] = figures, peak
+                base_recovery = rate if rate is not None else base_recovery
             print(f"measuring torus {label} ...")
             figures, peak, rate = measure_torus(
-                work, size, tmp, peers, rep, args.block_size, recovery=(rep == 2 and peers == 3)
+                work, size, tmp, peers, rep, args.block_size, recovery=with_recovery
             )
             columns[label], rss[label] = figures, peak
             if rate is not None:
                 recovery = rate
-        labels = list(columns)
+        labels = [lab for lab in columns if not lab.endswith(" base")]
+        based = [lab for lab in labels if lab + " base" in columns]
         print()
         head = f"{'workload':<28}" + "".join(f"{lab:>10}" for lab in labels)
         head += "".join(f"{lab + '/1n':>11}" for lab in labels[2:]) + "".join(
@@ -282,10 +309,24 @@ def main(argv: list[str] | None = None) -> int:
             row += "".join(f"{columns[lab][name] / single:>11.2f}" for lab in labels[2:])
             row += "".join(f"{columns[lab][name] / kit:>11.2f}" for lab in labels[1:])
             print(row + f"{CEPH[name]:>12}")
+        if based:
+            print()
+            print(
+                f"{'before/after':<28}"
+                + "".join(f"{lab + ' base':>14}{lab:>10}{'ratio':>8}" for lab in based)
+            )
+            for name, _ in work:
+                row = f"{name:<28}"
+                for lab in based:
+                    before, after = columns[lab + " base"][name], columns[lab][name]
+                    row += f"{before:>14.1f}{after:>10.1f}{after / (before or float('nan')):>8.2f}"
+                print(row)
         print()
         print("peak RSS of all torusd processes (MiB): " + ", ".join(f"{k} {v:.0f}" for k, v in rss.items()))
         if recovery is not None:
             print(f"re-replication after a peer removal (R=2): {recovery:.1f} MB/s   (Ceph RBD: 10-20 MiB/s)")
+        if base_recovery is not None:
+            print(f"re-replication with the baseline: {base_recovery:.1f} MB/s")
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return 0

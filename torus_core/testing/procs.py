@@ -9,6 +9,7 @@ same ports. :func:`torusctl` runs the admin CLI as a subprocess with a timeout.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import os
 import signal
@@ -16,7 +17,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from importlib.metadata import entry_points
 from pathlib import Path
@@ -29,12 +30,38 @@ START_TIMEOUT = 30.0
 STOP_TIMEOUT = 15.0
 
 
+#: Import roots children use instead of this process's (see :func:`children_run_tree`).
+_tree_override: list[str] | None = None
+
+
+def tree_paths(root: Path) -> list[str]:
+    """Import roots of the torus checkout at ``root``: its plugins' packages, then core."""
+    return [str(p) for p in sorted(root.glob("plugins/torus_*"))] + [str(root)]
+
+
+@contextlib.contextmanager
+def children_run_tree(root: Path) -> Iterator[None]:
+    """Children started inside this block run the torus checkout at ``root`` (core and plugins)
+    instead of this process's code: a benchmark measures two commits in one run."""
+    global _tree_override
+    if not (root / "torus_core" / "__init__.py").is_file():
+        raise FileNotFoundError(f"{root} is not a torus checkout (no torus_core/__init__.py)")
+    previous, _tree_override = _tree_override, tree_paths(root)
+    try:
+        yield
+    finally:
+        _tree_override = previous
+
+
 def source_paths() -> list[str]:
     """Import roots of the ``torus_core`` and plugin packages this process runs.
 
     Children get them first on ``PYTHONPATH`` (:func:`child_env`), so a ``torusd`` started from a
     test or a benchmark runs the very code the caller imported -- not whatever tree the
-    environment's editable installs happen to point at."""
+    environment's editable installs happen to point at (inside :func:`children_run_tree`: that
+    tree's)."""
+    if _tree_override is not None:
+        return list(_tree_override)
     roots: list[str] = []
     names = ["torus_core"]
     for ep in entry_points(group="torus"):
