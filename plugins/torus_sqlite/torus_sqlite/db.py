@@ -11,7 +11,7 @@ from __future__ import annotations
 import sqlite3
 import threading
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from typing import Any
 
 from sqlalchemy import Connection, Engine, create_engine, event
@@ -89,7 +89,7 @@ class Database:
                 raise
             conn.exec_driver_sql("COMMIT")
 
-    def write(self) -> Any:
+    def write(self) -> AbstractContextManager[Connection]:
         """Context manager: a ``BEGIN IMMEDIATE`` transaction (holds the write lock)."""
         return self._tx("BEGIN IMMEDIATE")
 
@@ -127,7 +127,7 @@ class Database:
                     self._writer = None
                     conn.close()
 
-    def read(self) -> Any:
+    def read(self) -> AbstractContextManager[Connection]:
         """Context manager: a deferred read transaction (one consistent snapshot)."""
         return self._tx("BEGIN")
 
