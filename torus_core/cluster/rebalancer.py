@@ -37,12 +37,13 @@ from dataclasses import dataclass, field, replace
 from torus_core import metrics
 from torus_core.blockstore import BlockStore
 from torus_core.cluster.peerinfo import RebalanceInfo
+from torus_core.distributor.peercalls import PeerCalls
 from torus_core.distributor.peers import PeerDirectory
-from torus_core.errors import BlockNotExist, InvalidArgument, PeerUnavailable, TorusError
+from torus_core.errors import BlockNotExist, InvalidArgument, TorusError
 from torus_core.gc import LiveSet
 from torus_core.refs import BlockRef
 from torus_core.ring.base import Ring
-from torus_core.rpc.client import PeerClientPool
+from torus_core.rpc.client import PeerClient, PeerClientPool
 
 log = logging.getLogger(__name__)
 
@@ -166,6 +167,7 @@ class Rebalancer:
         self.directory = directory
         self.pool = pool
         self.options = options or RebalanceOptions()
+        self.calls = PeerCalls(directory, pool, suspect_seconds=self.options.check_timeout)
         self._info = RebalanceInfo()
         self._info_lock = threading.Lock()
         self._ring_version = -1
@@ -372,12 +374,11 @@ class Rebalancer:
         result: PassResult,
         limiter: RateLimiter,
     ) -> None:
-        address = self.directory.address(uuid)
-        if address is None:
+        if not self.calls.dialable(uuid):
             failed.update(refs)
             return
-        client = self.pool.get(address)
-        try:
+
+        def sync(client: PeerClient) -> None:
             has = client.rebalance_check(refs, timeout=self.options.check_timeout)
             missing: list[BlockRef] = []
             for ref, held in zip(refs, has, strict=True):
@@ -411,8 +412,9 @@ class Rebalancer:
                     confirmed[ref].add(uuid)
                 else:
                     failed.add(ref)
+
+        try:
+            self.calls.call(uuid, sync)
         except TorusError as exc:
-            if isinstance(exc, PeerUnavailable):
-                self.pool.reset(address)
             log.info("rebalance to %s failed (blocks kept): %s", uuid, exc)
             failed.update(r for r in refs if uuid not in confirmed[r])
