@@ -64,6 +64,8 @@ class PeerCalls:
 
     def is_suspect(self, uuid: str) -> bool:
         """Whether ``uuid`` failed within the last ``suspect_seconds``."""
+        if not self._suspects:  # the common case, on every append and read: no lock
+            return False
         with self._lock:
             until = self._suspects.get(uuid)
             if until is None:

@@ -42,6 +42,7 @@ from concurrent.futures import Future, ThreadPoolExecutor, wait
 from functools import partial
 from typing import TypeVar
 
+from torus_core.distributor.peercalls import PeerCalls
 from torus_core.distributor.peers import PeerDirectory
 from torus_core.errors import (
     InvalidArgument,
@@ -213,7 +214,7 @@ class RemoteJournalReplicas:
         self.suspect_seconds = float(suspect)
         self._placements: dict[int, _Placement] = {}
         self._clients: dict[str, PeerClient] = {}
-        self._suspects: dict[str, float] = {}
+        self.calls = PeerCalls(peers, pool, self.suspect_seconds)
         self._lock = threading.Lock()
         self._max_workers = max_workers
         self._executor: ThreadPoolExecutor | None = None
@@ -311,26 +312,10 @@ class RemoteJournalReplicas:
             self._channel_off[uuid] = time.monotonic() + self.suspect_seconds
             self._client(address).journal_append(volume_id, epoch, payloads, timeout=self.timeout)
 
-    def _suspect(self, uuid: str) -> None:
-        with self._lock:
-            self._suspects[uuid] = time.monotonic() + self.suspect_seconds
-
-    def _is_suspect(self, uuid: str) -> bool:
-        if not self._suspects:
-            return False
-        with self._lock:
-            until = self._suspects.get(uuid)
-            if until is None:
-                return False
-            if until <= time.monotonic():
-                del self._suspects[uuid]
-                return False
-            return True
-
     def _usable(self, uuid: str) -> bool:
         if uuid == self.self_uuid:
             return self.local is not None
-        return self.peers.address(uuid) is not None
+        return self.calls.dialable(uuid)
 
     def _pick(self, perm: Sequence[str], tried: set[str], k: int) -> list[str]:
         """The next ``k`` untried, usable peers of ``perm``; suspects only as a last resort."""
@@ -344,7 +329,7 @@ class RemoteJournalReplicas:
             tried.add(uuid)
             if not self._usable(uuid):
                 continue
-            if self._is_suspect(uuid):
+            if self.calls.is_suspect(uuid):
                 later.append(uuid)
             else:
                 picked.append(uuid)
@@ -357,7 +342,7 @@ class RemoteJournalReplicas:
 
     def _failed(self, uuid: str, address: str | None, exc: BaseException) -> None:
         if isinstance(exc, PeerUnavailable):
-            self._suspect(uuid)
+            self.calls.suspect(uuid)
             if address is not None:
                 try:
                     self.pool.reset(address)
