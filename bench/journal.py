@@ -167,7 +167,7 @@ def e2e(seconds: float) -> None:
         for p in peers:
             p.stop()
         if md is not None:
-            md.backend.close()
+            md.close()
         etcd.stop()
         shutil.rmtree(root, ignore_errors=True)
     print(f"load average: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")

@@ -340,6 +340,10 @@ class MetadataService:
         """
         return self.backend.leases
 
+    def close(self) -> None:
+        """Close the backend (its connections and lease keep-alives); the service is unusable after."""
+        self.backend.close()
+
     def _append(self, *events: NewEvent) -> list[int]:
         batch = list(events)
         with self._append_seconds.time():

@@ -78,7 +78,7 @@ class Cluster:
     def close(self) -> None:
         for p in self.peers:
             p.stop()
-        self.md.backend.close()
+        self.md.close()
 
 
 @pytest.fixture

@@ -137,7 +137,7 @@ class Cluster:
     def close(self) -> None:
         for p in self.peers:
             p.stop()
-        self.md.backend.close()
+        self.md.close()
 
 
 def _live_blocks(md: MetadataService) -> tuple[LiveSet, set[BlockRef]]:

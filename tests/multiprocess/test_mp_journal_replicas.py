@@ -59,7 +59,7 @@ class _Peers:
     def close(self) -> None:
         for p in self.peers:
             p.stop()
-        self.md.backend.close()
+        self.md.close()
         self.etcd.stop()
 
 
