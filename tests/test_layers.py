@@ -12,13 +12,22 @@ def test_block_package_does_not_reexport_the_daemon_server() -> None:
     assert "Server" not in block.__all__
 
 
-def test_moved_test_harnesses_are_importable_from_torus_core_testing_and_their_old_paths() -> None:
-    from torus_core.cluster import procs as old_procs
-    from torus_core.cluster import testing as old_testing
+def test_daemon_wiring_lives_above_block_and_cluster_without_aliases() -> None:
+    from torus_core.daemon import cluster, server
+
+    assert server.Server.__module__ == "torus_core.daemon.server"
+    assert cluster.start_cluster_server.__module__ == "torus_core.daemon.cluster"
+    for old in ("torus_core.block.server", "torus_core.cluster.daemon"):
+        assert importlib.util.find_spec(old) is None
+
+
+def test_moved_test_harnesses_are_importable_only_from_torus_core_testing() -> None:
     from torus_core.testing import cluster, procs
 
-    assert old_procs.TorusdProcess is procs.TorusdProcess
-    assert old_testing.InProcessCluster is cluster.InProcessCluster
+    assert procs.TorusdProcess.__module__ == "torus_core.testing.procs"
+    assert cluster.InProcessCluster.__module__ == "torus_core.testing.cluster"
+    for old in ("torus_core.cluster.procs", "torus_core.cluster.testing"):
+        assert importlib.util.find_spec(old) is None
 
 
 def test_the_protobuf_wire_codec_is_not_part_of_the_ring_package() -> None:

@@ -1,7 +1,7 @@
 """ATA over Ethernet (AoE r11) target for torus block volumes.
 
 ``wire`` encodes and decodes frames, ``ata`` emulates the ATA device over a volume, ``target``
-runs the raw-socket loop, ``serve`` ties a target to a :class:`~torus_core.block.server.Server`.
+runs the raw-socket loop, ``serve`` ties a target to a :class:`~torus_core.daemon.server.Server`.
 See docs/aoe.md.
 """
 

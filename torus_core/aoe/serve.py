@@ -1,4 +1,4 @@
-"""Serving a volume of a :class:`~torus_core.block.server.Server` over AoE (``torusblk aoe``,
+"""Serving a volume of a :class:`~torus_core.daemon.server.Server` over AoE (``torusblk aoe``,
 ``torusd --aoe``).
 
 :func:`serve_aoe` opens the volume through the server's export provider (``BlockVolume.open``:
@@ -20,7 +20,7 @@ from torus_core.errors import InvalidArgument, TorusError, UsageError
 
 if TYPE_CHECKING:
     from torus_core.block.nbd_export import VolumeExport
-    from torus_core.block.server import Server
+    from torus_core.daemon.server import Server
 
 _SPEC = re.compile(r"^(?P<iface>[^:=\s]+):(?P<major>\d+)\.(?P<minor>\d+)=(?P<volume>\S+)$")
 

@@ -1,4 +1,4 @@
-"""Block volumes: locked volumes over a File, snapshots and clones, dump/load, NBD export, server.
+"""Block volumes: locked volumes over a File, snapshots and clones, dump/load, NBD export.
 
 Public API:
 
@@ -8,8 +8,8 @@ Public API:
 * :func:`dump`, :func:`load`
 * :class:`VolumeExportProvider`, :class:`VolumeExport` (NBD)
 
-The daemon (:class:`torus_core.block.server.Server`, ``torusd`` / ``torusblk nbdserve``) is
-not re-exported: it is wiring above this package, imported from its module by the CLIs.
+The daemon (:class:`torus_core.daemon.server.Server`, ``torusd`` / ``torusblk nbdserve``) is
+wiring above this package, in :mod:`torus_core.daemon`.
 """
 
 from torus_core.block.nbd_export import VolumeExport, VolumeExportProvider

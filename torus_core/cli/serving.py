@@ -1,4 +1,4 @@
-"""Running a :class:`~torus_core.block.server.Server` from a command (``torusd``, ``torusblk``).
+"""Running a :class:`~torus_core.daemon.server.Server` from a command (``torusd``, ``torusblk``).
 
 :func:`check_tls_options` validates the NBD TLS flags, :func:`serve_nbd` starts an NBD listener
 and prints its ``NBD LISTENING host:port`` line, :func:`serve_metrics` starts the
@@ -18,7 +18,7 @@ from typing import Any
 
 import click
 
-from torus_core.block.server import Server, parse_listen, tls_context
+from torus_core.daemon.server import Server, parse_listen, tls_context
 from torus_core.errors import UsageError
 
 

@@ -16,7 +16,6 @@ from typing import Any
 import click
 
 from torus_core import __version__
-from torus_core.block.server import Server, parse_listen
 from torus_core.block.volume import DEFAULT_LEASE_TTL
 from torus_core.cli.common import build_context, config_options, handle_errors
 from torus_core.cli.serving import (
@@ -26,6 +25,7 @@ from torus_core.cli.serving import (
     serve_nbd,
     serve_until_signalled,
 )
+from torus_core.daemon.server import Server, parse_listen
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})

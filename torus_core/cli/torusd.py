@@ -26,7 +26,6 @@ import click
 from torus_core import __version__
 from torus_core.block.local_gc import LocalGC
 from torus_core.block.nbd_export import SpaceGuard
-from torus_core.block.server import Server
 from torus_core.block.volume import DEFAULT_LEASE_TTL
 from torus_core.cli.common import build_context, config_options, handle_errors
 from torus_core.cli.serving import (
@@ -37,9 +36,10 @@ from torus_core.cli.serving import (
     serve_until_signalled,
 )
 from torus_core.cluster.cli_options import cluster_options, make_cluster_options
-from torus_core.cluster.daemon import start_cluster_server
 from torus_core.cluster.heartbeat import Heartbeat
 from torus_core.cluster.peerinfo import PeerInfo
+from torus_core.daemon.cluster import start_cluster_server
+from torus_core.daemon.server import Server
 from torus_core.datadir import load_or_create_uuid
 from torus_core.errors import NoGlobalMetadata, UsageError
 

@@ -1,6 +1,6 @@
 """Wiring a :class:`ClusterNode` into the ``torusd`` server (``--peer-address``).
 
-:func:`start_cluster_server` takes the single-node :class:`~torus_core.block.server.Server` that
+:func:`start_cluster_server` takes the single-node :class:`~torus_core.daemon.server.Server` that
 ``Server.from_config`` built (metadata + local store) and returns a server whose volumes and NBD
 exports use the node's :class:`~torus_core.distributor.Distributor` as their block store, so
 every block a client writes goes to its ring owners. The node's background threads are stopped
@@ -18,10 +18,10 @@ from __future__ import annotations
 import contextlib
 
 from torus_core.block.malloc import limit_arenas
-from torus_core.block.server import Server
 from torus_core.block.volume import DEFAULT_LEASE_TTL
 from torus_core.cluster.node import ClusterNode, ClusterOptions, load_or_create_uuid
 from torus_core.config import Config
+from torus_core.daemon.server import Server
 from torus_core.errors import ConfigError, TorusError
 from torus_core.metrics import ClusterCollector
 from torus_core.rpc.tls import TLSConfig
