@@ -85,7 +85,7 @@ def test_open_with_a_store_of_another_block_size_is_refused(md, tmp_path):
 def test_open_missing_volume_raises_not_exist_and_leaves_no_lease(md, store):
     with pytest.raises(NotExist):
         BlockVolume.open(md, store, "nope")
-    assert md.backend.leases.get_prefix("") == {}
+    assert md.leases.get_prefix("") == {}
 
 
 def test_write_sync_close_reopen_reads_back(md, store):
@@ -96,7 +96,7 @@ def test_write_sync_close_reopen_reads_back(md, store):
         vol.write_at(BS - 50, payload)
         assert vol.read_at(BS - 50, len(payload)) == payload
     assert not md.lock_status("v").locked
-    assert md.backend.leases.get_prefix("") == {}
+    assert md.leases.get_prefix("") == {}
     with BlockVolume.open(md, store, "v") as vol:
         assert vol.size == MiB
         assert vol.read_at(BS - 50, len(payload)) == payload
@@ -176,7 +176,7 @@ def test_fencing_expired_holder_cannot_commit_after_another_took_over(md, store,
 def test_lease_revoked_under_the_volume_marks_it_lost_and_refuses_writes(md, store):
     md.create_volume("v", MiB)
     vol = BlockVolume.open(md, store, "v", lease_ttl=0.3)
-    md.backend.leases.revoke(vol.lease)
+    md.leases.revoke(vol.lease)
     deadline = time.monotonic() + 5
     while not vol.lost:
         assert time.monotonic() < deadline, "keeper never noticed the lost lease"

@@ -102,7 +102,7 @@ def test_heartbeat_grants_a_new_lease_after_the_old_one_was_lost(md: MetadataSer
     hb = Heartbeat(md, lambda: PeerInfo("p1", "127.0.0.1:9"), interval=0.5)
     hb.beat()
     assert hb.lease is not None
-    md.backend.leases.revoke(hb.lease)  # as if it expired during a long pause
+    md.leases.revoke(hb.lease)  # as if it expired during a long pause
     assert "p1" not in parse_peers(md.list_peers())
     hb.beat()
     assert hb.leases_granted == 2
@@ -214,7 +214,7 @@ def test_client_node_has_no_listener_and_runs_no_maintenance(cluster: InProcessC
 
 
 def test_node_refuses_to_start_beside_a_peer_with_an_old_protocol(md: MetadataService) -> None:
-    lease = md.backend.leases.grant(30)
+    lease = md.leases.grant(30)
     md.register_peer(PeerInfo("ancient", "127.0.0.1:3", protocol_version=1).to_dict(), lease)
     store = open_mem_store(4096, 16)
     node = ClusterNode(md, "new", store=store, listen="127.0.0.1:0", options=ClusterOptions(0.2))

@@ -268,7 +268,7 @@ class JournaledVolumeMachine(RuleBasedStateMachine):
         old.keeper.stop()
         old.journal.close()
         old.file.close()
-        self.md.backend.leases.revoke(old.lease)  # the lease expires
+        self.md.leases.revoke(old.lease)  # the lease expires
         self.vol = self._open()
         self.current = bytearray(self.durable)
 

@@ -108,7 +108,7 @@ def test_the_same_incarnation_or_an_anonymous_owner_never_breaks_a_lock(md, stor
         with pytest.raises(Locked, match="is locked by peer peer-a"):
             BlockVolume.open(md, store, "v", owner="someone/else")
         with pytest.raises(InvalidArgument):
-            md.take_over_volume("v", "host/1/anonymous", md.backend.leases.grant(5))
+            md.take_over_volume("v", "host/1/anonymous", md.leases.grant(5))
     with BlockVolume.open(md, store, "v", owner="anon/1/x"):
         with pytest.raises(Locked, match="locked by 'anon/1/x'"):
             BlockVolume.open(md, store, "v", owner=format_owner("peer-a", "boot-2"), take_over=True)
