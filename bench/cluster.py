@@ -17,6 +17,7 @@ are a constant reference column (from the task brief), not measured here.
 ``--baseline DIR`` (a checkout of another commit, e.g. ``git worktree add /tmp/base v1``) also
 measures every torus configuration with that tree's ``torusd``/``torusctl``, right before this
 tree's, and prints this tree's figures as a ratio to it: a change's before/after in one run.
+``--repeat N`` alternates the two trees N times and prints the medians (a shared machine drifts).
 
 All processes are started and stopped by PID; every wait is bounded.
 """
@@ -27,6 +28,7 @@ import argparse
 import json
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -255,6 +257,12 @@ def main(argv: list[str] | None = None) -> int:
         default=None,
         help="another torus checkout: measure each configuration with it too (before/after)",
     )
+    ap.add_argument(
+        "--repeat",
+        type=int,
+        default=1,
+        help="with --baseline: rounds of (baseline, this tree) per configuration; medians are printed",
+    )
     args = ap.parse_args(argv)
     only = {c.strip() for c in args.only.split(",")}
     if "single" not in only:
@@ -277,23 +285,31 @@ def main(argv: list[str] | None = None) -> int:
         recovery = None
         configs = (("single", 1, 1), ("3p R1", 3, 1), ("3p R2", 3, 2), ("3p R3", 3, 3))
         base_recovery = None
+        rounds = args.repeat if args.baseline is not None else 1
         for label, peers, rep in [c for c in configs if c[0] in only]:
             with_recovery = rep == 2 and peers == 3
-            if args.baseline is not None:
-                print(f"measuring torus {label} with the baseline {args.baseline} ...")
-                with children_run_tree(args.baseline.resolve()):
-                    figures, peak, rate = measure_torus(
-                        work, size, tmp, peers, rep, args.block_size, recovery=with_recovery
-                    )
-                columns[label + " base"], rss[label + " base"] = figures, peak
-                base_recovery = rate if rate is not None else base_recovery
-            print(f"measuring torus {label} ...")
-            figures, peak, rate = measure_torus(
-                work, size, tmp, peers, rep, args.block_size, recovery=with_recovery
-            )
-            columns[label], rss[label] = figures, peak
-            if rate is not None:
-                recovery = rate
+            runs: dict[str, list[dict[str, float]]] = {label: [], label + " base": []}
+            for n in range(rounds):  # alternate the trees: drift on a shared machine hits both
+                if args.baseline is not None:
+                    print(f"measuring torus {label} with the baseline {args.baseline} ({n + 1}/{rounds}) ...")
+                    with children_run_tree(args.baseline.resolve()):
+                        figures, peak, rate = measure_torus(
+                            work, size, tmp, peers, rep, args.block_size, recovery=with_recovery
+                        )
+                    runs[label + " base"].append(figures)
+                    rss[label + " base"] = max(peak, rss.get(label + " base", 0.0))
+                    base_recovery = rate if rate is not None else base_recovery
+                print(f"measuring torus {label} ({n + 1}/{rounds}) ...")
+                figures, peak, rate = measure_torus(
+                    work, size, tmp, peers, rep, args.block_size, recovery=with_recovery
+                )
+                runs[label].append(figures)
+                rss[label] = max(peak, rss.get(label, 0.0))
+                if rate is not None:
+                    recovery = rate
+            for key, measured in runs.items():
+                if measured:
+                    columns[key] = {name: statistics.median(m[name] for m in measured) for name, _ in work}
         labels = [lab for lab in columns if not lab.endswith(" base")]
         based = [lab for lab in labels if lab + " base" in columns]
         print()
