@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable, Iterator
-from typing import Any
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any, Protocol, TypeVar
 
 import grpc
 from etcd3 import etcdrpc
@@ -90,6 +90,96 @@ def translate(exc: grpc.RpcError, *, tls: bool = False) -> TorusError:
     if factory is None:
         return MetadataError(f"etcd error {code.name}: {details}")
     return factory(details)
+
+
+# --- typed views of the responses read by this plugin ------------------------------------------
+# etcd3's generated protobuf modules carry no type hints, so EtcdTransport.call/stream return
+# Any; a caller names the response it expects with one of these protocols (read-only fields, as
+# protobuf messages expose them) and every later use of it is checked.
+
+_T_co = TypeVar("_T_co", covariant=True)
+
+
+class KeyValue(Protocol):
+    """``mvccpb.KeyValue`` (the fields read here)."""
+
+    @property
+    def key(self) -> bytes: ...
+    @property
+    def value(self) -> bytes: ...
+
+
+class ResponseHeader(Protocol):
+    """``etcdserverpb.ResponseHeader``."""
+
+    @property
+    def revision(self) -> int: ...
+
+
+class RangeResponse(Protocol):
+    """``etcdserverpb.RangeResponse``."""
+
+    @property
+    def header(self) -> ResponseHeader: ...
+    @property
+    def kvs(self) -> Sequence[KeyValue]: ...
+
+
+class DeleteRangeResponse(Protocol):
+    """``etcdserverpb.DeleteRangeResponse``."""
+
+    @property
+    def deleted(self) -> int: ...
+
+
+class ResponseOp(Protocol):
+    """``etcdserverpb.ResponseOp`` (the delete-range answer inside a transaction)."""
+
+    @property
+    def response_delete_range(self) -> DeleteRangeResponse: ...
+
+
+class TxnResponse(Protocol):
+    """``etcdserverpb.TxnResponse``."""
+
+    @property
+    def succeeded(self) -> bool: ...
+    @property
+    def responses(self) -> Sequence[ResponseOp]: ...
+
+
+class LeaseGrantResponse(Protocol):
+    """``etcdserverpb.LeaseGrantResponse``."""
+
+    @property
+    def ID(self) -> int: ...
+    @property
+    def error(self) -> str: ...
+
+
+class LeaseKeepAliveResponse(Protocol):
+    """``etcdserverpb.LeaseKeepAliveResponse``."""
+
+    @property
+    def TTL(self) -> int: ...
+
+
+class WatchResponse(Protocol):
+    """``etcdserverpb.WatchResponse`` (the fields read here)."""
+
+    @property
+    def events(self) -> Sequence[object]: ...
+    @property
+    def canceled(self) -> bool: ...
+    @property
+    def compact_revision(self) -> int: ...
+
+
+class StreamCall(Protocol[_T_co]):
+    """A response-streaming gRPC call: iterate its responses, ``cancel()`` to end it."""
+
+    def __iter__(self) -> Iterator[_T_co]: ...
+    def cancel(self) -> bool: ...
 
 
 class EtcdTransport:

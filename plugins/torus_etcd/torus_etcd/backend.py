@@ -89,7 +89,7 @@ class EtcdBackend(LogLeaseBackend):
         self._check_open()
         from etcd3 import etcdrpc
 
-        from torus_etcd.eventlog import prefix_end
+        from torus_etcd._append import prefix_end
 
         req = etcdrpc.DeleteRangeRequest(key=self.prefix, range_end=prefix_end(self.prefix))
         self._transport.call("KV", "DeleteRange", req)

@@ -38,7 +38,7 @@ from torus_core.eventlog import EventLog, NewEvent, StoredEvent
 from torus_core.groupcommit import GroupCommitter
 from torus_etcd._append import AppendRequest, appender_for, last_version_request, num, prefix_end
 from torus_etcd._codec import decode_event
-from torus_etcd._transport import EtcdTransport, translate
+from torus_etcd._transport import EtcdTransport, RangeResponse, StreamCall, WatchResponse, translate
 
 _SNAP = ">Q"
 
@@ -95,10 +95,13 @@ class EtcdEventLog(EventLog):
 
     # --- reads --------------------------------------------------------------------------
 
-    def _range(self, key: bytes, end: bytes, limit: int | None) -> Any:
+    def _range(self, key: bytes, end: bytes, limit: int | None) -> RangeResponse:
         if limit is not None and limit < 0:
             raise InvalidArgument("limit must be >= 0")
-        return self._t.call("KV", "Range", etcdrpc.RangeRequest(key=key, range_end=end, limit=limit or 0))
+        resp: RangeResponse = self._t.call(
+            "KV", "Range", etcdrpc.RangeRequest(key=key, range_end=end, limit=limit or 0)
+        )
+        return resp
 
     def read_stream(self, stream_id: str, *, after: int = 0, limit: int | None = None) -> list[StoredEvent]:
         """Events of ``stream_id`` with version > ``after``, oldest first (one range read)."""
@@ -111,7 +114,7 @@ class EtcdEventLog(EventLog):
     def stream_version(self, stream_id: str) -> int:
         """The stream's newest version (0 if empty)."""
         sp = self._stream_prefix(stream_id)
-        resp = self._t.call("KV", "Range", last_version_request(sp))
+        resp: RangeResponse = self._t.call("KV", "Range", last_version_request(sp))
         return int(resp.kvs[0].key.rsplit(b"/", 1)[1]) if resp.kvs else 0
 
     def read_all(self, *, after: int = 0, limit: int | None = None) -> list[StoredEvent]:
@@ -125,7 +128,7 @@ class EtcdEventLog(EventLog):
 
     def head_position(self) -> int:
         """The global head position (0 for an empty log)."""
-        resp = self._t.call("KV", "Range", etcdrpc.RangeRequest(key=self._head_key))
+        resp: RangeResponse = self._t.call("KV", "Range", etcdrpc.RangeRequest(key=self._head_key))
         return int(resp.kvs[0].value) if resp.kvs else 0
 
     def wait_for_events(self, after: int, timeout: float) -> list[StoredEvent]:
@@ -134,7 +137,7 @@ class EtcdEventLog(EventLog):
         req = etcdrpc.RangeRequest(
             key=self._event_prefix + _num(max(after, 0) + 1), range_end=prefix_end(self._event_prefix)
         )
-        resp = self._t.call("KV", "Range", req)
+        resp: RangeResponse = self._t.call("KV", "Range", req)
         if resp.kvs:
             return [decode_event(kv.value)[0] for kv in resp.kvs]
         remaining = deadline - time.monotonic()
@@ -152,10 +155,11 @@ class EtcdEventLog(EventLog):
             create_request=etcdrpc.WatchCreateRequest(key=self._head_key, start_revision=start_revision)
         )
 
-        def requests() -> Iterator[Any]:
+        def requests() -> Iterator[Any]:  # etcdrpc.WatchRequest (etcd3 ships no type hints)
             yield create
             done.wait(timeout + 5.0)
 
+        call: StreamCall[WatchResponse]
         call, _ep = self._t.stream("Watch", "Watch", requests(), timeout)
         try:
             for wresp in call:
@@ -186,7 +190,7 @@ class EtcdEventLog(EventLog):
 
     def load_snapshot(self, name: str) -> tuple[int, bytes] | None:
         """Return ``(position, state)`` of snapshot ``name`` or ``None``."""
-        resp = self._t.call("KV", "Range", etcdrpc.RangeRequest(key=self._snap_key(name)))
+        resp: RangeResponse = self._t.call("KV", "Range", etcdrpc.RangeRequest(key=self._snap_key(name)))
         if not resp.kvs:
             return None
         v = resp.kvs[0].value

@@ -9,15 +9,23 @@ Keys live under ``P kv/``. etcd lease TTLs are whole seconds, so a requested TTL
 from __future__ import annotations
 
 import math
-from typing import Any
 
 import grpc
 from etcd3 import etcdrpc
 
 from torus_core.errors import InvalidArgument, LeaseNotFound, MetadataError
 from torus_core.eventlog import Lease, LeaseStore
-from torus_etcd._transport import EtcdTransport, translate
-from torus_etcd.eventlog import prefix_end
+from torus_etcd._append import prefix_end
+from torus_etcd._transport import (
+    DeleteRangeResponse,
+    EtcdTransport,
+    LeaseGrantResponse,
+    LeaseKeepAliveResponse,
+    RangeResponse,
+    StreamCall,
+    TxnResponse,
+    translate,
+)
 
 
 def _check_key(key: str) -> bytes:
@@ -43,7 +51,9 @@ class EtcdLeaseStore(LeaseStore):
         """Grant an etcd lease of ``ceil(ttl)`` seconds."""
         if not ttl > 0:
             raise InvalidArgument("lease ttl must be > 0")
-        resp = self._t.call("Lease", "LeaseGrant", etcdrpc.LeaseGrantRequest(TTL=max(1, math.ceil(ttl))))
+        resp: LeaseGrantResponse = self._t.call(
+            "Lease", "LeaseGrant", etcdrpc.LeaseGrantRequest(TTL=max(1, math.ceil(ttl)))
+        )
         if resp.error:
             raise MetadataError(f"etcd refused the lease: {resp.error}")
         return Lease(id=resp.ID, ttl=float(ttl))
@@ -51,9 +61,10 @@ class EtcdLeaseStore(LeaseStore):
     def keepalive(self, lease: Lease) -> None:
         """Refresh ``lease`` once (one LeaseKeepAlive round trip); LeaseNotFound if it is gone."""
         req = etcdrpc.LeaseKeepAliveRequest(ID=lease.id)
+        call: StreamCall[LeaseKeepAliveResponse]
         call, _ep = self._t.stream("Lease", "LeaseKeepAlive", iter([req]), self._t.config.timeout)
         try:
-            resp: Any = next(iter(call), None)
+            resp = next(iter(call), None)
         except grpc.RpcError as exc:
             self._t.fail_over()
             raise translate(exc) from exc
@@ -88,11 +99,12 @@ class EtcdLeaseStore(LeaseStore):
             ],
             success=[etcdrpc.RequestOp(request_put=put)],
         )
-        return bool(self._t.call("KV", "Txn", req).succeeded)
+        resp: TxnResponse = self._t.call("KV", "Txn", req)
+        return bool(resp.succeeded)
 
     def get(self, key: str) -> bytes | None:
         """Value of a live key or ``None``."""
-        resp = self._t.call("KV", "Range", etcdrpc.RangeRequest(key=self._p + _check_key(key)))
+        resp: RangeResponse = self._t.call("KV", "Range", etcdrpc.RangeRequest(key=self._p + _check_key(key)))
         return bytes(resp.kvs[0].value) if resp.kvs else None
 
     def get_prefix(self, prefix: str) -> dict[str, bytes]:
@@ -100,7 +112,9 @@ class EtcdLeaseStore(LeaseStore):
         if not isinstance(prefix, str):
             raise InvalidArgument("prefix must be a string")
         start = self._p + prefix.encode()
-        resp = self._t.call("KV", "Range", etcdrpc.RangeRequest(key=start, range_end=prefix_end(start)))
+        resp: RangeResponse = self._t.call(
+            "KV", "Range", etcdrpc.RangeRequest(key=start, range_end=prefix_end(start))
+        )
         n = len(self._p)
         return {kv.key[n:].decode(): bytes(kv.value) for kv in resp.kvs}
 
@@ -108,7 +122,10 @@ class EtcdLeaseStore(LeaseStore):
         """Delete ``key`` (only if its value equals ``expected`` when given)."""
         k = self._p + _check_key(key)
         if expected is None:
-            return bool(self._t.call("KV", "DeleteRange", etcdrpc.DeleteRangeRequest(key=k)).deleted)
+            removal: DeleteRangeResponse = self._t.call(
+                "KV", "DeleteRange", etcdrpc.DeleteRangeRequest(key=k)
+            )
+            return bool(removal.deleted)
         req = etcdrpc.TxnRequest(
             compare=[
                 etcdrpc.Compare(
@@ -120,5 +137,5 @@ class EtcdLeaseStore(LeaseStore):
             ],
             success=[etcdrpc.RequestOp(request_delete_range=etcdrpc.DeleteRangeRequest(key=k))],
         )
-        resp = self._t.call("KV", "Txn", req)
-        return bool(resp.succeeded and resp.responses[0].response_delete_range.deleted)
+        txn: TxnResponse = self._t.call("KV", "Txn", req)
+        return bool(txn.succeeded and txn.responses[0].response_delete_range.deleted)
