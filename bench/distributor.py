@@ -22,9 +22,9 @@ from functools import partial
 from typing import Any
 
 from torus_core.distributor import DistributorTimeouts, ReadLevel, WriteLevel
-from torus_core.distributor.testing import LocalCluster, mem_store_factory
 from torus_core.refs import BlockRef
 from torus_core.ring.ketama import KetamaRing
+from torus_core.testing.distributor import LocalCluster, mem_store_factory
 
 
 def _timed(fn: Callable[[], object]) -> float:

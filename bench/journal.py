@@ -44,7 +44,6 @@ from collections.abc import Callable
 from pathlib import Path
 
 from torus_core.distributor.peers import PeerDirectory
-from torus_core.distributor.testing import mem_store_factory
 from torus_core.journal.channel import JournalChannelClient, JournalChannelServer
 from torus_core.journal.record import Extent, encode_record
 from torus_core.journal.remote import RemoteJournalReplicas, journal_ref
@@ -54,6 +53,7 @@ from torus_core.ring.ketama import KetamaRing
 from torus_core.rpc.client import PeerClientPool
 from torus_core.rpc.options import RPCTimeouts
 from torus_core.rpc.server import PeerServer
+from torus_core.testing.distributor import mem_store_factory
 
 PAYLOAD = 4096
 SELF = "peer-a"

@@ -10,7 +10,6 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from torus_core.distributor import Distributor, DistributorTimeouts, PeerDirectory, ReadLevel, WriteLevel
-from torus_core.distributor.testing import LocalCluster, mem_store_factory
 from torus_core.errors import (
     BlockExists,
     BlockNotExist,
@@ -28,6 +27,7 @@ from torus_core.refs import BlockRef
 from torus_core.ring.base import RingMember
 from torus_core.ring.ketama import KetamaRing
 from torus_core.ring.mod import ModRing
+from torus_core.testing.distributor import LocalCluster, mem_store_factory
 
 BS = 4096
 PEERS = ["peer-a", "peer-b", "peer-c"]

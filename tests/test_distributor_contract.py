@@ -6,10 +6,10 @@ import pytest
 from hypothesis import settings
 
 from torus_core.distributor import Distributor, PeerDirectory
-from torus_core.distributor.testing import mem_store_factory
 from torus_core.ring.base import RingMember
 from torus_core.ring.mod import ModRing
 from torus_core.testing.blockstore import BlockStoreContract, BlockStoreMachine, StoreFactory
+from torus_core.testing.distributor import mem_store_factory
 
 
 def _single_peer(capacity_blocks: int, block_size: int) -> Distributor:

@@ -10,11 +10,11 @@ from collections.abc import Iterator
 import pytest
 
 from torus_core.distributor import DistributorTimeouts, WriteLevel
-from torus_core.distributor.testing import LocalCluster
 from torus_core.errors import ReplicationFailed
 from torus_core.refs import BlockRef
 from torus_core.ring.ketama import KetamaRing
 from torus_core.rpc.server import PeerServer
+from torus_core.testing.distributor import LocalCluster
 
 BS = 4096
 PEERS = ["peer-a", "peer-b", "peer-c"]

@@ -9,10 +9,10 @@ import pytest
 
 from torus_core.distributor.local import LocalReplica
 from torus_core.distributor.peercalls import PeerCalls
-from torus_core.distributor.testing import LocalCluster, mem_store_factory
 from torus_core.errors import BlockNotExist, PeerUnavailable
 from torus_core.refs import BlockRef
 from torus_core.ring.ketama import KetamaRing
+from torus_core.testing.distributor import LocalCluster, mem_store_factory
 
 BS = 4096
 PEERS = ["a", "b"]

@@ -10,10 +10,10 @@ import pytest
 
 from torus_core.blockstore import nonblocking_reads, reads_may_block
 from torus_core.distributor import DistributorTimeouts
-from torus_core.distributor.testing import LocalCluster
 from torus_core.errors import BlockNotExist, InvalidArgument, WouldBlock
 from torus_core.refs import BlockRef
 from torus_core.ring.ketama import KetamaRing
+from torus_core.testing.distributor import LocalCluster
 
 BS = 4096
 PEERS = ["peer-a", "peer-b", "peer-c"]

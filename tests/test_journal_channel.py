@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from torus_core.blockset import default_layer_registry
 from torus_core.errors import ConfigError, InvalidArgument, PeerUnavailable, StaleEpoch
 from torus_core.journal.channel import (
     INVALID,
@@ -28,8 +29,11 @@ from torus_core.journal.channel import (
 from torus_core.journal.record import Extent, encode_record
 from torus_core.journal.remote import journal_ref
 from torus_core.journal.store import JournalStore
-from torus_core.journal.testing import JournalCluster
-from torus_core.rpc.testing import TestPKI, make_test_pki
+from torus_core.testing.journal import JournalCluster
+from torus_core.testing.rpc import TestPKI, make_test_pki
+
+#: the built-in blockset layers (tests use no plugin layers)
+LAYERS = default_layer_registry()
 
 VOL = 7
 PEERS = ["peer-a", "peer-b", "peer-c"]
@@ -347,6 +351,7 @@ def test_cluster_nodes_advertise_their_channels_and_append_over_them(tmp_path: P
                     listen="127.0.0.1:0",
                     options=c.options,
                     journal=journals[u],
+                    layer_registry=LAYERS,
                 )
                 c.nodes[u] = node
                 node.start(auto_join=True)

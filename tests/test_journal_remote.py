@@ -10,13 +10,17 @@ from pathlib import Path
 
 import pytest
 
+from torus_core.blockset import default_layer_registry
 from torus_core.errors import InvalidArgument, NotSupported, ReplicationFailed, StaleEpoch
 from torus_core.journal.record import Extent, encode_record
 from torus_core.journal.remote import RemoteJournalReplicas, journal_ref
 from torus_core.journal.replicas import select_replay
 from torus_core.journal.store import JournalStore
-from torus_core.journal.testing import JournalCluster
 from torus_core.rpc.server import PeerServer
+from torus_core.testing.journal import JournalCluster
+
+#: the built-in blockset layers (tests use no plugin layers)
+LAYERS = default_layer_registry()
 
 PEERS = ["peer-a", "peer-b", "peer-c"]
 VOL = 7
@@ -210,7 +214,7 @@ def test_invalid_payloads_are_refused_with_invalid_argument_and_the_peer_keeps_s
 
 
 def test_a_peer_without_a_journal_store_answers_not_supported(cluster: JournalCluster) -> None:
-    from torus_core.distributor.testing import mem_store_factory
+    from torus_core.testing.distributor import mem_store_factory
 
     store = mem_store_factory()(4096, 4)
     server = PeerServer(store, uuid="bare").start()
@@ -292,6 +296,7 @@ def test_cluster_nodes_serve_their_journal_stores_and_append_through_the_ring(tm
                     listen="127.0.0.1:0",
                     options=c.options,
                     journal=journals[u],
+                    layer_registry=LAYERS,
                 )
                 c.nodes[u] = node
                 node.start(auto_join=True)

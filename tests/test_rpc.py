@@ -11,7 +11,6 @@ import grpc
 import pytest
 
 from torus_core.blockstore import BlockStore
-from torus_core.distributor.testing import FaultyStore, mem_store_factory
 from torus_core.errors import (
     BlockExists,
     BlockNotExist,
@@ -28,6 +27,7 @@ from torus_core.rpc import torus_storage_pb2 as pb
 from torus_core.rpc import torus_storage_pb2_grpc as pb_grpc
 from torus_core.rpc.options import PROTOCOL_VERSION
 from torus_core.rpc.tls import check_insecure_allowed, is_loopback, normalize_address, split_host_port
+from torus_core.testing.distributor import FaultyStore, mem_store_factory
 
 BS = 4096
 

@@ -8,11 +8,11 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from torus_core.distributor.testing import FaultyStore, mem_store_factory
 from torus_core.errors import BlockNotExist, InvalidArgument
 from torus_core.refs import BlockRef
 from torus_core.rpc import PeerClient, PeerServer, RPCTimeouts
 from torus_core.rpc import torus_storage_pb2 as pb
+from torus_core.testing.distributor import FaultyStore, mem_store_factory
 
 BS = 4096
 

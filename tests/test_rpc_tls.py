@@ -8,11 +8,11 @@ from pathlib import Path
 
 import pytest
 
-from torus_core.distributor.testing import mem_store_factory
 from torus_core.errors import PeerUnavailable
 from torus_core.refs import BlockRef
 from torus_core.rpc import PeerClient, PeerServer, RPCTimeouts, TLSConfig
-from torus_core.rpc.testing import TestPKI, make_test_pki
+from torus_core.testing.distributor import mem_store_factory
+from torus_core.testing.rpc import TestPKI, make_test_pki
 
 pytestmark = pytest.mark.skipif(shutil.which("openssl") is None, reason="needs the openssl CLI")
 

@@ -6,12 +6,12 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from torus_core.distributor.testing import FaultyStore, mem_store_factory
 from torus_core.errors import InvalidArgument
 from torus_core.refs import BlockRef
 from torus_core.rpc import PeerClient, PeerServer, RPCTimeouts
 from torus_core.rpc import torus_storage_pb2 as pb
 from torus_core.rpc.wire import decode_put_blocks, encode_put_blocks, trim_zeros, varint
+from torus_core.testing.distributor import FaultyStore, mem_store_factory
 
 refs_st = st.builds(BlockRef, st.integers(0, 2**40 - 1), st.integers(0, 2**64 - 1), st.integers(0, 2**64 - 1))
 block_st = st.one_of(

@@ -171,7 +171,7 @@ S = TypeVar("S", bound=ServerProcess)
 
 @dataclass(frozen=True)
 class ServerTLS:
-    """TLS settings of a test server (PEM paths), e.g. from :func:`torus_core.rpc.testing.make_test_pki`.
+    """TLS settings of a test server (PEM paths), e.g. from :func:`torus_core.testing.rpc.make_test_pki`.
 
     ``cert_file``/``key_file`` are the server's pair, ``ca_file`` the CA that signed it and that
     client certificates must chain to when ``require_client_cert`` is set. The readiness probe

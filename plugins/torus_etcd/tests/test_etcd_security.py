@@ -21,8 +21,8 @@ import pytest
 from torus_etcd.backend import EtcdBackend
 
 from torus_core.errors import ConfigError, MetadataUnavailable
-from torus_core.rpc.testing import TestPKI, make_test_pki
 from torus_core.testing.eventlog import BackendFromUrl, EventLogContract, LeaseStoreContract, ev
+from torus_core.testing.rpc import TestPKI, make_test_pki
 from torus_core.testing.security import open_fails_fast, smoke_log_and_leases
 from torus_core.testing.services import EtcdServer, ServerTLS, etcd_service
 

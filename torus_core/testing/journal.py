@@ -15,7 +15,6 @@ from pathlib import Path
 from typing import Any
 
 from torus_core.distributor.peers import PeerDirectory
-from torus_core.distributor.testing import mem_store_factory
 from torus_core.journal.channel import JournalChannelServer
 from torus_core.journal.remote import RemoteJournalReplicas
 from torus_core.journal.store import JournalStore
@@ -24,6 +23,7 @@ from torus_core.ring.ketama import KetamaRing
 from torus_core.rpc.client import PeerClientPool
 from torus_core.rpc.options import RPCTimeouts
 from torus_core.rpc.server import PeerServer
+from torus_core.testing.distributor import mem_store_factory
 
 
 class JournalCluster:
