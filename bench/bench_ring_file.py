@@ -15,6 +15,7 @@ import time
 
 from torus_blockstore_mem.store import MemBlockStore
 
+from torus_core.blockset import default_layer_registry
 from torus_core.file import File
 from torus_core.inode import virtual_inode
 from torus_core.refs import BlockRef
@@ -69,6 +70,7 @@ def bench_file(block_size: int = 512 * 1024, writes: int = 2000) -> None:
             store,
             allocate_inode=lambda: next(counter),
             commit=lambda ref: None,
+            layer_registry=default_layer_registry(),
             cache_bytes=cache_bytes,
         )
         t = time.perf_counter()

@@ -10,12 +10,21 @@ from hypothesis import given
 from hypothesis import strategies as st
 from torus_blockstore_mem.store import MemBlockStore
 
-from torus_core.blockset import create_blockset, format_spec, parse_spec, unmarshal_blockset
+from torus_core.blockset import (
+    create_blockset,
+    default_layer_registry,
+    format_spec,
+    parse_spec,
+    unmarshal_blockset,
+)
 from torus_core.blockset.base import BaseLayer
 from torus_core.blockset.rep import RepLayer
 from torus_core.errors import BlockNotExist, BlockUnavailable, CorruptBlock, InvalidArgument
 from torus_core.plugins import make_plugin_manager
 from torus_core.refs import BlockRef, INodeRef
+
+#: the built-in blockset layers (tests use no plugin layers)
+LAYERS = default_layer_registry()
 
 BS = 64
 INODE = INodeRef(3, 17)
@@ -32,7 +41,7 @@ def block(seed: int) -> bytes:
 
 @pytest.mark.parametrize("spec", SPECS)
 def test_put_then_get_returns_the_data_and_holes_read_as_zeros(spec: str) -> None:
-    bs = create_blockset(spec, store())
+    bs = create_blockset(spec, store(), LAYERS)
     bs.truncate(3)
     assert bs.get_block(1) == bytes(BS)
     assert bs.is_hole(1)
@@ -52,7 +61,7 @@ def test_put_then_get_returns_the_data_and_holes_read_as_zeros(spec: str) -> Non
 
 
 def test_short_data_is_zero_padded_and_long_data_rejected() -> None:
-    bs = create_blockset("crc,base", store())
+    bs = create_blockset("crc,base", store(), LAYERS)
     bs.put_block(INODE, 0, b"abc")
     assert bs.get_block(0) == b"abc" + bytes(BS - 3)
     with pytest.raises(InvalidArgument):
@@ -61,7 +70,7 @@ def test_short_data_is_zero_padded_and_long_data_rejected() -> None:
 
 def test_base_mints_sequential_refs_for_the_writing_inode() -> None:
     st_ = store()
-    bs = create_blockset("base", st_)
+    bs = create_blockset("base", st_, LAYERS)
     for i in range(3):
         bs.put_block(INODE, i, block(i))
     assert bs.get_all_block_refs() == [BlockRef(3, 17, 1), BlockRef(3, 17, 2), BlockRef(3, 17, 3)]
@@ -70,7 +79,7 @@ def test_base_mints_sequential_refs_for_the_writing_inode() -> None:
 
 
 def test_crc_content_is_le_u32_per_block_with_zero_block_crc_for_holes() -> None:
-    bs = create_blockset("crc,base", store())
+    bs = create_blockset("crc,base", store(), LAYERS)
     bs.truncate(2)
     bs.put_block(INODE, 1, block(5))
     (crc_kind, crc_content), (base_kind, base_content) = bs.marshal()
@@ -80,7 +89,7 @@ def test_crc_content_is_le_u32_per_block_with_zero_block_crc_for_holes() -> None
 
 
 def test_rep_content_format_keeps_every_copy_list_in_step() -> None:
-    bs = create_blockset("rep=3,base", store())
+    bs = create_blockset("rep=3,base", store(), LAYERS)
     bs.put_block(INODE, 0, block(0))
     bs.truncate(3)  # the original padded only the first copy list for rep > 2
     rep_content = bs.marshal()[0][1]
@@ -92,14 +101,14 @@ def test_rep_content_format_keeps_every_copy_list_in_step() -> None:
         assert count == 3
         pos += 4 + count * 24
     assert pos == len(rep_content)
-    again = unmarshal_blockset(bs.marshal(), bs.store)
+    again = unmarshal_blockset(bs.marshal(), bs.store, LAYERS)
     assert again.marshal() == bs.marshal()
     assert isinstance(again, RepLayer) and again.rep == 3
 
 
 def test_crc_mismatch_raises_corrupt_block() -> None:
     st_ = store()
-    bs = create_blockset("crc,base", st_)
+    bs = create_blockset("crc,base", st_, LAYERS)
     bs.put_block(INODE, 0, block(1))
     ref = bs.get_all_block_refs()[0]
     st_.delete_block(ref)
@@ -111,7 +120,7 @@ def test_crc_mismatch_raises_corrupt_block() -> None:
 
 def test_rep_reads_a_copy_when_the_primary_block_is_missing() -> None:
     st_ = store()
-    bs = create_blockset("rep=2,crc,base", st_)
+    bs = create_blockset("rep=2,crc,base", st_, LAYERS)
     bs.put_block(INODE, 0, block(7))
     primary = bs.layers()[-1]
     assert isinstance(primary, BaseLayer)
@@ -121,7 +130,7 @@ def test_rep_reads_a_copy_when_the_primary_block_is_missing() -> None:
 
 def test_rep_skips_a_corrupt_copy_and_uses_a_verified_one() -> None:
     st_ = store()
-    bs = create_blockset("rep=3,crc,base", st_)
+    bs = create_blockset("rep=3,crc,base", st_, LAYERS)
     bs.put_block(INODE, 0, block(7))
     assert isinstance(bs, RepLayer)
     base = bs.layers()[-1]
@@ -150,7 +159,7 @@ ops = st.lists(
 @given(spec=st.sampled_from(SPECS), ops=ops)
 def test_marshal_unmarshal_round_trip_preserves_contents(spec: str, ops: list[tuple[str, int, int]]) -> None:
     st_ = store()
-    bs = create_blockset(spec, st_)
+    bs = create_blockset(spec, st_, LAYERS)
     model: list[bytes] = []
     for op, a, b in ops:
         if op == "put" and a <= len(model):
@@ -166,7 +175,7 @@ def test_marshal_unmarshal_round_trip_preserves_contents(spec: str, ops: list[tu
             bs.trim(a, b)
             for i in range(a, min(b, len(model))):
                 model[i] = bytes(BS)
-    again = unmarshal_blockset(bs.marshal(), st_)
+    again = unmarshal_blockset(bs.marshal(), st_, LAYERS)
     assert again.marshal() == bs.marshal()
     assert again.describe() == bs.describe()
     assert [again.get_block(i) for i in range(again.length)] == model
@@ -174,7 +183,7 @@ def test_marshal_unmarshal_round_trip_preserves_contents(spec: str, ops: list[tu
 
 
 def test_live_inodes_are_the_inodes_of_non_hole_refs() -> None:
-    bs = create_blockset("rep=2,crc,base", store())
+    bs = create_blockset("rep=2,crc,base", store(), LAYERS)
     bs.put_block(INodeRef(3, 5), 0, block(0))
     bs.put_block(INodeRef(3, 9), 1, block(1))
     bs.put_block(INodeRef(3, 11), 2, block(1))
@@ -184,24 +193,24 @@ def test_live_inodes_are_the_inodes_of_non_hole_refs() -> None:
 
 
 def test_spec_parsing_appends_base_and_resolves_aliases() -> None:
-    assert format_spec(parse_spec("crc")) == "crc,base"
-    assert format_spec(parse_spec("r=3,crc,base")) == "rep=3,crc,base"
-    assert format_spec(parse_spec("")) == "base"
+    assert format_spec(parse_spec("crc", LAYERS)) == "crc,base"
+    assert format_spec(parse_spec("r=3,crc,base", LAYERS)) == "rep=3,crc,base"
+    assert format_spec(parse_spec("", LAYERS)) == "base"
     with pytest.raises(InvalidArgument, match="known layers: base, crc, rep"):
-        parse_spec("crc,zstd,base")
+        parse_spec("crc,zstd,base", LAYERS)
     with pytest.raises(InvalidArgument):
-        parse_spec("base,crc,base")
+        parse_spec("base,crc,base", LAYERS)
     with pytest.raises(InvalidArgument):
-        create_blockset("rep=zero,base", store())
+        create_blockset("rep=zero,base", store(), LAYERS)
     with pytest.raises(InvalidArgument):
-        create_blockset("rep=0,base", store())
+        create_blockset("rep=0,base", store(), LAYERS)
 
 
 @given(kind=st.sampled_from([0, 1, 2]), content=st.binary(max_size=80))
 def test_garbage_layer_content_is_rejected_with_invalid_argument(kind: int, content: bytes) -> None:
     layers = [(kind, content)] if kind == 0 else [(kind, content), (0, bytes(24))]
     try:
-        bs = unmarshal_blockset(layers, store())
+        bs = unmarshal_blockset(layers, store(), LAYERS)
     except InvalidArgument:
         return
     assert bs.marshal()[0][0] == kind
@@ -209,13 +218,13 @@ def test_garbage_layer_content_is_rejected_with_invalid_argument(kind: int, cont
 
 def test_stored_layers_must_end_in_exactly_one_base() -> None:
     with pytest.raises(InvalidArgument):
-        unmarshal_blockset([(1, b"")], store())
+        unmarshal_blockset([(1, b"")], store(), LAYERS)
     with pytest.raises(InvalidArgument):
-        unmarshal_blockset([(0, b""), (0, b"")], store())
+        unmarshal_blockset([(0, b""), (0, b"")], store(), LAYERS)
     with pytest.raises(InvalidArgument):
-        unmarshal_blockset([(9, b""), (0, b"")], store())
+        unmarshal_blockset([(9, b""), (0, b"")], store(), LAYERS)
     with pytest.raises(InvalidArgument):
-        unmarshal_blockset([], store())
+        unmarshal_blockset([], store(), LAYERS)
 
 
 def test_layers_register_through_the_plugin_hook() -> None:

@@ -12,11 +12,14 @@ from torus_blockstore_file import FileBlockStore
 from torus_blockstore_file.store import DATA_FILE
 from torus_blockstore_mem.store import MemBlockStore
 
-from torus_core.blockset import create_blockset
+from torus_core.blockset import create_blockset, default_layer_registry
 from torus_core.blockset.crc import PAGE_SIZE
 from torus_core.blockstore import BlockStoreConfig
 from torus_core.errors import BlockNotExist, CorruptBlock, InvalidArgument
 from torus_core.refs import INodeRef
+
+#: the built-in blockset layers (tests use no plugin layers)
+LAYERS = default_layer_registry()
 
 BS = 4 * PAGE_SIZE
 INODE = INodeRef(3, 7)
@@ -43,7 +46,7 @@ def _flip_byte(path: Path, offset: int) -> None:
 @given(start=st.integers(0, BS), length=st.integers(0, BS))
 def test_range_reads_equal_slices_of_the_block(spec: str, start: int, length: int) -> None:
     length = min(length, BS - start)
-    bset = create_blockset(spec, MemBlockStore(BS, 64))
+    bset = create_blockset(spec, MemBlockStore(BS, 64), LAYERS)
     bset.truncate(3)
     bset.put_block(INODE, 0, _block(1))
     for _ in range(2):  # first read fills the page table, the second uses it
@@ -53,7 +56,7 @@ def test_range_reads_equal_slices_of_the_block(spec: str, start: int, length: in
 
 def test_a_corrupt_page_is_detected_by_range_reads_after_the_table_was_built(tmp_path: Path) -> None:
     store = _file_store(tmp_path)
-    bset = create_blockset("crc,base", store)
+    bset = create_blockset("crc,base", store, LAYERS)
     bset.truncate(1)
     bset.put_block(INODE, 0, _block(2))
     assert bset.get_block_range(0, 5, 10) == _block(2)[5:15]  # verified full read, table built
@@ -72,7 +75,7 @@ def test_a_corrupt_page_is_detected_by_range_reads_after_the_table_was_built(tmp
 
 def test_a_rewritten_slot_is_checked_against_its_new_content(tmp_path: Path) -> None:
     store = _file_store(tmp_path)
-    bset = create_blockset("crc,base", store)
+    bset = create_blockset("crc,base", store, LAYERS)
     bset.truncate(1)
     bset.put_block(INODE, 0, _block(3))
     assert bset.get_block_range(0, 0, 8) == _block(3)[:8]
@@ -84,7 +87,7 @@ def test_a_rewritten_slot_is_checked_against_its_new_content(tmp_path: Path) -> 
 
 
 def test_bad_ranges_raise_invalid_argument() -> None:
-    bset = create_blockset("crc,base", MemBlockStore(BS, 4))
+    bset = create_blockset("crc,base", MemBlockStore(BS, 4), LAYERS)
     bset.truncate(1)
     for start, length in ((-1, 1), (0, BS + 1), (BS, 1)):
         with pytest.raises(InvalidArgument):
@@ -95,7 +98,7 @@ def test_bad_ranges_raise_invalid_argument() -> None:
 
 def test_replaced_blocks_of_an_unwritten_inode_are_deleted_only_while_reclaiming() -> None:
     store = MemBlockStore(BS, 64)
-    bset = create_blockset("rep=2,crc,base", store)
+    bset = create_blockset("rep=2,crc,base", store, LAYERS)
     bset.truncate(2)
     bset.set_reclaim(INODE)
     for k in range(5):
@@ -118,7 +121,7 @@ def test_full_block_reads_are_checked_once_by_the_crc_layer_and_still_catch_corr
     tmp_path: Path,
 ) -> None:
     store = _file_store(tmp_path)
-    bset = create_blockset("crc,base", store)
+    bset = create_blockset("crc,base", store, LAYERS)
     bset.truncate(2)
     bset.put_block(INODE, 0, _block(5))
     assert bset.get_block(0) == _block(5)
@@ -153,7 +156,7 @@ class _StaleRangeStore(MemBlockStore):
 
 def test_a_crc_mismatch_is_retried_once_through_the_verified_get_block_path() -> None:
     store = _StaleRangeStore(BS, 16)
-    bset = create_blockset("crc,base", store)
+    bset = create_blockset("crc,base", store, LAYERS)
     bset.truncate(1)
     bset.put_block(INODE, 0, _block(4))
     assert bset.get_block(0) == _block(4)  # bad unverified read, good verified one
@@ -165,7 +168,7 @@ def test_a_crc_mismatch_is_retried_once_through_the_verified_get_block_path() ->
 
 def test_a_block_bad_on_every_path_still_raises_corrupt_block(tmp_path: Path) -> None:
     store = _file_store(tmp_path)
-    bset = create_blockset("crc,base", store)
+    bset = create_blockset("crc,base", store, LAYERS)
     bset.truncate(1)
     bset.put_block(INODE, 0, _block(6))
     [ref] = bset.get_all_block_refs()

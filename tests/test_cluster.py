@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 from torus_sqlite.backend import SQLiteBackend
 
+from torus_core.blockset import default_layer_registry
 from torus_core.cluster import (
     ClusterNode,
     ClusterOptions,
@@ -26,6 +27,9 @@ from torus_core.metadata import MetadataService
 from torus_core.ring.base import RingSpec
 from torus_core.ring.codec import ring_from_spec
 from torus_core.testing.cluster import InProcessCluster, open_mem_store, wait_until
+
+#: the built-in blockset layers (tests use no plugin layers)
+LAYERS = default_layer_registry()
 
 
 @pytest.fixture
@@ -217,7 +221,9 @@ def test_node_refuses_to_start_beside_a_peer_with_an_old_protocol(md: MetadataSe
     lease = md.leases.grant(30)
     md.register_peer(PeerInfo("ancient", "127.0.0.1:3", protocol_version=1).to_dict(), lease)
     store = open_mem_store(4096, 16)
-    node = ClusterNode(md, "new", store=store, listen="127.0.0.1:0", options=ClusterOptions(0.2))
+    node = ClusterNode(
+        md, "new", store=store, listen="127.0.0.1:0", options=ClusterOptions(0.2), layer_registry=LAYERS
+    )
     with pytest.raises(ConfigError, match="ancient"):
         node.start()
     store.close()
@@ -226,5 +232,5 @@ def test_node_refuses_to_start_beside_a_peer_with_an_old_protocol(md: MetadataSe
 def test_store_with_the_wrong_block_size_is_refused(md: MetadataService) -> None:
     store = open_mem_store(8192, 16)
     with pytest.raises(ConfigError):
-        ClusterNode(md, "x", store=store, listen="127.0.0.1:0")
+        ClusterNode(md, "x", store=store, listen="127.0.0.1:0", layer_registry=LAYERS)
     store.close()

@@ -80,12 +80,12 @@ def test_volume_life_cycle(meta, block, backend, store):
     vol.close()
     assert not md.lock_status("vol").locked
 
-    with BlockVolume.open(md, store, "vol", lease_ttl=5) as vol:
+    with BlockVolume.open(md, store, "vol", lease_ttl=5, layer_registry=REGISTRIES.blockset_layers) as vol:
         assert vol.read_at(BS // 2, len(first)) == first
         assert vol.read_at(0, BS // 2) == bytes(BS // 2)
 
     create_snapshot(md, "vol@s")
-    with BlockVolume.open(md, store, "vol", lease_ttl=5) as vol:
+    with BlockVolume.open(md, store, "vol", lease_ttl=5, layer_registry=REGISTRIES.blockset_layers) as vol:
         vol.write_at(0, b"\xff" * 8 * BS)
         with pytest.raises(Locked):
             restore_snapshot(md, "vol@s")
@@ -93,9 +93,9 @@ def test_volume_life_cycle(meta, block, backend, store):
             md.delete_volume("vol")
 
     restore_snapshot(md, "vol@s")
-    with BlockVolume.open(md, store, "vol", lease_ttl=5) as vol:
+    with BlockVolume.open(md, store, "vol", lease_ttl=5, layer_registry=REGISTRIES.blockset_layers) as vol:
         assert vol.read_at(BS // 2, len(first)) == first
-    with open_snapshot(md, store, "vol", "s") as snap:
+    with open_snapshot(md, store, "vol", "s", layer_registry=REGISTRIES.blockset_layers) as snap:
         assert snap.read_at(BS // 2, len(first)) == first
 
     md.delete_volume("vol")

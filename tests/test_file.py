@@ -11,10 +11,14 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 from torus_blockstore_mem.store import MemBlockStore
 
+from torus_core.blockset import default_layer_registry
 from torus_core.errors import BlockExists, InvalidArgument, Locked, MetadataUnavailable
 from torus_core.file import File
 from torus_core.refs import INodeRef
 from torus_core.testing.files import FileVolume
+
+#: the built-in blockset layers (tests use no plugin layers)
+LAYERS = default_layer_registry()
 
 BS = 256
 VOL = 5
@@ -208,7 +212,7 @@ def test_bad_arguments_raise_invalid_argument(vol: Volume) -> None:
         lambda: f.write_at(-5, b"x"),
         lambda: f.truncate(-1),
         lambda: f.trim(0, -1),
-        lambda: File.open(vol.store, INodeRef(VOL, 1)),
+        lambda: File.open(vol.store, INodeRef(VOL, 1), layer_registry=LAYERS),
     ]
     for call in bad:
         with pytest.raises(InvalidArgument):

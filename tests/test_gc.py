@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 from torus_sqlite.backend import SQLiteBackend
 
+from torus_core.blockset import default_layer_registry
 from torus_core.cluster import ClusterNode, GarbageCollector, LiveSet
 from torus_core.errors import InvalidArgument, MetadataUnavailable
 from torus_core.inode import INode, INodeStore
@@ -17,6 +18,9 @@ from torus_core.metadata import MetadataService
 from torus_core.projection import ClusterState
 from torus_core.refs import BlockRef, BlockType, INodeRef
 from torus_core.testing.cluster import InProcessCluster, commit_blocks
+
+#: the built-in blockset layers (tests use no plugin layers)
+LAYERS = default_layer_registry()
 
 BS = 4096
 
@@ -36,7 +40,7 @@ def node(cluster: InProcessCluster) -> ClusterNode:
 
 def _gc(cluster: InProcessCluster, node: ClusterNode, grace: float = 0.0) -> GarbageCollector:
     assert node.store is not None
-    return GarbageCollector(cluster.md, node.distributor, node.store, grace=grace)
+    return GarbageCollector(cluster.md, node.distributor, node.store, grace=grace, layer_registry=LAYERS)
 
 
 def _blocks(n: int, tag: bytes) -> list[bytes]:
@@ -71,7 +75,7 @@ def test_unreachable_metadata_deletes_nothing(cluster: InProcessCluster, node: C
     assert node.store is not None
     before = set(node.store.iter_refs())
     broken = UnreachableMetadata(md.backend)
-    gc = GarbageCollector(broken, node.distributor, node.store, grace=0)
+    gc = GarbageCollector(broken, node.distributor, node.store, grace=0, layer_registry=LAYERS)
     for _ in range(3):
         result = gc.run_cycle()
         assert result.skipped and result.deleted == 0
@@ -151,13 +155,13 @@ def test_clone_shared_blocks_survive_deleting_the_source(
     clone = md.create_volume("clone", 10 * BS)
     istore = INodeStore(node.distributor)
     src_inode = istore.get_inode(src_ref)
-    lease = md.backend.leases.grant(30)
+    lease = md.leases.grant(30)
     lock = md.lock_volume("clone", "t", lease)
     index = md.allocate_inode_index(clone.id)
     istore.write_inode(INode(clone.id, index, src_inode.filesize, {}, list(src_inode.blocks)))
     md.commit_inode(lock, INodeRef(clone.id, index))
     md.unlock(lock)
-    md.backend.leases.revoke(lease)
+    md.leases.revoke(lease)
     md.delete_snapshot("src", "base")
     md.delete_volume("src")
     gc = _gc(cluster, node)
@@ -248,7 +252,7 @@ def test_a_collector_with_deletion_off_builds_the_live_set_and_deletes_nothing(
     _, refs = commit_blocks(md, node.distributor, "gone", _blocks(3, b"g"))
     md.delete_volume("gone")
     assert node.store is not None
-    gc = GarbageCollector(md, node.distributor, node.store, grace=0, delete=False)
+    gc = GarbageCollector(md, node.distributor, node.store, grace=0, delete=False, layer_registry=LAYERS)
     first, second = gc.run_cycle(), gc.run_cycle()
     assert second.dead == len(refs) + 1 and first.deleted == second.deleted == 0
     assert gc.live is not None and all(gc.live.is_dead(r) for r in refs)
@@ -262,7 +266,7 @@ def test_an_idle_collector_backs_off_until_the_metadata_log_moves(
     md.create_volume("v", 10 * BS)
     commit_blocks(md, node.distributor, "v", _blocks(2, b"v"))
     assert node.store is not None
-    gc = GarbageCollector(md, node.distributor, node.store, grace=0, idle_max=30.0)
+    gc = GarbageCollector(md, node.distributor, node.store, grace=0, idle_max=30.0, layer_registry=LAYERS)
     first = gc.maybe_run_cycle()
     assert first is not None and first.dead == 0
     assert gc.maybe_run_cycle() is None  # nothing dead, nothing changed: the walk waits
@@ -279,4 +283,4 @@ def test_an_idle_collector_backs_off_until_the_metadata_log_moves(
 def test_gc_rejects_a_negative_idle_interval(cluster: InProcessCluster, node: ClusterNode) -> None:
     assert node.store is not None
     with pytest.raises(InvalidArgument):
-        GarbageCollector(cluster.md, node.distributor, node.store, idle_max=-1)
+        GarbageCollector(cluster.md, node.distributor, node.store, idle_max=-1, layer_registry=LAYERS)

@@ -17,6 +17,7 @@ from torus_blockstore_file.store import FileBlockStore
 from torus_sqlite.backend import SQLiteBackend
 
 from torus_core.block import BlockVolume
+from torus_core.blockset import default_layer_registry
 from torus_core.blockstore import BlockStoreConfig
 from torus_core.errors import InvalidArgument, StaleEpoch
 from torus_core.file import JOURNAL_SEQ_ATTR
@@ -31,6 +32,9 @@ from torus_core.journal import (
 )
 from torus_core.journal.record import HEADER_SIZE, decode_record
 from torus_core.metadata import MetadataService
+
+#: the built-in blockset layers (tests use no plugin layers)
+LAYERS = default_layer_registry()
 
 extents = st.lists(
     st.one_of(
@@ -236,6 +240,7 @@ class JournaledVolumeMachine(RuleBasedStateMachine):
             journal_options={"checkpoint_interval": 3600.0, "checkpoint_bytes": 1 << 30},
             cache_bytes=2 * BS,
             staging_bytes=2 * BS,
+            layer_registry=LAYERS,
         )
 
     @rule(off=st.integers(0, SIZE - 1), n=st.integers(1, 3 * BS), byte=st.integers(1, 255))
@@ -312,7 +317,12 @@ class Env:
     def open(self, **journal_options) -> BlockVolume:
         opts = {"checkpoint_interval": 3600.0, **journal_options}
         return BlockVolume.open(
-            self.md, self.store, "v", journal=LocalJournalReplicas(self.js), journal_options=opts
+            self.md,
+            self.store,
+            "v",
+            journal=LocalJournalReplicas(self.js),
+            journal_options=opts,
+            layer_registry=LAYERS,
         )
 
     def crash(self, vol: BlockVolume) -> None:

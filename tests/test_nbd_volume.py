@@ -19,10 +19,14 @@ from torus_blockstore_file.store import FileBlockStore
 from torus_sqlite.backend import SQLiteBackend
 
 from torus_core.block import BlockVolume, VolumeExportProvider, create_snapshot, dump, restore_snapshot
+from torus_core.blockset import default_layer_registry
 from torus_core.blockstore import BlockStore, BlockStoreConfig
 from torus_core.metadata import MetadataService
 from torus_core.nbd import NBDServer, ServerThread
 from torus_core.refs import BlockType
+
+#: the built-in blockset layers (tests use no plugin layers)
+LAYERS = default_layer_registry()
 
 pytestmark = pytest.mark.nbd_clients
 
@@ -80,7 +84,7 @@ def store(tmp_path: Path) -> Iterator[BlockStore]:
 
 @pytest.fixture
 def provider(md, store) -> Iterator[VolumeExportProvider]:
-    p = VolumeExportProvider(md, store, owner="test-server", lease_ttl=5.0)
+    p = VolumeExportProvider(md, store, owner="test-server", lease_ttl=5.0, layer_registry=LAYERS)
     yield p
     p.close()
 
@@ -133,7 +137,9 @@ def test_nbdcopy_round_trips_random_data_and_commits_it(uri, tmp_path, md, store
         len(data) == SIZE and data[: 4 * MiB] == src.read_bytes() and data[4 * MiB :] == bytes(SIZE - 4 * MiB)
     )
     wait_until(released(md, provider), what="the volume to be released")
-    with BlockVolume.open(md, store, "vol") as vol:  # committed to the metadata, not only cached
+    with BlockVolume.open(
+        md, store, "vol", layer_registry=LAYERS
+    ) as vol:  # committed to the metadata, not only cached
         assert vol.read_at(0, 4 * MiB) == src.read_bytes()
 
 
@@ -258,12 +264,12 @@ def test_two_connections_share_the_volume_and_one_flush_covers_both(server, md, 
     """,
     )
     wait_until(released(md, provider), what="both connections to close")
-    with BlockVolume.open(md, store, "vol") as vol:
+    with BlockVolume.open(md, store, "vol", layer_registry=LAYERS) as vol:
         assert vol.read_at(0, 2 * 65536) == b"A" * 65536 + b"B" * 65536
 
 
 def test_a_second_server_is_refused_while_the_volume_is_open(server, md, store, provider):
-    other = VolumeExportProvider(md, store, owner="intruder")
+    other = VolumeExportProvider(md, store, owner="intruder", layer_registry=LAYERS)
     second = ServerThread(NBDServer(other, port=0)).start()
     try:
         with Holder(f"nbd://127.0.0.1:{server.port}/vol", "pass"):
@@ -312,6 +318,6 @@ def test_snapshot_keep_writing_restore_then_dump_equals_snapshot(uri, md, store,
     restore_snapshot(md, "vol@before")
     out = tmp_path / "dump.img"
     with out.open("wb") as f:
-        dump(md, store, "vol", f)
+        dump(md, store, "vol", f, layer_registry=LAYERS)
     data = out.read_bytes()
     assert data[: 2 * MiB] == first.read_bytes() and data[2 * MiB :] == bytes(SIZE - 2 * MiB)

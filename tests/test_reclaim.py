@@ -12,9 +12,13 @@ from torus_blockstore_mem.store import MemBlockStore
 from torus_sqlite.backend import SQLiteBackend
 
 from torus_core.block import BlockVolume, clone, create_snapshot, delete_snapshot, open_snapshot
+from torus_core.blockset import default_layer_registry
 from torus_core.blockstore import BlockStore, BlockStoreConfig
 from torus_core.metadata import MetadataService
 from torus_core.refs import BlockType
+
+#: the built-in blockset layers (tests use no plugin layers)
+LAYERS = default_layer_registry()
 
 BS = 4096
 MiB = 1 << 20
@@ -48,7 +52,7 @@ def flushed_random_writes(vol: BlockVolume, model: bytearray, n: int, seed: int)
 def test_flush_after_every_write_keeps_store_at_live_size(md, store):
     md.create_volume("v", VOL_SIZE)
     model = bytearray(VOL_SIZE)
-    with BlockVolume.open(md, store, "v") as vol:
+    with BlockVolume.open(md, store, "v", layer_registry=LAYERS) as vol:
         flushed_random_writes(vol, model, 400, seed=1)
         # 64 data blocks at most are live; each commit also leaves at most 2 INodes' blocks
         data = [r for r in store.iter_refs() if r.type == BlockType.DATA]
@@ -56,19 +60,19 @@ def test_flush_after_every_write_keeps_store_at_live_size(md, store):
         assert len(data) <= VOL_SIZE // BS
         assert len(inodes) <= 2
         assert vol.read_at(0, VOL_SIZE) == bytes(model)
-    with BlockVolume.open(md, store, "v") as vol:
+    with BlockVolume.open(md, store, "v", layer_registry=LAYERS) as vol:
         assert vol.read_at(0, VOL_SIZE) == bytes(model)
 
 
 def test_snapshot_blocks_survive_overwrites_after_the_snapshot(md, store):
     md.create_volume("v", VOL_SIZE)
     model = bytearray(VOL_SIZE)
-    with BlockVolume.open(md, store, "v") as vol:
+    with BlockVolume.open(md, store, "v", layer_registry=LAYERS) as vol:
         flushed_random_writes(vol, model, 50, seed=2)
         create_snapshot(md, "v@s1")
         at_snapshot = bytes(model)
         flushed_random_writes(vol, model, 200, seed=3)
-    snap = open_snapshot(md, store, "v", "s1")
+    snap = open_snapshot(md, store, "v", "s1", layer_registry=LAYERS)
     try:
         assert snap.read_at(0, VOL_SIZE) == at_snapshot
     finally:
@@ -78,31 +82,31 @@ def test_snapshot_blocks_survive_overwrites_after_the_snapshot(md, store):
 def test_clone_keeps_its_blocks_after_its_snapshot_is_deleted_and_the_source_rewritten(md, store):
     md.create_volume("src", VOL_SIZE)
     model = bytearray(VOL_SIZE)
-    with BlockVolume.open(md, store, "src") as vol:
+    with BlockVolume.open(md, store, "src", layer_registry=LAYERS) as vol:
         flushed_random_writes(vol, model, 50, seed=4)
     create_snapshot(md, "src@base")
     clone(md, store, "src@base", "copy")
     delete_snapshot(md, "src@base")
     cloned = bytes(model)
-    with BlockVolume.open(md, store, "src") as vol:
+    with BlockVolume.open(md, store, "src", layer_registry=LAYERS) as vol:
         flushed_random_writes(vol, model, 200, seed=5)
         vol.write_at(0, bytes(VOL_SIZE))  # supersede every block of the source
         vol.sync()
-    with BlockVolume.open(md, store, "copy") as c:
+    with BlockVolume.open(md, store, "copy", layer_registry=LAYERS) as c:
         assert c.read_at(0, VOL_SIZE) == cloned
 
 
 def test_blocks_of_a_clone_source_are_not_freed_by_the_clone(md, store):
     md.create_volume("src", VOL_SIZE)
     model = bytearray(VOL_SIZE)
-    with BlockVolume.open(md, store, "src") as vol:
+    with BlockVolume.open(md, store, "src", layer_registry=LAYERS) as vol:
         flushed_random_writes(vol, model, 30, seed=6)
     create_snapshot(md, "src@s")
     clone(md, store, "src@s", "copy")
-    with BlockVolume.open(md, store, "copy") as c:
+    with BlockVolume.open(md, store, "copy", layer_registry=LAYERS) as c:
         c.write_at(0, bytes(VOL_SIZE))
         c.sync()
-    snap = open_snapshot(md, store, "src", "s")
+    snap = open_snapshot(md, store, "src", "s", layer_registry=LAYERS)
     try:
         assert snap.read_at(0, VOL_SIZE) == bytes(model)
     finally:

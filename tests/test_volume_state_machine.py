@@ -21,10 +21,14 @@ from hypothesis.stateful import (
 )
 
 from torus_core.block import BlockVolume, open_snapshot, restore_snapshot
+from torus_core.blockset import default_layer_registry
 from torus_core.blockstore import BlockStoreConfig
 from torus_core.errors import Locked
 from torus_core.metadata import MetadataService
 from torus_core.plugins import load_registries
+
+#: the built-in blockset layers (tests use no plugin layers)
+LAYERS = default_layer_registry()
 
 BS = 4096
 N_BLOCKS = 12
@@ -73,7 +77,9 @@ def make_machine(meta: str, block: str) -> type[RuleBasedStateMachine]:
         @initialize(cache_blocks=st.integers(1, 4))
         def open_volume(self, cache_blocks: int) -> None:
             self.cache = cache_blocks * BS
-            self.vol = BlockVolume.open(self.md, self.store, "v", cache_bytes=self.cache)
+            self.vol = BlockVolume.open(
+                self.md, self.store, "v", cache_bytes=self.cache, layer_registry=LAYERS
+            )
 
         def _vol(self) -> BlockVolume:
             assert self.vol is not None
@@ -125,7 +131,7 @@ def make_machine(meta: str, block: str) -> type[RuleBasedStateMachine]:
         @rule(data=st.data())
         def snapshot_reads_as_saved(self, data: st.DataObject) -> None:
             name = data.draw(st.sampled_from(sorted(self.snaps)))
-            with open_snapshot(self.md, self.store, "v", name) as snap:
+            with open_snapshot(self.md, self.store, "v", name, layer_registry=LAYERS) as snap:
                 assert snap.read_at(0, SIZE) == self.snaps[name]
 
         @precondition(lambda self: bool(self.snaps))
@@ -141,13 +147,17 @@ def make_machine(meta: str, block: str) -> type[RuleBasedStateMachine]:
             restore_snapshot(self.md, f"v@{name}")
             self.model = bytearray(self.snaps[name])
             self.committed = self.snaps[name]
-            self.vol = BlockVolume.open(self.md, self.store, "v", cache_bytes=self.cache)
+            self.vol = BlockVolume.open(
+                self.md, self.store, "v", cache_bytes=self.cache, layer_registry=LAYERS
+            )
 
         @rule()
         def reopen(self) -> None:
             self._vol().close()
             self.committed = bytes(self.model)
-            self.vol = BlockVolume.open(self.md, self.store, "v", cache_bytes=self.cache)
+            self.vol = BlockVolume.open(
+                self.md, self.store, "v", cache_bytes=self.cache, layer_registry=LAYERS
+            )
             assert self.vol.read_at(0, SIZE) == self.committed
 
         @invariant()

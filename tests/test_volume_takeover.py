@@ -22,11 +22,15 @@ from torus_sqlite.backend import SQLiteBackend
 
 from torus_core.block import BlockVolume
 from torus_core.block.identity import DataDirClaim
+from torus_core.blockset import default_layer_registry
 from torus_core.blockstore import BlockStoreConfig
 from torus_core.errors import InvalidArgument, Locked
 from torus_core.metadata import MetadataService, format_owner, parse_owner
 from torus_core.plugins import make_plugin_manager
 from torus_core.testing.services import EtcdServer, RedisServer, etcd_service, redis_service
+
+#: the built-in blockset layers (tests use no plugin layers)
+LAYERS = default_layer_registry()
 
 BS = 4096
 MiB = 1 << 20
@@ -57,7 +61,9 @@ def test_owner_strings_name_peer_and_boot_and_parse_back():
 
 
 def test_restarted_holder_takes_over_its_dead_incarnations_lock_at_once_and_fences_it(md, store, caplog):
-    old = BlockVolume.open(md, store, "v", owner=format_owner("peer-a", "boot-1"), lease_ttl=60)
+    old = BlockVolume.open(
+        md, store, "v", owner=format_owner("peer-a", "boot-1"), lease_ttl=60, layer_registry=LAYERS
+    )
     old.write_at(0, b"old" * 100)
     old.sync()
     assert old.keeper is not None
@@ -65,7 +71,9 @@ def test_restarted_holder_takes_over_its_dead_incarnations_lock_at_once_and_fenc
     epoch = md.lock_status("v").epoch
     started = time.monotonic()
     with caplog.at_level(logging.WARNING, logger="torus_core.metadata"):
-        new = BlockVolume.open(md, store, "v", owner=format_owner("peer-a", "boot-2"), take_over=True)
+        new = BlockVolume.open(
+            md, store, "v", owner=format_owner("peer-a", "boot-2"), take_over=True, layer_registry=LAYERS
+        )
     assert time.monotonic() - started < 2.0, "took over without waiting for the lease"
     assert any("broke the lock" in r.getMessage() and "boot=boot-1" in r.getMessage() for r in caplog.records)
     assert md.lock_status("v").epoch == epoch + 1
@@ -86,10 +94,14 @@ def test_restarted_holder_takes_over_its_dead_incarnations_lock_at_once_and_fenc
 
 
 def test_a_different_peer_cannot_take_over_a_live_lock_and_is_told_who_holds_it_until_when(md, store):
-    with BlockVolume.open(md, store, "v", owner=format_owner("peer-a", "boot-1"), lease_ttl=5):
+    with BlockVolume.open(
+        md, store, "v", owner=format_owner("peer-a", "boot-1"), lease_ttl=5, layer_registry=LAYERS
+    ):
         before = time.time()
         with pytest.raises(Locked) as err:
-            BlockVolume.open(md, store, "v", owner=format_owner("peer-b", "boot-9"), take_over=True)
+            BlockVolume.open(
+                md, store, "v", owner=format_owner("peer-b", "boot-9"), take_over=True, layer_registry=LAYERS
+            )
         text = str(err.value)
         assert text.startswith("volume 'v' is locked by peer peer-a (owner 'peer=peer-a boot=boot-1")
         assert "(lease 5 s) unless the holder renews it" in text
@@ -102,16 +114,18 @@ def test_a_different_peer_cannot_take_over_a_live_lock_and_is_told_who_holds_it_
 
 def test_the_same_incarnation_or_an_anonymous_owner_never_breaks_a_lock(md, store):
     owner = format_owner("peer-a", "boot-1")
-    with BlockVolume.open(md, store, "v", owner=owner):
+    with BlockVolume.open(md, store, "v", owner=owner, layer_registry=LAYERS):
         with pytest.raises(Locked):
-            BlockVolume.open(md, store, "v", owner=owner, take_over=True)
+            BlockVolume.open(md, store, "v", owner=owner, take_over=True, layer_registry=LAYERS)
         with pytest.raises(Locked, match="is locked by peer peer-a"):
-            BlockVolume.open(md, store, "v", owner="someone/else")
+            BlockVolume.open(md, store, "v", owner="someone/else", layer_registry=LAYERS)
         with pytest.raises(InvalidArgument):
             md.take_over_volume("v", "host/1/anonymous", md.leases.grant(5))
-    with BlockVolume.open(md, store, "v", owner="anon/1/x"):
+    with BlockVolume.open(md, store, "v", owner="anon/1/x", layer_registry=LAYERS):
         with pytest.raises(Locked, match="locked by 'anon/1/x'"):
-            BlockVolume.open(md, store, "v", owner=format_owner("peer-a", "boot-2"), take_over=True)
+            BlockVolume.open(
+                md, store, "v", owner=format_owner("peer-a", "boot-2"), take_over=True, layer_registry=LAYERS
+            )
 
 
 def test_a_data_dir_claim_is_exclusive_and_freed_when_released(tmp_path):
@@ -188,7 +202,7 @@ def _wait(predicate: Callable[[], bool], timeout: float) -> bool:
 def test_an_outage_shorter_than_the_ttl_keeps_the_lock(outage_backend, store):
     md, outage = outage_backend
     ttl = 3.0  # etcd leases are whole seconds
-    with BlockVolume.open(md, store, "v", owner="keeper-test", lease_ttl=ttl) as vol:
+    with BlockVolume.open(md, store, "v", owner="keeper-test", lease_ttl=ttl, layer_registry=LAYERS) as vol:
         assert vol.keeper is not None
         # start right after a renewal so the outage fits (1.6 s < 2/3 ttl is survived anyway)
         keeper = vol.keeper
@@ -207,7 +221,7 @@ def test_an_outage_shorter_than_the_ttl_keeps_the_lock(outage_backend, store):
 def test_an_outage_longer_than_the_ttl_loses_the_lock_at_its_expiry_while_calls_hang(outage_backend, store):
     md, outage = outage_backend
     ttl = 2.0
-    vol = BlockVolume.open(md, store, "v", owner="keeper-test", lease_ttl=ttl)
+    vol = BlockVolume.open(md, store, "v", owner="keeper-test", lease_ttl=ttl, layer_registry=LAYERS)
     try:
         assert vol.keeper is not None
         lost_at: list[float] = []
@@ -231,5 +245,5 @@ def test_an_outage_longer_than_the_ttl_loses_the_lock_at_its_expiry_while_calls_
         vol.close()
     # the volume can be locked again afterwards (the old lease is gone or expires)
     assert _wait(lambda: not md.lock_status("v").locked, 3 * ttl)
-    with BlockVolume.open(md, store, "v", owner="next", lease_ttl=ttl):
+    with BlockVolume.open(md, store, "v", owner="next", lease_ttl=ttl, layer_registry=LAYERS):
         pass

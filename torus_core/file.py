@@ -131,7 +131,7 @@ class File:
         on_commit: Callable[[INodeRef, list[BlockRef]], None] | None = None,
         read_only: bool = False,
         block_spec: str = DEFAULT_BLOCK_SPEC,
-        layer_registry: Registry | None = None,
+        layer_registry: Registry,
         cache_bytes: int = DEFAULT_CACHE_BYTES,
         staging_bytes: int | None = None,
         staging_dir: str | None = None,
@@ -139,6 +139,8 @@ class File:
     ) -> None:
         """Open ``inode``; an INode without layers (a fresh volume) gets a ``block_spec`` blockset.
 
+        ``layer_registry`` resolves the blockset layers (the process's registry, or
+        :func:`~torus_core.blockset.default_layer_registry` for the built-in layers only).
         ``allocate_inode`` and ``commit`` are required for writable files. After each successful
         commit, ``on_commit(ref, freed)`` (if given) receives the blocks that the committed INode
         no longer names: superseded data blocks and the INode blocks of the INode before the
@@ -218,9 +220,21 @@ class File:
         *,
         volume_size: int | None = None,
         inode_store: INodeStore | None = None,
-        **kwargs: object,
+        allocate_inode: Callable[[], int] | None = None,
+        commit: Callable[[INodeRef], None] | None = None,
+        on_commit: Callable[[INodeRef, list[BlockRef]], None] | None = None,
+        read_only: bool = False,
+        block_spec: str = DEFAULT_BLOCK_SPEC,
+        layer_registry: Registry,
+        cache_bytes: int = DEFAULT_CACHE_BYTES,
+        staging_bytes: int | None = None,
+        staging_dir: str | None = None,
+        journaled: bool = False,
     ) -> File:
-        """Open the INode ``ref``; INode 1 is the virtual empty INode of a ``volume_size`` volume."""
+        """Open the INode ``ref``; INode 1 is the virtual empty INode of a ``volume_size`` volume.
+
+        The other arguments are the constructor's.
+        """
         istore = inode_store if inode_store is not None else INodeStore(store)
         if ref.inode == VIRTUAL_INODE:
             if volume_size is None:
@@ -228,7 +242,21 @@ class File:
             inode = virtual_inode(ref.volume, volume_size)
         else:
             inode = istore.get_inode(ref)
-        return cls(inode, store, inode_store=istore, **kwargs)  # type: ignore[arg-type]
+        return cls(
+            inode,
+            store,
+            inode_store=istore,
+            allocate_inode=allocate_inode,
+            commit=commit,
+            on_commit=on_commit,
+            read_only=read_only,
+            block_spec=block_spec,
+            layer_registry=layer_registry,
+            cache_bytes=cache_bytes,
+            staging_bytes=staging_bytes,
+            staging_dir=staging_dir,
+            journaled=journaled,
+        )
 
     # --- properties ------------------------------------------------------------------------
 

@@ -102,7 +102,7 @@ class GarbageCollector:
     :param reader: a block store to read INodes through (the distributor).
     :param local: the local store to collect.
     :param grace: seconds a block must have been dead across cycles before it is deleted.
-    :param layer_registry: blockset layers (built-ins if None).
+    :param layer_registry: blockset layers, to decode the INodes of the volumes.
     :param delete: delete dead blocks; False only builds the live set each cycle (a peer run
         with ``--no-gc`` still tells its rebalancer what is garbage).
     :param idle_max: :meth:`maybe_run_cycle` backs off while cycles find nothing dead and the
@@ -117,7 +117,7 @@ class GarbageCollector:
         local: BlockStore,
         *,
         grace: float = 30.0,
-        layer_registry: Registry | None = None,
+        layer_registry: Registry,
         delete: bool = True,
         idle_max: float = 0.0,
     ) -> None:

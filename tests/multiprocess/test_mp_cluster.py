@@ -16,12 +16,16 @@ from pathlib import Path
 import pytest
 
 from torus_core.block.volume import BlockVolume
+from torus_core.blockset import default_layer_registry
 from torus_core.cluster import ClusterNode, ClusterOptions, parse_peers
 from torus_core.errors import Locked
 from torus_core.metadata import MetadataService
 from torus_core.plugins import make_plugin_manager
 from torus_core.testing.procs import TorusdProcess, torusctl, wait_for
 from torus_core.testing.services import EtcdServer, start_etcd
+
+#: the built-in blockset layers (tests use no plugin layers)
+LAYERS = default_layer_registry()
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -172,15 +176,21 @@ def test_sigkill_of_every_process_then_restart_keeps_flushed_data(cluster: Clust
 def test_a_writer_whose_lease_expired_cannot_commit_after_another_took_the_volume(cluster: Cluster) -> None:
     # (e) fencing, with the data path through the real peers
     opts = ClusterOptions(heartbeat_interval=0.5)
-    nodes = [ClusterNode(cluster.md, f"client-{i}", options=opts).start() for i in range(2)]
+    nodes = [
+        ClusterNode(cluster.md, f"client-{i}", options=opts, layer_registry=LAYERS).start() for i in range(2)
+    ]
     try:
-        old = BlockVolume.open(cluster.md, nodes[0].distributor, VOLUME, owner="old", lease_ttl=1.0)
+        old = BlockVolume.open(
+            cluster.md, nodes[0].distributor, VOLUME, owner="old", lease_ttl=1.0, layer_registry=LAYERS
+        )
         old.write_at(0, b"A" * 65536)
         old.sync()
         assert old.keeper is not None
         old.keeper.stop()  # the old client stalls: its lease is no longer renewed
         assert wait_for(lambda: cluster.md.lock_status(VOLUME).locked is False, 10.0)
-        new = BlockVolume.open(cluster.md, nodes[1].distributor, VOLUME, owner="new", lease_ttl=5.0)
+        new = BlockVolume.open(
+            cluster.md, nodes[1].distributor, VOLUME, owner="new", lease_ttl=5.0, layer_registry=LAYERS
+        )
         new.write_at(0, b"B" * 65536)
         committed = new.sync()
         with pytest.raises(Locked):

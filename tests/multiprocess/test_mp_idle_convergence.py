@@ -23,6 +23,7 @@ from pathlib import Path
 
 import pytest
 
+from torus_core.blockset import default_layer_registry
 from torus_core.blockstore import BlockStoreConfig
 from torus_core.cluster import ClusterNode, ClusterOptions, GarbageCollector, LiveSet, parse_peers
 from torus_core.inode import INodeStore
@@ -33,6 +34,9 @@ from torus_core.ring.codec import ring_from_spec
 from torus_core.rpc.client import PeerClientPool
 from torus_core.testing.procs import TorusdProcess, torusctl, wait_for
 from torus_core.testing.services import EtcdServer, start_etcd
+
+#: the built-in blockset layers (tests use no plugin layers)
+LAYERS = default_layer_registry()
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -143,9 +147,11 @@ class Cluster:
 def _live_blocks(md: MetadataService) -> tuple[LiveSet, set[BlockRef]]:
     """GC's live set, and every block a current INode or snapshot references, INode blocks
     included (read through a client node's distributor, so from whichever peer holds them)."""
-    node = ClusterNode(md, "convergence-checker", options=ClusterOptions(heartbeat_interval=0.5)).start()
+    node = ClusterNode(
+        md, "convergence-checker", options=ClusterOptions(heartbeat_interval=0.5), layer_registry=LAYERS
+    ).start()
     try:
-        gc = GarbageCollector(md, node.distributor, node.distributor)
+        gc = GarbageCollector(md, node.distributor, node.distributor, layer_registry=LAYERS)
         live = gc.live_set()
         blocks = set(live.refs)
         istore = INodeStore(node.distributor)

@@ -45,7 +45,7 @@ class LocalGC:
         *,
         grace: float = 30.0,
         interval: float = 10.0,
-        layer_registry: Registry | None = None,
+        layer_registry: Registry,
         pressure: float = 0.75,
         pressure_grace: float = 2.0,
         pressure_interval: float = 1.0,

@@ -212,7 +212,7 @@ class VolumeExportProvider(ExportProvider):
         take_over: bool = False,
         lease_ttl: float = DEFAULT_LEASE_TTL,
         cache_bytes: int = DEFAULT_CACHE_BYTES,
-        layer_registry: Registry | None = None,
+        layer_registry: Registry,
         preferred_block_size: int | None = None,
         staging_bytes: int = DEFAULT_STAGING_BYTES,
         staging_dir: str | None = None,

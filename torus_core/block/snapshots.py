@@ -107,7 +107,7 @@ def open_snapshot(
     volume: str,
     snap: str,
     *,
-    layer_registry: Registry | None = None,
+    layer_registry: Registry,
 ) -> BlockVolume:
     """Open ``volume@snap`` read-only (no lock, no lease); mutations raise Locked."""
     gm = md.global_metadata()
@@ -133,7 +133,7 @@ def open_target(
     *,
     owner: str | None = None,
     lease_ttl: float = DEFAULT_LEASE_TTL,
-    layer_registry: Registry | None = None,
+    layer_registry: Registry,
 ) -> BlockVolume:
     """Open ``VOL`` for writing (locked) or ``VOL@SNAP`` read-only."""
     vol, snap = parse_target(target)

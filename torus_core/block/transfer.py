@@ -91,7 +91,7 @@ def dump(
     out: BinaryIO,
     *,
     progress: bool = False,
-    layer_registry: Registry | None = None,
+    layer_registry: Registry,
 ) -> int:
     """Dump ``VOL`` (through a temporary snapshot) or ``VOL@SNAP`` to ``out``; returns bytes written."""
     vol, snap = parse_target(target)
@@ -136,7 +136,7 @@ def load(
     progress: bool = False,
     owner: str | None = None,
     lease_ttl: float = DEFAULT_LEASE_TTL,
-    layer_registry: Registry | None = None,
+    layer_registry: Registry,
 ) -> VolumeInfo:
     """Create ``volume`` and copy ``src`` into it (sparse: all-zero blocks are skipped).
 

@@ -125,7 +125,7 @@ class BlockVolume:
         owner: str | None = None,
         lease_ttl: float = DEFAULT_LEASE_TTL,
         cache_bytes: int = DEFAULT_CACHE_BYTES,
-        layer_registry: Registry | None = None,
+        layer_registry: Registry,
         staging_bytes: int | None = None,
         staging_dir: str | None = None,
         take_over: bool = False,

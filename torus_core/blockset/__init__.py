@@ -2,7 +2,8 @@
 
 Public API: :class:`Blockset` (the layer contract), :func:`create_blockset` (from a spec string
 like ``"crc,base"``), :func:`unmarshal_blockset` (from an INode's ``(kind, content)`` layers),
-:func:`parse_spec`, :data:`DEFAULT_BLOCK_SPEC`.
+:func:`parse_spec`, :data:`DEFAULT_BLOCK_SPEC`. Each takes the blockset-layer registry to
+resolve layers with (the process's, or :func:`default_layer_registry`: the built-in layers only).
 """
 
 from torus_core.blockset.layer import Blockset
@@ -10,6 +11,7 @@ from torus_core.blockset.spec import (
     DEFAULT_BLOCK_SPEC,
     LayerSpec,
     create_blockset,
+    default_layer_registry,
     format_spec,
     parse_spec,
     unmarshal_blockset,
@@ -20,6 +22,7 @@ __all__ = [
     "Blockset",
     "LayerSpec",
     "create_blockset",
+    "default_layer_registry",
     "format_spec",
     "parse_spec",
     "unmarshal_blockset",

@@ -2,8 +2,9 @@
 
 A spec lists layers outer → inner, comma-separated, each ``name`` or ``name=option``. If the
 innermost layer is not ``base``, ``base`` is appended (as the original's ``init`` did).
-Layers are looked up by name (or alias) in a blockset-layer registry; without one, the
-built-in layers are used.
+Layers are looked up by name (or alias) in a blockset-layer registry, which every function here
+takes: the process's (``Registries.blockset_layers``, built at the composition root), or
+:func:`default_layer_registry` (the built-in layers only) in tests and plugin-free tools.
 """
 
 from __future__ import annotations
@@ -41,10 +42,6 @@ def default_layer_registry() -> Registry:
     )
 
 
-def _registry(registry: Registry | None) -> Registry:
-    return registry if registry is not None else default_layer_registry()
-
-
 def _lookup(name: str, reg: Registry) -> type[Blockset]:
     for r in reg.registrations():
         if r.name == name or name in getattr(r.impl, "aliases", ()):
@@ -53,20 +50,20 @@ def _lookup(name: str, reg: Registry) -> type[Blockset]:
     raise InvalidArgument(f"unknown blockset layer {name!r}; known layers: {', '.join(reg.names())}")
 
 
-def layer_class_by_kind(kind: int, registry: Registry | None = None) -> type[Blockset]:
+def layer_class_by_kind(kind: int, registry: Registry) -> type[Blockset]:
     """The layer class with numeric ``kind``; InvalidArgument if none is registered."""
-    for r in _registry(registry).registrations():
+    for r in registry.registrations():
         if getattr(r.impl, "kind", None) == kind:
             cls: type[Blockset] = r.impl
             return cls
     raise InvalidArgument(f"unknown blockset layer kind {kind}")
 
 
-def parse_spec(spec: str, registry: Registry | None = None) -> list[LayerSpec]:
+def parse_spec(spec: str, registry: Registry) -> list[LayerSpec]:
     """Parse a spec string into layers, outermost first, with ``base`` appended if missing."""
     if not isinstance(spec, str):
         raise InvalidArgument(f"blockset spec must be a string, got {type(spec).__name__}")
-    reg = _registry(registry)
+    reg = registry
     out: list[LayerSpec] = []
     for part in spec.split(","):
         part = part.strip()
@@ -90,10 +87,11 @@ def format_spec(layers: Sequence[LayerSpec]) -> str:
     return ",".join(str(layer) for layer in layers)
 
 
-def create_blockset(
-    spec: str | Sequence[LayerSpec], store: BlockStore, registry: Registry | None = None
-) -> Blockset:
-    """Build an empty blockset stack from a spec; returns the outermost layer."""
+def create_blockset(spec: str | Sequence[LayerSpec], store: BlockStore, registry: Registry) -> Blockset:
+    """Build an empty blockset stack from a spec; returns the outermost layer.
+
+    ``registry`` resolves the layer names of a spec string (parsed layers carry their classes).
+    """
     layers = parse_spec(spec, registry) if isinstance(spec, str) else list(spec)
     cur: Blockset | None = None
     for layer in reversed(layers):
@@ -103,7 +101,7 @@ def create_blockset(
 
 
 def unmarshal_blockset(
-    layers: Sequence[tuple[int, bytes]], store: BlockStore, registry: Registry | None = None
+    layers: Sequence[tuple[int, bytes]], store: BlockStore, registry: Registry
 ) -> Blockset:
     """Rebuild a stack from ``(kind, content)`` pairs, outermost first (Go: UnmarshalFromProto)."""
     if not layers:

@@ -148,9 +148,12 @@ def cli(
         server.close()
         raise UsageError("--auto-join needs --peer-address")
     elif not no_gc:
-        layers = server.registries.blockset_layers if server.registries is not None else None
         local_gc = LocalGC(
-            server.md, server.store, grace=gc_grace, interval=gc_interval, layer_registry=layers
+            server.md,
+            server.store,
+            grace=gc_grace,
+            interval=gc_interval,
+            layer_registry=server.registries.blockset_layers,
         )
         server.add_stopper(local_gc.start().stop)
         server.exports.space = SpaceGuard(server.store, local_gc.collect_now)

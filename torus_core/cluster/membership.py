@@ -109,7 +109,6 @@ class RingWatcher:
 
     :param md: metadata service.
     :param on_ring: called with each newer ring (in version order); exceptions are logged.
-    :param ring_types: ring-type registry (default: ``md.ring_types``, the process's).
     :param follow_timeout: how long one wait on the log may block.
     :param resync: seconds between full re-reads of the current ring.
     """
@@ -119,13 +118,13 @@ class RingWatcher:
         md: MetadataService,
         on_ring: Callable[[Ring], None],
         *,
-        ring_types: Registry | None = None,
         follow_timeout: float = 0.5,
         resync: float = 10.0,
     ) -> None:
         self.md = md
         self.on_ring = on_ring
-        self.ring_types: Registry = ring_types if ring_types is not None else md.ring_types
+        #: the process's ring-type registry (the one ``md`` was built with)
+        self.ring_types: Registry = md.ring_types
         self.follow_timeout = follow_timeout
         self.resync = resync
         self.version = 0

@@ -121,7 +121,8 @@ class ClusterOptions:
 class ClusterNode:
     """Membership, data path and maintenance of one process (see the module docstring).
 
-    :param md: metadata service (not closed by the node).
+    :param md: metadata service (not closed by the node); its ``ring_types``, the process's ring
+        registry, decode the rings.
     :param uuid: this process's peer UUID.
     :param store: the local block store (None for a client).
     :param listen: ``host:port`` for the peer RPC server (None: no listener, like a client).
@@ -129,8 +130,7 @@ class ClusterNode:
     :param block_size: required for a client without a store (default: the cluster's).
     :param tls: mutual TLS for peer RPC.
     :param options: timing and levels.
-    :param ring_types: ring registry (default: ``md.ring_types``, the process's).
-    :param layer_registry: blockset layers (built-ins if None), for GC's INode decoding.
+    :param layer_registry: blockset layers, for GC's INode decoding.
     :param close_store: whether closing the distributor closes ``store``.
     :param journal: this storage peer's volume journal files (``<data-dir>/journal``), served to
         other peers' journal writers over RPC and used directly by this node's own
@@ -148,8 +148,7 @@ class ClusterNode:
         block_size: int | None = None,
         tls: TLSConfig | None = None,
         options: ClusterOptions | None = None,
-        ring_types: Registry | None = None,
-        layer_registry: Registry | None = None,
+        layer_registry: Registry,
         close_store: bool = False,
         journal: JournalStore | None = None,
     ) -> None:
@@ -161,7 +160,7 @@ class ClusterNode:
         self.uuid = uuid
         self.store = store
         self.options = options or ClusterOptions()
-        self.ring_types = ring_types if ring_types is not None else md.ring_types
+        self.ring_types = md.ring_types
         self.layer_registry = layer_registry
         self.tls = tls
         gm = md.global_metadata()
@@ -258,7 +257,7 @@ class ClusterNode:
             interval=self.options.heartbeat_interval,
             ttl=self.options.lease_ttl,
         )
-        self.watcher = RingWatcher(md, self._apply_ring, ring_types=self.ring_types)
+        self.watcher = RingWatcher(md, self._apply_ring)
         self._stop = threading.Event()
         self._maint: threading.Thread | None = None
         self._started = False

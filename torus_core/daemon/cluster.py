@@ -65,8 +65,7 @@ def start_cluster_server(
             advertise=advertise,
             options=options,
             tls=peer_tls(config),
-            ring_types=server.registries.ring_types if server.registries is not None else None,
-            layer_registry=server.registries.blockset_layers if server.registries is not None else None,
+            layer_registry=server.registries.blockset_layers,
             close_store=True,
             journal=journal_store,
         )

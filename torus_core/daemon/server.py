@@ -89,7 +89,7 @@ class Server:
         owner: str | None = None,
         lease_ttl: float = DEFAULT_LEASE_TTL,
         cache_bytes: int = DEFAULT_CACHE_BYTES,
-        registries: Registries | None = None,
+        registries: Registries,
         claim: DataDirClaim | None = None,
         journal: JournalReplicas | None = None,
         journal_store: JournalStore | None = None,
@@ -103,6 +103,7 @@ class Server:
         self.store = store
         #: the metadata backend this server opened and closes (None: the caller owns it)
         self.backend = backend
+        #: the process's plugin registries (built by the CLI, the composition root)
         self.registries = registries
         #: the data directory's identity claim (released at close); with it, the volume locks of
         #: this peer's dead earlier incarnations are taken over at once
@@ -115,7 +116,7 @@ class Server:
             take_over=claim is not None and claim.held and self.owner == claim.identity.owner,
             lease_ttl=lease_ttl,
             cache_bytes=cache_bytes,
-            layer_registry=registries.blockset_layers if registries is not None else None,
+            layer_registry=registries.blockset_layers,
             journal=journal,
             journal_options=journal_options,
         )

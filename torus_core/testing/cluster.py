@@ -4,7 +4,8 @@ write committed volume data without the block-volume layer.
 :class:`InProcessCluster` runs real :class:`~torus_core.cluster.node.ClusterNode` objects (real
 gRPC servers on 127.0.0.1, in-memory block stores, each node with its own metadata-backend
 connection, as separate processes would have) so heartbeats, ring watching, rebalancing and GC
-are exercised end to end inside one test process.
+are exercised end to end inside one test process. The blockset layers are the built-in ones
+(:func:`~torus_core.blockset.spec.default_layer_registry`), as plugin-free tests use.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import replace
 from typing import Any
 
-from torus_core.blockset.spec import create_blockset
+from torus_core.blockset.spec import create_blockset, default_layer_registry
 from torus_core.blockstore import BlockStore, BlockStoreConfig
 from torus_core.cluster.node import ClusterNode, ClusterOptions
 from torus_core.cluster.rebalancer import RebalanceOptions
@@ -66,7 +67,7 @@ def commit_blocks(
     try:
         index = md.allocate_inode_index(vol.id)
         iref = INodeRef(vol.id, index)
-        bs = create_blockset(spec, store)
+        bs = create_blockset(spec, store, default_layer_registry())
         for i, data in enumerate(blocks):
             bs.put_block(iref, i, data)
         refs = bs.get_all_block_refs()
@@ -110,6 +111,8 @@ class InProcessCluster:
             rebalance=RebalanceOptions(settle=0.3),
         )
         self._extra: list[Any] = []
+        #: the blockset layers every node decodes INodes with (the built-in ones)
+        self.layer_registry = default_layer_registry()
         self.md = self.new_md()
         if self.md.state().global_metadata is None:
             self.md.format(block_size, "base", RingSpec("ketama", 1, replication))
@@ -128,14 +131,23 @@ class InProcessCluster:
         store = self.stores.get(uuid) or open_mem_store(self.block_size, self.capacity_blocks)
         self.stores[uuid] = store
         opts = replace(self.options, **option_changes) if option_changes else self.options
-        node = ClusterNode(self.new_md(), uuid, store=store, listen="127.0.0.1:0", options=opts)
+        node = ClusterNode(
+            self.new_md(),
+            uuid,
+            store=store,
+            listen="127.0.0.1:0",
+            options=opts,
+            layer_registry=self.layer_registry,
+        )
         node.start(auto_join=join)
         self.nodes[uuid] = node
         return node
 
     def client(self, uuid: str = "client") -> ClusterNode:
         """Start a client node (no store, no listener)."""
-        node = ClusterNode(self.new_md(), uuid, options=self.options).start()
+        node = ClusterNode(
+            self.new_md(), uuid, options=self.options, layer_registry=self.layer_registry
+        ).start()
         self.nodes[uuid] = node
         return node
 

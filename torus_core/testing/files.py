@@ -1,13 +1,15 @@
 """A stand-in for the metadata service in :class:`~torus_core.file.File` tests.
 
 :class:`FileVolume` keeps what a volume needs from the service, an INode counter and the
-committed INode pointer, over a real block store, and opens :class:`File` objects on it.
+committed INode pointer, over a real block store, and opens :class:`File` objects on it (with
+the built-in blockset layers, :func:`~torus_core.blockset.default_layer_registry`).
 """
 
 from __future__ import annotations
 
 from typing import Any
 
+from torus_core.blockset import default_layer_registry
 from torus_core.blockstore import BlockStore
 from torus_core.errors import MetadataUnavailable
 from torus_core.file import File
@@ -51,5 +53,5 @@ class FileVolume:
             inode_store=self.istore,
             allocate_inode=self.allocate,
             commit=self.commit,
-            **{**self.open_defaults, **kw},
+            **{"layer_registry": default_layer_registry(), **self.open_defaults, **kw},
         )
