@@ -417,7 +417,7 @@ class File:
         """Forget dirty state of blocks ``first <= i < last`` (to the end if ``last`` is None)."""
         for cache in (self._dirty, self._staged):
             for i in [i for i in cache if i >= first and (last is None or i < last)]:
-                del cache[i]  # type: ignore[attr-defined]
+                del cache[i]
 
     # --- public API -------------------------------------------------------------------------
 

@@ -75,6 +75,9 @@ class BaseLayer(Blockset):
     def is_hole(self, i: int) -> bool:
         """Whether slot ``i`` holds the zero ref."""
         self._check_index(i)
+        word: int
+        inode: int
+        index: int
         word, inode, index = _REF.unpack_from(self._raw, i * _SIZE)
         return (word & VOLUME_MAX) == 0 and inode == 0 and index == 0
 

@@ -22,8 +22,8 @@ from torus_core.errors import CorruptBlock, InvalidArgument
 from torus_core.refs import INodeRef
 
 
-def _u32_array(content: bytes = b"") -> array:
-    arr = array("I")
+def _u32_array(content: bytes = b"") -> array[int]:
+    arr: array[int] = array("I")
     if arr.itemsize != 4:  # pragma: no cover - every supported platform has 4-byte unsigned int
         arr = array("L")
     arr.frombytes(content)
@@ -57,7 +57,7 @@ class CRCLayer(Blockset):
         self._zero_crc = crc32(bytes(self.block_size))
         self._crcs = _u32_array()
         self._crcs.extend([self._zero_crc] * sub.length)
-        self._pages: OrderedDict[int, array] = OrderedDict()
+        self._pages: OrderedDict[int, array[int]] = OrderedDict()
 
     def content(self) -> bytes:
         """Concatenated little-endian u32 CRCs."""

@@ -29,7 +29,7 @@ from torus_core.units import format_size, parse_size
 @config_options
 @click.version_option(__version__, prog_name="torusctl")
 @click.pass_context
-def cli(ctx: click.Context, config_path: str | None, **overrides: object) -> None:
+def cli(ctx: click.Context, /, config_path: str | None, **overrides: object) -> None:
     """Administer a torus cluster: format it, manage volumes, rings, peers and snapshots."""
     ctx.obj = build_context(config_path, **overrides)
     ctx.call_on_close(ctx.obj.close)
