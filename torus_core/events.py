@@ -104,7 +104,7 @@ def to_jsonable(value: Any) -> Any:
         return value
     if isinstance(value, bytes | bytearray):
         return base64.b64encode(bytes(value)).decode("ascii")
-    if isinstance(value, INodeRef):
+    if isinstance(value, INodeRef):  # the dataclass branch gives the same object, slower
         return {"volume": value.volume, "inode": value.inode}
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
         return {f.name: to_jsonable(getattr(value, f.name)) for f in dataclasses.fields(value)}
@@ -130,7 +130,7 @@ def from_jsonable(data: Any, tp: Any) -> Any:
         if not isinstance(data, str):
             raise _fail("a string", data)
         return data
-    if tp is INodeRef:
+    if tp is INodeRef:  # _dataclass_from would check the same, slower (most events carry one)
         if not isinstance(data, dict) or len(data) != 2 or "volume" not in data or "inode" not in data:
             raise _fail("an INodeRef object", data)
         try:
@@ -202,51 +202,36 @@ def from_jsonable(data: Any, tp: Any) -> Any:
     raise SchemaError(f"cannot decode type {tp!r}")
 
 
-@dataclass(frozen=True, slots=True)
-class _Plan:
-    """How to decode one dataclass: its init fields (name, type, required) and all field names."""
-
-    fields: tuple[tuple[str, Any, bool], ...]
-    names: frozenset[str]
-
-
+#: How to decode one dataclass: its init fields (name, type, required) and all its field names.
+_Plan = tuple[tuple[tuple[str, Any, bool], ...], frozenset[str]]
 _PLANS: dict[type, _Plan] = {}
 
 
 def _plan(cls: type) -> _Plan:
-    """The cached decoding plan of ``cls`` (``typing.get_type_hints`` is slow: done once per class)."""
+    """The decoding plan of ``cls``, cached (``typing.get_type_hints`` is slow)."""
     plan = _PLANS.get(cls)
     if plan is None:
         hints = typing.get_type_hints(cls)
-        all_fields = dataclasses.fields(cls)
-        plan = _Plan(
-            fields=tuple(
-                (
-                    f.name,
-                    hints[f.name],
-                    f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING,
-                )
-                for f in all_fields
-                if f.init
-            ),
-            names=frozenset(f.name for f in all_fields),
-        )
-        _PLANS[cls] = plan
+        fields = dataclasses.fields(cls)
+        missing = dataclasses.MISSING
+        required = {f.name: f.default is missing and f.default_factory is missing for f in fields}
+        init = tuple((f.name, hints[f.name], required[f.name]) for f in fields if f.init)
+        plan = _PLANS[cls] = (init, frozenset(required))
     return plan
 
 
 def _dataclass_from(data: Any, cls: type[T]) -> T:
     if not isinstance(data, dict):
         raise _fail(f"a {cls.__name__} object", data)
-    plan = _plan(cls)
+    fields, names = _plan(cls)
     kwargs = {}
-    for name, tp, required in plan.fields:
+    for name, tp, required in fields:
         if name in data:
             kwargs[name] = from_jsonable(data[name], tp)
         elif required:
             raise SchemaError(f"{cls.__name__}: missing field {name!r}")
-    if len(data) > len(kwargs) and not plan.names.issuperset(data):
-        raise SchemaError(f"{cls.__name__}: unknown fields {sorted(set(data) - plan.names)}")
+    if len(data) > len(kwargs) and not names.issuperset(data):
+        raise SchemaError(f"{cls.__name__}: unknown fields {sorted(set(data) - names)}")
     try:
         return cls(**kwargs)
     except (InvalidArgument, TypeError, ValueError) as exc:
