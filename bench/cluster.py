@@ -184,8 +184,9 @@ def measure_torus(
         url = etcd.url
         torusctl(url, "init", "--block-size", block_size, "--replication", str(replication))
         procs: list[TorusdProcess] = []
-        backend = make_plugin_manager().collect_registries().metadata.get("etcd").from_url(url)
-        md = MetadataService(backend)
+        regs = make_plugin_manager().collect_registries()
+        backend = regs.metadata.get("etcd").from_url(url)
+        md = MetadataService(backend, ring_types=regs.ring_types)
         try:
             # copy-on-write: every rewrite of a block takes a new one until GC frees the old, so
             # small random writes on big blocks need room (the file store is sparse)

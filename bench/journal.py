@@ -132,9 +132,8 @@ def e2e(seconds: float) -> None:
                 etcd.url, root / f"peer{i}", size="512MiB", extra=("--heartbeat-interval", "0.5")
             )
             peers.append(p.start())
-        md = MetadataService(
-            make_plugin_manager().collect_registries().metadata.get("etcd").from_url(etcd.url)
-        )
+        regs = make_plugin_manager().collect_registries()
+        md = MetadataService(regs.metadata.get("etcd").from_url(etcd.url), ring_types=regs.ring_types)
         assert md is not None
         members = lambda: ring_from_spec(md.ring_types, md.get_ring()).members()  # noqa: E731
         if not wait_for(lambda: len(members()) == 3, 30.0):

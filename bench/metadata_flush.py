@@ -31,10 +31,11 @@ def _flushes(tmp: Path, n: int) -> tuple[float, float]:
 
     from torus_core.metadata import MetadataService
     from torus_core.refs import INodeRef
+    from torus_core.ring.builtin import builtin_ring_types
 
     db = tmp / f"m-{time.monotonic_ns()}.db"
     with SQLiteBackend.from_url(f"sqlite:///{db}") as backend:
-        md = MetadataService(backend)
+        md = MetadataService(backend, ring_types=builtin_ring_types())
         md.format(512 * 1024, "crc,base")
         vol = md.create_volume("v", 1 << 30)
         lease = backend.leases.grant(60.0)

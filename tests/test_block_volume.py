@@ -41,6 +41,10 @@ from torus_core.errors import (
 )
 from torus_core.metadata import MetadataService
 from torus_core.refs import BlockType
+from torus_core.ring.builtin import builtin_ring_types
+
+#: the built-in ring types (no plugins loaded)
+RING_TYPES = builtin_ring_types()
 
 #: the built-in blockset layers (tests use no plugin layers)
 LAYERS = default_layer_registry()
@@ -52,7 +56,7 @@ MiB = 1 << 20
 @pytest.fixture
 def open_md(open_backend: Callable[[], SQLiteBackend]) -> Callable[[], MetadataService]:
     """Open another MetadataService on the test's SQLite file (backends closed after the test)."""
-    return lambda: MetadataService(open_backend())
+    return lambda: MetadataService(open_backend(), ring_types=RING_TYPES)
 
 
 @pytest.fixture

@@ -25,8 +25,12 @@ from torus_core.distributor import PeerDirectory
 from torus_core.errors import ConfigError, InvalidArgument
 from torus_core.metadata import MetadataService
 from torus_core.ring.base import RingSpec
+from torus_core.ring.builtin import builtin_ring_types
 from torus_core.ring.codec import ring_from_spec
 from torus_core.testing.cluster import InProcessCluster, open_mem_store, wait_until
+
+#: the built-in ring types (no plugins loaded)
+RING_TYPES = builtin_ring_types()
 
 #: the built-in blockset layers (tests use no plugin layers)
 LAYERS = default_layer_registry()
@@ -41,7 +45,7 @@ def open_backend(tmp_path: Path) -> Callable[[], SQLiteBackend]:
 @pytest.fixture
 def md(open_backend: Callable[[], SQLiteBackend]) -> Iterator[MetadataService]:
     backend = open_backend()
-    service = MetadataService(backend)
+    service = MetadataService(backend, ring_types=RING_TYPES)
     service.format(4096, "base", RingSpec("ketama", 1, 2))
     yield service
     backend.close()

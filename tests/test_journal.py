@@ -32,6 +32,10 @@ from torus_core.journal import (
 )
 from torus_core.journal.record import HEADER_SIZE, decode_record
 from torus_core.metadata import MetadataService
+from torus_core.ring.builtin import builtin_ring_types
+
+#: the built-in ring types (no plugins loaded)
+RING_TYPES = builtin_ring_types()
 
 #: the built-in blockset layers (tests use no plugin layers)
 LAYERS = default_layer_registry()
@@ -218,7 +222,7 @@ class JournaledVolumeMachine(RuleBasedStateMachine):
     def setup(self):
         self.dir = Path(tempfile.mkdtemp(prefix="torus-jsm-"))
         self.backend = SQLiteBackend.from_url(f"sqlite:///{self.dir}/m.db", {})
-        self.md = MetadataService(self.backend)
+        self.md = MetadataService(self.backend, ring_types=RING_TYPES)
         self.md.format(BS, "crc,base")
         self.md.create_volume("v", SIZE)
         self.store = FileBlockStore.open(
@@ -308,7 +312,7 @@ class Env:
 
     def __init__(self, tmp_path: Path, store) -> None:
         self.backend = SQLiteBackend.from_url(f"sqlite:///{tmp_path}/m.db", {})
-        self.md = MetadataService(self.backend)
+        self.md = MetadataService(self.backend, ring_types=RING_TYPES)
         self.md.format(BS, "crc,base")
         self.md.create_volume("v", SIZE)
         self.store = store

@@ -23,13 +23,17 @@ from torus_core.events import INodeCommitted, VolumeCreated, VolumeLockAcquired,
 from torus_core.metadata import MetadataService
 from torus_core.refs import INodeRef
 from torus_core.ring.base import RingMember, RingSpec
+from torus_core.ring.builtin import builtin_ring_types
+
+#: the built-in ring types (no plugins loaded)
+RING_TYPES = builtin_ring_types()
 
 MiB = 2**20
 
 
 @pytest.fixture
 def meta(open_backend: Callable[[], SQLiteBackend]) -> MetadataService:
-    return MetadataService(open_backend())
+    return MetadataService(open_backend(), ring_types=RING_TYPES)
 
 
 @pytest.fixture
@@ -114,7 +118,7 @@ def test_set_ring_requires_exactly_the_next_version(formatted: MetadataService) 
 def test_racing_ring_changes_let_exactly_one_win(
     formatted: MetadataService, open_backend: Callable[[], SQLiteBackend]
 ) -> None:
-    services = [MetadataService(open_backend()) for _ in range(4)]
+    services = [MetadataService(open_backend(), ring_types=RING_TYPES) for _ in range(4)]
     outcomes: list[str] = []
     barrier = threading.Barrier(len(services), timeout=30)
 
@@ -187,7 +191,7 @@ def test_bad_volume_sizes_raise_invalid_argument(formatted: MetadataService, siz
 def test_concurrent_creators_get_unique_ids_and_one_owner_per_name(
     formatted: MetadataService, open_backend: Callable[[], SQLiteBackend]
 ) -> None:
-    services = [MetadataService(open_backend()) for _ in range(4)]
+    services = [MetadataService(open_backend(), ring_types=RING_TYPES) for _ in range(4)]
     created: list[tuple[str, int]] = []
     refused: list[str] = []
     errors: list[BaseException] = []
@@ -282,7 +286,7 @@ def test_commit_moves_the_current_inode(formatted: MetadataService) -> None:
 def test_commit_survives_unrelated_appends_by_other_clients(
     formatted: MetadataService, open_backend: Callable[[], SQLiteBackend]
 ) -> None:
-    other = MetadataService(open_backend())
+    other = MetadataService(open_backend(), ring_types=RING_TYPES)
     vol = formatted.create_volume("a", MiB)
     lock = formatted.lock_volume("a", "me", formatted.leases.grant(30))
     idx = other.allocate_inode_index(vol.id)
@@ -295,7 +299,7 @@ def test_commit_survives_unrelated_appends_by_other_clients(
 def test_writer_whose_lease_expired_is_fenced_out_by_the_new_holder(
     formatted: MetadataService, open_backend: Callable[[], SQLiteBackend]
 ) -> None:
-    b = MetadataService(open_backend())
+    b = MetadataService(open_backend(), ring_types=RING_TYPES)
     vol = formatted.create_volume("a", MiB)
     lock_a = formatted.lock_volume("a", "client-a", formatted.leases.grant(1.0))
     formatted.commit_inode(lock_a, INodeRef(vol.id, formatted.allocate_inode_index(vol.id)))
@@ -317,7 +321,7 @@ def test_commit_of_a_lost_lock_is_refused_by_the_log_even_if_the_key_check_passe
     formatted: MetadataService, open_backend: Callable[[], SQLiteBackend]
 ) -> None:
     """The log itself fences: a stale holder whose seen version predates a takeover fails."""
-    b = MetadataService(open_backend())
+    b = MetadataService(open_backend(), ring_types=RING_TYPES)
     vol = formatted.create_volume("a", MiB)
     lease = formatted.leases.grant(30)
     lock_a = formatted.lock_volume("a", "client-a", lease)
@@ -387,7 +391,7 @@ def test_events_and_follow_expose_the_decoded_log(
     assert topics[:2] == ["torus.cluster.formatted", "torus.ring.changed"]
     assert [type(e.event) for e in formatted.events(stream="volume-1")] == [VolumeCreated]
     head = formatted.events()[-1].position
-    other = MetadataService(open_backend())
+    other = MetadataService(open_backend(), ring_types=RING_TYPES)
     timer = threading.Timer(0.3, lambda: other.create_volume("b", MiB))
     timer.start()
     try:
@@ -403,7 +407,7 @@ def test_a_new_service_on_the_same_store_sees_the_same_state(
 ) -> None:
     vol = formatted.create_volume("a", MiB)
     formatted.save_snapshot("a", "s")
-    fresh = MetadataService(open_backend())
+    fresh = MetadataService(open_backend(), ring_types=RING_TYPES)
     assert fresh.get_volume("a") == vol
     assert fresh.state() == formatted.state()
 
@@ -433,7 +437,7 @@ def test_a_command_that_keeps_losing_races_backs_off_with_growing_jitter_then_ra
 def test_a_lost_race_is_decided_again_against_the_new_state(
     formatted: MetadataService, open_backend: Callable[[], SQLiteBackend], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    other = MetadataService(open_backend())
+    other = MetadataService(open_backend(), ring_types=RING_TYPES)
     real_append = formatted._append
     calls = 0
 

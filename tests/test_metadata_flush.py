@@ -21,13 +21,17 @@ from torus_core.groupcommit import GroupCommitter
 from torus_core.metadata import MetadataService, VolumeLock
 from torus_core.projection import Projector, fold
 from torus_core.refs import BlockRef, BlockType, INodeRef
+from torus_core.ring.builtin import builtin_ring_types
+
+#: the built-in ring types (no plugins loaded)
+RING_TYPES = builtin_ring_types()
 
 MiB = 2**20
 
 
 @pytest.fixture
 def meta(open_backend: Callable[[], SQLiteBackend]) -> MetadataService:
-    svc = MetadataService(open_backend())
+    svc = MetadataService(open_backend(), ring_types=RING_TYPES)
     svc.format(4096)
     return svc
 
@@ -68,7 +72,7 @@ def test_the_reserved_index_counts_as_allocated_so_the_gc_keeps_its_blocks(
     vol = meta.create_volume("a", MiB)
     lock = meta.lock_volume("a", "me", meta.backend.leases.grant(30))
     committed = _flush(meta, lock)
-    other = MetadataService(open_backend())  # what a GC elsewhere reads
+    other = MetadataService(open_backend(), ring_types=RING_TYPES)  # what a GC elsewhere reads
     high = other.state().volumes[vol.id].last_inode_index
     in_use = meta.allocate_inode_index(vol.id)  # the next write session's index
     assert in_use == high == committed.inode + 1
@@ -84,7 +88,7 @@ def test_a_reserved_index_is_dropped_once_another_client_appended_to_the_volume(
     vol = meta.create_volume("a", MiB)
     lock = meta.lock_volume("a", "me", meta.backend.leases.grant(30))
     committed = _flush(meta, lock)
-    other = MetadataService(open_backend())
+    other = MetadataService(open_backend(), ring_types=RING_TYPES)
     seen = {committed.inode}
     if intervening == "allocate":
         seen.add(other.allocate_inode_index(vol.id))
@@ -137,7 +141,7 @@ def test_a_holder_taken_over_gets_a_fresh_index_and_its_commit_is_refused(
     lock_a = meta.lock_volume("a", "client-a", lease)
     committed = _flush(meta, lock_a)
     meta.backend.leases.revoke(lease)  # as if A's lease expired
-    b = MetadataService(open_backend())
+    b = MetadataService(open_backend(), ring_types=RING_TYPES)
     lock_b = b.lock_volume("a", "client-b", b.backend.leases.grant(30))
     b_ref = _flush(b, lock_b)
     index = meta.allocate_inode_index(vol.id)
@@ -161,7 +165,7 @@ def test_the_projector_applies_its_own_appends_and_equals_a_replay(
     assert meta.projector.state.position == backend.log.head_position()
     assert meta.projector.state == _replay(backend)
     # Another client appends: our next append leaves a gap, so it is not applied locally ...
-    other = MetadataService(open_backend())
+    other = MetadataService(open_backend(), ring_types=RING_TYPES)
     other.create_volume("b", MiB)
     _flush(meta, lock)
     assert meta.projector.state.position < backend.log.head_position()

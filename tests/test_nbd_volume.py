@@ -24,6 +24,10 @@ from torus_core.blockstore import BlockStore, BlockStoreConfig
 from torus_core.metadata import MetadataService
 from torus_core.nbd import NBDServer, ServerThread
 from torus_core.refs import BlockType
+from torus_core.ring.builtin import builtin_ring_types
+
+#: the built-in ring types (no plugins loaded)
+RING_TYPES = builtin_ring_types()
 
 #: the built-in blockset layers (tests use no plugin layers)
 LAYERS = default_layer_registry()
@@ -68,7 +72,7 @@ def wait_until(pred: Callable[[], bool], timeout: float = 15.0, what: str = "con
 @pytest.fixture
 def md(tmp_path: Path) -> Iterator[MetadataService]:
     backend = SQLiteBackend.from_url(f"sqlite:///{tmp_path}/meta.db")
-    m = MetadataService(backend)
+    m = MetadataService(backend, ring_types=RING_TYPES)
     m.format(BS, "crc,base")
     m.create_volume("vol", SIZE)
     yield m

@@ -18,6 +18,10 @@ from torus_core.metadata import MetadataService
 from torus_core.projection import ClusterState, Projector, apply, fold, state_from_bytes, state_to_bytes
 from torus_core.refs import INodeRef
 from torus_core.ring.base import RingMember, RingSpec
+from torus_core.ring.builtin import builtin_ring_types
+
+#: the built-in ring types (no plugins loaded)
+RING_TYPES = builtin_ring_types()
 
 NAMES = ["a", "b", "c"]
 
@@ -68,7 +72,7 @@ def _run(meta: MetadataService, commands: list[tuple]) -> None:
 @pytest.fixture
 def meta(tmp_path: Path) -> Iterator[MetadataService]:
     with SQLiteBackend.from_url(f"sqlite:///{tmp_path}/m.db") as backend:
-        svc = MetadataService(backend)
+        svc = MetadataService(backend, ring_types=RING_TYPES)
         svc.format(4096)
         yield svc
 
@@ -77,7 +81,7 @@ def meta(tmp_path: Path) -> Iterator[MetadataService]:
 @given(commands=st.lists(_command, max_size=25), data=st.data())
 def test_snapshot_plus_tail_equals_full_replay(commands: list[tuple], data: st.DataObject) -> None:
     with tempfile.TemporaryDirectory() as tmp, SQLiteBackend.from_url(f"sqlite:///{tmp}/m.db") as backend:
-        meta = MetadataService(backend, snapshot_every=0)
+        meta = MetadataService(backend, snapshot_every=0, ring_types=RING_TYPES)
         meta.format(4096)
         _run(meta, commands)
         recorded = [REGISTRY.recorded(s) for s in backend.log.read_all()]

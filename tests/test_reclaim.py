@@ -16,6 +16,10 @@ from torus_core.blockset import default_layer_registry
 from torus_core.blockstore import BlockStore, BlockStoreConfig
 from torus_core.metadata import MetadataService
 from torus_core.refs import BlockType
+from torus_core.ring.builtin import builtin_ring_types
+
+#: the built-in ring types (no plugins loaded)
+RING_TYPES = builtin_ring_types()
 
 #: the built-in blockset layers (tests use no plugin layers)
 LAYERS = default_layer_registry()
@@ -27,7 +31,7 @@ VOL_SIZE = 256 * 1024  # 64 blocks
 
 @pytest.fixture
 def md(open_backend: Callable[[], SQLiteBackend]) -> MetadataService:
-    m = MetadataService(open_backend())
+    m = MetadataService(open_backend(), ring_types=RING_TYPES)
     m.format(BS, "crc,base")
     return m
 

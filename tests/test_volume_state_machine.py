@@ -26,6 +26,10 @@ from torus_core.blockstore import BlockStoreConfig
 from torus_core.errors import Locked
 from torus_core.metadata import MetadataService
 from torus_core.plugins import load_registries
+from torus_core.ring.builtin import builtin_ring_types
+
+#: the built-in ring types (no plugins loaded)
+RING_TYPES = builtin_ring_types()
 
 #: the built-in blockset layers (tests use no plugin layers)
 LAYERS = default_layer_registry()
@@ -63,7 +67,7 @@ def make_machine(meta: str, block: str) -> type[RuleBasedStateMachine]:
             self.dir = Path(tempfile.mkdtemp(prefix="torus-vsm-"))
             backend_cls = REGISTRIES.metadata.get(meta)
             self.backend = backend_cls.from_url(f"sqlite:///{self.dir}/meta.db")
-            self.md = MetadataService(self.backend)
+            self.md = MetadataService(self.backend, ring_types=RING_TYPES)
             self.md.format(BS, "crc,base")
             self.md.create_volume("v", SIZE)
             self.store = REGISTRIES.block_stores.get(block).open(

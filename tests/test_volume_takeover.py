@@ -27,7 +27,11 @@ from torus_core.blockstore import BlockStoreConfig
 from torus_core.errors import InvalidArgument, Locked
 from torus_core.metadata import MetadataService, format_owner, parse_owner
 from torus_core.plugins import make_plugin_manager
+from torus_core.ring.builtin import builtin_ring_types
 from torus_core.testing.services import EtcdServer, RedisServer, etcd_service, redis_service
+
+#: the built-in ring types (no plugins loaded)
+RING_TYPES = builtin_ring_types()
 
 #: the built-in blockset layers (tests use no plugin layers)
 LAYERS = default_layer_registry()
@@ -38,7 +42,7 @@ MiB = 1 << 20
 
 @pytest.fixture
 def md(open_backend: Callable[[], SQLiteBackend]) -> MetadataService:
-    m = MetadataService(open_backend())
+    m = MetadataService(open_backend(), ring_types=RING_TYPES)
     m.format(BS, "crc,base")
     m.create_volume("v", MiB)
     return m
@@ -183,7 +187,7 @@ def outage_backend(request, tmp_path) -> Iterator[tuple[MetadataService, Callabl
                     time.sleep(seconds)
 
         stack.callback(backend.close)
-        m = MetadataService(backend)
+        m = MetadataService(backend, ring_types=RING_TYPES)
         m.format(BS, "crc,base")
         m.create_volume("v", MiB)
         yield m, outage

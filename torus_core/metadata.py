@@ -267,8 +267,9 @@ class MetadataService:
 
     :param backend: the backend (not closed by the service).
     :param ring_types: the process's ring registry, used to validate ring specs and by everything
-        built on this service (cluster nodes, ring watchers). Processes pass the plugin manager's;
-        ``None`` builds a registry of the built-in ring types (tests and plugin-free tools).
+        built on this service (cluster nodes, ring watchers). Processes pass the plugin manager's
+        (built at the composition root); tests and plugin-free tools pass
+        :func:`~torus_core.ring.builtin.builtin_ring_types`.
     :param snapshot_every: projection snapshot interval in events.
     """
 
@@ -276,15 +277,11 @@ class MetadataService:
         self,
         backend: MetadataBackend,
         *,
-        ring_types: Registry | None = None,
+        ring_types: Registry,
         registry: TopicRegistry = REGISTRY,
         snapshot_every: int = 200,
     ) -> None:
         self.backend = backend
-        if ring_types is None:
-            from torus_core.ring.builtin import builtin_ring_types
-
-            ring_types = builtin_ring_types()
         self.ring_types: Registry = ring_types
         self.registry = registry
         self.projector = Projector(backend.log, registry=registry, snapshot_every=snapshot_every)

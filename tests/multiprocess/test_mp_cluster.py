@@ -21,8 +21,12 @@ from torus_core.cluster import ClusterNode, ClusterOptions, parse_peers
 from torus_core.errors import Locked
 from torus_core.metadata import MetadataService
 from torus_core.plugins import make_plugin_manager
+from torus_core.ring.builtin import builtin_ring_types
 from torus_core.testing.procs import TorusdProcess, torusctl, wait_for
 from torus_core.testing.services import EtcdServer, start_etcd
+
+#: the built-in ring types (no plugins loaded)
+RING_TYPES = builtin_ring_types()
 
 #: the built-in blockset layers (tests use no plugin layers)
 LAYERS = default_layer_registry()
@@ -56,7 +60,7 @@ class Cluster:
         self.extra = FAST + extra
         self.peers: list[TorusdProcess] = []
         backend = make_plugin_manager().collect_registries().metadata.get("etcd").from_url(self.url)
-        self.md = MetadataService(backend)
+        self.md = MetadataService(backend, ring_types=RING_TYPES)
 
     def add_peer(self) -> TorusdProcess:
         p = TorusdProcess(self.url, self.root / f"peer{len(self.peers)}", size="256MiB", extra=self.extra)

@@ -27,11 +27,15 @@ from torus_core.journal.remote import RemoteJournalReplicas, journal_ref
 from torus_core.journal.replicas import select_replay
 from torus_core.metadata import MetadataService
 from torus_core.plugins import make_plugin_manager
+from torus_core.ring.builtin import builtin_ring_types
 from torus_core.ring.codec import ring_from_spec
 from torus_core.rpc.client import PeerClientPool
 from torus_core.rpc.options import RPCTimeouts
 from torus_core.testing.procs import TorusdProcess, torusctl, wait_for
 from torus_core.testing.services import start_etcd
+
+#: the built-in ring types (no plugins loaded)
+RING_TYPES = builtin_ring_types()
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -54,7 +58,7 @@ class _Peers:
         self.etcd = start_etcd(root / "etcd")
         self.peers: list[TorusdProcess] = []
         backend = make_plugin_manager().collect_registries().metadata.get("etcd").from_url(self.etcd.url)
-        self.md = MetadataService(backend)
+        self.md = MetadataService(backend, ring_types=RING_TYPES)
 
     def close(self) -> None:
         for p in self.peers:

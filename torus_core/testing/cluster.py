@@ -4,8 +4,9 @@ write committed volume data without the block-volume layer.
 :class:`InProcessCluster` runs real :class:`~torus_core.cluster.node.ClusterNode` objects (real
 gRPC servers on 127.0.0.1, in-memory block stores, each node with its own metadata-backend
 connection, as separate processes would have) so heartbeats, ring watching, rebalancing and GC
-are exercised end to end inside one test process. The blockset layers are the built-in ones
-(:func:`~torus_core.blockset.spec.default_layer_registry`), as plugin-free tests use.
+are exercised end to end inside one test process. The ring types and blockset layers are the
+built-in ones (:func:`~torus_core.ring.builtin.builtin_ring_types`,
+:func:`~torus_core.blockset.spec.default_layer_registry`), as plugin-free tests use.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from torus_core.inode import INode, INodeStore
 from torus_core.metadata import MetadataService
 from torus_core.refs import BlockRef, INodeRef
 from torus_core.ring.base import RingSpec
+from torus_core.ring.builtin import builtin_ring_types
 
 
 def open_mem_store(block_size: int, capacity_blocks: int) -> BlockStore:
@@ -111,7 +113,8 @@ class InProcessCluster:
             rebalance=RebalanceOptions(settle=0.3),
         )
         self._extra: list[Any] = []
-        #: the blockset layers every node decodes INodes with (the built-in ones)
+        #: the ring types and blockset layers every node uses (the built-in ones)
+        self.ring_types = builtin_ring_types()
         self.layer_registry = default_layer_registry()
         self.md = self.new_md()
         if self.md.state().global_metadata is None:
@@ -122,7 +125,7 @@ class InProcessCluster:
     def new_md(self) -> MetadataService:
         """A metadata service on a new backend connection (closed with the cluster)."""
         backend = self.open_backend()
-        md = MetadataService(backend)
+        md = MetadataService(backend, ring_types=self.ring_types)
         self._extra.append(backend)
         return md
 
