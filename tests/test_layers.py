@@ -26,7 +26,15 @@ def test_moved_test_harnesses_are_importable_only_from_torus_core_testing() -> N
 
     assert procs.TorusdProcess.__module__ == "torus_core.testing.procs"
     assert cluster.InProcessCluster.__module__ == "torus_core.testing.cluster"
-    for old in ("torus_core.cluster.procs", "torus_core.cluster.testing"):
+    for name in ("distributor", "journal", "rpc"):
+        assert importlib.import_module(f"torus_core.testing.{name}").__name__ == f"torus_core.testing.{name}"
+    for old in (
+        "torus_core.cluster.procs",
+        "torus_core.cluster.testing",
+        "torus_core.distributor.testing",
+        "torus_core.journal.testing",
+        "torus_core.rpc.testing",
+    ):
         assert importlib.util.find_spec(old) is None
 
 
@@ -40,8 +48,8 @@ def test_the_protobuf_wire_codec_is_not_part_of_the_ring_package() -> None:
 
 def test_the_garbage_collector_lives_below_block_and_cluster() -> None:
     from torus_core import gc
-    from torus_core.cluster import gc as old_gc
 
     local_gc = vars(importlib.import_module("torus_core.block.local_gc"))
     assert local_gc["GarbageCollector"] is gc.GarbageCollector
-    assert old_gc.LiveSet is gc.LiveSet
+    assert vars(importlib.import_module("torus_core.cluster.rebalancer"))["LiveSet"] is gc.LiveSet
+    assert importlib.util.find_spec("torus_core.cluster.gc") is None

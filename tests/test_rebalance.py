@@ -22,10 +22,10 @@ from torus_core.cluster import (
     Rebalancer,
     parse_peers,
 )
-from torus_core.cluster.gc import LiveSet
 from torus_core.cluster.membership import Membership
 from torus_core.distributor import PeerDirectory
 from torus_core.errors import InvalidArgument
+from torus_core.gc import LiveSet
 from torus_core.refs import BlockRef
 from torus_core.ring.base import RingMember
 from torus_core.ring.builtin import builtin_ring_types

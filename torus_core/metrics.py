@@ -337,7 +337,7 @@ HEARTBEAT_FAILURES = Counter(
     "torus_heartbeat_failures_total", "Heartbeats that failed (metadata errors; retried next beat)."
 )
 
-# --- rebalancer and GC (torus_core/cluster/rebalancer.py, torus_core/cluster/gc.py) --------------
+# --- rebalancer and GC (torus_core/cluster/rebalancer.py, torus_core/gc.py) --------------
 
 REBALANCE_PUSHED_BLOCKS = Counter(
     "torus_rebalance_pushed_blocks_total", "Blocks the rebalancer pushed to their ring owners."
@@ -397,7 +397,7 @@ class StoreCollector(Collector):
 
 
 class ServerCollector(Collector):
-    """Volumes and NBD connections of one :class:`~torus_core.block.server.Server`.
+    """Volumes and NBD connections of one :class:`~torus_core.daemon.server.Server`.
 
     Reads only in-memory state (the projection as of its last catch-up, the export provider),
     so a scrape never waits on the metadata backend.

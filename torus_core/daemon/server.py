@@ -152,7 +152,7 @@ class Server:
         opener = Opener(regs, config)
         backend_cls = opener.metadata_class()  # an unknown scheme fails before any directory is made
         store_cls = opener.block_store_class()
-        if getattr(store_cls, "persistent", False):
+        if store_cls.persistent:
             os.makedirs(config.data_dir, exist_ok=True)
         backend_cls.prepare_local(config.metadata)
         backend = opener.open_metadata()
@@ -169,7 +169,7 @@ class Server:
                 check_store(store, gm)
                 # A persistent store's data dir is this node's: claim its identity (see
                 # torus_core.block.identity) so a restart takes over its own volume locks.
-                persistent = getattr(store_cls, "persistent", False)
+                persistent = store_cls.persistent
                 claim = DataDirClaim.acquire(config.data_dir) if persistent else None
                 # journal files are per cluster formatting: a data dir reused after a wipe + init
                 # must not replay the old cluster's records into the new cluster's volume 1
