@@ -240,6 +240,11 @@ def _recovery(md: MetadataService, url: str, procs: list[TorusdProcess], block_s
     return lost_bytes / elapsed / 1e6
 
 
+def _round_line(figures: dict[str, float]) -> str:
+    """One round's figures on one line (units dropped)."""
+    return ", ".join(f"{name.rsplit(' ', 1)[0]} {value:.0f}" for name, value in figures.items())
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run every configuration and print the table."""
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -298,6 +303,7 @@ def main(argv: list[str] | None = None) -> int:
                             work, size, tmp, peers, rep, args.block_size, recovery=with_recovery
                         )
                     runs[label + " base"].append(figures)
+                    print("   ", _round_line(figures))
                     rss[label + " base"] = max(peak, rss.get(label + " base", 0.0))
                     base_recovery = rate if rate is not None else base_recovery
                 print(f"measuring torus {label} ({n + 1}/{rounds}) ...")
@@ -305,6 +311,8 @@ def main(argv: list[str] | None = None) -> int:
                     work, size, tmp, peers, rep, args.block_size, recovery=with_recovery
                 )
                 runs[label].append(figures)
+                if rounds > 1:
+                    print("   ", _round_line(figures))
                 rss[label] = max(peak, rss.get(label, 0.0))
                 if rate is not None:
                     recovery = rate
