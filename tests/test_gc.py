@@ -74,7 +74,7 @@ def test_unreachable_metadata_deletes_nothing(cluster: InProcessCluster, node: C
     md.delete_volume("v")  # and everything is garbage
     assert node.store is not None
     before = set(node.store.iter_refs())
-    broken = UnreachableMetadata(md.backend)
+    broken = UnreachableMetadata(md.backend, ring_types=md.ring_types)
     gc = GarbageCollector(broken, node.distributor, node.store, grace=0, layer_registry=LAYERS)
     for _ in range(3):
         result = gc.run_cycle()
