@@ -424,6 +424,8 @@ def test_flush_heavy_random_writes_never_hit_enospc_and_usage_is_reported(data, 
         assert time.monotonic() < deadline, listing
         time.sleep(0.5)
     assert "/96.0 MiB" in usage, usage
+    row = next(line for line in listing.splitlines() if "single" in line)
+    assert row.split()[-2:] == ["-", "-"], row  # no rebalancing and no replicas to count
 
 
 def test_a_data_dir_reused_after_wipe_and_init_never_replays_the_old_clusters_journal(

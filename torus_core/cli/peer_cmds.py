@@ -102,8 +102,9 @@ def peer_list(as_csv: bool) -> None:
                     format_size(used_b),
                     status,
                     _ago(now - info.last_seen),
-                    f"{format_size(int(reb.rate))}/s",
-                    str(reb.under_replicated) if reb.under_replicated >= 0 else "?",
+                    "-" if single else f"{format_size(int(reb.rate))}/s",
+                    # a single node replicates nothing; "?" is a peer with no complete pass yet
+                    "-" if single else str(reb.under_replicated) if reb.under_replicated >= 0 else "?",
                 )
             )
     header = ("ADDRESS", "UUID", "SIZE", "USED", "MEMBER", "UPDATED", "REB/REP DATA", "UNDER-REP")
