@@ -14,7 +14,6 @@ from pathlib import Path
 
 import pytest
 
-from torus_core.blockset import default_layer_registry
 from torus_core.errors import ConfigError, InvalidArgument, PeerUnavailable, StaleEpoch
 from torus_core.journal.channel import (
     INVALID,
@@ -33,7 +32,6 @@ from torus_core.testing.journal import JournalCluster
 from torus_core.testing.rpc import TestPKI, make_test_pki
 
 #: the built-in blockset layers (tests use no plugin layers)
-LAYERS = default_layer_registry()
 
 VOL = 7
 PEERS = ["peer-a", "peer-b", "peer-c"]
@@ -334,28 +332,14 @@ def test_mutual_tls_appends_and_refuses_clients_without_the_right_certificates(
 def test_cluster_nodes_advertise_their_channels_and_append_over_them(tmp_path: Path) -> None:
     from torus_sqlite.backend import SQLiteBackend
 
-    from torus_core.cluster import ClusterNode
     from torus_core.cluster.peerinfo import PeerInfo
-    from torus_core.testing.cluster import InProcessCluster, open_mem_store, wait_until
+    from torus_core.testing.cluster import InProcessCluster, wait_until
 
     url = f"sqlite:///{tmp_path}/meta.db?poll_interval=0.02"
     journals = {u: JournalStore(tmp_path / u / "journal") for u in PEERS}
     try:
         with InProcessCluster(lambda: SQLiteBackend.from_url(url), block_size=4096) as c:
-            for u in PEERS:
-                c.stores[u] = open_mem_store(4096, 256)
-                node = ClusterNode(
-                    c.new_md(),
-                    u,
-                    store=c.stores[u],
-                    listen="127.0.0.1:0",
-                    options=c.options,
-                    journal=journals[u],
-                    layer_registry=LAYERS,
-                )
-                c.nodes[u] = node
-                node.start(auto_join=True)
-            nodes = [c.nodes[u] for u in PEERS]
+            nodes = [c.add_node(u, journal=journals[u]) for u in PEERS]
             assert wait_until(
                 lambda: all(
                     len(n.distributor.ring.members()) == 3

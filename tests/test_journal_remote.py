@@ -10,7 +10,6 @@ from pathlib import Path
 
 import pytest
 
-from torus_core.blockset import default_layer_registry
 from torus_core.errors import InvalidArgument, NotSupported, ReplicationFailed, StaleEpoch
 from torus_core.journal.record import Extent, encode_record
 from torus_core.journal.remote import RemoteJournalReplicas, journal_ref
@@ -20,7 +19,6 @@ from torus_core.rpc.server import PeerServer
 from torus_core.testing.journal import JournalCluster
 
 #: the built-in blockset layers (tests use no plugin layers)
-LAYERS = default_layer_registry()
 
 PEERS = ["peer-a", "peer-b", "peer-c"]
 VOL = 7
@@ -280,27 +278,13 @@ def test_remote_replicas_satisfy_the_journal_replicas_protocol(cluster: JournalC
 def test_cluster_nodes_serve_their_journal_stores_and_append_through_the_ring(tmp_path: Path) -> None:
     from torus_sqlite.backend import SQLiteBackend
 
-    from torus_core.cluster import ClusterNode
-    from torus_core.testing.cluster import InProcessCluster, open_mem_store, wait_until
+    from torus_core.testing.cluster import InProcessCluster, wait_until
 
     url = f"sqlite:///{tmp_path}/meta.db?poll_interval=0.02"
     journals = {u: JournalStore(tmp_path / u / "journal") for u in PEERS}
     try:
         with InProcessCluster(lambda: SQLiteBackend.from_url(url), block_size=4096) as c:
-            for u in PEERS:
-                c.stores[u] = open_mem_store(4096, 256)
-                node = ClusterNode(
-                    c.new_md(),
-                    u,
-                    store=c.stores[u],
-                    listen="127.0.0.1:0",
-                    options=c.options,
-                    journal=journals[u],
-                    layer_registry=LAYERS,
-                )
-                c.nodes[u] = node
-                node.start(auto_join=True)
-            nodes = [c.nodes[u] for u in PEERS]
+            nodes = [c.add_node(u, journal=journals[u]) for u in PEERS]
             assert wait_until(
                 lambda: all(
                     len(n.distributor.ring.members()) == 3 and all(n.directory.address(u) for u in PEERS)

@@ -60,6 +60,24 @@ class _Peers:
         backend = make_plugin_manager().collect_registries().metadata.get("etcd").from_url(self.etcd.url)
         self.md = MetadataService(backend, ring_types=RING_TYPES)
 
+    def start_nbd_volume(self) -> tuple[TorusdProcess, TorusdProcess, TorusdProcess]:
+        """Three NBD-serving peers (3 s leases) and the volume; returns the first and second
+        journal replica of the volume, then the peer that is not one."""
+        torusctl(self.etcd.url, "init", "--block-size", "64KiB", "--replication", "2")
+        for i in range(3):
+            extra = (*FAST, "--lease-ttl", "3")
+            peer = TorusdProcess(self.etcd.url, self.root / f"peer{i}", size="128MiB", extra=extra)
+            self.peers.append(peer.start())
+        assert wait_for(
+            lambda: len(ring_from_spec(self.md.ring_types, self.md.get_ring()).members()) == 3, 30.0
+        )
+        torusctl(self.etcd.url, "volume", "create-block", VOLUME, str(SIZE))
+        vid = self.md.get_volume(VOLUME).id
+        by_uuid = {p.uuid: p for p in self.peers}
+        replicas = ring_from_spec(self.md.ring_types, self.md.get_ring()).get_peers(journal_ref(vid)).owners
+        third = next(p for p in self.peers if p.uuid not in replicas)
+        return by_uuid[replicas[0]], by_uuid[replicas[1]], third
+
     def close(self) -> None:
         for p in self.peers:
             p.stop()
@@ -151,18 +169,7 @@ def test_nbd_flushes_survive_a_killed_journal_replica_and_then_the_writer() -> N
     root = Path(tempfile.mkdtemp(prefix="torus-mp-journal-nbd-"))
     c = _Peers(root)
     try:
-        torusctl(c.etcd.url, "init", "--block-size", "64KiB", "--replication", "2")
-        for i in range(3):
-            extra = (*FAST, "--lease-ttl", "3")
-            c.peers.append(TorusdProcess(c.etcd.url, root / f"peer{i}", size="128MiB", extra=extra).start())
-        assert wait_for(lambda: len(ring_from_spec(c.md.ring_types, c.md.get_ring()).members()) == 3, 30.0)
-        torusctl(c.etcd.url, "volume", "create-block", VOLUME, str(SIZE))
-        vid = c.md.get_volume(VOLUME).id
-        by_uuid = {p.uuid: p for p in c.peers}
-        replicas = ring_from_spec(c.md.ring_types, c.md.get_ring()).get_peers(journal_ref(vid)).owners
-        writer = by_uuid[replicas[0]]  # serves NBD; the other replica is killed under load
-        victim = by_uuid[replicas[1]]
-        third = next(p for p in c.peers if p.uuid not in replicas)
+        writer, victim, third = c.start_nbd_volume()  # the writer serves NBD; the victim dies under load
         model_file = root / "model"
         work = subprocess.Popen(
             [
@@ -223,17 +230,7 @@ def test_a_crashed_writer_s_journal_is_replayed_from_the_surviving_replicas() ->
     root = Path(tempfile.mkdtemp(prefix="torus-mp-journal-crash-"))
     c = _Peers(root)
     try:
-        torusctl(c.etcd.url, "init", "--block-size", "64KiB", "--replication", "2")
-        for i in range(3):
-            extra = (*FAST, "--lease-ttl", "3")
-            c.peers.append(TorusdProcess(c.etcd.url, root / f"peer{i}", size="128MiB", extra=extra).start())
-        assert wait_for(lambda: len(ring_from_spec(c.md.ring_types, c.md.get_ring()).members()) == 3, 30.0)
-        torusctl(c.etcd.url, "volume", "create-block", VOLUME, str(SIZE))
-        vid = c.md.get_volume(VOLUME).id
-        by_uuid = {p.uuid: p for p in c.peers}
-        replicas = ring_from_spec(c.md.ring_types, c.md.get_ring()).get_peers(journal_ref(vid)).owners
-        writer, victim = by_uuid[replicas[0]], by_uuid[replicas[1]]
-        third = next(p for p in c.peers if p.uuid not in replicas)
+        writer, victim, third = c.start_nbd_volume()
         client = subprocess.Popen(
             ["/usr/bin/python3", str(FLUSH_WRITER), f"{writer.nbd_uri}/{VOLUME}", str(SIZE), "60", "5"],
             stdout=subprocess.PIPE,

@@ -82,6 +82,26 @@ def _line(proc: subprocess.Popen[str]) -> str:
     return line
 
 
+def _retrying_reader(uri: str, payload: Path, offset: int) -> subprocess.Popen[str]:
+    """A client that connects as soon as ``uri`` is served (printing ``served``), then reads
+    ``payload``'s length at ``offset`` and prints ``intact`` or ``corrupt``."""
+    return _client(
+        "import nbd, time\n"
+        "deadline = time.monotonic() + 60\n"
+        "while True:\n"
+        "    h = nbd.NBD()\n"
+        "    try:\n"
+        f"        h.connect_uri({uri!r})\n"
+        "        break\n"
+        "    except nbd.Error:\n"
+        "        if time.monotonic() > deadline: raise\n"
+        "        time.sleep(0.1)\n"
+        "print('served', flush=True)\n"
+        f"ok = h.pread({payload.stat().st_size}, {offset}) == open({str(payload)!r}, 'rb').read()\n"
+        "print('intact' if ok else 'corrupt', flush=True)\n"
+    )
+
+
 def _refusal(uri: str, *cmd: str, env: dict[str, str] | None = None) -> str:
     proc = subprocess.run([*cmd, uri], capture_output=True, text=True, timeout=60, env=env)
     assert proc.returncode != 0, f"{cmd[0]} was served a volume locked elsewhere"
@@ -122,21 +142,7 @@ def test_a_killed_serving_peer_is_replaced_within_seconds_and_others_are_told_wh
     finally:
         writer.kill()
         writer.wait(10)
-    reader = _client(
-        "import nbd, time\n"
-        "deadline = time.monotonic() + 60\n"
-        "while True:\n"
-        "    h = nbd.NBD()\n"
-        "    try:\n"
-        f"        h.connect_uri({uri!r})\n"
-        "        break\n"
-        "    except nbd.Error:\n"
-        "        if time.monotonic() > deadline: raise\n"
-        "        time.sleep(0.1)\n"
-        "print('served', flush=True)\n"
-        f"ok = h.pread(400000, 4321) == open({str(payload)!r}, 'rb').read()\n"
-        "print('intact' if ok else 'corrupt', flush=True)\n"
-    )
+    reader = _retrying_reader(uri, payload, 4321)
     try:
         assert _line(reader) == "served"
         took = time.monotonic() - killed_at
@@ -166,21 +172,7 @@ def test_a_killed_peer_restarted_on_its_data_dir_takes_its_volume_back_at_once(c
         writer.wait(10)
     holder.start()  # same data dir and ports; the dead incarnation's 5 s lease may still run
     listening_at = time.monotonic()
-    reader = _client(
-        "import nbd, time\n"
-        "deadline = time.monotonic() + 60\n"
-        "while True:\n"
-        "    h = nbd.NBD()\n"
-        "    try:\n"
-        f"        h.connect_uri({uri!r})\n"
-        "        break\n"
-        "    except nbd.Error:\n"
-        "        if time.monotonic() > deadline: raise\n"
-        "        time.sleep(0.1)\n"
-        "print('served', flush=True)\n"
-        f"ok = h.pread(200000, 777) == open({str(payload)!r}, 'rb').read()\n"
-        "print('intact' if ok else 'corrupt', flush=True)\n"
-    )
+    reader = _retrying_reader(uri, payload, 777)
     try:
         assert _line(reader) == "served"
         took = time.monotonic() - listening_at

@@ -22,6 +22,7 @@ from torus_core.cluster.node import ClusterNode, ClusterOptions
 from torus_core.cluster.rebalancer import RebalanceOptions
 from torus_core.eventlog import MetadataBackend
 from torus_core.inode import INode, INodeStore
+from torus_core.journal.store import JournalStore
 from torus_core.metadata import MetadataService
 from torus_core.refs import BlockRef, INodeRef
 from torus_core.ring.base import RingSpec
@@ -129,8 +130,11 @@ class InProcessCluster:
         self._extra.append(backend)
         return md
 
-    def add_node(self, uuid: str, *, join: bool = True, **option_changes: Any) -> ClusterNode:
-        """Start a storage peer ``uuid`` (joining the ring unless ``join`` is false)."""
+    def add_node(
+        self, uuid: str, *, join: bool = True, journal: JournalStore | None = None, **option_changes: Any
+    ) -> ClusterNode:
+        """Start a storage peer ``uuid`` (joining the ring unless ``join`` is false) that serves
+        ``journal``'s volume journals when given one."""
         store = self.stores.get(uuid) or open_mem_store(self.block_size, self.capacity_blocks)
         self.stores[uuid] = store
         opts = replace(self.options, **option_changes) if option_changes else self.options
@@ -140,6 +144,7 @@ class InProcessCluster:
             store=store,
             listen="127.0.0.1:0",
             options=opts,
+            journal=journal,
             layer_registry=self.layer_registry,
         )
         node.start(auto_join=join)
