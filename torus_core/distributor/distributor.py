@@ -149,7 +149,6 @@ class Distributor(BlockStore):
         if not isinstance(block_size, int) or block_size <= 0:
             raise ConfigError("a Distributor without a local store needs a positive block_size")
         self.self_uuid = self_uuid
-        self.local_store = local_store
         self.peers = peers
         self.write_level = WriteLevel.parse(write_level)
         if self.write_level is WriteLevel.LOCAL and local_store is None:
@@ -231,6 +230,11 @@ class Distributor(BlockStore):
     def ring(self) -> Ring:
         """The ring in use."""
         return self._ring
+
+    @property
+    def local_store(self) -> BlockStore | None:
+        """This peer's store, or None for a client."""
+        return self.local.store
 
     @property
     def read_level(self) -> ReadLevel:
@@ -340,11 +344,11 @@ class Distributor(BlockStore):
             if not batch:
                 return
             write_level = WriteLevel.ONE
-        if self.replication.write_behind is not None:
+        queued = self.replication.write_behind is not None
+        if queued:  # readable while it waits in the queue
             self._cache_written(batch)
-            self.replication.submit(batch, write_level)
-        else:
-            self.replication.submit(batch, write_level)
+        self.replication.submit(batch, write_level)
+        if not queued:  # cached only once replicated: a failed write leaves nothing behind
             self._cache_written(batch)
         if self.replication.over_bound:
             self.flush()
