@@ -25,6 +25,7 @@ All processes are started and stopped by PID; every wait is bounded.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shutil
@@ -288,37 +289,32 @@ def main(argv: list[str] | None = None) -> int:
         rss: dict[str, float] = {}
         print("measuring nbdkit file ...")
         columns["nbdkit"] = measure_nbdkit(work, size, tmp)
-        recovery = None
         configs = (("single", 1, 1), ("3p R1", 3, 1), ("3p R2", 3, 2), ("3p R3", 3, 3))
-        base_recovery = None
         rounds = args.repeat if args.baseline is not None else 1
+        # (column key, tree the children run: None is this one), baseline first in every round
+        trees: list[tuple[str, Path | None]] = [("", None)]
+        if args.baseline is not None:
+            trees.insert(0, (" base", args.baseline.resolve()))
+        recoveries: dict[str, float] = {}
         for label, peers, rep in [c for c in configs if c[0] in only]:
-            with_recovery = rep == 2 and peers == 3
-            runs: dict[str, list[dict[str, float]]] = {label: [], label + " base": []}
+            runs: dict[str, list[dict[str, float]]] = {label + suffix: [] for suffix, _ in trees}
             for n in range(rounds):  # alternate the trees: drift on a shared machine hits both
-                if args.baseline is not None:
-                    print(f"measuring torus {label} with the baseline {args.baseline} ({n + 1}/{rounds}) ...")
-                    with children_run_tree(args.baseline.resolve()):
+                for suffix, tree in trees:
+                    key = label + suffix
+                    where = f" with the baseline {tree}" if tree is not None else ""
+                    print(f"measuring torus {label}{where} ({n + 1}/{rounds}) ...")
+                    with children_run_tree(tree) if tree is not None else contextlib.nullcontext():
                         figures, peak, rate = measure_torus(
-                            work, size, tmp, peers, rep, args.block_size, recovery=with_recovery
+                            work, size, tmp, peers, rep, args.block_size, recovery=rep == 2 and peers == 3
                         )
-                    runs[label + " base"].append(figures)
-                    print("   ", _round_line(figures))
-                    rss[label + " base"] = max(peak, rss.get(label + " base", 0.0))
-                    base_recovery = rate if rate is not None else base_recovery
-                print(f"measuring torus {label} ({n + 1}/{rounds}) ...")
-                figures, peak, rate = measure_torus(
-                    work, size, tmp, peers, rep, args.block_size, recovery=with_recovery
-                )
-                runs[label].append(figures)
-                if rounds > 1:
-                    print("   ", _round_line(figures))
-                rss[label] = max(peak, rss.get(label, 0.0))
-                if rate is not None:
-                    recovery = rate
+                    runs[key].append(figures)
+                    if len(trees) > 1:
+                        print("   ", _round_line(figures))
+                    rss[key] = max(peak, rss.get(key, 0.0))
+                    if rate is not None:
+                        recoveries[key] = rate
             for key, measured in runs.items():
-                if measured:
-                    columns[key] = {name: statistics.median(m[name] for m in measured) for name, _ in work}
+                columns[key] = {name: statistics.median(m[name] for m in measured) for name, _ in work}
         labels = [lab for lab in columns if not lab.endswith(" base")]
         based = [lab for lab in labels if lab + " base" in columns]
         print()
@@ -348,10 +344,11 @@ def main(argv: list[str] | None = None) -> int:
                 print(row)
         print()
         print("peak RSS of all torusd processes (MiB): " + ", ".join(f"{k} {v:.0f}" for k, v in rss.items()))
-        if recovery is not None:
-            print(f"re-replication after a peer removal (R=2): {recovery:.1f} MB/s   (Ceph RBD: 10-20 MiB/s)")
-        if base_recovery is not None:
-            print(f"re-replication with the baseline: {base_recovery:.1f} MB/s")
+        if "3p R2" in recoveries:
+            rate = recoveries["3p R2"]
+            print(f"re-replication after a peer removal (R=2): {rate:.1f} MB/s   (Ceph RBD: 10-20 MiB/s)")
+        if "3p R2 base" in recoveries:
+            print(f"re-replication with the baseline: {recoveries['3p R2 base']:.1f} MB/s")
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return 0
