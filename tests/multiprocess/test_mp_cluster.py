@@ -71,9 +71,16 @@ class Cluster:
         return [p for p in self.peers if p.pid is not None]
 
     def replicated(self, since: float) -> bool:
-        """Every live peer finished a pass on the current ring after ``since`` with nothing missing."""
+        """Every live peer finished a pass on the current ring after ``since`` with nothing missing,
+        and every peer's record was written after the last of those passes ended.
+
+        The second condition makes the records one consistent picture: a peer's ``used_blocks``
+        is as of its last heartbeat, so a receiver that last beat while the others were still
+        pushing to it would otherwise report a fraction of what it holds.
+        """
         version = self.md.get_ring().version
         infos = parse_peers(self.md.list_peers())
+        rows = []
         for p in self.live():
             info = infos.get(p.uuid)
             if info is None:
@@ -81,7 +88,9 @@ class Cluster:
             r = info.rebalance
             if r.ring_version != version or r.last_finish <= since or r.under_replicated or r.unconfirmed:
                 return False
-        return True
+            rows.append(info)
+        last_pass_end = max(i.rebalance.last_finish for i in rows)
+        return all(i.last_seen > last_pass_end for i in rows)
 
     def close(self) -> None:
         for p in self.peers:

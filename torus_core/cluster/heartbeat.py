@@ -81,8 +81,9 @@ class Heartbeat:
     def beat(self) -> dict[str, PeerInfo]:
         """One heartbeat now: renew, register, list peers, notify. Raises metadata errors."""
         with self._lock:
+            composed = time.time()  # before info_fn: its figures are no older than last_seen
             info = self.info_fn()
-            info.last_seen = time.time()
+            info.last_seen = composed
             lease, _new = self._ensure_lease()
             try:
                 self.md.register_peer(info.to_dict(), lease)
