@@ -330,3 +330,38 @@ def test_the_plugin_template_scaffolds_a_block_store_plugin_that_loads_and_passe
         cwd=plugin_dir,
     )
     assert tests.returncode == 0, tests.stdout[-3000:] + tests.stderr[-2000:]
+
+
+def test_a_ring_type_or_layer_that_is_not_a_ring_or_blockset_class_is_a_plugin_error(fake_site: Path) -> None:
+    """Lookups read a ring's ``type_id`` and a layer's ``kind``/``aliases`` as declared class
+    attributes; a plugin that registered something else is named, not silently skipped."""
+    from torus_core.blockset.spec import layer_class_by_kind, parse_spec
+    from torus_core.ring.codec import ring_class, ring_class_by_id
+
+    bogus = """
+        from torus_core import hookimpl
+
+        class NotARing:
+            type_id = 9
+
+        @hookimpl
+        def torus_register_ring_types(registry):
+            registry.register("notaring", NotARing)
+
+        @hookimpl
+        def torus_register_blockset_layers(registry):
+            registry.register("notalayer", {"kind": 7})
+    """
+    _fake_distribution(fake_site, "torus-bogus", {"bogus": "bogus_plugin"}, {"bogus_plugin": bogus})
+    regs = make_plugin_manager().collect_registries()
+    ring_msg = "plugin 'bogus' registered ring type 'notaring' as .*not a Ring subclass"
+    with pytest.raises(PluginError, match=ring_msg):
+        ring_class("notaring", regs.ring_types)
+    with pytest.raises(PluginError, match=ring_msg):
+        ring_class_by_id(9, regs.ring_types)
+    layer_msg = "plugin 'bogus' registered blockset layer 'notalayer' as .*not a Blockset subclass"
+    with pytest.raises(PluginError, match=layer_msg):
+        parse_spec("crc,base", regs.blockset_layers)
+    with pytest.raises(PluginError, match=layer_msg):
+        layer_class_by_kind(7, regs.blockset_layers)
+    assert ring_class("ketama", regs.ring_types).type_id == 4  # a built-in still resolves by name

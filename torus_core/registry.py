@@ -105,8 +105,12 @@ class Registry:
 
     def get(self, name: str) -> Any:
         """Return the implementation for ``name`` or raise a helpful :class:`UnknownBackendError`."""
+        return self.registration(name).impl
+
+    def registration(self, name: str) -> Registration:
+        """The registration of ``name`` (implementation and plugin), or :class:`UnknownBackendError`."""
         try:
-            return self._entries[name].impl
+            return self._entries[name]
         except KeyError:
             pass
         available = ", ".join(self.names()) or "none"
@@ -178,7 +182,7 @@ def builtin_registry(kind: str, plugin_name: str, register: Callable[..., None])
 def cached_builtin_registry(kind: str, plugin_name: str, register: Callable[..., None]) -> Registry:
     """:func:`builtin_registry`, built once per arguments and shared by every caller.
 
-    For lookups only: callers must not register into it. Still used for blockset layers when a
-    caller passes no layer registry (issue 10 leaves that fallback for later).
+    For lookups only: callers must not register into it (tests and plugin-free tools; see
+    :func:`torus_core.blockset.spec.default_layer_registry`).
     """
     return builtin_registry(kind, plugin_name, register)
