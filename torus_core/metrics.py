@@ -21,8 +21,8 @@ from __future__ import annotations
 
 import threading
 from bisect import bisect_left
-from collections.abc import Callable, Iterable, Iterator, Mapping
-from typing import Any, Protocol, cast
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sized
+from typing import Protocol, cast
 
 from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics
 from prometheus_client.core import (
@@ -396,14 +396,69 @@ class StoreCollector(Collector):
         yield GaugeMetricFamily("torus_store_used_bytes", "Bytes of blocks stored.", value=used * size)
 
 
+class _ClusterVolumes(Protocol):
+    """A projected cluster state: only its volumes are counted."""
+
+    @property
+    def volumes(self) -> Sized: ...
+
+
+class _Projection(Protocol):
+    """A projector: its state as of the last catch-up."""
+
+    @property
+    def state(self) -> _ClusterVolumes: ...
+
+
+class _Metadata(Protocol):
+    """A metadata service: only its projector is read."""
+
+    @property
+    def projector(self) -> _Projection: ...
+
+
+class _OpenExports(Protocol):
+    """An export provider: opened export names and their connection counts."""
+
+    def open_names(self) -> Mapping[str, int]: ...
+
+
+class _NBDConnections(Protocol):
+    """An NBD server: its count of open client connections."""
+
+    @property
+    def connections(self) -> int: ...
+
+
+class _NBDThread(Protocol):
+    """A running NBD server thread."""
+
+    @property
+    def server(self) -> _NBDConnections: ...
+
+
+class ServerState(Protocol):
+    """What :class:`ServerCollector` reads (a :class:`~torus_core.daemon.server.Server` has it)."""
+
+    @property
+    def md(self) -> _Metadata: ...
+    @property
+    def exports(self) -> _OpenExports: ...
+    @property
+    def nbd(self) -> _NBDThread | None: ...
+
+
 class ServerCollector(Collector):
     """Volumes and NBD connections of one :class:`~torus_core.daemon.server.Server`.
 
     Reads only in-memory state (the projection as of its last catch-up, the export provider),
     so a scrape never waits on the metadata backend.
+
+    :param server: anything with ``md.projector.state.volumes``, ``exports.open_names()`` and
+        ``nbd`` (``None`` or with ``server.connections``).
     """
 
-    def __init__(self, server: Any) -> None:
+    def __init__(self, server: ServerState) -> None:
         self.server = server
 
     def collect(self) -> Iterator[Metric]:
@@ -414,7 +469,7 @@ class ServerCollector(Collector):
             "Volumes in the cluster (as of this process's last metadata read).",
             value=len(server.md.projector.state.volumes),
         )
-        opened: dict[str, int] = server.exports.open_names()
+        opened = server.exports.open_names()
         yield GaugeMetricFamily("torus_nbd_open_volumes", "Volumes opened by NBD clients.", value=len(opened))
         conns = GaugeMetricFamily(
             "torus_nbd_volume_connections", "NBD connections per opened export.", labels=["volume"]
@@ -433,10 +488,61 @@ class ServerCollector(Collector):
         yield info
 
 
-class ClusterCollector(Collector):
-    """Ring membership, peers and rebalancer state of one :class:`~torus_core.cluster.node.ClusterNode`."""
+class _RingView(Protocol):
+    """A ring: its version and member UUIDs."""
 
-    def __init__(self, node: Any) -> None:
+    @property
+    def version(self) -> int: ...
+    def members(self) -> Collection[str]: ...
+
+
+class _RingHolder(Protocol):
+    """A distributor: only the ring in use is read."""
+
+    @property
+    def ring(self) -> _RingView: ...
+
+
+class _RebalanceProgress(Protocol):
+    """A rebalancer's published progress (a :class:`~torus_core.cluster.peerinfo.RebalanceInfo`)."""
+
+    @property
+    def under_replicated(self) -> int: ...
+    @property
+    def unconfirmed(self) -> int: ...
+    @property
+    def rebalancing(self) -> bool: ...
+    @property
+    def rate(self) -> float: ...
+
+
+class _RebalancerView(Protocol):
+    """A rebalancer: a copy of its published progress."""
+
+    def info(self) -> _RebalanceProgress: ...
+
+
+class ClusterNodeState(Protocol):
+    """What :class:`ClusterCollector` reads (a :class:`~torus_core.cluster.node.ClusterNode` has it)."""
+
+    @property
+    def uuid(self) -> str: ...
+    @property
+    def distributor(self) -> _RingHolder: ...
+    @property
+    def directory(self) -> Sized: ...
+    @property
+    def rebalancer(self) -> _RebalancerView | None: ...
+
+
+class ClusterCollector(Collector):
+    """Ring membership, peers and rebalancer state of one :class:`~torus_core.cluster.node.ClusterNode`.
+
+    :param node: anything with ``uuid``, ``distributor.ring`` (``version``, ``members()``),
+        ``directory`` (its ``len``: live peers) and ``rebalancer`` (``None`` or with ``info()``).
+    """
+
+    def __init__(self, node: ClusterNodeState) -> None:
         self.node = node
 
     def collect(self) -> Iterator[Metric]:
