@@ -382,7 +382,7 @@ def test_torusd_flags_turn_the_journal_channel_off_or_pin_its_port() -> None:
     @cluster_options
     def cmd(**kw: object) -> None:
         names = ("heartbeat_interval", "peer_ttl", "rebalance_rate", "rebalance_interval")
-        names += ("rebalance_settle", "gc_grace", "no_gc")
+        names += ("rebalance_settle", "rebalance_idle_max", "gc_grace", "no_gc")
         opts = make_cluster_options(Config(), *(kw[n] for n in names))  # type: ignore[arg-type]
         seen.append((opts.journal_channel, opts.journal_channel_port))
 
@@ -395,3 +395,36 @@ def test_torusd_flags_turn_the_journal_channel_off_or_pin_its_port() -> None:
         result = runner.invoke(cmd, args, env=env)
         assert result.exit_code == 0, result.output
     assert seen == [(True, 0), (True, 7411), (False, 0)]
+
+
+def test_torusd_rebalance_idle_max_flag_reaches_rebalance_options() -> None:
+    import click
+    from click.testing import CliRunner
+
+    from torus_core.cli.torusd import cli as torusd_cli
+    from torus_core.cluster.cli_options import cluster_options, make_cluster_options
+    from torus_core.config import Config
+
+    seen = []
+
+    @click.command()
+    @cluster_options
+    def cmd(**kw: object) -> None:
+        names = ("heartbeat_interval", "peer_ttl", "rebalance_rate", "rebalance_interval")
+        names += ("rebalance_settle", "rebalance_idle_max", "gc_grace", "no_gc")
+        opts = make_cluster_options(Config(), *(kw[n] for n in names))  # type: ignore[arg-type]
+        seen.append(opts.rebalance.idle_max)
+
+    runner = CliRunner()
+    for args in ([], ["--rebalance-idle-max", "7.5"], ["--rebalance-idle-max", "0"]):
+        result = runner.invoke(cmd, args)
+        assert result.exit_code == 0, result.output
+    assert seen == [30.0, 7.5, 0.0]
+    # a negative or non-number value is a click usage error (exit 2), before anything is opened
+    for cli in (cmd, torusd_cli):
+        for bad in ("-1", "nan", "soon"):
+            result = runner.invoke(cli, ["--rebalance-idle-max", bad])
+            assert result.exit_code == 2, result.output
+            assert "Invalid value for '--rebalance-idle-max'" in result.output
+            assert result.exception is None or isinstance(result.exception, SystemExit)
+    assert seen == [30.0, 7.5, 0.0]

@@ -110,6 +110,7 @@ def cli(
     rebalance_rate: str,
     rebalance_interval: float,
     rebalance_settle: float,
+    rebalance_idle_max: float,
     gc_grace: float,
     no_gc: bool,
     **overrides: Any,
@@ -137,6 +138,7 @@ def cli(
             rebalance_rate,
             rebalance_interval,
             rebalance_settle,
+            rebalance_idle_max,
             gc_grace,
             no_gc,
         )

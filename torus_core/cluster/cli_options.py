@@ -22,6 +22,13 @@ def _remember(ctx: click.Context, param: click.Parameter, value: Any) -> Any:
     return value
 
 
+def _check_idle_max(ctx: click.Context, param: click.Parameter, value: float) -> float:
+    """Reject a negative (or NaN) number of seconds as a usage error at parse time."""
+    if not value >= 0:
+        raise click.BadParameter(f"must be >= 0 seconds (0 = no back-off), got {value}")
+    return value
+
+
 def cluster_options(func: F) -> F:
     """Add ``--peer-address``, ``--auto-join``, heartbeat, rebalance and GC options."""
     options = [
@@ -44,6 +51,15 @@ def cluster_options(func: F) -> F:
             show_default=True,
             type=float,
             help="Seconds a ring must be in force before copies are dropped.",
+        ),
+        click.option(
+            "--rebalance-idle-max",
+            default=30.0,
+            show_default=True,
+            type=float,
+            callback=_check_idle_max,
+            metavar="SECONDS",
+            help="Longest wait between passes on an idle cluster (0.5 s doubling; 0 = no back-off).",
         ),
         click.option("--gc-grace", default=30.0, show_default=True, type=float, help="Dead-block grace (s)."),
         click.option("--no-gc", is_flag=True, help="Do not garbage-collect on this peer."),
@@ -78,6 +94,7 @@ def make_cluster_options(
     rebalance_rate: str,
     rebalance_interval: float,
     rebalance_settle: float,
+    rebalance_idle_max: float,
     gc_grace: float,
     no_gc: bool,
 ) -> ClusterOptions:
@@ -92,7 +109,9 @@ def make_cluster_options(
             maintenance_interval=rebalance_interval,
             gc=not no_gc,
             gc_grace=gc_grace,
-            rebalance=RebalanceOptions(rate_bytes=float(rate), settle=rebalance_settle),
+            rebalance=RebalanceOptions(
+                rate_bytes=float(rate), settle=rebalance_settle, idle_max=rebalance_idle_max
+            ),
             read_level=config.read_level,
             write_level=config.write_level,
             read_cache_bytes=config.read_cache_size,
