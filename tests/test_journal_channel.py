@@ -397,7 +397,7 @@ def test_torusd_flags_turn_the_journal_channel_off_or_pin_its_port() -> None:
     assert seen == [(True, 0), (True, 7411), (False, 0)]
 
 
-def test_torusd_rebalance_idle_max_flag_reaches_rebalance_options() -> None:
+def test_torusd_rebalance_idle_max_reaches_rebalance_options_and_bad_timing_flags_are_usage_errors() -> None:
     import click
     from click.testing import CliRunner
 
@@ -420,11 +420,21 @@ def test_torusd_rebalance_idle_max_flag_reaches_rebalance_options() -> None:
         result = runner.invoke(cmd, args)
         assert result.exit_code == 0, result.output
     assert seen == [30.0, 7.5, 0.0]
-    # a negative or non-number value is a click usage error (exit 2), before anything is opened
+    # a negative or non-number number of seconds (zero too, where it would mean "never") is a
+    # click usage error (exit 2) for every timing flag, before anything is opened
+    timing = {
+        "--heartbeat-interval": ("0", "-1", "nan", "soon"),
+        "--peer-ttl": ("0", "-1", "nan", "soon"),
+        "--rebalance-interval": ("-1", "nan", "soon"),
+        "--rebalance-settle": ("-1", "nan", "soon"),
+        "--rebalance-idle-max": ("-1", "nan", "soon"),
+        "--gc-grace": ("-1", "nan", "soon"),
+    }
     for cli in (cmd, torusd_cli):
-        for bad in ("-1", "nan", "soon"):
-            result = runner.invoke(cli, ["--rebalance-idle-max", bad])
-            assert result.exit_code == 2, result.output
-            assert "Invalid value for '--rebalance-idle-max'" in result.output
-            assert result.exception is None or isinstance(result.exception, SystemExit)
+        for flag, bads in timing.items():
+            for bad in bads:
+                result = runner.invoke(cli, [flag, bad])
+                assert result.exit_code == 2, (flag, bad, result.output)
+                assert f"Invalid value for '{flag}'" in result.output
+                assert result.exception is None or isinstance(result.exception, SystemExit)
     assert seen == [30.0, 7.5, 0.0]

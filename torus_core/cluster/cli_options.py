@@ -22,10 +22,17 @@ def _remember(ctx: click.Context, param: click.Parameter, value: Any) -> Any:
     return value
 
 
-def _check_idle_max(ctx: click.Context, param: click.Parameter, value: float) -> float:
+def _seconds(ctx: click.Context, param: click.Parameter, value: float | None) -> float | None:
     """Reject a negative (or NaN) number of seconds as a usage error at parse time."""
-    if not value >= 0:
-        raise click.BadParameter(f"must be >= 0 seconds (0 = no back-off), got {value}")
+    if value is not None and not value >= 0:
+        raise click.BadParameter(f"must be >= 0 seconds, got {value}")
+    return value
+
+
+def _positive_seconds(ctx: click.Context, param: click.Parameter, value: float | None) -> float | None:
+    """Reject zero, negative (or NaN) seconds as a usage error at parse time."""
+    if value is not None and not value > 0:
+        raise click.BadParameter(f"must be > 0 seconds, got {value}")
     return value
 
 
@@ -40,16 +47,35 @@ def cluster_options(func: F) -> F:
         ),
         click.option("--auto-join", is_flag=True, help="Add this peer to the ring at start-up."),
         click.option(
-            "--heartbeat-interval", default=2.0, show_default=True, type=float, help="Seconds between beats."
+            "--heartbeat-interval",
+            default=2.0,
+            show_default=True,
+            type=float,
+            callback=_positive_seconds,
+            help="Seconds between beats.",
         ),
-        click.option("--peer-ttl", default=None, type=float, help="Peer lease TTL (default 3 x interval)."),
+        click.option(
+            "--peer-ttl",
+            default=None,
+            type=float,
+            callback=_positive_seconds,
+            help="Peer lease TTL (default 3 x interval).",
+        ),
         click.option("--rebalance-rate", default="0", show_default=True, help="Push limit/s (0 = none)."),
-        click.option("--rebalance-interval", default=1.0, show_default=True, type=float, help="Pause (s)."),
+        click.option(
+            "--rebalance-interval",
+            default=1.0,
+            show_default=True,
+            type=float,
+            callback=_seconds,
+            help="Pause (s).",
+        ),
         click.option(
             "--rebalance-settle",
             default=3.0,
             show_default=True,
             type=float,
+            callback=_seconds,
             help="Seconds a ring must be in force before copies are dropped.",
         ),
         click.option(
@@ -57,11 +83,18 @@ def cluster_options(func: F) -> F:
             default=30.0,
             show_default=True,
             type=float,
-            callback=_check_idle_max,
+            callback=_seconds,
             metavar="SECONDS",
             help="Longest wait between passes on an idle cluster (0.5 s doubling; 0 = no back-off).",
         ),
-        click.option("--gc-grace", default=30.0, show_default=True, type=float, help="Dead-block grace (s)."),
+        click.option(
+            "--gc-grace",
+            default=30.0,
+            show_default=True,
+            type=float,
+            callback=_seconds,
+            help="Dead-block grace (s).",
+        ),
         click.option("--no-gc", is_flag=True, help="Do not garbage-collect on this peer."),
         click.option(
             "--journal-channel-port",
