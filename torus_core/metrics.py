@@ -8,8 +8,10 @@ its own :class:`NBDConnectionMetrics` from its event-loop thread and :data:`NBD`
 sums them at scrape time.
 
 Values that are *read* rather than counted (store capacity, open volumes, ring membership,
-rebalancer state) come from collectors bound to one running server: :class:`StoreCollector`,
-:class:`ServerCollector`, :class:`ClusterCollector`. They are not registered globally (a test
+rebalancer state) come from collectors bound to one running server: :class:`StoreCollector` here,
+and :class:`~torus_core.daemon.collectors.ServerCollector` and
+:class:`~torus_core.daemon.collectors.ClusterCollector`, which read the daemon's objects and so
+live with them. They are not registered globally (a test
 process may run several servers); :func:`server_registry` builds the registry one ``/metrics``
 endpoint serves: the default registry plus that server's collectors.
 
@@ -21,7 +23,7 @@ from __future__ import annotations
 
 import threading
 from bisect import bisect_left
-from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sized
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Protocol, cast
 
 from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics
@@ -29,13 +31,11 @@ from prometheus_client.core import (
     CounterMetricFamily,
     GaugeMetricFamily,
     HistogramMetricFamily,
-    InfoMetricFamily,
 )
 from prometheus_client.metrics_core import Metric
 from prometheus_client.registry import Collector as Collector  # re-exported for the collectors' users
 from prometheus_client.utils import floatToGoString
 
-from torus_core import __version__
 from torus_core.errors import TorusError
 
 # prometheus_client leaves these two unannotated; their types, once, here.
@@ -394,194 +394,6 @@ class StoreCollector(Collector):
         yield GaugeMetricFamily("torus_store_used_blocks", "Blocks stored.", value=used)
         yield GaugeMetricFamily("torus_store_capacity_bytes", "Store capacity in bytes.", value=total * size)
         yield GaugeMetricFamily("torus_store_used_bytes", "Bytes of blocks stored.", value=used * size)
-
-
-class _ClusterVolumes(Protocol):
-    """A projected cluster state: only its volumes are counted."""
-
-    @property
-    def volumes(self) -> Sized: ...
-
-
-class _Projection(Protocol):
-    """A projector: its state as of the last catch-up."""
-
-    @property
-    def state(self) -> _ClusterVolumes: ...
-
-
-class _Metadata(Protocol):
-    """A metadata service: only its projector is read."""
-
-    @property
-    def projector(self) -> _Projection: ...
-
-
-class _OpenExports(Protocol):
-    """An export provider: opened export names and their connection counts."""
-
-    def open_names(self) -> Mapping[str, int]: ...
-
-
-class _NBDConnections(Protocol):
-    """An NBD server: its count of open client connections."""
-
-    @property
-    def connections(self) -> int: ...
-
-
-class _NBDThread(Protocol):
-    """A running NBD server thread."""
-
-    @property
-    def server(self) -> _NBDConnections: ...
-
-
-class ServerState(Protocol):
-    """What :class:`ServerCollector` reads (a :class:`~torus_core.daemon.server.Server` has it)."""
-
-    @property
-    def md(self) -> _Metadata: ...
-    @property
-    def exports(self) -> _OpenExports: ...
-    @property
-    def nbd(self) -> _NBDThread | None: ...
-
-
-class ServerCollector(Collector):
-    """Volumes and NBD connections of one :class:`~torus_core.daemon.server.Server`.
-
-    Reads only in-memory state (the projection as of its last catch-up, the export provider),
-    so a scrape never waits on the metadata backend.
-
-    :param server: anything with ``md.projector.state.volumes``, ``exports.open_names()`` and
-        ``nbd`` (``None`` or with ``server.connections``).
-    """
-
-    def __init__(self, server: ServerState) -> None:
-        self.server = server
-
-    def collect(self) -> Iterator[Metric]:
-        """Gauges: volumes, opened exports, connections per export, NBD connections."""
-        server = self.server
-        yield GaugeMetricFamily(
-            "torus_volumes",
-            "Volumes in the cluster (as of this process's last metadata read).",
-            value=len(server.md.projector.state.volumes),
-        )
-        opened = server.exports.open_names()
-        yield GaugeMetricFamily("torus_nbd_open_volumes", "Volumes opened by NBD clients.", value=len(opened))
-        conns = GaugeMetricFamily(
-            "torus_nbd_volume_connections", "NBD connections per opened export.", labels=["volume"]
-        )
-        for name, count in sorted(opened.items()):
-            conns.add_metric([name], count)
-        yield conns
-        nbd = server.nbd
-        yield GaugeMetricFamily(
-            "torus_nbd_connections",
-            "Open NBD client connections.",
-            value=nbd.server.connections if nbd is not None else 0,
-        )
-        info = InfoMetricFamily("torus_build", "torus version of this process.")
-        info.add_metric([], {"version": __version__})
-        yield info
-
-
-class _RingView(Protocol):
-    """A ring: its version and member UUIDs."""
-
-    @property
-    def version(self) -> int: ...
-    def members(self) -> Collection[str]: ...
-
-
-class _RingHolder(Protocol):
-    """A distributor: only the ring in use is read."""
-
-    @property
-    def ring(self) -> _RingView: ...
-
-
-class _RebalanceProgress(Protocol):
-    """A rebalancer's published progress (a :class:`~torus_core.cluster.peerinfo.RebalanceInfo`)."""
-
-    @property
-    def under_replicated(self) -> int: ...
-    @property
-    def unconfirmed(self) -> int: ...
-    @property
-    def rebalancing(self) -> bool: ...
-    @property
-    def rate(self) -> float: ...
-
-
-class _RebalancerView(Protocol):
-    """A rebalancer: a copy of its published progress."""
-
-    def info(self) -> _RebalanceProgress: ...
-
-
-class ClusterNodeState(Protocol):
-    """What :class:`ClusterCollector` reads (a :class:`~torus_core.cluster.node.ClusterNode` has it)."""
-
-    @property
-    def uuid(self) -> str: ...
-    @property
-    def distributor(self) -> _RingHolder: ...
-    @property
-    def directory(self) -> Sized: ...
-    @property
-    def rebalancer(self) -> _RebalancerView | None: ...
-
-
-class ClusterCollector(Collector):
-    """Ring membership, peers and rebalancer state of one :class:`~torus_core.cluster.node.ClusterNode`.
-
-    :param node: anything with ``uuid``, ``distributor.ring`` (``version``, ``members()``),
-        ``directory`` (its ``len``: live peers) and ``rebalancer`` (``None`` or with ``info()``).
-    """
-
-    def __init__(self, node: ClusterNodeState) -> None:
-        self.node = node
-
-    def collect(self) -> Iterator[Metric]:
-        """Gauges read from the node (no RPC, no metadata I/O)."""
-        node = self.node
-        ring = node.distributor.ring
-        members = ring.members()
-        yield GaugeMetricFamily(
-            "torus_ring_version", "Version of the ring in force here.", value=ring.version
-        )
-        yield GaugeMetricFamily("torus_ring_members", "Peers in the ring.", value=len(members))
-        yield GaugeMetricFamily(
-            "torus_ring_member", "1 if this peer is in the ring, else 0.", value=int(node.uuid in members)
-        )
-        yield GaugeMetricFamily(
-            "torus_peers_live", "Peers with a live heartbeat (as last seen).", value=len(node.directory)
-        )
-        reb = node.rebalancer
-        if reb is None:
-            return
-        info = reb.info()
-        yield GaugeMetricFamily(
-            "torus_rebalance_under_replicated_blocks",
-            "Local blocks the last complete rebalance pass found missing on an owner (-1: no pass yet).",
-            value=info.under_replicated,
-        )
-        yield GaugeMetricFamily(
-            "torus_rebalance_unconfirmed_blocks",
-            "Local blocks whose owners could not all confirm a copy in the last complete pass.",
-            value=info.unconfirmed,
-        )
-        yield GaugeMetricFamily(
-            "torus_rebalance_running", "1 while a rebalance pass runs.", value=int(info.rebalancing)
-        )
-        yield GaugeMetricFamily(
-            "torus_rebalance_rate_bytes_per_second",
-            "Push rate of the last (or current) rebalance pass.",
-            value=info.rate,
-        )
 
 
 class HealthCollector(Collector):

@@ -21,9 +21,9 @@ from torus_core.block.malloc import limit_arenas
 from torus_core.block.volume import DEFAULT_LEASE_TTL
 from torus_core.cluster.node import ClusterNode, ClusterOptions, load_or_create_uuid
 from torus_core.config import Config
+from torus_core.daemon.collectors import ClusterCollector
 from torus_core.daemon.server import Server
 from torus_core.errors import ConfigError, TorusError
-from torus_core.metrics import ClusterCollector
 from torus_core.rpc.tls import TLSConfig
 
 

@@ -28,13 +28,14 @@ from torus_core.block.nbd_export import CLOSE_WAIT, VolumeExportProvider
 from torus_core.block.volume import DEFAULT_LEASE_TTL, check_store, default_owner
 from torus_core.blockstore import BlockStore
 from torus_core.config import Config
+from torus_core.daemon.collectors import ServerCollector
 from torus_core.errors import AlreadyExists, InvalidArgument, TorusError
 from torus_core.eventlog import MetadataBackend
 from torus_core.file import DEFAULT_CACHE_BYTES
 from torus_core.http import BackgroundProbe, HealthCheck, MetricsServer
 from torus_core.journal import JournalReplicas, JournalStore, LocalJournalReplicas
 from torus_core.metadata import MetadataService
-from torus_core.metrics import Collector, HealthCollector, ServerCollector, StoreCollector, server_registry
+from torus_core.metrics import Collector, HealthCollector, StoreCollector, server_registry
 from torus_core.nbd.server import NBDServer, ServerThread
 from torus_core.opener import Opener
 from torus_core.plugins import Registries
