@@ -340,3 +340,17 @@ class LargeCacheFileMachine(FileMachine):
 
 TestLargeCacheFileMachine = LargeCacheFileMachine.TestCase
 TestLargeCacheFileMachine.settings = settings(max_examples=40, stateful_step_count=30, deadline=None)
+
+
+def test_file_open_takes_every_constructor_option() -> None:
+    """``File.open`` forwards ``FileOptions`` to the constructor: the two lists stay one."""
+    import inspect
+
+    from torus_core.file import FileOptions
+
+    kw_only = {
+        name
+        for name, p in inspect.signature(File.__init__).parameters.items()
+        if p.kind is inspect.Parameter.KEYWORD_ONLY
+    }
+    assert kw_only - {"inode_store"} == set(FileOptions.__annotations__)

@@ -37,7 +37,7 @@ import threading
 from bisect import bisect_left, bisect_right
 from collections import OrderedDict
 from collections.abc import Callable
-from typing import BinaryIO
+from typing import BinaryIO, Required, TypedDict, Unpack
 
 from torus_core.blockset import DEFAULT_BLOCK_SPEC, Blockset, create_blockset, unmarshal_blockset
 from torus_core.blockset.base import BaseLayer
@@ -115,6 +115,22 @@ class _Ranges:
 def _check_int(name: str, value: int) -> None:
     if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= _U64:
         raise InvalidArgument(f"{name} must be a non-negative integer, got {value!r}")
+
+
+class FileOptions(TypedDict, total=False):
+    """The keyword arguments :meth:`File.open` passes on to the :class:`File` constructor
+    (see there); ``layer_registry`` is required."""
+
+    allocate_inode: Callable[[], int] | None
+    commit: Callable[[INodeRef], None] | None
+    on_commit: Callable[[INodeRef, list[BlockRef]], None] | None
+    read_only: bool
+    block_spec: str
+    layer_registry: Required[Registry]
+    cache_bytes: int
+    staging_bytes: int | None
+    staging_dir: str | None
+    journaled: bool
 
 
 class File:
@@ -220,20 +236,11 @@ class File:
         *,
         volume_size: int | None = None,
         inode_store: INodeStore | None = None,
-        allocate_inode: Callable[[], int] | None = None,
-        commit: Callable[[INodeRef], None] | None = None,
-        on_commit: Callable[[INodeRef, list[BlockRef]], None] | None = None,
-        read_only: bool = False,
-        block_spec: str = DEFAULT_BLOCK_SPEC,
-        layer_registry: Registry,
-        cache_bytes: int = DEFAULT_CACHE_BYTES,
-        staging_bytes: int | None = None,
-        staging_dir: str | None = None,
-        journaled: bool = False,
+        **options: Unpack[FileOptions],
     ) -> File:
         """Open the INode ``ref``; INode 1 is the virtual empty INode of a ``volume_size`` volume.
 
-        The other arguments are the constructor's.
+        ``options`` are the constructor's keyword arguments (:class:`FileOptions`).
         """
         istore = inode_store if inode_store is not None else INodeStore(store)
         if ref.inode == VIRTUAL_INODE:
@@ -242,21 +249,7 @@ class File:
             inode = virtual_inode(ref.volume, volume_size)
         else:
             inode = istore.get_inode(ref)
-        return cls(
-            inode,
-            store,
-            inode_store=istore,
-            allocate_inode=allocate_inode,
-            commit=commit,
-            on_commit=on_commit,
-            read_only=read_only,
-            block_spec=block_spec,
-            layer_registry=layer_registry,
-            cache_bytes=cache_bytes,
-            staging_bytes=staging_bytes,
-            staging_dir=staging_dir,
-            journaled=journaled,
-        )
+        return cls(inode, store, inode_store=istore, **options)
 
     # --- properties ------------------------------------------------------------------------
 
