@@ -29,7 +29,7 @@ import time
 import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any  # etcd3's generated request messages are untyped; responses have protocols
 from urllib.parse import quote
 
 from etcd3 import etcdrpc
@@ -38,7 +38,7 @@ from torus_core.errors import Again, Closed, CompareFailed, InvalidArgument, Tor
 from torus_core.eventlog import NewEvent
 from torus_core.groupcommit import GroupCommitter
 from torus_etcd._codec import decode_event, encode_event
-from torus_etcd._transport import EtcdTransport
+from torus_etcd._transport import EtcdTransport, RangeResponse, TxnResponse
 
 #: How many head races one group may lose before its batches get :class:`Again`.
 MAX_HEAD_RETRIES = 200
@@ -212,7 +212,7 @@ class EtcdAppender:
                 break
             reqs = [group[i] for i in live]
             try:
-                resp = transport.call("KV", "Txn", self._txn(reqs, head, rev))
+                resp: TxnResponse = transport.call("KV", "Txn", self._txn(reqs, head, rev))
             except Closed:
                 continue  # closed meanwhile: the next attempt uses another caller's connection
             except InvalidArgument as exc:
@@ -251,7 +251,7 @@ class EtcdAppender:
         self,
         group: Sequence[AppendRequest],
         live: list[int],
-        resp: Any,
+        resp: TxnResponse,
         transport: EtcdTransport,
         outcomes: list[list[int] | BaseException | None],
     ) -> list[int]:
@@ -291,7 +291,7 @@ class EtcdAppender:
         if not request.retry_of_uncertain:
             return None
         first = request.events[0]
-        resp = transport.call(
+        resp: RangeResponse = transport.call(
             "KV", "Range", etcdrpc.RangeRequest(key=self.stream_key(first.stream_id, first.version))
         )
         if not resp.kvs:

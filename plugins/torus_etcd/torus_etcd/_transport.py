@@ -107,6 +107,8 @@ class KeyValue(Protocol):
     def key(self) -> bytes: ...
     @property
     def value(self) -> bytes: ...
+    @property
+    def mod_revision(self) -> int: ...
 
 
 class ResponseHeader(Protocol):
@@ -133,8 +135,10 @@ class DeleteRangeResponse(Protocol):
 
 
 class ResponseOp(Protocol):
-    """``etcdserverpb.ResponseOp`` (the delete-range answer inside a transaction)."""
+    """``etcdserverpb.ResponseOp`` (the range and delete-range answers inside a transaction)."""
 
+    @property
+    def response_range(self) -> RangeResponse: ...
     @property
     def response_delete_range(self) -> DeleteRangeResponse: ...
 
@@ -142,6 +146,8 @@ class ResponseOp(Protocol):
 class TxnResponse(Protocol):
     """``etcdserverpb.TxnResponse``."""
 
+    @property
+    def header(self) -> ResponseHeader: ...
     @property
     def succeeded(self) -> bool: ...
     @property
