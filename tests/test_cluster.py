@@ -64,7 +64,13 @@ def test_peerinfo_round_trips_through_its_dict_form() -> None:
     info = PeerInfo("u1", "127.0.0.1:1", 12.5, 100, 7, 4096)
     info.rebalance.rate = 1.5
     info.rebalance.under_replicated = 3
+    info.journal_bytes = 8 << 20
     assert PeerInfo.from_dict(info.to_dict()) == info
+
+
+def test_peerinfo_of_an_older_peer_without_journal_bytes_reads_as_zero() -> None:
+    assert PeerInfo.from_dict({"uuid": "old", "address": "127.0.0.1:1"}).journal_bytes == 0
+    assert PeerInfo.from_dict({"uuid": "old", "journal_bytes": None}).journal_bytes == 0
 
 
 @pytest.mark.parametrize(
@@ -76,6 +82,8 @@ def test_peerinfo_round_trips_through_its_dict_form() -> None:
         {"uuid": "u", "rebalance": []},
         {"uuid": "u", "rebalance": {"rebalancing": "yes"}},
         {"uuid": "u", "address": 1},
+        {"uuid": "u", "journal_bytes": "8 MiB"},
+        {"uuid": "u", "journal_bytes": True},
     ],
 )
 def test_malformed_peerinfo_raises_invalid_argument(raw: dict[str, object]) -> None:

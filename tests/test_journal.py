@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import shutil
 import tempfile
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -31,6 +33,7 @@ from torus_core.journal import (
     select_replay,
 )
 from torus_core.journal.record import HEADER_SIZE, decode_record
+from torus_core.journal.store import SEGMENT_CHUNK
 from torus_core.metadata import MetadataService
 from torus_core.ring.builtin import builtin_ring_types
 
@@ -195,6 +198,60 @@ def test_trim_drops_whole_segments_only(tmp_path):
     assert js.read(3, 0) == []
     js.append(3, 1, [rec(3)])
     assert [r.seq for r in js.read(3, 0)] == [3]
+
+
+def test_disk_bytes_counts_reserved_segment_space_until_trimmed_or_dropped(tmp_path):
+    js = JournalStore(tmp_path)
+    assert js.disk_bytes() == 0
+    js.append(3, 1, [rec(1)])
+    assert js.disk_bytes() == SEGMENT_CHUNK  # one small record reserves a whole zero-filled chunk
+    js.append(4, 1, [rec(1, vol=4)])
+    assert js.disk_bytes() == 2 * SEGMENT_CHUNK
+    js.append(3, 1, [rec(2, data=b"y" * (SEGMENT_CHUNK // 2)), rec(3, data=b"z" * (SEGMENT_CHUNK // 2))])
+    assert js.disk_bytes() == 3 * SEGMENT_CHUNK  # volume 3's segment grew by a chunk
+    js.close()
+    again = JournalStore(tmp_path)  # volumes not opened by this process are on disk all the same
+    assert again.disk_bytes() == 3 * SEGMENT_CHUNK
+    again.trim(3, 1, 3)
+    assert again.disk_bytes() == SEGMENT_CHUNK  # the epoch file left behind is not counted
+    again.drop(4)
+    assert again.disk_bytes() == 0
+
+
+def test_disk_bytes_skips_volume_directories_that_disappear(tmp_path):
+    js = JournalStore(tmp_path)
+    js.append(3, 1, [rec(1)])
+    js.append(4, 1, [rec(1, vol=4)])
+    shutil.rmtree(tmp_path / "3")  # gone behind the store's back
+    assert js.disk_bytes() == SEGMENT_CHUNK
+    # drops and trims racing the walk are never an error either
+    stop = threading.Event()
+    errors: list[BaseException] = []
+
+    def churn() -> None:
+        seq = 1
+        try:
+            while not stop.is_set():
+                seq += 1
+                js.append(5, 1, [rec(seq, vol=5)])
+                js.trim(5, 1, seq)
+                js.append(6, 1, [rec(1, vol=6)])
+                js.drop(6)
+        except Exception as e:  # reported by the assertion below
+            errors.append(e)
+
+    t = threading.Thread(target=churn)
+    t.start()
+    try:
+        deadline = time.monotonic() + 1.0
+        while time.monotonic() < deadline:
+            assert js.disk_bytes() >= SEGMENT_CHUNK  # volume 4's segment is always there
+    finally:
+        stop.set()
+        t.join(10)
+    assert not t.is_alive() and not errors
+    shutil.rmtree(tmp_path)
+    assert js.disk_bytes() == 0  # the whole journal directory gone: nothing on disk
 
 
 def R(seq, epoch):

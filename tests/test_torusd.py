@@ -18,6 +18,8 @@ from pathlib import Path
 
 import pytest
 
+from torus_core.journal.store import SEGMENT_CHUNK
+
 pytestmark = pytest.mark.nbd_clients
 
 BIN = Path(sys.executable).parent
@@ -426,6 +428,54 @@ def test_flush_heavy_random_writes_never_hit_enospc_and_usage_is_reported(data, 
     assert "/96.0 MiB" in usage, usage
     row = next(line for line in listing.splitlines() if "single" in line)
     assert row.split()[-2:] == ["-", "-"], row  # no rebalancing and no replicas to count
+
+
+def single_row(data: Path) -> list[str]:
+    """The ``single`` row of ``peer list --csv`` ([] before the first heartbeat)."""
+    lines = ctl(data, "peer", "list", "--csv").stdout.splitlines()
+    assert lines[0] == "ADDRESS,UUID,SIZE,USED,JOURNAL,MEMBER,UPDATED,REB/REP DATA,UNDER-REP", lines
+    return next((f for f in (line.split(",") for line in lines[1:]) if f[5] == "single"), [])
+
+
+def metric(d: Daemon, name: str) -> float:
+    body = urllib.request.urlopen(f"http://127.0.0.1:{d.http_port}/metrics", timeout=10).read().decode()
+    for line in body.splitlines():
+        if line.startswith(f"{name} "):
+            return float(line.split()[1])
+    raise AssertionError(f"no {name} in /metrics:\n{body}")
+
+
+def test_flushed_writes_show_in_the_journal_column_before_the_checkpoint(data, daemons, tmp_path):
+    ctl(data, "init", "--block-size", "64KiB")
+    ctl(data, "volume", "create-block", "v", "8MiB")
+    d = Daemon(data, "--size", "64MiB", "--nbd-listen", "127.0.0.1:0", "--host", "127.0.0.1", "--port", "0")
+    daemons.append(d.start(expect=("NBD", "HTTP")))
+    prog = (
+        f"import nbd, time\nh = nbd.NBD()\nh.connect_uri({d.uri('v')!r})\n"
+        "h.pwrite(b'j' * 262144, 65536)\nh.flush()\nprint('flushed', flush=True)\ntime.sleep(60)\n"
+    )
+    client = subprocess.Popen([SYSTEM_PYTHON, "-c", prog], stdout=subprocess.PIPE, text=True)
+    try:
+        assert client.stdout is not None and client.stdout.readline().strip() == "flushed"
+        flushed = time.monotonic()
+        # the records wait in the journal until the checkpoint 30 s after the volume opened; the
+        # single node's heartbeat (every 5 s) publishes the journal's disk space well before that
+        while not (row := single_row(data)) or row[4] == "0":
+            assert time.monotonic() - flushed < 20, row
+            time.sleep(0.5)
+        assert int(row[4]) >= SEGMENT_CHUNK and int(row[4]) % SEGMENT_CHUNK == 0, row
+        assert metric(d, "torus_journal_disk_bytes") >= SEGMENT_CHUNK
+        table = ctl(data, "peer", "list").stdout
+        assert table.splitlines()[-1].endswith("Journal: 8.0 MiB"), table
+    finally:
+        client.kill()
+        client.wait(10)
+    # the client is gone: the volume closes, its last checkpoint trims the journal to nothing
+    deadline = time.monotonic() + 30
+    while (row := single_row(data))[4] != "0":
+        assert time.monotonic() < deadline, row
+        time.sleep(0.5)
+    assert metric(d, "torus_journal_disk_bytes") == 0
 
 
 def test_a_data_dir_reused_after_wipe_and_init_never_replays_the_old_clusters_journal(

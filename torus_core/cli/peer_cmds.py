@@ -5,12 +5,16 @@ Attached to torusctl with ``cli.add_command(peer)``.
 ``peer list`` shows every storage peer (clients, which have no address, are hidden):
 ``OK`` = in the ring and heartbeating, ``Avail`` = heartbeating but not in the ring, ``DOWN`` =
 in the ring but not heartbeating (shown with its UUID only), ``single`` = a single-node torusd
-(no ring; listed for its store usage). REB/REP is the bytes/s its
-rebalancer pushed in its last or current pass. The footer sums usage, counts the live blocks
-found under-replicated by the peers' last complete passes (garbage is never counted) and says
-whether the cluster is balanced: ``Balanced: yes`` only when no ring member is down and every
-live storage peer has finished a pass on the current ring that found all its live blocks on
-their owners (nothing missing, nothing unconfirmed) and is not moving data now.
+(no ring; listed for its store usage). JOURNAL is the disk space of its volume journal files
+(its own volumes' and the replicas it holds for other peers): written data sits there, and not
+yet in USED, until the next checkpoint (within 30 s of a write, sooner after many writes, or when
+the volume closes); it is space reserved on disk (segments grow 8 MiB at a time), not record
+bytes. REB/REP is the bytes/s its rebalancer pushed in its last or current pass. The footer sums
+usage and journal space, counts the live blocks found under-replicated by the peers' last
+complete passes (garbage is never counted) and says whether the cluster is balanced:
+``Balanced: yes`` only when no ring member is down and every live storage peer has finished a
+pass on the current ring that found all its live blocks on their owners (nothing missing,
+nothing unconfirmed) and is not moving data now.
 """
 
 from __future__ import annotations
@@ -54,7 +58,8 @@ def peer() -> None:
 @click.option("--csv", "as_csv", is_flag=True, help="Comma-separated output with raw numbers.")
 @handle_errors
 def peer_list(as_csv: bool) -> None:
-    """Show peers: address, uuid, size, usage, membership, last heartbeat, rebalance rate."""
+    """Show peers: address, uuid, size, usage, journal space, membership, last heartbeat,
+    rebalance rate."""
     md = metadata_service()
     block_size = md.global_metadata().block_size
     live = {u: p for u, p in parse_peers(md.list_peers()).items() if p.address}
@@ -62,19 +67,20 @@ def peer_list(as_csv: bool) -> None:
     members = ring.members()
     now = time.time()
     rows: list[tuple[str, ...]] = []
-    total = used = 0
+    total = used = journal = 0
     under = 0
     balanced = True
     for uuid in sorted(set(live) | set(members), key=lambda u: (live[u].address if u in live else "~", u)):
         info = live.get(uuid)
         if info is None:
-            rows.append(("", uuid, "", "", "DOWN", "", "", ""))
+            rows.append(("", uuid, "", "", "", "DOWN", "", "", ""))
             balanced = False
             continue
         single = info.role == "single"
         status = "single" if single else "OK" if uuid in members else "Avail"
         total += info.total_blocks
         used += info.used_blocks
+        journal += info.journal_bytes
         reb = info.rebalance
         under += max(0, reb.under_replicated)
         if not single:  # a single node has nothing to rebalance
@@ -87,6 +93,7 @@ def peer_list(as_csv: bool) -> None:
                     uuid,
                     str(size_b),
                     str(used_b),
+                    str(info.journal_bytes),
                     status,
                     f"{info.last_seen:.3f}",
                     f"{reb.rate:.0f}",
@@ -100,6 +107,7 @@ def peer_list(as_csv: bool) -> None:
                     uuid,
                     format_size(size_b),
                     format_size(used_b),
+                    format_size(info.journal_bytes),
                     status,
                     _ago(now - info.last_seen),
                     "-" if single else f"{format_size(int(reb.rate))}/s",
@@ -107,7 +115,7 @@ def peer_list(as_csv: bool) -> None:
                     "-" if single else str(reb.under_replicated) if reb.under_replicated >= 0 else "?",
                 )
             )
-    header = ("ADDRESS", "UUID", "SIZE", "USED", "MEMBER", "UPDATED", "REB/REP DATA", "UNDER-REP")
+    header = ("ADDRESS", "UUID", "SIZE", "USED", "JOURNAL", "MEMBER", "UPDATED", "REB/REP DATA", "UNDER-REP")
     if as_csv:
         for row in (header, *rows):
             click.echo(",".join(row))
@@ -118,7 +126,8 @@ def peer_list(as_csv: bool) -> None:
     pct = 100.0 * used / total if total else 0.0
     click.echo(
         f"Balanced: {'yes' if balanced and not under else 'no'}  Under-replicated: {under}  "
-        f"Usage: {format_size(used * block_size)}/{format_size(total * block_size)} ({pct:.1f}%)"
+        f"Usage: {format_size(used * block_size)}/{format_size(total * block_size)} ({pct:.1f}%)  "
+        f"Journal: {format_size(journal)}"
     )
 
 

@@ -176,10 +176,12 @@ def cli(
 
 
 def start_single_node_heartbeat(server: Server, data_dir: str, nbd_listen: str | None) -> Callable[[], None]:
-    """Register this single node (role ``single``) with its store usage every 5 s, so that
-    ``torusctl peer list`` and monitoring see it; returns the stop function."""
+    """Register this single node (role ``single``) with its store usage and the disk space of
+    its journal files every 5 s, so that ``torusctl peer list`` and monitoring see it; returns
+    the stop function."""
     uuid = load_or_create_uuid(data_dir)
     store = server.store
+    journal = server.journal_store  # None for a store that is not persistent (no journal files)
 
     def info() -> PeerInfo:
         return PeerInfo(
@@ -189,6 +191,7 @@ def start_single_node_heartbeat(server: Server, data_dir: str, nbd_listen: str |
             used_blocks=store.used_blocks(),
             block_size=store.block_size,
             role="single",
+            journal_bytes=journal.disk_bytes() if journal is not None else 0,
         )
 
     beat = Heartbeat(server.md, info, interval=5.0)

@@ -304,6 +304,7 @@ class ClusterNode:
             block_size=self.block_size,
             boot_id=self.server.servicer.boot_id if self.server is not None else "",
             journal_address=self.journal_address,
+            journal_bytes=self.journal.disk_bytes() if self.journal is not None else 0,
         )
         if self.rebalancer is not None:
             info.rebalance = self.rebalancer.info()

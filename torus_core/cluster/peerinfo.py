@@ -80,6 +80,10 @@ class PeerInfo:
         not in a ring; registered so ``peer list`` and monitoring see its store usage).
     :param journal_address: ``host:port`` of its journal channel (low-latency journal appends,
         :mod:`torus_core.journal.channel`); empty if it has none (older peers): use gRPC.
+    :param journal_bytes: disk space its volume journal files occupy (its own volumes' journals
+        and the replicas it holds for other peers; written data waits there until the next
+        checkpoint), :meth:`~torus_core.journal.store.JournalStore.disk_bytes`. 0 for a peer
+        without a journal store and for older peers.
     """
 
     uuid: str
@@ -93,6 +97,7 @@ class PeerInfo:
     boot_id: str = ""
     role: str = "storage"
     journal_address: str = ""
+    journal_bytes: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready dict (what ``register_peer`` stores)."""
@@ -126,6 +131,7 @@ class PeerInfo:
             ("boot_id", ""),
             ("role", "storage"),
             ("journal_address", ""),
+            ("journal_bytes", 0),
         ):
             if name in data and data[name] is not None:
                 kwargs[name] = _typed(uuid, name, data[name], default)

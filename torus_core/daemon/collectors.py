@@ -1,8 +1,9 @@
 """Prometheus collectors of the daemon's own objects (``/metrics`` of ``torusd``).
 
-They read a :class:`~torus_core.daemon.server.Server` and a
-:class:`~torus_core.cluster.node.ClusterNode` directly, which is why they live here, above both,
-and not in :mod:`torus_core.metrics` (the metric definitions every layer may import).
+They read a :class:`~torus_core.daemon.server.Server`, a
+:class:`~torus_core.cluster.node.ClusterNode` and a
+:class:`~torus_core.journal.store.JournalStore` directly, which is why they live here, above
+them, and not in :mod:`torus_core.metrics` (the metric definitions every layer may import).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from prometheus_client.core import GaugeMetricFamily, InfoMetricFamily, Metric
 
 from torus_core import __version__
 from torus_core.cluster.node import ClusterNode
+from torus_core.journal.store import JournalStore
 from torus_core.metrics import Collector
 
 if TYPE_CHECKING:  # daemon.server builds a ServerCollector: a runtime import would be circular
@@ -55,6 +57,24 @@ class ServerCollector(Collector):
         info = InfoMetricFamily("torus_build", "torus version of this process.")
         info.add_metric([], {"version": __version__})
         yield info
+
+
+class JournalCollector(Collector):
+    """Disk space of this node's volume journal files, read at scrape time (like the store's
+    usage in :class:`~torus_core.metrics.StoreCollector`)."""
+
+    def __init__(self, journal: JournalStore) -> None:
+        self.journal = journal
+
+    def collect(self) -> Iterator[Metric]:
+        """One gauge: :meth:`~torus_core.journal.store.JournalStore.disk_bytes` (a walk of the
+        segment files, no lock taken)."""
+        yield GaugeMetricFamily(
+            "torus_journal_disk_bytes",
+            "Disk space reserved by this node's volume journal segment files (its own volumes' and "
+            "the replicas it holds for other peers; freed by checkpoints).",
+            value=self.journal.disk_bytes(),
+        )
 
 
 class ClusterCollector(Collector):

@@ -28,7 +28,7 @@ from torus_core.block.nbd_export import CLOSE_WAIT, VolumeExportProvider
 from torus_core.block.volume import DEFAULT_LEASE_TTL, check_store, default_owner
 from torus_core.blockstore import BlockStore
 from torus_core.config import Config
-from torus_core.daemon.collectors import ServerCollector
+from torus_core.daemon.collectors import JournalCollector, ServerCollector
 from torus_core.errors import AlreadyExists, InvalidArgument, TorusError
 from torus_core.eventlog import MetadataBackend
 from torus_core.file import DEFAULT_CACHE_BYTES
@@ -125,6 +125,8 @@ class Server:
         self.http: MetricsServer | None = None
         self.metadata_probe: BackgroundProbe | None = None
         self._collectors: list[Collector] = [StoreCollector(store), ServerCollector(self)]
+        if journal_store is not None:
+            self._collectors.append(JournalCollector(journal_store))
         self._health_checks: list[HealthCheck] = []
         #: extra components' stop functions, called newest first before the core shuts down
         self._stoppers: list[Callable[[], None]] = []
