@@ -9,11 +9,13 @@ import shutil
 import socket
 import struct
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import click
 import pytest
 
+from torus_core.cluster.node import ClusterOptions
 from torus_core.errors import ConfigError, InvalidArgument, PeerUnavailable, StaleEpoch
 from torus_core.journal.channel import (
     INVALID,
@@ -369,23 +371,28 @@ def test_cluster_nodes_advertise_their_channels_and_append_over_them(tmp_path: P
             j.close()
 
 
-def test_torusd_flags_turn_the_journal_channel_off_or_pin_its_port() -> None:
-    import click
-    from click.testing import CliRunner
-
+def _cluster_options_command(seen: Callable[[ClusterOptions], None]) -> click.Command:
+    """A click command with torusd's cluster options that hands the built ClusterOptions to ``seen``."""
     from torus_core.cluster.cli_options import cluster_options, make_cluster_options
     from torus_core.config import Config
-
-    seen = []
 
     @click.command()
     @cluster_options
     def cmd(**kw: object) -> None:
         names = ("heartbeat_interval", "peer_ttl", "rebalance_rate", "rebalance_interval")
         names += ("rebalance_settle", "rebalance_idle_max", "gc_grace", "no_gc")
-        opts = make_cluster_options(Config(), *(kw[n] for n in names))  # type: ignore[arg-type]
-        seen.append((opts.journal_channel, opts.journal_channel_port))
+        seen(make_cluster_options(Config(), *(kw[n] for n in names)))  # type: ignore[arg-type]
 
+    return cmd
+
+
+def test_torusd_flags_turn_the_journal_channel_off_or_pin_its_port() -> None:
+    from click.testing import CliRunner
+
+    seen: list[tuple[bool, int]] = []
+    cmd = _cluster_options_command(
+        lambda opts: seen.append((opts.journal_channel, opts.journal_channel_port))
+    )
     runner = CliRunner()
     for args, env in (
         ([], {}),
@@ -398,23 +405,12 @@ def test_torusd_flags_turn_the_journal_channel_off_or_pin_its_port() -> None:
 
 
 def test_torusd_rebalance_idle_max_reaches_rebalance_options_and_bad_timing_flags_are_usage_errors() -> None:
-    import click
     from click.testing import CliRunner
 
     from torus_core.cli.torusd import cli as torusd_cli
-    from torus_core.cluster.cli_options import cluster_options, make_cluster_options
-    from torus_core.config import Config
 
-    seen = []
-
-    @click.command()
-    @cluster_options
-    def cmd(**kw: object) -> None:
-        names = ("heartbeat_interval", "peer_ttl", "rebalance_rate", "rebalance_interval")
-        names += ("rebalance_settle", "rebalance_idle_max", "gc_grace", "no_gc")
-        opts = make_cluster_options(Config(), *(kw[n] for n in names))  # type: ignore[arg-type]
-        seen.append(opts.rebalance.idle_max)
-
+    seen: list[float] = []
+    cmd = _cluster_options_command(lambda opts: seen.append(opts.rebalance.idle_max))
     runner = CliRunner()
     for args in ([], ["--rebalance-idle-max", "7.5"], ["--rebalance-idle-max", "0"]):
         result = runner.invoke(cmd, args)
