@@ -12,9 +12,11 @@ from __future__ import annotations
 import functools
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 from torus_core.errors import DuplicateBackendError, PluginError, UnknownBackendError
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -117,6 +119,29 @@ class Registry:
         raise UnknownBackendError(
             f"unknown {self.kind} {name!r}; available: {available}{self._missing_hint(name)}"
         )
+
+    def subclass(self, name: str, base: type[T]) -> type[T]:
+        """The class registered as ``name``, which must subclass ``base``.
+
+        :class:`UnknownBackendError` if nothing is registered as ``name``; :class:`PluginError`
+        naming the plugin if it registered something else (so callers read ``base``'s declared
+        class attributes without probing).
+        """
+        return self._checked(self.registration(name), base)
+
+    def subclasses(self, base: type[T]) -> list[tuple[str, type[T]]]:
+        """(name, class) of every registration, in name order; each must subclass ``base``
+        (:class:`PluginError` naming the first plugin that registered something else)."""
+        return [(reg.name, self._checked(reg, base)) for reg in self.registrations()]
+
+    def _checked(self, reg: Registration, base: type[T]) -> type[T]:
+        impl = reg.impl
+        if not (isinstance(impl, type) and issubclass(impl, base)):
+            raise PluginError(
+                f"plugin {reg.plugin!r} registered {self.kind} {reg.name!r} as {impl!r}, "
+                f"which is not a {base.__name__} subclass"
+            )
+        return impl
 
     def name_for_scheme(self, scheme: str) -> str:
         """The registered name a URL scheme selects (as declared by its plugin)."""

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 from torus_core.blockset.layer import Blockset
 from torus_core.blockstore import BlockStore
-from torus_core.errors import InvalidArgument, PluginError
+from torus_core.errors import InvalidArgument
 from torus_core.registry import Registry, cached_builtin_registry
 
 #: The original's default block spec.
@@ -42,26 +42,8 @@ def default_layer_registry() -> Registry:
     )
 
 
-def layer_classes(registry: Registry) -> list[tuple[str, type[Blockset]]]:
-    """(registered name, class) of every layer in ``registry``, in name order.
-
-    A plugin that registered something other than a :class:`Blockset` subclass is a
-    :class:`PluginError` naming it (whichever layer is looked up), so that a layer's declared
-    ``kind`` and ``aliases`` are read without probing.
-    """
-    out: list[tuple[str, type[Blockset]]] = []
-    for r in registry.registrations():
-        if not (isinstance(r.impl, type) and issubclass(r.impl, Blockset)):
-            raise PluginError(
-                f"plugin {r.plugin!r} registered blockset layer {r.name!r} as {r.impl!r}, "
-                "which is not a Blockset subclass"
-            )
-        out.append((r.name, r.impl))
-    return out
-
-
 def _lookup(name: str, reg: Registry) -> type[Blockset]:
-    for registered, cls in layer_classes(reg):
+    for registered, cls in reg.subclasses(Blockset):
         if registered == name or name in cls.aliases:
             return cls
     raise InvalidArgument(f"unknown blockset layer {name!r}; known layers: {', '.join(reg.names())}")
@@ -69,7 +51,7 @@ def _lookup(name: str, reg: Registry) -> type[Blockset]:
 
 def layer_class_by_kind(kind: int, registry: Registry) -> type[Blockset]:
     """The layer class with numeric ``kind``; InvalidArgument if none is registered."""
-    for _name, cls in layer_classes(registry):
+    for _name, cls in registry.subclasses(Blockset):
         if cls.kind == kind:
             return cls
     raise InvalidArgument(f"unknown blockset layer kind {kind}")

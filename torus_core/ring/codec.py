@@ -11,43 +11,23 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 
 from torus_core import protowire as wire
-from torus_core.errors import InvalidArgument, PluginError, UnknownBackendError
-from torus_core.registry import Registration, Registry
+from torus_core.errors import InvalidArgument, UnknownBackendError
+from torus_core.registry import Registry
 from torus_core.ring.base import Ring, RingMember, RingSpec
 
 
 def ring_class(name: str, registry: Registry) -> type[Ring]:
-    """The ring class registered as ``name``; InvalidArgument listing the known types otherwise."""
+    """The ring class registered as ``name``; InvalidArgument listing the known types otherwise
+    (PluginError if a plugin registered something that is not a :class:`Ring` under it)."""
     try:
-        reg = registry.registration(name)
+        return registry.subclass(name, Ring)
     except UnknownBackendError:
         raise InvalidArgument(f"unknown ring type {name!r}; known: {', '.join(registry.names())}") from None
-    return _ring_class(reg)
-
-
-def _ring_class(reg: Registration) -> type[Ring]:
-    """The registered class; PluginError if the plugin registered something that is not a Ring."""
-    if not (isinstance(reg.impl, type) and issubclass(reg.impl, Ring)):
-        raise PluginError(
-            f"plugin {reg.plugin!r} registered ring type {reg.name!r} as {reg.impl!r}, "
-            "which is not a Ring subclass"
-        )
-    return reg.impl
-
-
-def ring_classes(registry: Registry) -> list[type[Ring]]:
-    """Every ring class in ``registry``, in name order.
-
-    A plugin that registered something other than a :class:`Ring` subclass is a
-    :class:`PluginError` naming it, so that a ring's declared ``type_id`` is read without
-    probing.
-    """
-    return [_ring_class(reg) for reg in registry.registrations()]
 
 
 def ring_class_by_id(type_id: int, registry: Registry) -> type[Ring]:
     """The ring class with numeric ``type_id``; InvalidArgument if none is registered."""
-    for cls in ring_classes(registry):
+    for _name, cls in registry.subclasses(Ring):
         if cls.type_id == type_id:
             return cls
     raise InvalidArgument(f"unknown ring type id {type_id}; known: {', '.join(registry.names())}")
