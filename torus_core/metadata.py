@@ -265,7 +265,7 @@ def _info(vol: VolumeState) -> VolumeInfo:
 class MetadataService:
     """Cluster metadata over a :class:`~torus_core.eventlog.MetadataBackend`.
 
-    :param backend: the backend (not closed by the service).
+    :param backend: the backend (closed only by :meth:`close`).
     :param ring_types: the process's ring registry, used to validate ring specs and by everything
         built on this service (cluster nodes, ring watchers). Processes pass the plugin manager's
         (built at the composition root); tests and plugin-free tools pass
