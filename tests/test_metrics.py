@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import re
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -20,11 +21,12 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from prometheus_client import CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
 
 from torus_core.cli.serving import metrics_address
-from torus_core.errors import InvalidArgument, UsageError
-from torus_core.http import BackgroundProbe
+from torus_core.errors import ConfigError, InvalidArgument, UsageError
+from torus_core.http import BackgroundProbe, MetricsServer
 from torus_core.testing.procs import TorusdProcess, child_env, torusctl, wait_for
 from torus_core.testing.services import free_port, start_etcd
 
@@ -211,6 +213,40 @@ def test_background_probe_reports_the_error_of_a_failing_call():
     p = BackgroundProbe("backend", probe, interval=0.05, timeout=0.1)
     p.probe_once()
     assert p.status() == (False, "backend unreachable: ConnectionError: refused")
+
+
+def test_metrics_endpoint_closes_silent_connections_and_refuses_beyond_its_cap():
+    """Idle sockets neither pin a thread each forever nor lock scrapers out: a silent
+    connection is closed after the timeout, and past the cap a newcomer gets a 503 at once."""
+    http = MetricsServer(CollectorRegistry(), (), "127.0.0.1", 0, timeout=0.5, max_connections=4).start()
+    idle: list[socket.socket] = []
+    try:
+        for _ in range(4):
+            idle.append(socket.create_connection(("127.0.0.1", http.port), timeout=5))
+        assert wait_for(lambda: http._httpd.active == 4, 3.0, 0.02)
+        with socket.create_connection(("127.0.0.1", http.port), timeout=5) as extra:
+            extra.sendall(b"GET /healthz HTTP/1.0\r\n\r\n")
+            reply = extra.recv(4096)
+        assert reply.startswith(b"HTTP/1.1 503") and b"too many connections" in reply
+        t0 = time.monotonic()
+        for s in idle:  # the server hangs up on each silent socket after ~0.5 s
+            s.settimeout(5)
+            assert s.recv(1) == b""
+        assert time.monotonic() - t0 < 3.0
+        assert wait_for(lambda: http._httpd.active == 0, 3.0, 0.02)
+        assert get(http.port, "/healthz") == (200, "ok\n")
+    finally:
+        for s in idle:
+            s.close()
+        http.stop()
+
+
+def test_metrics_endpoint_bind_failure_is_a_config_error():
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        with pytest.raises(ConfigError, match=r"cannot listen on 127\.0\.0\.1:\d+ for /metrics"):
+            MetricsServer(CollectorRegistry(), (), "127.0.0.1", taken.getsockname()[1])
 
 
 # --- real daemons ----------------------------------------------------------------------------------

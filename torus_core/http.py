@@ -5,7 +5,9 @@
 passes, else ``503`` with one ``not ready: <reason>`` line per failing check. Checks must be
 cheap and never block: slow dependencies are probed in the background by a
 :class:`BackgroundProbe` whose cached answer the check reads. Binds 127.0.0.1 unless told
-otherwise; serves from daemon threads.
+otherwise; serves from daemon threads, one per connection, bounded: a connection that sends
+nothing for ``timeout`` seconds is closed, and beyond ``max_connections`` at once a newcomer gets
+``503`` and is closed without a thread.
 """
 
 from __future__ import annotations
@@ -15,10 +17,71 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
+from torus_core.errors import ConfigError, InvalidArgument
+
 log = logging.getLogger(__name__)
+
+#: Seconds an HTTP connection may stay silent (idle keep-alive, slow request) before it is closed.
+DEFAULT_TIMEOUT = 10.0
+#: Connections served at once (one thread each); more are answered 503 and closed.
+DEFAULT_MAX_CONNECTIONS = 32
+
+
+class _BoundedHTTPServer(ThreadingHTTPServer):
+    """A ThreadingHTTPServer with at most ``max_connections`` handler threads at once."""
+
+    daemon_threads = True
+
+    def __init__(self, address: tuple[str, int], handler: Any, max_connections: int) -> None:
+        self.max_connections = max_connections
+        self._active = 0
+        self._lock = threading.Lock()
+        super().__init__(address, handler)
+
+    @property
+    def active(self) -> int:
+        """Connections being served now."""
+        return self._active
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        """Start a handler thread, or answer 503 and close when the cap is reached."""
+        with self._lock:
+            full = self._active >= self.max_connections
+            if not full:
+                self._active += 1
+        if full:
+            log.debug("metrics endpoint: refusing %s, %d connections open", client_address, self._active)
+            body = f"too many connections (the limit is {self.max_connections})\n".encode()
+            head = (
+                "HTTP/1.1 503 Service Unavailable\r\nContent-Type: text/plain; charset=utf-8\r\n"
+                f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n"
+            ).encode()
+            try:
+                request.settimeout(1.0)
+                request.sendall(head + body)
+            except OSError:
+                pass
+            self.shutdown_request(request)
+            return
+        try:
+            super().process_request(request, client_address)
+        except BaseException:
+            with self._lock:
+                self._active -= 1
+            raise
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        """Serve one connection, then free its slot."""
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            with self._lock:
+                self._active -= 1
+
 
 #: A readiness check: ``(ready, reason)``; the reason is shown when not ready.
 HealthCheck = Callable[[], tuple[bool, str]]
@@ -121,6 +184,8 @@ class MetricsServer:
     :param checks: readiness checks (none: always ready).
     :param host: bind address (loopback by default).
     :param port: TCP port (0 picks a free one; see :attr:`port`).
+    :param timeout: seconds a connection may stay silent before it is closed.
+    :param max_connections: connections served at once; more get ``503`` and are closed.
     """
 
     def __init__(
@@ -129,7 +194,14 @@ class MetricsServer:
         checks: Sequence[HealthCheck] = (),
         host: str = "127.0.0.1",
         port: int = 0,
+        *,
+        timeout: float = DEFAULT_TIMEOUT,
+        max_connections: int = DEFAULT_MAX_CONNECTIONS,
     ) -> None:
+        if not timeout > 0:
+            raise InvalidArgument(f"HTTP timeout must be positive, not {timeout!r}")
+        if max_connections < 1:
+            raise InvalidArgument(f"HTTP max_connections must be at least 1, not {max_connections!r}")
         self.registry = registry
         self.checks = list(checks)
         outer = self
@@ -161,8 +233,11 @@ class MetricsServer:
             def log_message(self, format: str, *args: object) -> None:
                 log.debug("http: " + format, *args)
 
-        self._httpd = ThreadingHTTPServer((host, port), Handler)
-        self._httpd.daemon_threads = True
+        Handler.timeout = timeout
+        try:
+            self._httpd = _BoundedHTTPServer((host, port), Handler, max_connections)
+        except OSError as exc:
+            raise ConfigError(f"cannot listen on {host}:{port} for /metrics: {exc.strerror or exc}") from None
         self._thread = threading.Thread(target=self._httpd.serve_forever, name="torus-http", daemon=True)
 
     def health(self) -> tuple[bool, list[str]]:

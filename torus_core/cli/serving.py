@@ -18,7 +18,7 @@ from typing import Any
 
 import click
 
-from torus_core.daemon.server import Server, parse_listen, tls_context
+from torus_core.daemon.server import Server, parse_listen, tls_context, warn_if_plaintext
 from torus_core.errors import UsageError
 
 
@@ -41,6 +41,7 @@ def serve_nbd(
     """Serve ``server``'s volumes over NBD on ``listen`` (HOST:PORT) and print ``NBD LISTENING``."""
     host, port = parse_listen(listen)
     tls = tls_context(tls_cert, tls_key, ca_file) if tls_cert and tls_key else None
+    warn_if_plaintext("NBD", host, tls is not None)
     nbd = server.serve_nbd(host, port, tls=tls, tls_required=require_tls)
     click.echo(f"NBD LISTENING {host}:{nbd.port}")
 
@@ -62,6 +63,7 @@ def metrics_address(metrics: str | None, host: str | None = None, port: int = 43
 def serve_metrics(server: Server, listen: str) -> None:
     """Serve ``/metrics`` and ``/healthz`` on ``listen`` (HOST:PORT) and print ``HTTP LISTENING``."""
     host, port = parse_listen(listen, default_port=4321)
+    warn_if_plaintext("/metrics and /healthz", host, False)
     http = server.serve_metrics(host, port)
     click.echo(f"HTTP LISTENING {host}:{http.port}")
 

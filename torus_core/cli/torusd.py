@@ -39,7 +39,7 @@ from torus_core.cluster.cli_options import cluster_options, make_cluster_options
 from torus_core.cluster.heartbeat import Heartbeat
 from torus_core.cluster.peerinfo import PeerInfo
 from torus_core.daemon.cluster import start_cluster_server
-from torus_core.daemon.server import Server
+from torus_core.daemon.server import Server, parse_listen
 from torus_core.datadir import load_or_create_uuid
 from torus_core.errors import NoGlobalMetadata, UsageError
 
@@ -123,6 +123,8 @@ def cli(
     )
     ctx = build_context(config_path, storage_size=size, block_store=block_store, **overrides)
     check_tls_options(tls_cert, tls_key, require_tls)
+    if nbd_listen:
+        parse_listen(nbd_listen)  # a bad address is refused before anything is opened
     metrics_listen = metrics_address(metrics_listen, host, port)
     try:
         server = Server.from_config(

@@ -16,8 +16,10 @@ store (flush), close the metadata backend.
 from __future__ import annotations
 
 import contextlib
+import ipaddress
 import logging
 import os
+import re
 import ssl
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -29,7 +31,7 @@ from torus_core.block.volume import DEFAULT_LEASE_TTL, check_store, default_owne
 from torus_core.blockstore import BlockStore
 from torus_core.config import Config
 from torus_core.daemon.collectors import JournalCollector, ServerCollector
-from torus_core.errors import AlreadyExists, InvalidArgument, TorusError
+from torus_core.errors import AlreadyExists, InvalidArgument, TorusError, UsageError
 from torus_core.eventlog import MetadataBackend
 from torus_core.file import DEFAULT_CACHE_BYTES
 from torus_core.http import BackgroundProbe, HealthCheck, MetricsServer
@@ -39,6 +41,7 @@ from torus_core.metrics import Collector, HealthCollector, StoreCollector, serve
 from torus_core.nbd.server import NBDServer, ServerThread
 from torus_core.opener import Opener
 from torus_core.plugins import Registries
+from torus_core.rpc.tls import is_loopback
 
 log = logging.getLogger(__name__)
 
@@ -47,21 +50,63 @@ DEBUG_INIT_BLOCK_SIZE = 512 * 1024
 DEBUG_INIT_BLOCK_SPEC = "crc,base"
 
 
+_HOSTNAME = re.compile(r"(?=.{1,253}$)[A-Za-z0-9_](?:[A-Za-z0-9_.-]*[A-Za-z0-9_])?")
+
+
 def parse_listen(value: str, default_port: int = 10809) -> tuple[str, int]:
-    """``HOST:PORT`` / ``:PORT`` / ``HOST`` → ``(host, port)``; empty host means 127.0.0.1."""
+    """``HOST:PORT`` / ``:PORT`` / ``HOST`` / ``[V6]:PORT`` → ``(host, port)``; an empty host
+    means 127.0.0.1.
+
+    Strict: the port is 1-5 decimal digits in 0..65535, the host an IP address or a host name,
+    an IPv6 address is bracketed, and a bare number (``12345``) is refused instead of being
+    taken as a host (``inet_aton`` would read it as ``0.0.48.57``). Raises UsageError.
+    """
     if not isinstance(value, str) or not value.strip():
-        raise InvalidArgument("listen address must be HOST:PORT")
-    host, sep, port_s = value.strip().rpartition(":")
-    if not sep:
-        host, port_s = port_s, str(default_port)
-    host = host.strip("[]") or "127.0.0.1"
-    try:
-        port = int(port_s)
-    except ValueError:
-        raise InvalidArgument(f"bad port in listen address {value!r}") from None
+        raise UsageError("listen address must be HOST:PORT")
+    text = value.strip()
+    if text.isdigit():
+        raise UsageError(
+            f"listen address {value!r} is a bare number: write HOST:PORT, e.g. 127.0.0.1:{text} "
+            f"(or :{text} for 127.0.0.1)"
+        )
+    if text.startswith("["):
+        host, sep, rest = text[1:].partition("]")
+        if not sep or (rest and not rest.startswith(":")):
+            raise UsageError(f"bad listen address {value!r}: expected [IPV6]:PORT")
+        port_s = rest[1:] if rest else str(default_port)
+        try:
+            ipaddress.IPv6Address(host)
+        except ValueError:
+            raise UsageError(f"bad IPv6 address in listen address {value!r}") from None
+    else:
+        host, sep, port_s = text.rpartition(":")
+        if not sep:
+            host, port_s = port_s, str(default_port)
+        if ":" in host:
+            raise UsageError(f"bad listen address {value!r}: put an IPv6 address in brackets, [ADDR]:PORT")
+        host = host or "127.0.0.1"
+        if not _HOSTNAME.fullmatch(host):
+            raise UsageError(f"bad host in listen address {value!r}")
+    if not (port_s.isascii() and port_s.isdigit() and len(port_s) <= 5):
+        raise UsageError(f"bad port in listen address {value!r}")
+    port = int(port_s)
     if not 0 <= port <= 65535:
-        raise InvalidArgument(f"port out of range in listen address {value!r}")
+        raise UsageError(f"port out of range in listen address {value!r}")
     return host, port
+
+
+def warn_if_plaintext(what: str, host: str, tls: bool) -> bool:
+    """Log a warning (and return True) when ``what`` listens without TLS on a non-loopback
+    address: anyone who can reach it reads and writes in clear text (peer RPC refuses this)."""
+    if tls or is_loopback(host):
+        return False
+    log.warning(
+        "%s listens on %s without TLS: anyone who can reach this address can use it and "
+        "read its traffic; bind a loopback address or configure TLS",
+        what,
+        host,
+    )
+    return True
 
 
 def tls_context(cert_file: str, key_file: str, ca_file: str | None = None) -> ssl.SSLContext:

@@ -21,7 +21,7 @@ import threading
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-from torus_core.errors import InvalidArgument, ProtocolError
+from torus_core.errors import ConfigError, InvalidArgument, ProtocolError
 from torus_core.nbd.export import ExportProvider
 from torus_core.nbd.handshake import Negotiator
 from torus_core.nbd.session import ServerOptions
@@ -90,7 +90,13 @@ class NBDServer:
     async def start(self) -> None:
         """Bind and start accepting connections."""
         loop = asyncio.get_running_loop()
-        self._server = await loop.create_server(self._make_stream, self.host, self._port, reuse_address=True)
+        try:
+            self._server = await loop.create_server(
+                self._make_stream, self.host, self._port, reuse_address=True
+            )
+        except OSError as exc:
+            where = f"[{self.host}]:{self._port}" if ":" in self.host else f"{self.host}:{self._port}"
+            raise ConfigError(f"cannot listen on {where} for NBD: {exc.strerror or exc}") from None
         sock = self._server.sockets[0]
         self._port = sock.getsockname()[1]
         log.info("NBD server listening on %s:%d", self.host, self._port)
