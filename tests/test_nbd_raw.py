@@ -345,16 +345,19 @@ def test_handshake_timeout_closes_an_idle_client(provider):
         c.close()
 
 
-def test_connections_beyond_the_limit_are_refused_with_a_policy_error(provider):
+def test_connections_beyond_the_limit_get_the_reason_on_every_option_then_abort(provider):
     with _start(provider, max_connections=1) as st:
         first = RawClient(st.port)
         first.greet()
         first.go()
         second = RawClient(st.port)
         second.greet()
-        second.option(Opt.LIST)
-        _, rep, msg = second.option_reply()
-        assert rep == Rep.ERR_POLICY and b"too many connections" in msg
+        for opt in (Opt.LIST, Opt.STRUCTURED_REPLY, Opt.GO):  # what a client tries in turn
+            second.option(opt, b"\0" * 6 if opt == Opt.GO else b"")
+            got, rep, msg = second.option_reply()
+            assert (got, rep) == (opt, Rep.ERR_POLICY) and b"too many connections (the limit is 1)" in msg
+        second.option(Opt.ABORT)
+        assert second.option_reply()[:2] == (Opt.ABORT, Rep.ACK)
         assert second.is_closed_by_server()
         first.close()
         second.close()
@@ -364,6 +367,141 @@ def test_connections_beyond_the_limit_are_refused_with_a_policy_error(provider):
         third.greet()
         assert third.go()[0] == SIZE
         third.close()
+
+
+def _raw_from(port: int, source: str) -> RawClient:
+    c = RawClient.__new__(RawClient)
+    c.sock = socket.create_connection(("127.0.0.1", port), timeout=5, source_address=(source, 0))
+    c._handle = 0
+    return c
+
+
+def test_per_address_limit_refuses_one_address_and_admits_another(provider):
+    with _start(provider, max_connections=8, max_connections_per_address=2) as st:
+        held = [RawClient(st.port) for _ in range(2)]
+        for c in held:
+            c.greet()
+        assert _wait_until(lambda: st.server.admitted == 2)
+        third = RawClient(st.port)
+        third.greet()
+        third.option(Opt.LIST)
+        _, rep, msg = third.option_reply()
+        assert rep == Rep.ERR_POLICY and b"from 127.0.0.1" in msg and b"2 per address" in msg
+        other = _raw_from(st.port, "127.0.0.2")
+        other.greet()
+        assert other.go()[0] == SIZE  # another address is still served
+        for c in (*held, third, other):
+            c.close()
+
+
+def test_refused_and_handshaking_sockets_cost_a_small_buffer_only(provider):
+    from torus_core.nbd.stream import BUF_SIZE, HANDSHAKE_BUF_SIZE
+
+    with _start(provider, max_connections=2) as st:
+        socks = [RawClient(st.port) for _ in range(6)]
+        for c in socks:
+            c.greet()
+        assert _wait_until(lambda: st.server.connections == 6)
+        assert {s.buffer_size for s in st.server._streams} == {HANDSHAKE_BUF_SIZE}
+        socks[0].go()  # a session gets the full receive buffer
+        assert _wait_until(lambda: BUF_SIZE in {s.buffer_size for s in st.server._streams})
+        for c in socks:
+            c.close()
+        assert _wait_until(lambda: st.server.connections == 0)
+
+
+class _SlowOpen(MemoryExportProvider):
+    def open_export(self, name: str) -> MemoryExport:
+        time.sleep(1.0)  # e.g. waiting for the previous connection to this volume to close
+        return super().open_export(name)
+
+
+def test_handshake_timeout_does_not_count_the_servers_time_opening_the_export():
+    slow = _SlowOpen()
+    slow.add("disk", SIZE)
+    with _start(slow, handshake_timeout=0.6) as st:
+        c = RawClient(st.port)
+        c.greet()
+        assert c.go(structured=False)[0] == SIZE
+        c.close()
+        idle = RawClient(st.port)  # the client's own time is still bounded
+        idle.greet()
+        t0 = time.monotonic()
+        assert idle.is_closed_by_server() and time.monotonic() - t0 < 3.0
+        idle.close()
+
+
+def test_idle_session_is_closed_after_the_idle_timeout_and_a_busy_one_is_not(provider):
+    with _start(provider, idle_timeout=0.5) as st:
+        idle, busy = RawClient(st.port), RawClient(st.port)
+        for c in (idle, busy):
+            c.greet()
+            c.go(structured=False)
+        t0 = time.monotonic()
+        while time.monotonic() - t0 < 1.5:  # busy keeps reading, idle says nothing
+            h = busy.request(Cmd.READ, 0, 512)
+            assert busy.simple_reply(512)[:2] == (h, 0)
+            time.sleep(0.1)
+        assert idle.is_closed_by_server()
+        h = busy.request(Cmd.READ, 0, 512)
+        assert busy.simple_reply(512)[:2] == (h, 0)
+        idle.close()
+        busy.close()
+
+
+def test_clients_that_never_read_replies_are_bounded_and_others_are_still_served(provider):
+    """Pipelined READs whose replies are never read: the bytes the server holds stay within its
+    budget (plus one small request per connection), and a well-behaved client is served."""
+    from torus_core.nbd.budget import RESERVE
+
+    mib = 1 << 20
+    big = MemoryExportProvider()
+    big.add("disk", 64 * mib)
+    limit = 8 * mib
+    with _start(big, max_payload=mib, max_inflight_bytes=4 * mib, max_total_inflight_bytes=limit) as st:
+        abusers = []
+        for _ in range(6):
+            c = RawClient(st.port)
+            c.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)
+            c.greet()
+            c.go(structured=False)
+            abusers.append(c)
+        good = RawClient(st.port)
+        good.greet()
+        good.go(structured=False)
+        for c in abusers:  # 64 MiB of reads each, replies never read
+            c.sock.sendall(
+                b"".join(
+                    struct.pack(">IHHQQI", REQUEST_MAGIC, 0, Cmd.READ, i, i * mib, mib) for i in range(64)
+                )
+            )
+        time.sleep(1.0)
+        for _ in range(20):
+            t0 = time.monotonic()
+            h = good.request(Cmd.READ, 0, 64 * 1024)
+            assert good.simple_reply(64 * 1024)[:2] == (h, 0)
+            assert time.monotonic() - t0 < 2.0
+        budget = st.server.budget
+        assert budget.peak <= limit + 7 * RESERVE, budget.peak
+        for c in abusers:
+            c.close()
+        good.close()
+        assert _wait_until(lambda: st.server.connections == 0)
+        assert _wait_until(lambda: budget.used == 0), budget.used
+
+
+def test_export_names_are_shortened_in_logs_and_repeated_lines_rate_limited(provider, caplog):
+    with _start(provider) as st, caplog.at_level(logging.INFO, logger="torus_core.nbd"):
+        for _ in range(60):
+            c = RawClient(st.port)
+            c.greet()
+            c.option(Opt.EXPORT_NAME, b"x" * 60000)
+            assert c.is_closed_by_server()
+            c.close()
+        time.sleep(0.2)
+    lines = [r.getMessage() for r in caplog.records if "EXPORT_NAME" in r.getMessage()]
+    assert 1 <= len(lines) <= 25
+    assert max(len(m) for m in lines) < 1000
 
 
 # --- transmission -------------------------------------------------------------------------------

@@ -9,17 +9,19 @@ listeners (closing the server if that fails) and blocks until SIGTERM/SIGINT.
 
 from __future__ import annotations
 
+import functools
 import logging
 import signal
 import sys
 import threading
 from collections.abc import Callable
-from typing import Any
+from typing import Any, TypeVar
 
 import click
 
 from torus_core.daemon.server import Server, parse_listen, tls_context, warn_if_plaintext
 from torus_core.errors import UsageError
+from torus_core.nbd.session import ServerOptions
 
 
 def check_tls_options(tls_cert: str | None, tls_key: str | None, require_tls: bool) -> None:
@@ -30,6 +32,60 @@ def check_tls_options(tls_cert: str | None, tls_key: str | None, require_tls: bo
         raise UsageError("--require-tls needs --tls-cert and --tls-key")
 
 
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def nbd_limit_options(func: F) -> F:
+    """The NBD listener's abuse limits as options; the command receives ``nbd_limits``, a dict
+    of :class:`~torus_core.nbd.session.ServerOptions` fields for :func:`serve_nbd`."""
+    defaults = ServerOptions()
+    options = [
+        click.option(
+            "--nbd-handshake-timeout",
+            default=defaults.handshake_timeout,
+            show_default=True,
+            type=click.FloatRange(min=0, min_open=True),
+            help="Seconds an NBD client has to finish the handshake.",
+        ),
+        click.option(
+            "--nbd-idle-timeout",
+            default=defaults.idle_timeout,
+            show_default=True,
+            type=click.FloatRange(min=0),
+            help="Close an NBD session with no I/O for this many seconds (0: never).",
+        ),
+        click.option(
+            "--nbd-max-connections",
+            default=defaults.max_connections,
+            show_default=True,
+            type=click.IntRange(min=1),
+            help="NBD connections served at once; more are refused with a reason.",
+        ),
+        click.option(
+            "--nbd-max-connections-per-address",
+            default=defaults.max_connections_per_address,
+            show_default=True,
+            type=click.IntRange(min=0),
+            help="NBD connections served at once from one client address (0: no limit).",
+        ),
+    ]
+
+    @functools.wraps(func)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        kwargs["nbd_limits"] = {
+            "handshake_timeout": kwargs.pop("nbd_handshake_timeout"),
+            "idle_timeout": kwargs.pop("nbd_idle_timeout"),
+            "max_connections": kwargs.pop("nbd_max_connections"),
+            "max_connections_per_address": kwargs.pop("nbd_max_connections_per_address"),
+        }
+        return func(*args, **kwargs)
+
+    decorated: Any = wrapper
+    for option in reversed(options):
+        decorated = option(decorated)
+    return decorated  # type: ignore[no-any-return]
+
+
 def serve_nbd(
     server: Server,
     listen: str,
@@ -37,12 +93,16 @@ def serve_nbd(
     tls_key: str | None,
     require_tls: bool,
     ca_file: str | None,
+    limits: dict[str, Any] | None = None,
 ) -> None:
-    """Serve ``server``'s volumes over NBD on ``listen`` (HOST:PORT) and print ``NBD LISTENING``."""
+    """Serve ``server``'s volumes over NBD on ``listen`` (HOST:PORT) and print ``NBD LISTENING``.
+
+    ``limits``: :class:`~torus_core.nbd.session.ServerOptions` fields (see
+    :func:`nbd_limit_options`)."""
     host, port = parse_listen(listen)
     tls = tls_context(tls_cert, tls_key, ca_file) if tls_cert and tls_key else None
     warn_if_plaintext("NBD", host, tls is not None)
-    nbd = server.serve_nbd(host, port, tls=tls, tls_required=require_tls)
+    nbd = server.serve_nbd(host, port, tls=tls, tls_required=require_tls, **(limits or {}))
     click.echo(f"NBD LISTENING {host}:{nbd.port}")
 
 

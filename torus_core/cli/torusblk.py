@@ -21,6 +21,7 @@ from torus_core.cli.common import build_context, config_options, handle_errors
 from torus_core.cli.serving import (
     check_tls_options,
     metrics_address,
+    nbd_limit_options,
     serve_metrics,
     serve_nbd,
     serve_until_signalled,
@@ -49,6 +50,7 @@ def cli() -> None:
 @click.option("--tls-cert", default=None, type=click.Path(dir_okay=False), help="TLS certificate.")
 @click.option("--tls-key", default=None, type=click.Path(dir_okay=False), help="TLS private key.")
 @click.option("--require-tls", is_flag=True, help="Refuse clients that do not start TLS.")
+@nbd_limit_options
 @click.option(
     "--lease-ttl",
     default=DEFAULT_LEASE_TTL,
@@ -67,6 +69,7 @@ def nbdserve(
     tls_cert: str | None,
     tls_key: str | None,
     require_tls: bool,
+    nbd_limits: dict[str, Any],
     lease_ttl: float,
     debug: bool,
     **overrides: Any,
@@ -80,7 +83,7 @@ def nbdserve(
     server = Server.from_config(ctx.config, registries=ctx.registries, lease_ttl=lease_ttl)
 
     def start() -> None:
-        serve_nbd(server, listen, tls_cert, tls_key, require_tls, ctx.config.tls.ca_file)
+        serve_nbd(server, listen, tls_cert, tls_key, require_tls, ctx.config.tls.ca_file, nbd_limits)
         if metrics_listen:
             serve_metrics(server, metrics_listen)
 

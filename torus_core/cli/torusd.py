@@ -31,6 +31,7 @@ from torus_core.cli.common import build_context, config_options, handle_errors
 from torus_core.cli.serving import (
     check_tls_options,
     metrics_address,
+    nbd_limit_options,
     serve_metrics,
     serve_nbd,
     serve_until_signalled,
@@ -61,6 +62,7 @@ from torus_core.errors import NoGlobalMetadata, UsageError
 @click.option("--tls-cert", default=None, type=click.Path(dir_okay=False), help="NBD TLS certificate.")
 @click.option("--tls-key", default=None, type=click.Path(dir_okay=False), help="NBD TLS private key.")
 @click.option("--require-tls", is_flag=True, help="Refuse NBD clients that do not start TLS.")
+@nbd_limit_options
 @click.option("--debug-init", is_flag=True, help="Format the cluster if it is not formatted yet.")
 @click.option(
     "--lease-ttl",
@@ -98,6 +100,7 @@ def cli(
     tls_cert: str | None,
     tls_key: str | None,
     require_tls: bool,
+    nbd_limits: dict[str, Any],
     debug_init: bool,
     lease_ttl: float,
     gc_interval: float,
@@ -170,7 +173,7 @@ def cli(
         for line in serve_aoe_specs(server, aoe_specs):
             click.echo(line)
         if nbd_listen:
-            serve_nbd(server, nbd_listen, tls_cert, tls_key, require_tls, ctx.config.tls.ca_file)
+            serve_nbd(server, nbd_listen, tls_cert, tls_key, require_tls, ctx.config.tls.ca_file, nbd_limits)
         if metrics_listen:
             serve_metrics(server, metrics_listen)
 

@@ -1,10 +1,18 @@
-"""Fixed-newstyle handshake and option haggling (server side)."""
+"""Fixed-newstyle handshake and option haggling (server side).
+
+A connection the server refused (too many connections) is still greeted, and each option it
+sends is answered with ``NBD_REP_ERR_POLICY`` carrying the reason, as the NBD protocol allows, so
+that the client can show it (libnbd/qemu: "server policy prevents ..." / "Denied by server"),
+up to :data:`REFUSE_OPTIONS` options. Names and messages put into log lines are shortened
+(:func:`~torus_core.nbd.logs.shorten`): a client picks them.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import Executor
 from typing import TypeVar
 
@@ -21,11 +29,16 @@ from torus_core.nbd.constants import (
     Rep,
 )
 from torus_core.nbd.export import Export, ExportInfo, ExportProvider
+from torus_core.nbd.logs import RateLimitFilter, shorten
 from torus_core.nbd.session import ServerOptions, Session, block_sizes, transmission_flags
 from torus_core.nbd.stream import BufferedStream
 
 log = logging.getLogger(__name__)
+RateLimitFilter.install(log)
 T = TypeVar("T")
+
+#: Options of a refused connection answered (with the refusal) before it is closed.
+REFUSE_OPTIONS = 16
 
 #: Context id handed out for base:allocation after NBD_OPT_SET_META_CONTEXT.
 ALLOCATION_CONTEXT_ID = 1
@@ -60,6 +73,9 @@ class Negotiator:
         self.structured = False
         self.no_zeroes = False
         self.meta_export: str | None = None  # export for which base:allocation was selected
+        #: The handshake's timeout (set by the server); paused while the server opens an export.
+        self.deadline: asyncio.Timeout | None = None
+        self._refused_options = 0
 
     def _peer(self) -> str:
         """The client's address for log lines (``?`` if unknown)."""
@@ -72,11 +88,29 @@ class Negotiator:
     async def _call(self, fn: Callable[..., T], *args: object) -> T:
         return await asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)
 
+    @contextlib.contextmanager
+    def _server_time(self) -> Iterator[None]:
+        """Do not count the enclosed (server-side) wait against the client's handshake timeout:
+        opening a volume may wait for its previous connection's close (bounded by the provider)."""
+        deadline = self.deadline
+        when = deadline.when() if deadline is not None else None
+        if deadline is None or when is None:
+            yield
+            return
+        loop = asyncio.get_running_loop()
+        left = when - loop.time()
+        deadline.reschedule(None)
+        try:
+            yield
+        finally:
+            deadline.reschedule(loop.time() + max(left, 0.0))
+
     async def _open(self, name: str) -> Export:
         """Open an export in a worker; if we are cancelled meanwhile, close it when it arrives."""
         fut = asyncio.get_running_loop().run_in_executor(self.executor, self.provider.open_export, name)
         try:
-            return await asyncio.shield(fut)
+            with self._server_time():
+                return await asyncio.shield(fut)
         except asyncio.CancelledError:
 
             def _late_close(f: asyncio.Future[Export]) -> None:
@@ -118,8 +152,13 @@ class Negotiator:
     async def _option(self, opt: int, data: bytes) -> Session | bool | None:
         """Handle one option. Returns a Session to enter transmission, False to end, None to go on."""
         if self.refuse is not None:
-            if opt != Opt.EXPORT_NAME:
-                self._reply(opt, Rep.ERR_POLICY, self.refuse.encode())
+            self._refused_options += 1
+            if opt == Opt.ABORT:
+                self._reply(opt, Rep.ACK)
+            elif opt != Opt.EXPORT_NAME:  # EXPORT_NAME cannot carry an error: just close
+                self._reply(opt, Rep.ERR_POLICY, self.refuse.encode()[:MAX_STRING])
+                if self._refused_options < REFUSE_OPTIONS:
+                    return None
             self.stream.close()
             return False
         if opt == Opt.ABORT:
@@ -176,11 +215,13 @@ class Negotiator:
 
     async def _export_name(self, data: bytes) -> Session | bool:
         try:
+            if len(data) > MAX_STRING:
+                raise _OptionError(Rep.ERR_INVALID, f"export name of {len(data)} bytes is too long")
             name = self._resolve_name(data.decode())
             export = await self._open(name)
         except (UnicodeDecodeError, _OptionError, TorusError) as e:
             level = logging.WARNING if isinstance(e, Locked) else logging.INFO
-            log.log(level, "NBD client %s: NBD_OPT_EXPORT_NAME refused: %s", self._peer(), e)
+            log.log(level, "NBD client %s: NBD_OPT_EXPORT_NAME refused: %s", self._peer(), shorten(str(e)))
             self.stream.close()  # no way to report an error for this option
             return False
         info = export.info()
@@ -238,7 +279,9 @@ class Negotiator:
             # volume that exists but is held elsewhere; for POLICY qemu prints "Denied by
             # server" plus our message, libnbd "server policy prevents NBD_OPT_GO" (and our
             # message in its debug output).
-            log.warning("NBD client %s refused export %r: %s", self._peer(), name, e)
+            log.warning(
+                "NBD client %s refused export %s: %s", self._peer(), shorten(repr(name)), shorten(str(e))
+            )
             raise _OptionError(Rep.ERR_POLICY, str(e)) from None
         except TorusError as e:
             raise _OptionError(Rep.ERR_UNKNOWN, f"export {name!r} is not available: {e}") from None

@@ -7,6 +7,20 @@ Usage in-process::
     await server.serve_forever()  # or: await server.close()
 
 or from synchronous code (tests, CLIs) with :class:`ServerThread`.
+
+Admission and limits (see :class:`~torus_core.nbd.session.ServerOptions` for the numbers): at
+most ``max_connections`` connections, and ``max_connections_per_address`` from one client
+address, are admitted. A connection beyond a limit still gets the greeting, and every option it
+sends is answered with ``NBD_REP_ERR_POLICY`` carrying the reason (``NBD_OPT_EXPORT_NAME``, which
+cannot carry an error, is answered by closing), for at most :data:`REFUSE_TIMEOUT` seconds and
+:data:`REFUSE_OPTIONS` options; at most :data:`MAX_REFUSING` such refusals run at once, beyond
+which a connection is closed at once. The handshake of an admitted connection is bounded by
+``handshake_timeout``; an established session with no request in flight and no traffic for
+``idle_timeout`` is closed. A new connection costs a small receive buffer only; the full one is
+allocated when its session starts, and what all sessions hold is bounded by a
+:class:`~torus_core.nbd.budget.ByteBudget`. After connections close the server gives free heap
+memory back to the kernel (:func:`~torus_core.nbd.budget.release_free_memory`, at most once per
+:data:`TRIM_INTERVAL`).
 """
 
 from __future__ import annotations
@@ -18,18 +32,30 @@ import os
 import socket
 import ssl
 import threading
+import time
+from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from torus_core.errors import ConfigError, InvalidArgument, ProtocolError
+from torus_core.nbd.budget import ByteBudget, release_free_memory
 from torus_core.nbd.export import ExportProvider
-from torus_core.nbd.handshake import Negotiator
+from torus_core.nbd.handshake import REFUSE_OPTIONS, Negotiator
+from torus_core.nbd.logs import RateLimitFilter
 from torus_core.nbd.session import ServerOptions
 from torus_core.nbd.stream import TRANSPORT_HIGH, BufferedStream, ConnectionClosed
 from torus_core.nbd.transmission import Transmission
 from torus_core.nbd.workers import WorkerPool
 
 log = logging.getLogger(__name__)
+RateLimitFilter.install(log)
+
+#: Seconds a refused connection is given to read its refusal.
+REFUSE_TIMEOUT = 5.0
+#: Refusals in progress at once; connections beyond are closed without one.
+MAX_REFUSING = 64
+#: Least seconds between two heap releases after connections closed.
+TRIM_INTERVAL = 1.0
 
 
 class NBDServer:
@@ -69,6 +95,16 @@ class NBDServer:
         )
         if self.options.max_inflight_bytes < max_payload:
             raise InvalidArgument("max_inflight_bytes must be at least max_payload")
+        if self.options.max_total_inflight_bytes < self.options.max_inflight_bytes:
+            raise InvalidArgument("max_total_inflight_bytes must be at least max_inflight_bytes")
+        if not self.options.handshake_timeout > 0:
+            raise InvalidArgument("handshake_timeout must be positive")
+        if self.options.idle_timeout < 0:
+            raise InvalidArgument("idle_timeout must not be negative (0: never)")
+        if self.options.max_connections < 1 or self.options.max_connections_per_address < 0:
+            raise InvalidArgument(
+                "max_connections must be at least 1, max_connections_per_address at least 0"
+            )
         workers = self.options.workers or min(32, (os.cpu_count() or 1) + 4)
         # Control calls (open/describe/close/list) and data calls of blocking exports.
         self._executor = ThreadPoolExecutor(max_workers=4, thread_name_prefix="nbd-ctl")
@@ -76,6 +112,12 @@ class NBDServer:
         self._server: asyncio.Server | None = None
         self._streams: set[BufferedStream] = set()
         self._tasks: set[asyncio.Task[None]] = set()
+        self._admitted = 0
+        self._per_address: Counter[str] = Counter()
+        self._refusing = 0
+        self.budget = ByteBudget(self.options.max_total_inflight_bytes)
+        self._trim_at = 0.0
+        self._trim_handle: asyncio.TimerHandle | None = None
 
     @property
     def port(self) -> int:
@@ -84,8 +126,13 @@ class NBDServer:
 
     @property
     def connections(self) -> int:
-        """Number of open client connections."""
+        """Number of open client connections (admitted or being refused)."""
         return len(self._streams)
+
+    @property
+    def admitted(self) -> int:
+        """Number of admitted connections (in the handshake or in a session)."""
+        return self._admitted
 
     async def start(self) -> None:
         """Bind and start accepting connections."""
@@ -100,6 +147,7 @@ class NBDServer:
         sock = self._server.sockets[0]
         self._port = sock.getsockname()[1]
         log.info("NBD server listening on %s:%d", self.host, self._port)
+        assert REFUSE_OPTIONS > 0
 
     async def serve_forever(self) -> None:
         """Serve until cancelled or closed."""
@@ -113,6 +161,8 @@ class NBDServer:
         """Stop listening, disconnect clients, wait (bounded) for their handlers, stop workers."""
         if self._server is not None:
             self._server.close()
+        if self._trim_handle is not None:
+            self._trim_handle.cancel()
         for stream in list(self._streams):
             stream.close()
         if self._tasks:
@@ -136,28 +186,58 @@ class NBDServer:
         if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         transport.set_write_buffer_limits(high=TRANSPORT_HIGH)
+        opts = self.options
+        peer = transport.get_extra_info("peername")
+        address = str(peer[0]) if isinstance(peer, tuple) and peer else str(peer)
+        refuse = None
+        if self._admitted >= opts.max_connections:
+            refuse = f"too many connections (the limit is {opts.max_connections})"
+        elif (
+            opts.max_connections_per_address
+            and self._per_address[address] >= opts.max_connections_per_address
+        ):
+            refuse = (
+                f"too many connections from {address} "
+                f"(the limit is {opts.max_connections_per_address} per address)"
+            )
+        if refuse is not None and self._refusing >= MAX_REFUSING:
+            log.warning("NBD connection from %s closed unanswered: %s", address, refuse)
+            transport.close()
+            return
+        stream.budget = self.budget
         self._streams.add(stream)
-        task = asyncio.get_running_loop().create_task(self._handle(stream))
+        if refuse is None:
+            self._admitted += 1
+            self._per_address[address] += 1
+        else:
+            self._refusing += 1
+        task = asyncio.get_running_loop().create_task(self._handle(stream, address, refuse))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    async def _handle(self, stream: BufferedStream) -> None:
+    async def _handle(self, stream: BufferedStream, address: str, refuse: str | None) -> None:
         opts = self.options
-        refuse = None
-        if len(self._streams) > opts.max_connections:
-            refuse = f"too many connections (the limit is {opts.max_connections})"
         peer = stream.transport.get_extra_info("peername") if stream.transport else None
         try:
-            negotiator = Negotiator(stream, self.provider, opts, self._executor, refuse)
+            if refuse is not None:
+                log.warning("NBD connection from %s refused: %s", address, refuse)
+                negotiator = Negotiator(stream, self.provider, opts, self._executor, refuse)
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(REFUSE_TIMEOUT):
+                        await negotiator.run()
+                return
+            negotiator = Negotiator(stream, self.provider, opts, self._executor)
             try:
-                async with asyncio.timeout(opts.handshake_timeout):
+                async with asyncio.timeout(opts.handshake_timeout) as deadline:
+                    negotiator.deadline = deadline
                     session = await negotiator.run()
             except TimeoutError:
-                log.info("NBD handshake with %s timed out", peer)
+                log.info("NBD handshake with %s timed out after %.0f s", peer, opts.handshake_timeout)
                 return
             if session is None:
                 return
-            await Transmission(stream, session, opts, self._executor, self._workers).run()
+            stream.grow()
+            await Transmission(stream, session, opts, self._executor, self._workers, self.budget).run()
         except (ConnectionClosed, ConnectionError, ssl.SSLError) as e:
             log.debug("NBD connection %s ended: %r", peer, e)
         except ProtocolError as e:
@@ -168,6 +248,29 @@ class NBDServer:
         finally:
             stream.close()
             self._streams.discard(stream)
+            if refuse is None:
+                self._admitted -= 1
+                self._per_address[address] -= 1
+                if self._per_address[address] <= 0:
+                    del self._per_address[address]
+            else:
+                self._refusing -= 1
+            self._schedule_trim()
+
+    def _schedule_trim(self) -> None:
+        """Give free heap memory back soon (at most once per TRIM_INTERVAL)."""
+        if self._trim_handle is not None:
+            return
+        loop = asyncio.get_running_loop()
+        delay = max(0.0, self._trim_at + TRIM_INTERVAL - time.monotonic())
+        self._trim_handle = loop.call_later(delay, self._trim)
+
+    def _trim(self) -> None:
+        self._trim_handle = None
+        self._trim_at = time.monotonic()
+        # runs in the control executor: malloc_trim walks the heap (milliseconds for GiBs)
+        with contextlib.suppress(RuntimeError):  # the executor is shut down: nothing to give back
+            self._executor.submit(release_free_memory)
 
 
 class ServerThread:

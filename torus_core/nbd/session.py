@@ -18,16 +18,27 @@ class ServerOptions:
     tls: ssl.SSLContext | None = None
     #: FORCEDTLS mode: every option but STARTTLS/ABORT is refused with NBD_REP_ERR_TLS_REQD.
     tls_required: bool = False
+    #: Seconds a client has to complete the handshake (time the server spends opening the
+    #: export, e.g. waiting for a previous connection's close, is not counted).
     handshake_timeout: float = 10.0
+    #: Seconds an established session may go with no request in flight and no bytes moving
+    #: either way before it is closed (0: never).
+    idle_timeout: float = 300.0
+    #: Connections admitted at once; more are refused with a reason (NBD_REP_ERR_POLICY).
     max_connections: int = 64
+    #: Connections admitted at once from one client address (0: no per-address limit).
+    max_connections_per_address: int = 16
     #: Largest READ/WRITE payload accepted (advertised as the maximum block size).
     max_payload: int = 32 * MiB
     #: Largest option payload read during the handshake; bigger ones get NBD_REP_ERR_TOO_BIG.
     max_option_length: int = 64 * 1024
     #: Per-connection bound on requests being processed at once.
     max_inflight: int = 128
-    #: Per-connection bound on payload bytes of requests being processed at once.
+    #: Per-connection bound on payload bytes of requests being processed at once plus reply
+    #: bytes waiting to be sent.
     max_inflight_bytes: int = 64 * MiB
+    #: Server-wide bound on the same, over all connections (see :mod:`torus_core.nbd.budget`).
+    max_total_inflight_bytes: int = 256 * MiB
     #: Worker threads for data calls of blocking exports (None: ``min(32, cpus + 4)``).
     workers: int | None = None
 

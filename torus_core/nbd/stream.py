@@ -10,7 +10,12 @@ Writes: the transport is kept nearly empty (its high-water mark is :data:`TRANSP
 the rest waits in a queue of memoryviews, handed over in :data:`_PIECE` slices as the transport
 drains. asyncio's own buffer (3.11) is a ``bytearray`` that copies every unsent byte and moves
 the remainder after each ``send``; letting megabytes of read replies pile up there cost more
-than the reads themselves. Flow control (``write_paused``/``drain``) is on the queued bytes.
+than the reads themselves. Flow control (``write_paused``/``drain``) is on the queued bytes,
+which are also charged to the server's :class:`~torus_core.nbd.budget.ByteBudget` if one is set.
+
+Memory: a new connection starts with a small receive buffer (:data:`HANDSHAKE_BUF_SIZE`);
+:meth:`BufferedStream.grow` gives it the transmission-sized one once the server admitted it and
+the handshake succeeded, so sockets that are refused or never finish the handshake cost little.
 """
 
 from __future__ import annotations
@@ -18,13 +23,19 @@ from __future__ import annotations
 import asyncio
 import ssl
 import struct
+import time
 from collections import deque
 from collections.abc import Callable
 from typing import Any
 
 from torus_core.errors import ProtocolError
+from torus_core.nbd.budget import ByteBudget
 
-_BUF_SIZE = 256 * 1024
+#: Receive buffer of an established session (see :meth:`BufferedStream.grow`).
+BUF_SIZE = 256 * 1024
+#: Receive buffer of a new connection (greeting, options; larger option payloads are read
+#: into their own buffer).
+HANDSHAKE_BUF_SIZE = 4096
 #: High-water mark set on the transport's own buffer (see the module docstring).
 TRANSPORT_HIGH = 64 * 1024
 #: Largest slice handed to the transport at once.
@@ -45,7 +56,7 @@ _CORK_PIECE = 64 * 1024
 class BufferedStream(asyncio.BufferedProtocol):
     """asyncio protocol + stream-style reader/writer for one NBD connection."""
 
-    def __init__(self, buffer_size: int = _BUF_SIZE) -> None:
+    def __init__(self, buffer_size: int = HANDSHAKE_BUF_SIZE) -> None:
         self.transport: asyncio.Transport | None = None
         self._buf = bytearray(buffer_size)
         self._bufview = memoryview(self._buf)
@@ -75,6 +86,10 @@ class BufferedStream(asyncio.BufferedProtocol):
         self._queue: deque[memoryview] = deque()
         self._queued = 0
         self._tpaused = False
+        #: Server-wide budget charged with the queued bytes (None: not accounted).
+        self.budget: ByteBudget | None = None
+        #: ``time.monotonic()`` of the last bytes received or of the transport draining.
+        self.last_io = time.monotonic()
 
     # --- protocol callbacks ----------------------------------------------------------------
 
@@ -106,6 +121,7 @@ class BufferedStream(asyncio.BufferedProtocol):
 
     def buffer_updated(self, nbytes: int) -> None:
         """Account received bytes; wake the reader or run the consumer."""
+        self.last_io = time.monotonic()
         if self._target is not None and self._start == self._end:
             self._target_pos += nbytes
             if self._target_pos >= len(self._target):
@@ -201,6 +217,7 @@ class BufferedStream(asyncio.BufferedProtocol):
         """Fail pending reads and drains."""
         self._closed_exc = exc or ConnectionClosed("connection closed")
         self._eof = True
+        self._drop_queue()
         self._wake()
         if self._drain_waiter is not None and not self._drain_waiter.done():
             self._drain_waiter.set_result(None)
@@ -216,16 +233,26 @@ class BufferedStream(asyncio.BufferedProtocol):
     def resume_writing(self) -> None:
         """The transport's write buffer drained below its low-water mark: feed it more."""
         self._tpaused = False
+        self.last_io = time.monotonic()
         self._pump()
+        if self._hold and self.on_resume_writing is not None:
+            # the consumer holds reading (e.g. its in-flight budget is full of queued replies)
+            self.on_resume_writing()
+
+    def _drop_queue(self) -> None:
+        """Forget queued bytes that can no longer be sent."""
+        self._queue.clear()
+        if self.budget is not None and self._queued:
+            self.budget.release(self._queued)
+        self._queued = 0
 
     def _pump(self) -> None:
         """Hand queued bytes to the transport until it pauses or the queue is empty."""
         t = self.transport
         q = self._queue
+        sent = 0
         while q and not self._tpaused:
             if t is None or t.is_closing():
-                q.clear()
-                self._queued = 0
                 break
             head = q[0]
             if len(head) > _PIECE:
@@ -233,8 +260,13 @@ class BufferedStream(asyncio.BufferedProtocol):
                 q[0] = head[_PIECE:]
             else:
                 piece = q.popleft()
-            self._queued -= len(piece)
+            sent += len(piece)
             t.write(piece)
+        self._queued -= sent
+        if sent and self.budget is not None:
+            self.budget.release(sent)
+        if q and (t is None or t.is_closing()):
+            self._drop_queue()
         if self._paused and self._queued <= QUEUE_LOW:
             self._paused = False
             if self._drain_waiter is not None and not self._drain_waiter.done():
@@ -263,6 +295,41 @@ class BufferedStream(asyncio.BufferedProtocol):
         """Bytes received but not yet consumed."""
         return self._end - self._start
 
+    @property
+    def queued(self) -> int:
+        """Bytes written but still waiting in the queue (not yet handed to the transport)."""
+        return self._queued
+
+    @property
+    def buffer_size(self) -> int:
+        """Size of the receive buffer."""
+        return len(self._buf)
+
+    def grow(self, size: int = BUF_SIZE) -> None:
+        """Give the receive buffer ``size`` bytes (keeping what is buffered); call between
+        messages, not while a payload is being received."""
+        if size <= len(self._buf) or self._target is not None:
+            return
+        n = self._end - self._start
+        buf = bytearray(size)
+        buf[:n] = self._bufview[self._start : self._end]
+        self._bufview.release()
+        self._buf, self._bufview = buf, memoryview(buf)
+        self._start, self._end = 0, n
+        self._update_reading()
+
+    def peek_nowait(self, st: struct.Struct) -> tuple[Any, ...] | None:
+        """Like :meth:`unpack_nowait` but leaves the bytes buffered (see :meth:`skip`)."""
+        if self._end - self._start >= st.size:
+            return st.unpack_from(self._buf, self._start)
+        return None
+
+    def skip(self, n: int) -> None:
+        """Consume ``n`` buffered bytes (after :meth:`peek_nowait`)."""
+        self._start += n
+        if self._reading_paused:
+            self._consumed()
+
     def unpack_nowait(self, st: struct.Struct) -> tuple[Any, ...] | None:
         """Unpack ``st`` from the buffered bytes if enough are there, else None (no suspension)."""
         s = self._start
@@ -277,7 +344,7 @@ class BufferedStream(asyncio.BufferedProtocol):
     async def readexactly(self, n: int) -> bytes:
         """Read exactly ``n`` bytes (for headers and small option payloads)."""
         while self._end - self._start < n:
-            if n > len(self._buf):
+            if n > len(self._buf) // 2:  # reading pauses at half a buffer: receive directly
                 data = bytearray(n)
                 await self.readinto(memoryview(data))
                 return bytes(data)
@@ -354,6 +421,8 @@ class BufferedStream(asyncio.BufferedProtocol):
         mv = memoryview(data).cast("B")
         self._queue.append(mv)
         self._queued += len(mv)
+        if self.budget is not None:
+            self.budget.charge(len(mv))
         self._pump()
         if self._queued > QUEUE_HIGH:
             self._paused = True

@@ -5,8 +5,11 @@ loop (exports with ``blocking = False``) or in a worker thread; its reply is wri
 loop thread when the operation finishes, so replies may overtake each other. Small reads and
 non-FUA writes of blocking exports are first offered to ``read_nowait``/``write_nowait`` on the
 loop (no thread hop when the export can serve them without waiting). The number and the
-payload bytes of requests being processed are bounded per connection; when a bound is reached
-the reader stops taking requests (and the socket stops being read) until replies go out.
+payload bytes of requests being processed plus the reply bytes waiting to be sent are bounded
+per connection (``max_inflight``, ``max_inflight_bytes``) and, over all connections, by the
+server's :class:`~torus_core.nbd.budget.ByteBudget`; a request that does not fit is left
+unread (and the socket stops being read) until replies go out or another connection releases
+bytes. A session with nothing in flight and no bytes moving for ``idle_timeout`` is closed.
 """
 
 from __future__ import annotations
@@ -20,15 +23,18 @@ from typing import Any
 from torus_core import metrics
 from torus_core.errors import ProtocolError
 from torus_core.nbd import wire
+from torus_core.nbd.budget import ByteBudget
 from torus_core.nbd.bufpool import BufferPool
 from torus_core.nbd.constants import REQUEST_MAGIC, Cmd, CmdFlag, Errno
 from torus_core.nbd.errmap import errno_for
 from torus_core.nbd.export import Export
+from torus_core.nbd.logs import RateLimitFilter
 from torus_core.nbd.session import ServerOptions, Session
 from torus_core.nbd.stream import BufferedStream, ConnectionClosed
 from torus_core.nbd.workers import CompletionSink, WorkerPool
 
 log = logging.getLogger(__name__)
+RateLimitFilter.install(log)
 
 _READ, _WRITE, _DISC, _FLUSH, _TRIM, _ZEROES, _STATUS = (
     int(Cmd.READ),
@@ -71,6 +77,7 @@ class Transmission:
         options: ServerOptions,
         executor: Executor,
         workers: WorkerPool,
+        budget: ByteBudget | None = None,
     ) -> None:
         self.stream = stream
         self.session = session
@@ -83,7 +90,10 @@ class Transmission:
         self.inflight = 0
         self.inflight_bytes = 0
         self._idle: asyncio.Future[None] | None = None
-        self._pool = BufferPool()
+        self.budget = budget if budget is not None else ByteBudget(options.max_total_inflight_bytes)
+        self._pool = BufferPool(budget=self.budget)
+        self._waiting_budget = False
+        self._idle_timer: asyncio.TimerHandle | None = None
         self.max_payload = min(options.max_payload, session.max_block_size)
         allowed: dict[int, int] = {
             _READ: int(CmdFlag.DF) if session.structured else 0,
@@ -113,6 +123,8 @@ class Transmission:
         self._disc = False
         s.on_lost = self._on_lost
         s.on_resume_writing = self._unblock
+        if self.options.idle_timeout > 0:
+            self._idle_timer = self.loop.call_later(self.options.idle_timeout, self._check_idle)
         try:
             s.set_consumer(self._consume)
             if s.lost is not None and s.lost.done():
@@ -122,11 +134,37 @@ class Transmission:
             s.set_consumer(None)
             s.on_lost = None
             s.on_resume_writing = None
+            if self._idle_timer is not None:
+                self._idle_timer.cancel()
             try:
                 await self._wait_idle()
             finally:
+                if self._pending is not None:  # a write whose payload never fully arrived
+                    self._release(self._pending[3])
+                    self._pending = None
+                self._pool.clear()
+                if self._scratch is not None:
+                    self._scratch = None
                 metrics.NBD.retire(self._metrics)
                 await self.loop.run_in_executor(self.executor, self.export.close)
+
+    def _check_idle(self) -> None:
+        """Close the session if nothing was in flight and no bytes moved for idle_timeout."""
+        timeout = self.options.idle_timeout
+        if self._finished.done():
+            return
+        quiet = time.monotonic() - self.stream.last_io
+        if self.inflight == 0 and quiet >= timeout:
+            log.info(
+                "NBD session on %s closed: idle for %.0f s (the idle timeout)",
+                getattr(self.export, "name", "?"),
+                quiet,
+            )
+            self.stream.close()
+            self._finish()
+            return
+        delay = timeout - quiet if self.inflight == 0 else timeout
+        self._idle_timer = self.loop.call_later(max(delay, 0.05), self._check_idle)
 
     def _on_lost(self) -> None:
         if not self._finished.done():
@@ -147,6 +185,23 @@ class Transmission:
             or (self.inflight_bytes >= opts.max_inflight_bytes and self.inflight > 0)
             or self.stream.write_paused
         )
+
+    def _fits(self, length: int) -> bool:
+        """Whether a READ/WRITE of ``length`` bytes may be taken now (else wait for room)."""
+        own = self.inflight_bytes + self.stream.queued
+        if own and own + length > self.options.max_inflight_bytes:
+            return False  # woken by the stream draining or by a completion
+        if self.budget.fits(own, length):
+            return True
+        if not self._waiting_budget:
+            self._waiting_budget = True
+            self.budget.wait(self._budget_freed)
+        return False
+
+    def _budget_freed(self) -> None:
+        self._waiting_budget = False
+        if self.stream.holding:
+            self._unblock()
 
     def _unblock(self) -> None:
         """Budget or write buffer freed: resume reading and process what is buffered."""
@@ -179,7 +234,7 @@ class Transmission:
                 if self._blocked():
                     s.hold_reading(True)
                     return
-                fields = s.unpack_nowait(req)
+                fields = s.peek_nowait(req)
                 if fields is None:
                     return
                 magic, flags, cmd, handle, offset, length = fields
@@ -187,6 +242,10 @@ class Transmission:
                     s.abort()
                     self._finish(ProtocolError(f"bad request magic {magic:#x}"))
                     return
+                if (cmd == _READ or cmd == _WRITE) and length <= max_payload and not self._fits(length):
+                    s.hold_reading(True)  # the request stays buffered until there is room
+                    return
+                s.skip(req.size)
                 if cmd == _WRITE:
                     err = self._validate(cmd, flags, offset, length, allowed, size, read_only, max_payload)
                     if err is not None:
@@ -197,6 +256,8 @@ class Transmission:
                             return
                         continue
                     payload = self._pool.get(length)
+                    self.inflight_bytes += length
+                    self.budget.charge(length)
                     if not s.begin_payload(memoryview(payload)):
                         self._pending = (flags, handle, offset, length, payload)
                         return
@@ -279,14 +340,19 @@ class Transmission:
         self, cmd: int, flags: int, handle: int, offset: int, length: int, payload: bytearray | None
     ) -> None:
         t0 = _now()
+        # READ/WRITE bytes are held from here (a WRITE's since its payload buffer was taken)
+        # until the reply is written: see _release
+        nbytes = length if cmd == _READ or cmd == _WRITE else 0
+        if cmd == _READ:
+            self.inflight_bytes += length
+            self.budget.charge(length)
         if self.export.blocking:
             if length <= _INLINE_MAX and (cmd == _READ or (cmd == _WRITE and not flags & _FUA)):
                 if self._try_inline(cmd, handle, offset, length, payload):
+                    self._release(nbytes)
                     self._latency[cmd].observe(_now() - t0)
                     return
-            nbytes = length if cmd in (_READ, _WRITE) else 0
             self.inflight += 1
-            self.inflight_bytes += nbytes
             self.workers.submit(
                 self._execute,
                 (cmd, flags, offset, length, payload),
@@ -300,9 +366,17 @@ class Transmission:
             self._failed(handle, cmd, e)
         else:
             self._succeeded(handle, cmd, offset, length, result)
+        self._release(nbytes)
         self._latency[cmd].observe(_now() - t0)
         if payload is not None:
             self._pool.put(payload)
+
+    def _release(self, nbytes: int) -> None:
+        """A READ/WRITE of ``nbytes`` finished (its reply, if any, is queued on the stream,
+        which accounts for it from now on)."""
+        if nbytes:
+            self.inflight_bytes -= nbytes
+            self.budget.release(nbytes)
 
     def _try_inline(self, cmd: int, handle: int, offset: int, length: int, payload: bytearray | None) -> bool:
         """Serve a small read/write of a blocking export on the loop if it needs no waiting."""
@@ -374,11 +448,11 @@ class Transmission:
     def _complete(self, tag: tuple[Any, ...], ok: bool, result: Any) -> None:
         cmd, handle, offset, length, nbytes, payload, t0 = tag
         self.inflight -= 1
-        self.inflight_bytes -= nbytes
         if ok:
             self._succeeded(handle, cmd, offset, length, result)
         else:
             self._failed(handle, cmd, result)
+        self._release(nbytes)
         self._latency[cmd].observe(_now() - t0)
         if payload is not None:
             self._pool.put(payload)
