@@ -157,6 +157,17 @@ def test_create_get_list_volumes(formatted: MetadataService) -> None:
         formatted.get_volume_by_id(99)
 
 
+def test_volume_sizes_nbd_cannot_carry_are_refused_at_create_and_resize(formatted: MetadataService) -> None:
+    """2^64 used to be accepted and NBD GO then crashed with struct.error."""
+    for size in (2**64, 2**63):
+        with pytest.raises(InvalidArgument, match="larger than the maximum"):
+            formatted.create_volume("huge", size)
+    formatted.create_volume("a", MiB)
+    with pytest.raises(InvalidArgument, match="larger than the maximum"):
+        formatted.resize_volume("a", 2**64 + 1)
+    assert formatted.resize_volume("a", 2**63 - 1).size == 2**63 - 1
+
+
 def test_duplicate_volume_name_raises_already_exists(formatted: MetadataService) -> None:
     formatted.create_volume("a", MiB)
     with pytest.raises(AlreadyExists):

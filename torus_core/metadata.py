@@ -252,10 +252,22 @@ def _check_name(what: str, name: Any) -> str:
     return name
 
 
+#: Largest volume size: NBD carries sizes in 64 bits, and its clients (libnbd, qemu, Linux) hold
+#: them as signed 64-bit integers, so anything larger could be created but never served.
+MAX_VOLUME_SIZE = 2**63 - 1
+
+
 def _check_positive(what: str, value: Any) -> int:
     if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
         raise InvalidArgument(f"{what} must be a positive integer, got {value!r}")
     return value
+
+
+def _check_volume_size(value: Any) -> int:
+    _check_positive("volume size", value)
+    if value > MAX_VOLUME_SIZE:
+        raise InvalidArgument(f"volume size {value} is larger than the maximum {MAX_VOLUME_SIZE} (2^63 - 1)")
+    return int(value)
 
 
 def _info(vol: VolumeState) -> VolumeInfo:
@@ -450,7 +462,7 @@ class MetadataService:
     def create_volume(self, name: str, size: int) -> VolumeInfo:
         """Create a block volume (thin: metadata only). AlreadyExists if the name is taken."""
         _check_name("volume name", name)
-        _check_positive("volume size", size)
+        _check_volume_size(size)
 
         def decide(state: ClusterState) -> Decision[VolumeInfo]:
             if name in state.names:
@@ -486,7 +498,7 @@ class MetadataService:
 
     def resize_volume(self, name: str, new_size: int) -> VolumeInfo:
         """Grow a volume to ``new_size`` bytes; shrinking raises InvalidArgument."""
-        _check_positive("volume size", new_size)
+        _check_volume_size(new_size)
 
         def decide(state: ClusterState) -> Decision[VolumeInfo]:
             vol = self._volume(state, name)

@@ -13,8 +13,9 @@ most ``max_connections`` connections, and ``max_connections_per_address`` from o
 address, are admitted. A connection beyond a limit still gets the greeting, and every option it
 sends is answered with ``NBD_REP_ERR_POLICY`` carrying the reason (``NBD_OPT_EXPORT_NAME``, which
 cannot carry an error, is answered by closing), for at most :data:`REFUSE_TIMEOUT` seconds and
-:data:`REFUSE_OPTIONS` options; at most :data:`MAX_REFUSING` such refusals run at once, beyond
-which a connection is closed at once. The handshake of an admitted connection is bounded by
+:data:`REFUSE_OPTIONS` options; at most :data:`MAX_REFUSING` such refusals run at once (a new
+one closes the oldest, so a flood of silent sockets cannot keep a newcomer from its reason).
+The handshake of an admitted connection is bounded by
 ``handshake_timeout``; an established session with no request in flight and no traffic for
 ``idle_timeout`` is closed. A new connection costs a small receive buffer only; the full one is
 allocated when its session starts, and what all sessions hold is bounded by a
@@ -52,7 +53,7 @@ RateLimitFilter.install(log)
 
 #: Seconds a refused connection is given to read its refusal.
 REFUSE_TIMEOUT = 5.0
-#: Refusals in progress at once; connections beyond are closed without one.
+#: Refusals in progress at once; a new one closes the oldest.
 MAX_REFUSING = 64
 #: Least seconds between two heap releases after connections closed.
 TRIM_INTERVAL = 1.0
@@ -114,7 +115,7 @@ class NBDServer:
         self._tasks: set[asyncio.Task[None]] = set()
         self._admitted = 0
         self._per_address: Counter[str] = Counter()
-        self._refusing = 0
+        self._refusing: dict[BufferedStream, None] = {}  # oldest first
         self.budget = ByteBudget(self.options.max_total_inflight_bytes)
         self._trim_at = 0.0
         self._trim_handle: asyncio.TimerHandle | None = None
@@ -200,17 +201,17 @@ class NBDServer:
                 f"too many connections from {address} "
                 f"(the limit is {opts.max_connections_per_address} per address)"
             )
-        if refuse is not None and self._refusing >= MAX_REFUSING:
-            log.warning("NBD connection from %s closed unanswered: %s", address, refuse)
-            transport.close()
-            return
+        if refuse is not None and len(self._refusing) >= MAX_REFUSING:
+            oldest = next(iter(self._refusing))
+            del self._refusing[oldest]
+            oldest.close()
         stream.budget = self.budget
         self._streams.add(stream)
         if refuse is None:
             self._admitted += 1
             self._per_address[address] += 1
         else:
-            self._refusing += 1
+            self._refusing[stream] = None
         task = asyncio.get_running_loop().create_task(self._handle(stream, address, refuse))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
@@ -254,7 +255,7 @@ class NBDServer:
                 if self._per_address[address] <= 0:
                     del self._per_address[address]
             else:
-                self._refusing -= 1
+                self._refusing.pop(stream, None)
             self._schedule_trim()
 
     def _schedule_trim(self) -> None:
