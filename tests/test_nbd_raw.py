@@ -431,22 +431,37 @@ def test_handshake_timeout_does_not_count_the_servers_time_opening_the_export():
         idle.close()
 
 
-def test_idle_session_is_closed_after_the_idle_timeout_and_a_busy_one_is_not(provider):
-    with _start(provider, idle_timeout=0.5) as st:
+def test_an_idle_session_is_kept_while_no_one_needs_its_slot(provider):
+    with _start(provider, idle_timeout=0.3) as st:
+        idle = RawClient(st.port)
+        idle.greet()
+        idle.go(structured=False)
+        time.sleep(1.0)  # three idle timeouts with no I/O: a kernel client or idle VM disk
+        h = idle.request(Cmd.READ, 0, 512)
+        assert idle.simple_reply(512)[:2] == (h, 0)
+        idle.close()
+
+
+def test_the_longest_idle_session_makes_room_for_a_newcomer_and_a_busy_one_is_kept(provider):
+    with _start(provider, idle_timeout=0.5, max_connections=2) as st:
         idle, busy = RawClient(st.port), RawClient(st.port)
         for c in (idle, busy):
             c.greet()
             c.go(structured=False)
         t0 = time.monotonic()
-        while time.monotonic() - t0 < 1.5:  # busy keeps reading, idle says nothing
+        while time.monotonic() - t0 < 1.0:  # busy keeps reading, idle says nothing
             h = busy.request(Cmd.READ, 0, 512)
             assert busy.simple_reply(512)[:2] == (h, 0)
             time.sleep(0.1)
+        newcomer = RawClient(st.port)
+        newcomer.greet()
+        assert newcomer.go(structured=False)[0] == SIZE  # admitted, not refused
         assert idle.is_closed_by_server()
-        h = busy.request(Cmd.READ, 0, 512)
-        assert busy.simple_reply(512)[:2] == (h, 0)
+        for c in (busy, newcomer):
+            h = c.request(Cmd.READ, 0, 512)
+            assert c.simple_reply(512)[:2] == (h, 0)
+            c.close()
         idle.close()
-        busy.close()
 
 
 def test_clients_that_never_read_replies_are_bounded_and_others_are_still_served(provider):

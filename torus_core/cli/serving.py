@@ -52,7 +52,8 @@ def nbd_limit_options(func: F) -> F:
             default=defaults.idle_timeout,
             show_default=True,
             type=click.FloatRange(min=0),
-            help="Close an NBD session with no I/O for this many seconds (0: never).",
+            help="An NBD session with no I/O for this many seconds may be closed when a new "
+            "connection needs its slot (0: never).",
         ),
         click.option(
             "--nbd-max-connections",

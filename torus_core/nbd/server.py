@@ -16,8 +16,12 @@ cannot carry an error, is answered by closing), for at most :data:`REFUSE_TIMEOU
 :data:`REFUSE_OPTIONS` options; at most :data:`MAX_REFUSING` such refusals run at once (a new
 one closes the oldest, so a flood of silent sockets cannot keep a newcomer from its reason).
 The handshake of an admitted connection is bounded by
-``handshake_timeout``; an established session with no request in flight and no traffic for
-``idle_timeout`` is closed. A new connection costs a small receive buffer only; the full one is
+``handshake_timeout``. An established session is never closed for being idle on its own (a
+kernel NBD client or a VM disk may go hours without I/O, and a dropped connection is an I/O error
+for it); only when a new connection would be refused by a limit, the longest-idle session in that
+limit's scope with no request in flight and no traffic for ``idle_timeout`` is closed to make
+room, so idle sockets cannot lock clients out for longer than that. A new connection costs a
+small receive buffer only; the full one is
 allocated when its session starts, and what all sessions hold is bounded by a
 :class:`~torus_core.nbd.budget.ByteBudget`. After connections close the server gives free heap
 memory back to the kernel (:func:`~torus_core.nbd.budget.release_free_memory`, at most once per
@@ -116,6 +120,7 @@ class NBDServer:
         self._admitted = 0
         self._per_address: Counter[str] = Counter()
         self._refusing: dict[BufferedStream, None] = {}  # oldest first
+        self._sessions: dict[BufferedStream, tuple[str, Transmission]] = {}
         self.budget = ByteBudget(self.options.max_total_inflight_bytes)
         self._trim_at = 0.0
         self._trim_handle: asyncio.TimerHandle | None = None
@@ -192,15 +197,17 @@ class NBDServer:
         address = str(peer[0]) if isinstance(peer, tuple) and peer else str(peer)
         refuse = None
         if self._admitted >= opts.max_connections:
-            refuse = f"too many connections (the limit is {opts.max_connections})"
+            if not self._evict_idle(None):
+                refuse = f"too many connections (the limit is {opts.max_connections})"
         elif (
             opts.max_connections_per_address
             and self._per_address[address] >= opts.max_connections_per_address
         ):
-            refuse = (
-                f"too many connections from {address} "
-                f"(the limit is {opts.max_connections_per_address} per address)"
-            )
+            if not self._evict_idle(address):
+                refuse = (
+                    f"too many connections from {address} "
+                    f"(the limit is {opts.max_connections_per_address} per address)"
+                )
         if refuse is not None and len(self._refusing) >= MAX_REFUSING:
             oldest = next(iter(self._refusing))
             del self._refusing[oldest]
@@ -215,6 +222,25 @@ class NBDServer:
         task = asyncio.get_running_loop().create_task(self._handle(stream, address, refuse))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+
+    def _evict_idle(self, address: str | None) -> bool:
+        """Close the longest-idle session (of ``address``, or of any address when None) that
+        has been idle for at least ``idle_timeout``; True if one was closed."""
+        timeout = self.options.idle_timeout
+        if timeout <= 0:
+            return False
+        best: Transmission | None = None
+        best_idle = timeout
+        for owner, session in self._sessions.values():
+            if address is not None and owner != address:
+                continue
+            idle = session.idle_seconds()
+            if idle >= best_idle:
+                best, best_idle = session, idle
+        if best is None:
+            return False
+        best.evict(f"idle for {best_idle:.0f} s and its slot is needed by a new connection")
+        return True
 
     async def _handle(self, stream: BufferedStream, address: str, refuse: str | None) -> None:
         opts = self.options
@@ -238,7 +264,9 @@ class NBDServer:
             if session is None:
                 return
             stream.grow()
-            await Transmission(stream, session, opts, self._executor, self._workers, self.budget).run()
+            transmission = Transmission(stream, session, opts, self._executor, self._workers, self.budget)
+            self._sessions[stream] = (address, transmission)
+            await transmission.run()
         except (ConnectionClosed, ConnectionError, ssl.SSLError) as e:
             log.debug("NBD connection %s ended: %r", peer, e)
         except ProtocolError as e:
@@ -249,6 +277,7 @@ class NBDServer:
         finally:
             stream.close()
             self._streams.discard(stream)
+            self._sessions.pop(stream, None)
             if refuse is None:
                 self._admitted -= 1
                 self._per_address[address] -= 1

@@ -22,8 +22,9 @@ class ServerOptions:
     #: export, e.g. waiting for a previous connection's close, is not counted).
     handshake_timeout: float = 10.0
     #: Seconds an established session may go with no request in flight and no bytes moving
-    #: either way before it is closed (0: never).
-    idle_timeout: float = 300.0
+    #: either way before it may be closed to make room for a new connection that a limit would
+    #: otherwise refuse (0: never). An idle session is not closed while no one needs its slot.
+    idle_timeout: float = 60.0
     #: Connections admitted at once; more are refused with a reason (NBD_REP_ERR_POLICY).
     max_connections: int = 64
     #: Connections admitted at once from one client address (0: no per-address limit).

@@ -9,7 +9,9 @@ payload bytes of requests being processed plus the reply bytes waiting to be sen
 per connection (``max_inflight``, ``max_inflight_bytes``) and, over all connections, by the
 server's :class:`~torus_core.nbd.budget.ByteBudget`; a request that does not fit is left
 unread (and the socket stops being read) until replies go out or another connection releases
-bytes. A session with nothing in flight and no bytes moving for ``idle_timeout`` is closed.
+bytes. How long a session has gone with nothing in flight and no bytes moving is
+:meth:`Transmission.idle_seconds`; the server closes the longest-idle one (past ``idle_timeout``)
+only when a new connection needs its slot.
 """
 
 from __future__ import annotations
@@ -93,7 +95,6 @@ class Transmission:
         self.budget = budget if budget is not None else ByteBudget(options.max_total_inflight_bytes)
         self._pool = BufferPool(budget=self.budget)
         self._waiting_budget = False
-        self._idle_timer: asyncio.TimerHandle | None = None
         self.max_payload = min(options.max_payload, session.max_block_size)
         allowed: dict[int, int] = {
             _READ: int(CmdFlag.DF) if session.structured else 0,
@@ -123,8 +124,6 @@ class Transmission:
         self._disc = False
         s.on_lost = self._on_lost
         s.on_resume_writing = self._unblock
-        if self.options.idle_timeout > 0:
-            self._idle_timer = self.loop.call_later(self.options.idle_timeout, self._check_idle)
         try:
             s.set_consumer(self._consume)
             if s.lost is not None and s.lost.done():
@@ -134,8 +133,6 @@ class Transmission:
             s.set_consumer(None)
             s.on_lost = None
             s.on_resume_writing = None
-            if self._idle_timer is not None:
-                self._idle_timer.cancel()
             try:
                 await self._wait_idle()
             finally:
@@ -148,23 +145,21 @@ class Transmission:
                 metrics.NBD.retire(self._metrics)
                 await self.loop.run_in_executor(self.executor, self.export.close)
 
-    def _check_idle(self) -> None:
-        """Close the session if nothing was in flight and no bytes moved for idle_timeout."""
-        timeout = self.options.idle_timeout
-        if self._finished.done():
+    def idle_seconds(self) -> float:
+        """Seconds with nothing in flight and no bytes moving either way (0 while busy)."""
+        finished = getattr(self, "_finished", None)  # set when run() starts
+        if finished is None or finished.done() or self.inflight:
+            return 0.0
+        return time.monotonic() - self.stream.last_io
+
+    def evict(self, reason: str) -> None:
+        """Close this session to free its slot (the server's idle eviction)."""
+        finished = getattr(self, "_finished", None)
+        if finished is None or finished.done():
             return
-        quiet = time.monotonic() - self.stream.last_io
-        if self.inflight == 0 and quiet >= timeout:
-            log.info(
-                "NBD session on %s closed: idle for %.0f s (the idle timeout)",
-                getattr(self.export, "name", "?"),
-                quiet,
-            )
-            self.stream.close()
-            self._finish()
-            return
-        delay = timeout - quiet if self.inflight == 0 else timeout
-        self._idle_timer = self.loop.call_later(max(delay, 0.05), self._check_idle)
+        log.info("NBD session on %s closed: %s", getattr(self.export, "name", "?"), reason)
+        self.stream.close()
+        self._finish()
 
     def _on_lost(self) -> None:
         if not self._finished.done():
