@@ -520,3 +520,50 @@ def test_a_store_too_small_for_the_data_answers_enospc_and_logs_it_once(data, da
     log = d.err.read_text()
     assert log.count("out of space, answering ENOSPC") == 1, log[-2000:]
     assert "store holds" in log and "volume 'v'" in log
+
+
+def test_torusd_of_another_cluster_refuses_a_data_dir_and_names_its_cluster(data, daemons, tmp_path):
+    """Cluster C's server must not open cluster A's data dir: C's GC would delete A's blocks."""
+    ctl(data, "init", "--block-size", "64KiB")
+    ctl(data, "volume", "create-block", "v", "4MiB")
+    args = ("--size", "16MiB", "--nbd-listen", "127.0.0.1:0")
+    d = Daemon(data, *args)
+    daemons.append(d.start())
+    src = tmp_path / "src.img"
+    src.write_bytes(os.urandom(MiB))
+    run("nbdcopy", "--flush", str(src), d.uri("v"))
+    d.stop()
+    cluster_a = (data / "metadata" / "cluster").read_text().strip()
+    assert cluster_a
+    other = f"sqlite:///{tmp_path}/c.db"  # cluster C: same block size, its own metadata
+    ctl(data, "--metadata", other, "init", "--block-size", "64KiB")
+    proc = subprocess.run(
+        [str(BIN / "torusd"), "--data-dir", str(data), "--metadata", other, *args],
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT,
+        env=env_for(data),
+    )
+    assert proc.returncode == 1, proc.stderr
+    assert f"belongs to cluster {cluster_a}" in proc.stderr and "Traceback" not in proc.stderr
+    again = Daemon(data, *args)  # A's own server still opens it, with A's data intact
+    daemons.append(again.start())
+    assert read_volume(again.uri("v"), MiB, tmp_path / "v.img") == src.read_bytes()
+
+
+def test_everything_torusd_writes_in_its_data_dir_is_private_to_its_user(data, daemons, tmp_path):
+    ctl(data, "init", "--block-size", "64KiB")
+    ctl(data, "volume", "create-block", "v", "8MiB")
+    d = Daemon(data, "--size", "16MiB", "--nbd-listen", "127.0.0.1:0")
+    daemons.append(d.start())
+    src = tmp_path / "src.img"
+    src.write_bytes(os.urandom(MiB))
+    with Holder(d.uri("v")):  # the volume open: its journal segment exists
+        run("nbdcopy", "--flush", str(src), d.uri("v"))
+        found = [p for p in data.rglob("*") if p.name != "torusd.err"]
+        names = {p.name for p in found}
+        assert {"data.blk", "index.blk", "metadata.db", "uuid", "cluster"} <= names, names
+        assert any(p.suffix == ".seg" for p in found), names
+        loose = {str(p.relative_to(data)): oct(p.stat().st_mode & 0o777) for p in found}
+        loose = {k: v for k, v in loose.items() if v not in ("0o600", "0o700")}
+        assert not loose, loose

@@ -95,6 +95,19 @@ class ConfigError(TorusError):
     """Configuration is missing, malformed, or names an unusable value."""
 
 
+class ForeignDataDir(ConfigError):
+    """A data directory belongs to another cluster than the one the server was started for.
+
+    ``bound_cluster`` is the cluster id recorded in the directory, ``cluster_id`` the id of the
+    cluster the server serves (empty for a cluster formatted without one).
+    """
+
+    def __init__(self, message: str, *, bound_cluster: str, cluster_id: str) -> None:
+        super().__init__(message)
+        self.bound_cluster = bound_cluster
+        self.cluster_id = cluster_id
+
+
 class PluginError(TorusError):
     """Base class for plugin discovery and registration problems."""
 

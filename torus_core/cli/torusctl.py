@@ -16,6 +16,7 @@ from torus_core.cli.common import (
     handle_errors,
     metadata_service,
 )
+from torus_core.datadir import unbind_cluster
 from torus_core.errors import AlreadyExists, InvalidArgument
 from torus_core.events import RecordedEvent
 from torus_core.migrate import compare_projections, migrate
@@ -116,8 +117,13 @@ def wipe_cmd(yes_i_am_sure: bool) -> None:
         answer = click.prompt("This deletes ALL torus metadata. Type YES to continue", default="")
         if answer != "YES":
             raise click.ClickException("aborted")
-    get_ctx().open_backend().wipe()
+    ctx = get_ctx()
+    gm = metadata_service().state().global_metadata
+    ctx.open_backend().wipe()
     click.echo("wiped")
+    # the local data dir's blocks now belong to no cluster: let the next format's server use it
+    if gm is not None and unbind_cluster(ctx.config.data_dir, gm.cluster_id):
+        click.echo(f"data directory {ctx.config.data_dir} released from cluster {gm.cluster_id}")
 
 
 @cli.command("events")

@@ -58,6 +58,7 @@ from torus_blockstore_file.layout import (
     unpack_static_header,
 )
 from torus_core.blockstore import BlockStoreConfig, RefTableBlockStore
+from torus_core.datadir import open_private, private_dir
 from torus_core.errors import (
     BlockExists,
     BlockNotExist,
@@ -161,9 +162,9 @@ class FileBlockStore(RefTableBlockStore):
 
     def _open_files(self) -> None:
         try:
-            os.makedirs(self._path, exist_ok=True)
+            private_dir(self._path)
             index_path = os.path.join(self._path, INDEX_FILE)
-            self._index_fd = os.open(index_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+            self._index_fd = open_private(index_path, os.O_RDWR | os.O_CREAT)
         except OSError as exc:
             raise BlockStoreError(f"cannot open file block store at {self._path}: {exc}") from exc
         try:
@@ -173,9 +174,7 @@ class FileBlockStore(RefTableBlockStore):
                 raise BlockStoreLocked(f"file block store {self._path} is in use by another opener") from None
             raise BlockStoreError(f"cannot lock {index_path}: {exc}") from exc
         try:
-            self._data_fd = os.open(
-                os.path.join(self._path, DATA_FILE), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644
-            )
+            self._data_fd = open_private(os.path.join(self._path, DATA_FILE), os.O_RDWR | os.O_CREAT)
         except OSError as exc:
             raise BlockStoreError(f"cannot open data file in {self._path}: {exc}") from exc
 
