@@ -567,3 +567,67 @@ def test_everything_torusd_writes_in_its_data_dir_is_private_to_its_user(data, d
         loose = {str(p.relative_to(data)): oct(p.stat().st_mode & 0o777) for p in found}
         loose = {k: v for k, v in loose.items() if v not in ("0o600", "0o700")}
         assert not loose, loose
+
+
+def torusd_once(data: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    """Run a torusd that is expected to refuse its command line (bounded by TIMEOUT)."""
+    return subprocess.run(
+        [str(BIN / "torusd"), "--data-dir", str(data), *args],
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT,
+        env=env_for(data),
+    )
+
+
+@pytest.mark.parametrize(
+    ("size", "message"),
+    [
+        ("0", "--size must be greater than 0"),
+        ("10000000TiB", "is larger than a file can be"),
+        ("100TiB", "too large for the file system"),  # ext4's files end at 16 TiB
+    ],
+)
+def test_a_store_size_that_cannot_work_is_a_clear_error_and_leaves_the_store_usable(
+    data, daemons, size, message
+):
+    if size == "100TiB" and _fs_accepts(data, 100 << 40):
+        pytest.skip("this file system stores a 100 TiB sparse file")
+    ctl(data, "init", "--block-size", "64KiB")
+    ctl(data, "volume", "create-block", "v", "4MiB")
+    proc = torusd_once(data, "--size", size, "--nbd-listen", "127.0.0.1:0")
+    assert proc.returncode == 1 and message in proc.stderr, proc.stderr
+    assert "Traceback" not in proc.stderr
+    d = Daemon(data, "--size", "16MiB", "--nbd-listen", "127.0.0.1:0")  # the store is not poisoned
+    daemons.append(d.start())
+    run("nbdinfo", d.uri("v"))
+
+
+def _fs_accepts(directory: Path, size: int) -> bool:
+    probe = directory / "probe"
+    try:
+        with probe.open("wb") as fh:
+            fh.truncate(size)
+        return True
+    except OSError:
+        return False
+    finally:
+        probe.unlink(missing_ok=True)
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        ("--size", "0"),
+        ("--auto-join",),
+        ("--nbd-listen", "127.0.0.1:http"),
+        ("--aoe", "not-a-spec"),
+        ("--tls-cert", "c.pem"),
+        ("--peer-address", "127.0.0.1:0", "--rebalance-rate", "fast"),
+    ],
+)
+def test_debug_init_formats_nothing_when_another_option_is_bad(data, bad):
+    proc = torusd_once(data, "--debug-init", "--size", "16MiB", *bad)
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr, proc.stderr
+    view = ctl(data, "init", "--view", check=False)
+    assert view.returncode == 1 and "not formatted" in view.stderr, (bad, view.stdout)

@@ -72,7 +72,7 @@ def _size(text: str) -> int:
 @click.option("--block-size", default="512KiB", show_default=True, help="Cluster block size.")
 @click.option("--block-spec", default="crc", show_default=True, help="Blockset layers; ',base' is appended.")
 @click.option("--ring-type", default="ketama", show_default=True, help="Initial ring type.")
-@click.option("--replication", "-r", default=2, show_default=True, type=int)
+@click.option("--replication", "-r", default=2, show_default=True, type=click.IntRange(min=1))
 @click.option("--no-ring", is_flag=True, help="Start with an empty ring.")
 @click.option("--if-needed", is_flag=True, help="Succeed quietly if the cluster is already formatted.")
 @click.option("--view", is_flag=True, help="Print the block size and spec of a formatted cluster.")
@@ -264,7 +264,7 @@ def ring_get() -> None:
 
 
 @ring_group.command("set-replication")
-@click.argument("replication", type=int)
+@click.argument("replication", type=click.IntRange(min=1))
 @handle_errors
 def ring_set_replication(replication: int) -> None:
     """Change the ring's replication factor (new ring version)."""
@@ -279,7 +279,7 @@ def ring_set_replication(replication: int) -> None:
 @click.option("--type", "ring_type", default="ketama", show_default=True)
 @click.option("--uuids", default="", help="Comma-separated peer UUIDs.")
 @click.option("--all-peers", is_flag=True, help="Use every live peer with an address.")
-@click.option("--replication", "-r", default=2, show_default=True, type=int)
+@click.option("--replication", "-r", default=2, show_default=True, type=click.IntRange(min=1))
 @handle_errors
 def ring_manual_change(ring_type: str, uuids: str, all_peers: bool, replication: int) -> None:
     """Replace the ring with a fresh one of TYPE over the given peers (version + 1)."""

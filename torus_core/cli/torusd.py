@@ -39,9 +39,10 @@ from torus_core.cluster.cli_options import cluster_options, make_cluster_options
 from torus_core.cluster.heartbeat import Heartbeat
 from torus_core.cluster.peerinfo import PeerInfo
 from torus_core.daemon.cluster import start_cluster_server
-from torus_core.daemon.server import Server
+from torus_core.daemon.server import Server, parse_listen
 from torus_core.datadir import load_or_create_uuid
-from torus_core.errors import NoGlobalMetadata, UsageError
+from torus_core.errors import InvalidArgument, NoGlobalMetadata, UsageError
+from torus_core.units import format_size
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
@@ -122,16 +123,21 @@ def cli(
         stream=sys.stderr,
     )
     ctx = build_context(config_path, storage_size=size, block_store=block_store, **overrides)
+    # Every option is checked before anything is opened: --debug-init must not format a cluster
+    # for a command line that then fails.
     check_tls_options(tls_cert, tls_key, require_tls)
     metrics_listen = metrics_address(metrics_listen, host, port)
-    try:
-        server = Server.from_config(
-            ctx.config, registries=ctx.registries, debug_init=debug_init, lease_ttl=lease_ttl
-        )
-    except NoGlobalMetadata as exc:
-        raise NoGlobalMetadata(f"{exc}; or start torusd with --debug-init to format it") from None
-    if peer_address:
-        opts = make_cluster_options(
+    check_listen("--nbd-listen", nbd_listen)
+    check_storage_size(ctx.config.storage_size)
+    if auto_join and not peer_address:
+        raise UsageError("--auto-join needs --peer-address")
+    if aoe_specs:
+        from torus_core.aoe.serve import parse_aoe_spec
+
+        for spec in aoe_specs:
+            parse_aoe_spec(spec)
+    opts = (
+        make_cluster_options(
             ctx.config,
             heartbeat_interval,
             peer_ttl,
@@ -142,13 +148,20 @@ def cli(
             gc_grace,
             no_gc,
         )
+        if peer_address
+        else None
+    )
+    try:
+        server = Server.from_config(
+            ctx.config, registries=ctx.registries, debug_init=debug_init, lease_ttl=lease_ttl
+        )
+    except NoGlobalMetadata as exc:
+        raise NoGlobalMetadata(f"{exc}; or start torusd with --debug-init to format it") from None
+    if peer_address:
         server, node = start_cluster_server(
             server, ctx.config, listen=peer_address, auto_join=auto_join, options=opts, lease_ttl=lease_ttl
         )
         click.echo(f"PEER LISTENING {node.address} {node.uuid}")
-    elif auto_join:
-        server.close()
-        raise UsageError("--auto-join needs --peer-address")
     elif not no_gc:
         local_gc = LocalGC(
             server.md,
@@ -173,6 +186,30 @@ def cli(
             serve_metrics(server, metrics_listen)
 
     serve_until_signalled(server, start)
+
+
+#: The largest ``--size`` torusd accepts: 2**63 - 1 bytes, what a file offset can address.
+MAX_STORAGE_SIZE = (1 << 63) - 1
+
+
+def check_storage_size(size: int) -> None:
+    """UsageError unless the local store's capacity (``--size``) is positive and addressable."""
+    if size <= 0:
+        raise UsageError(f"--size must be greater than 0, got {size}")
+    if size > MAX_STORAGE_SIZE:
+        raise UsageError(
+            f"--size {format_size(size)} is larger than a file can be ({MAX_STORAGE_SIZE} bytes)"
+        )
+
+
+def check_listen(flag: str, listen: str | None) -> None:
+    """UsageError if ``listen`` (HOST:PORT of ``flag``) is malformed."""
+    if listen is None:
+        return
+    try:
+        parse_listen(listen)
+    except InvalidArgument as exc:
+        raise UsageError(f"{flag}: {exc}") from None
 
 
 def start_single_node_heartbeat(server: Server, data_dir: str, nbd_listen: str | None) -> Callable[[], None]:

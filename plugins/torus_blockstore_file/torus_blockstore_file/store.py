@@ -224,17 +224,31 @@ class FileBlockStore(RefTableBlockStore):
         self._durable_seq = unpack_durable(head[DURABLE_OFFSET:])
         return False
 
+    def _grow_error(self, capacity: int, exc: OSError | OverflowError) -> BlockStoreError:
+        size = capacity * self._block_size
+        what = f"cannot size file block store {self._path} to {capacity} blocks ({size} bytes)"
+        if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            return OutOfSpace(f"{what}: {exc.strerror}")
+        if isinstance(exc, OverflowError) or exc.errno in (errno.EFBIG, errno.EINVAL, errno.EOVERFLOW):
+            return BlockStoreError(f"{what}: too large for the file system ({exc}); use a smaller size")
+        return BlockStoreError(f"{what}: {exc}")
+
     def _recover(self) -> None:
         self._read_header()
         index_size = os.fstat(self._index_fd).st_size
         old_capacity = max(0, (index_size - HEADER_SIZE) // RECORD_SIZE)
         new_capacity = self._capacity
         scan_capacity = max(old_capacity, new_capacity)
-        # Grow first (also repairs files left short by a crash during an earlier grow).
-        if index_size < record_offset(scan_capacity):
-            os.ftruncate(self._index_fd, record_offset(scan_capacity))
-        if os.fstat(self._data_fd).st_size < scan_capacity * self._block_size:
-            os.ftruncate(self._data_fd, scan_capacity * self._block_size)
+        # Grow first (also repairs files left short by a crash during an earlier grow). The data
+        # file first: the index's size is the capacity, so a grow the file system refuses
+        # (too large, no space) leaves the store as it was.
+        try:
+            if os.fstat(self._data_fd).st_size < scan_capacity * self._block_size:
+                os.ftruncate(self._data_fd, scan_capacity * self._block_size)
+            if index_size < record_offset(scan_capacity):
+                os.ftruncate(self._index_fd, record_offset(scan_capacity))
+        except (OSError, OverflowError) as exc:
+            raise self._grow_error(scan_capacity, exc) from exc
 
         entries: dict[BlockRef, _Entry] = {}
         dropped: list[int] = []
