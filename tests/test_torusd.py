@@ -631,3 +631,66 @@ def test_debug_init_formats_nothing_when_another_option_is_bad(data, bad):
     assert proc.returncode != 0 and "Traceback" not in proc.stderr, proc.stderr
     view = ctl(data, "init", "--view", check=False)
     assert view.returncode == 1 and "not formatted" in view.stderr, (bad, view.stdout)
+
+
+@pytest.fixture
+def small_fs(tmp_path: Path) -> Iterator[Path]:
+    """A 64 MiB tmpfs (a disk that really fills up), unmounted afterwards."""
+    mnt = tmp_path / "fs"
+    mnt.mkdir()
+    mounted = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=64m", "tmpfs", str(mnt)], capture_output=True, timeout=30
+    )
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.decode().strip()}")
+    try:
+        yield mnt
+    finally:
+        if subprocess.run(["umount", str(mnt)], capture_output=True, timeout=30).returncode != 0:
+            subprocess.run(["umount", "-l", str(mnt)], capture_output=True, timeout=30)
+
+
+def healthz(d: Daemon) -> tuple[int, str]:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{d.http_port}/healthz", timeout=10) as resp:
+            return resp.status, resp.read().decode()
+    except urllib.error.HTTPError as err:
+        return err.code, err.read().decode()
+
+
+def test_a_full_disk_answers_enospc_keeps_reads_working_and_fails_healthz(small_fs, daemons, tmp_path):
+    """The data dir's file system (64 MiB) is smaller than the store (--size 128MiB) and the
+    volume's data: the writer gets ENOSPC (not EIO), the metadata database next to the blocks
+    can still write (the file store keeps its reserve free), so the volume still opens and
+    reads, and /healthz reports the disk."""
+    data = small_fs / "data"
+    data.mkdir()
+    ctl(data, "init", "--block-size", "64KiB")
+    ctl(data, "volume", "create-block", "v", "96MiB")
+    d = Daemon(
+        data,
+        *("--size", "128MiB", "--nbd-listen", "127.0.0.1:0", "--metrics", "127.0.0.1:0"),
+        *("--min-free-space", "40MiB"),
+    )
+    daemons.append(d.start(expect=("NBD", "HTTP")))
+    deadline = time.monotonic() + 10
+    while (health := healthz(d))[0] != 200:  # the first statvfs is at once
+        assert time.monotonic() < deadline, health
+        time.sleep(0.1)
+    first = tmp_path / "first.img"
+    first.write_bytes(os.urandom(4 * MiB))
+    run("nbdcopy", "--flush", str(first), d.uri("v"))
+    src = tmp_path / "src.img"
+    src.write_bytes(first.read_bytes() + os.urandom(92 * MiB))
+    out = run("nbdcopy", "--flush", str(src), d.uri("v"), check=False, timeout=120)
+    assert out.returncode != 0
+    assert "No space left on device" in out.stderr, out.stderr
+    assert "Input/output error" not in out.stderr, out.stderr
+    status, body = healthz(d)
+    assert status == 503 and ("free, below" in body or "ENOSPC" in body), body
+    # reads go on: a new connection opens the volume (a lease write in metadata.db) and reads
+    back = tmp_path / "back.img"
+    run("nbdcopy", d.uri("v"), str(back), timeout=120)
+    assert back.read_bytes()[: 4 * MiB] == first.read_bytes()
+    log = d.err.read_text()
+    assert "out of space, answering ENOSPC" in log and "database or disk is full" not in log, log[-3000:]

@@ -51,12 +51,18 @@ PRIVATE_FILE_MODE = 0o600
 #: File under ``<data_dir>/metadata`` naming the cluster the data directory belongs to.
 CLUSTER_FILE = "cluster"
 
+_warned: set[str] = set()
+
 
 def _tighten(path: str, st: os.stat_result, mode: int, fd: int | None = None, *, fix: bool = True) -> None:
     current = stat.S_IMODE(st.st_mode)
     if current & 0o077 == 0:
         return  # already private (possibly stricter than ``mode``): leave it
     if not fix:
+        key = os.path.realpath(path)
+        if key in _warned:
+            return  # once per directory and process (the data dir is checked by several openers)
+        _warned.add(key)
         log.warning(
             "%s has mode %04o: other users can look into it; torus recommends %04o",
             path,

@@ -39,10 +39,11 @@ from torus_core.cluster.cli_options import cluster_options, make_cluster_options
 from torus_core.cluster.heartbeat import Heartbeat
 from torus_core.cluster.peerinfo import PeerInfo
 from torus_core.daemon.cluster import start_cluster_server
+from torus_core.daemon.health import DiskSpaceCheck
 from torus_core.daemon.server import Server, parse_listen
 from torus_core.datadir import load_or_create_uuid
 from torus_core.errors import InvalidArgument, NoGlobalMetadata, UsageError
-from torus_core.units import format_size
+from torus_core.units import format_size, parse_size
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
@@ -84,6 +85,13 @@ from torus_core.units import format_size
     metavar="IFACE:MAJOR.MINOR=VOLUME",
     help="Also serve VOLUME as ATA-over-Ethernet target eMAJOR.MINOR on IFACE (repeatable).",
 )
+@click.option(
+    "--min-free-space",
+    default="128MiB",
+    show_default=True,
+    metavar="SIZE",
+    help="/healthz is not ready while the data dir's file system has less free space (0: off).",
+)
 @click.option("--debug", is_flag=True, help="Debug logging.")
 @cluster_options
 @click.version_option(__version__, prog_name="torusd")
@@ -102,6 +110,7 @@ def cli(
     debug_init: bool,
     lease_ttl: float,
     gc_interval: float,
+    min_free_space: str,
     debug: bool,
     aoe_specs: tuple[str, ...],
     peer_address: str | None,
@@ -129,6 +138,10 @@ def cli(
     metrics_listen = metrics_address(metrics_listen, host, port)
     check_listen("--nbd-listen", nbd_listen)
     check_storage_size(ctx.config.storage_size)
+    try:
+        min_free = parse_size(min_free_space)
+    except InvalidArgument as exc:
+        raise UsageError(f"--min-free-space: {exc}") from None
     if auto_join and not peer_address:
         raise UsageError("--auto-join needs --peer-address")
     if aoe_specs:
@@ -172,6 +185,11 @@ def cli(
         )
         server.add_stopper(local_gc.start().stop)
         server.exports.space = SpaceGuard(server.store, local_gc.collect_now)
+    if metrics_listen and server.journal_store is not None:  # a persistent store: a data dir
+        exports = server.exports
+        disk = DiskSpaceCheck(ctx.config.data_dir, min_free_bytes=min_free, guard=lambda: exports.space)
+        server.add_health_check(disk.start())
+        server.add_stopper(disk.stop)
     if not peer_address:
         server.add_stopper(start_single_node_heartbeat(server, ctx.config.data_dir, nbd_listen))
 

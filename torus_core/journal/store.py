@@ -30,7 +30,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from torus_core.datadir import open_private, private_dir
-from torus_core.errors import Closed, InvalidArgument, StaleEpoch
+from torus_core.errors import Closed, InvalidArgument, StaleEpoch, disk_full_is_out_of_space
 from torus_core.journal.record import JournalRecord, decode_records, record_id, record_length, record_seq
 
 _EPOCH = struct.Struct("<Q")
@@ -199,7 +199,7 @@ class JournalStore:
         """Record lock epoch ``epoch`` (durably); StaleEpoch if a newer one was seen. Returns the
         highest sequence number stored for the volume."""
         vj = self._vol(volume_id)
-        with vj.lock:
+        with vj.lock, disk_full_is_out_of_space(f"journal of volume {volume_id} in {self.root}"):
             vj.raise_epoch(epoch)
             return vj.last_seq
 
@@ -222,7 +222,7 @@ class JournalStore:
             if prev is not None and seq <= prev:
                 raise InvalidArgument("journal append: sequence numbers must increase")
             prev = seq
-        with vj.lock:
+        with vj.lock, disk_full_is_out_of_space(f"journal of volume {volume_id} in {self.root}"):
             vj.raise_epoch(epoch)
             vj.append(payloads)
 
