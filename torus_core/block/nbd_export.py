@@ -317,6 +317,7 @@ class VolumeExportProvider(ExportProvider):
         log.error("export %r cannot be opened, refusing NBD clients: %s", name, exc)
 
     def _open_volume(self, vol: str, snap: str | None) -> BlockVolume:
+        """Open ``vol`` (caller holds ``_lock`` and has no shared volume for it)."""
         if snap is not None:
             return open_snapshot(self.md, self.store, vol, snap, layer_registry=self.layer_registry)
         return BlockVolume.open(
@@ -325,6 +326,9 @@ class VolumeExportProvider(ExportProvider):
             vol,
             owner=self.owner,
             take_over=self.take_over,
+            # no volume of ours uses the lock (none open, none closing): one still naming this
+            # process is a leftover of a release that failed (a metadata outage)
+            reclaim_own=self.take_over and vol not in self._closing,
             lease_ttl=self.lease_ttl,
             cache_bytes=self.cache_bytes,
             layer_registry=self.layer_registry,
