@@ -29,21 +29,24 @@ from torus_core.block.nbd_export import SpaceGuard
 from torus_core.block.volume import DEFAULT_LEASE_TTL
 from torus_core.cli.common import build_context, config_options, handle_errors
 from torus_core.cli.serving import (
+    check_listen,
+    check_storage_size,
     check_tls_options,
     metrics_address,
+    min_free_space_option,
+    parse_min_free_space,
     serve_metrics,
     serve_nbd,
     serve_until_signalled,
+    watch_disk,
 )
 from torus_core.cluster.cli_options import cluster_options, make_cluster_options
 from torus_core.cluster.heartbeat import Heartbeat
 from torus_core.cluster.peerinfo import PeerInfo
 from torus_core.daemon.cluster import start_cluster_server
-from torus_core.daemon.health import DiskSpaceCheck
-from torus_core.daemon.server import Server, parse_listen
+from torus_core.daemon.server import Server
 from torus_core.datadir import load_or_create_uuid
-from torus_core.errors import InvalidArgument, NoGlobalMetadata, UsageError
-from torus_core.units import format_size, parse_size
+from torus_core.errors import NoGlobalMetadata, UsageError
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
@@ -85,13 +88,7 @@ from torus_core.units import format_size, parse_size
     metavar="IFACE:MAJOR.MINOR=VOLUME",
     help="Also serve VOLUME as ATA-over-Ethernet target eMAJOR.MINOR on IFACE (repeatable).",
 )
-@click.option(
-    "--min-free-space",
-    default="128MiB",
-    show_default=True,
-    metavar="SIZE",
-    help="/healthz is not ready while the data dir's file system has less free space (0: off).",
-)
+@min_free_space_option
 @click.option("--debug", is_flag=True, help="Debug logging.")
 @cluster_options
 @click.version_option(__version__, prog_name="torusd")
@@ -138,10 +135,7 @@ def cli(
     metrics_listen = metrics_address(metrics_listen, host, port)
     check_listen("--nbd-listen", nbd_listen)
     check_storage_size(ctx.config.storage_size)
-    try:
-        min_free = parse_size(min_free_space)
-    except InvalidArgument as exc:
-        raise UsageError(f"--min-free-space: {exc}") from None
+    min_free = parse_min_free_space(min_free_space)
     if auto_join and not peer_address:
         raise UsageError("--auto-join needs --peer-address")
     if aoe_specs:
@@ -185,11 +179,8 @@ def cli(
         )
         server.add_stopper(local_gc.start().stop)
         server.exports.space = SpaceGuard(server.store, local_gc.collect_now)
-    if metrics_listen and server.journal_store is not None:  # a persistent store: a data dir
-        exports = server.exports
-        disk = DiskSpaceCheck(ctx.config.data_dir, min_free_bytes=min_free, guard=lambda: exports.space)
-        server.add_health_check(disk.start())
-        server.add_stopper(disk.stop)
+    if metrics_listen:
+        watch_disk(server, ctx.config.data_dir, min_free)
     if not peer_address:
         server.add_stopper(start_single_node_heartbeat(server, ctx.config.data_dir, nbd_listen))
 
@@ -204,30 +195,6 @@ def cli(
             serve_metrics(server, metrics_listen)
 
     serve_until_signalled(server, start)
-
-
-#: The largest ``--size`` torusd accepts: 2**63 - 1 bytes, what a file offset can address.
-MAX_STORAGE_SIZE = (1 << 63) - 1
-
-
-def check_storage_size(size: int) -> None:
-    """UsageError unless the local store's capacity (``--size``) is positive and addressable."""
-    if size <= 0:
-        raise UsageError(f"--size must be greater than 0, got {size}")
-    if size > MAX_STORAGE_SIZE:
-        raise UsageError(
-            f"--size {format_size(size)} is larger than a file can be ({MAX_STORAGE_SIZE} bytes)"
-        )
-
-
-def check_listen(flag: str, listen: str | None) -> None:
-    """UsageError if ``listen`` (HOST:PORT of ``flag``) is malformed."""
-    if listen is None:
-        return
-    try:
-        parse_listen(listen)
-    except InvalidArgument as exc:
-        raise UsageError(f"{flag}: {exc}") from None
 
 
 def start_single_node_heartbeat(server: Server, data_dir: str, nbd_listen: str | None) -> Callable[[], None]:
