@@ -688,6 +688,7 @@ def test_a_full_disk_answers_enospc_keeps_reads_working_and_fails_healthz(small_
     assert "Input/output error" not in out.stderr, out.stderr
     status, body = healthz(d)
     assert status == 503 and ("free, below" in body or "ENOSPC" in body), body
+    assert metric(d, "torus_data_dir_free_bytes") < 40 * MiB
     # reads go on: a new connection opens the volume (a lease write in metadata.db) and reads
     back = tmp_path / "back.img"
     run("nbdcopy", d.uri("v"), str(back), timeout=120)

@@ -18,7 +18,7 @@ from typing import Any
 
 import click
 
-from torus_core.daemon.health import DiskSpaceCheck
+from torus_core.daemon.health import DiskSpaceCheck, DiskSpaceCollector
 from torus_core.daemon.server import Server, parse_listen, tls_context
 from torus_core.errors import InvalidArgument, UsageError
 from torus_core.units import format_size, parse_size
@@ -72,6 +72,7 @@ def watch_disk(server: Server, data_dir: str, min_free_bytes: int) -> None:
     exports = server.exports
     disk = DiskSpaceCheck(data_dir, min_free_bytes=min_free_bytes, guard=lambda: exports.space)
     server.add_health_check(disk.start())
+    server.add_collector(DiskSpaceCollector(disk))
     server.add_stopper(disk.stop)
 
 

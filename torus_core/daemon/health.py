@@ -14,14 +14,17 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+
+from prometheus_client.core import GaugeMetricFamily, Metric
 
 from torus_core.block.nbd_export import SpaceGuard
 from torus_core.errors import InvalidArgument
 from torus_core.http import BackgroundProbe
+from torus_core.metrics import Collector
 from torus_core.units import format_size
 
-__all__ = ["DEFAULT_MIN_FREE_BYTES", "DiskSpaceCheck"]
+__all__ = ["DEFAULT_MIN_FREE_BYTES", "DiskSpaceCheck", "DiskSpaceCollector"]
 
 #: ``torusd --min-free-space`` default: room for SQLite, journal segments (8 MiB chunks) and
 #: a checkpoint's blocks.
@@ -88,3 +91,21 @@ class DiskSpaceCheck:
             if age < self.recent:
                 return False, f"a write was answered ENOSPC {age:.0f} s ago (no space for its blocks)"
         return True, ""
+
+
+class DiskSpaceCollector(Collector):
+    """``torus_data_dir_free_bytes``: the last free-space measure of a :class:`DiskSpaceCheck`
+    (absent until the first one)."""
+
+    def __init__(self, check: DiskSpaceCheck) -> None:
+        self.check = check
+
+    def collect(self) -> Iterator[Metric]:
+        """One gauge, from the check's cached measure (no I/O at scrape time)."""
+        free = self.check.free_bytes
+        if free is not None:
+            yield GaugeMetricFamily(
+                "torus_data_dir_free_bytes",
+                "Bytes available to the server on its data directory's file system.",
+                value=free,
+            )
