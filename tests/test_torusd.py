@@ -695,3 +695,16 @@ def test_a_full_disk_answers_enospc_keeps_reads_working_and_fails_healthz(small_
     assert back.read_bytes()[: 4 * MiB] == first.read_bytes()
     log = d.err.read_text()
     assert "out of space, answering ENOSPC" in log and "database or disk is full" not in log, log[-3000:]
+
+
+def test_a_data_dir_that_is_a_file_is_a_clear_error(tmp_path):
+    data = tmp_path / "data"
+    data.write_text("not a directory")
+    proc = subprocess.run(
+        [str(BIN / "torusd"), "--data-dir", str(data), "--metadata", f"sqlite:///{tmp_path}/m.db"],
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT,
+    )
+    assert proc.returncode == 1 and "cannot create data directory" in proc.stderr, proc.stderr
+    assert "Traceback" not in proc.stderr

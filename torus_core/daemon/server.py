@@ -30,7 +30,7 @@ from torus_core.blockstore import BlockStore
 from torus_core.config import Config
 from torus_core.daemon.collectors import JournalCollector, ServerCollector
 from torus_core.datadir import bind_cluster, private_dir
-from torus_core.errors import AlreadyExists, InvalidArgument, TorusError
+from torus_core.errors import AlreadyExists, ConfigError, InvalidArgument, TorusError
 from torus_core.eventlog import MetadataBackend
 from torus_core.file import DEFAULT_CACHE_BYTES
 from torus_core.http import BackgroundProbe, HealthCheck, MetricsServer
@@ -157,7 +157,10 @@ class Server:
         backend_cls = opener.metadata_class()  # an unknown scheme fails before any directory is made
         store_cls = opener.block_store_class()
         if store_cls.persistent:
-            private_dir(config.data_dir, fix_existing=False)
+            try:
+                private_dir(config.data_dir, fix_existing=False)
+            except OSError as exc:
+                raise ConfigError(f"cannot create data directory {config.data_dir}: {exc}") from exc
         backend_cls.prepare_local(config.metadata)
         backend = opener.open_metadata()
         try:
