@@ -71,6 +71,9 @@ def test_default_metadata_is_sqlite_inside_the_data_dir(tmp_path: Path) -> None:
         ('storage_size = "lots"\n', "storage_size"),
         ('metadata = "localhost:2379"\n', "scheme names the backend"),
         ("[tls]\npassword = 'x'\n", "unknown key"),
+        ("[tls]\nca_file = 5\n", r"\[tls\] ca_file must be a file path"),
+        ("[tls]\ncert_file = ['a']\n", r"\[tls\] cert_file must be a file path"),
+        ("[tls]\nkey_file = ''\n", r"\[tls\] key_file must be a file path"),
         ("this is = = not toml", "not valid TOML"),
     ],
 )

@@ -72,6 +72,15 @@ def test_ring_replication_change_is_a_new_ring_version(run) -> None:
     run("init")  # a wiped cluster can be formatted again
 
 
+def test_replication_zero_is_a_usage_error_and_changes_nothing(run) -> None:
+    run("init")
+    before = run("ring", "get").output
+    for args in (("ring", "set-replication", "0"), ("ring", "manual-change", "-r", "0"), ("init", "-r", "0")):
+        result = run(*args, ok=False)
+        assert result.exit_code == 2 and "x>=1" in result.output, (args, result.output)
+    assert run("ring", "get").output == before
+
+
 def test_unknown_metadata_scheme_lists_available_backends(tmp_path: Path) -> None:
     result = CliRunner().invoke(cli, ["--metadata", "foo://x", "volume", "list"])
     assert result.exit_code == 1

@@ -520,3 +520,191 @@ def test_a_store_too_small_for_the_data_answers_enospc_and_logs_it_once(data, da
     log = d.err.read_text()
     assert log.count("out of space, answering ENOSPC") == 1, log[-2000:]
     assert "store holds" in log and "volume 'v'" in log
+
+
+def test_torusd_of_another_cluster_refuses_a_data_dir_and_names_its_cluster(data, daemons, tmp_path):
+    """Cluster C's server must not open cluster A's data dir: C's GC would delete A's blocks."""
+    ctl(data, "init", "--block-size", "64KiB")
+    ctl(data, "volume", "create-block", "v", "4MiB")
+    args = ("--size", "16MiB", "--nbd-listen", "127.0.0.1:0")
+    d = Daemon(data, *args)
+    daemons.append(d.start())
+    src = tmp_path / "src.img"
+    src.write_bytes(os.urandom(MiB))
+    run("nbdcopy", "--flush", str(src), d.uri("v"))
+    d.stop()
+    cluster_a = (data / "metadata" / "cluster").read_text().strip()
+    assert cluster_a
+    other = f"sqlite:///{tmp_path}/c.db"  # cluster C: same block size, its own metadata
+    ctl(data, "--metadata", other, "init", "--block-size", "64KiB")
+    proc = subprocess.run(
+        [str(BIN / "torusd"), "--data-dir", str(data), "--metadata", other, *args],
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT,
+        env=env_for(data),
+    )
+    assert proc.returncode == 1, proc.stderr
+    assert f"belongs to cluster {cluster_a}" in proc.stderr and "Traceback" not in proc.stderr
+    again = Daemon(data, *args)  # A's own server still opens it, with A's data intact
+    daemons.append(again.start())
+    assert read_volume(again.uri("v"), MiB, tmp_path / "v.img") == src.read_bytes()
+
+
+def test_everything_torusd_writes_in_its_data_dir_is_private_to_its_user(data, daemons, tmp_path):
+    ctl(data, "init", "--block-size", "64KiB")
+    ctl(data, "volume", "create-block", "v", "8MiB")
+    d = Daemon(data, "--size", "16MiB", "--nbd-listen", "127.0.0.1:0")
+    daemons.append(d.start())
+    src = tmp_path / "src.img"
+    src.write_bytes(os.urandom(MiB))
+    with Holder(d.uri("v")):  # the volume open: its journal segment exists
+        run("nbdcopy", "--flush", str(src), d.uri("v"))
+        found = [p for p in data.rglob("*") if p.name != "torusd.err"]
+        names = {p.name for p in found}
+        assert {"data.blk", "index.blk", "metadata.db", "uuid", "cluster"} <= names, names
+        assert any(p.suffix == ".seg" for p in found), names
+        loose = {str(p.relative_to(data)): oct(p.stat().st_mode & 0o777) for p in found}
+        loose = {k: v for k, v in loose.items() if v not in ("0o600", "0o700")}
+        assert not loose, loose
+
+
+def torusd_once(data: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    """Run a torusd that is expected to refuse its command line (bounded by TIMEOUT)."""
+    return subprocess.run(
+        [str(BIN / "torusd"), "--data-dir", str(data), *args],
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT,
+        env=env_for(data),
+    )
+
+
+@pytest.mark.parametrize(
+    ("size", "message"),
+    [
+        ("0", "--size must be greater than 0"),
+        ("10000000TiB", "is larger than a file can be"),
+        ("100TiB", "too large for the file system"),  # ext4's files end at 16 TiB
+    ],
+)
+def test_a_store_size_that_cannot_work_is_a_clear_error_and_leaves_the_store_usable(
+    data, daemons, size, message
+):
+    if size == "100TiB" and _fs_accepts(data, 100 << 40):
+        pytest.skip("this file system stores a 100 TiB sparse file")
+    ctl(data, "init", "--block-size", "64KiB")
+    ctl(data, "volume", "create-block", "v", "4MiB")
+    proc = torusd_once(data, "--size", size, "--nbd-listen", "127.0.0.1:0")
+    assert proc.returncode == 1 and message in proc.stderr, proc.stderr
+    assert "Traceback" not in proc.stderr
+    d = Daemon(data, "--size", "16MiB", "--nbd-listen", "127.0.0.1:0")  # the store is not poisoned
+    daemons.append(d.start())
+    run("nbdinfo", d.uri("v"))
+
+
+def _fs_accepts(directory: Path, size: int) -> bool:
+    probe = directory / "probe"
+    try:
+        with probe.open("wb") as fh:
+            fh.truncate(size)
+        return True
+    except OSError:
+        return False
+    finally:
+        probe.unlink(missing_ok=True)
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        ("--size", "0"),
+        ("--auto-join",),
+        ("--nbd-listen", "127.0.0.1:http"),
+        ("--aoe", "not-a-spec"),
+        ("--tls-cert", "c.pem"),
+        ("--peer-address", "127.0.0.1:0", "--rebalance-rate", "fast"),
+    ],
+)
+def test_debug_init_formats_nothing_when_another_option_is_bad(data, bad):
+    proc = torusd_once(data, "--debug-init", "--size", "16MiB", *bad)
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr, proc.stderr
+    view = ctl(data, "init", "--view", check=False)
+    assert view.returncode == 1 and "not formatted" in view.stderr, (bad, view.stdout)
+
+
+@pytest.fixture
+def small_fs(tmp_path: Path) -> Iterator[Path]:
+    """A 64 MiB tmpfs (a disk that really fills up), unmounted afterwards."""
+    mnt = tmp_path / "fs"
+    mnt.mkdir()
+    mounted = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=64m", "tmpfs", str(mnt)], capture_output=True, timeout=30
+    )
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.decode().strip()}")
+    try:
+        yield mnt
+    finally:
+        if subprocess.run(["umount", str(mnt)], capture_output=True, timeout=30).returncode != 0:
+            subprocess.run(["umount", "-l", str(mnt)], capture_output=True, timeout=30)
+
+
+def healthz(d: Daemon) -> tuple[int, str]:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{d.http_port}/healthz", timeout=10) as resp:
+            return resp.status, resp.read().decode()
+    except urllib.error.HTTPError as err:
+        return err.code, err.read().decode()
+
+
+def test_a_full_disk_answers_enospc_keeps_reads_working_and_fails_healthz(small_fs, daemons, tmp_path):
+    """The data dir's file system (64 MiB) is smaller than the store (--size 128MiB) and the
+    volume's data: the writer gets ENOSPC (not EIO), the metadata database next to the blocks
+    can still write (the file store keeps its reserve free), so the volume still opens and
+    reads, and /healthz reports the disk."""
+    data = small_fs / "data"
+    data.mkdir()
+    ctl(data, "init", "--block-size", "64KiB")
+    ctl(data, "volume", "create-block", "v", "96MiB")
+    d = Daemon(
+        data,
+        *("--size", "128MiB", "--nbd-listen", "127.0.0.1:0", "--metrics", "127.0.0.1:0"),
+        *("--min-free-space", "40MiB"),
+    )
+    daemons.append(d.start(expect=("NBD", "HTTP")))
+    deadline = time.monotonic() + 10
+    while (health := healthz(d))[0] != 200:  # the first statvfs is at once
+        assert time.monotonic() < deadline, health
+        time.sleep(0.1)
+    first = tmp_path / "first.img"
+    first.write_bytes(os.urandom(4 * MiB))
+    run("nbdcopy", "--flush", str(first), d.uri("v"))
+    src = tmp_path / "src.img"
+    src.write_bytes(first.read_bytes() + os.urandom(92 * MiB))
+    out = run("nbdcopy", "--flush", str(src), d.uri("v"), check=False, timeout=120)
+    assert out.returncode != 0
+    assert "No space left on device" in out.stderr, out.stderr
+    assert "Input/output error" not in out.stderr, out.stderr
+    status, body = healthz(d)
+    assert status == 503 and ("free, below" in body or "ENOSPC" in body), body
+    assert metric(d, "torus_data_dir_free_bytes") < 40 * MiB
+    # reads go on: a new connection opens the volume (a lease write in metadata.db) and reads
+    back = tmp_path / "back.img"
+    run("nbdcopy", d.uri("v"), str(back), timeout=120)
+    assert back.read_bytes()[: 4 * MiB] == first.read_bytes()
+    log = d.err.read_text()
+    assert "out of space, answering ENOSPC" in log and "database or disk is full" not in log, log[-3000:]
+
+
+def test_a_data_dir_that_is_a_file_is_a_clear_error(tmp_path):
+    data = tmp_path / "data"
+    data.write_text("not a directory")
+    proc = subprocess.run(
+        [str(BIN / "torusd"), "--data-dir", str(data), "--metadata", f"sqlite:///{tmp_path}/m.db"],
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT,
+    )
+    assert proc.returncode == 1 and "cannot create data directory" in proc.stderr, proc.stderr
+    assert "Traceback" not in proc.stderr

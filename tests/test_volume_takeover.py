@@ -22,6 +22,7 @@ from torus_sqlite.backend import SQLiteBackend
 
 from torus_core.block import BlockVolume
 from torus_core.block.identity import DataDirClaim
+from torus_core.block.nbd_export import VolumeExportProvider
 from torus_core.blockset import default_layer_registry
 from torus_core.blockstore import BlockStoreConfig
 from torus_core.errors import InvalidArgument, Locked
@@ -130,6 +131,32 @@ def test_the_same_incarnation_or_an_anonymous_owner_never_breaks_a_lock(md, stor
             BlockVolume.open(
                 md, store, "v", owner=format_owner("peer-a", "boot-2"), take_over=True, layer_registry=LAYERS
             )
+
+
+def test_a_lock_left_by_this_very_process_is_reclaimed_only_when_the_caller_vouches_for_it(md, store):
+    """A release that failed (metadata outage) leaves a lock naming this process; a restarted
+    etcd keeps its lease alive for a TTL. The export provider, which knows no open volume of it
+    uses the lock, reclaims it at once; the leftover holder stays fenced."""
+    owner = format_owner("peer-a", "boot-1")
+    leftover = BlockVolume.open(md, store, "v", owner=owner, lease_ttl=60, layer_registry=LAYERS)
+    leftover.write_at(0, b"left" * 100)
+    assert leftover.keeper is not None
+    leftover.keeper.stop()  # its release "failed": the lock and its 60 s lease stay
+    epoch = md.lock_status("v").epoch
+    with pytest.raises(Locked, match="is locked by peer peer-a"):
+        md.take_over_volume("v", owner, md.leases.grant(5))
+    provider = VolumeExportProvider(md, store, owner=owner, take_over=True, layer_registry=LAYERS)
+    started = time.monotonic()
+    export = provider.open_export("v")
+    try:
+        assert time.monotonic() - started < 5  # not the 60 s lease
+        assert md.lock_status("v").epoch == epoch + 1
+        with pytest.raises(Locked):
+            leftover.sync()  # fenced: the leftover can commit nothing
+        export.write(0, b"new" * 100, fua=True)
+    finally:
+        export.close()
+        provider.close()
 
 
 def test_a_data_dir_claim_is_exclusive_and_freed_when_released(tmp_path):

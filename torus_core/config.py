@@ -102,6 +102,9 @@ def _coerce(values: Mapping[str, Any], origin: str) -> dict[str, Any]:
             unknown = set(value) - {"ca_file", "cert_file", "key_file"}
             if unknown:
                 raise ConfigError(f"{origin}: unknown key(s) in [tls]: {', '.join(sorted(unknown))}")
+            for name, path in value.items():
+                if not isinstance(path, str) or not path:
+                    raise ConfigError(f"{origin}: [tls] {name} must be a file path (a string), got {path!r}")
             out["tls"] = TLSConfig(**value)
         elif key in ("metadata_options", "blockstore_options"):
             if not isinstance(value, Mapping):

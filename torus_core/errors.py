@@ -35,6 +35,10 @@ ErrNotDir                  :class:`NotDir`
 
 from __future__ import annotations
 
+import errno
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 
 class TorusError(Exception):
     """Root of every error raised by torus and its plugins."""
@@ -93,6 +97,19 @@ class NotDir(InvalidArgument):
 
 class ConfigError(TorusError):
     """Configuration is missing, malformed, or names an unusable value."""
+
+
+class ForeignDataDir(ConfigError):
+    """A data directory belongs to another cluster than the one the server was started for.
+
+    ``bound_cluster`` is the cluster id recorded in the directory, ``cluster_id`` the id of the
+    cluster the server serves (empty for a cluster formatted without one).
+    """
+
+    def __init__(self, message: str, *, bound_cluster: str, cluster_id: str) -> None:
+        super().__init__(message)
+        self.bound_cluster = bound_cluster
+        self.cluster_id = cluster_id
 
 
 class PluginError(TorusError):
@@ -203,6 +220,37 @@ class WouldBlock(BlockUnavailable):
 
 class OutOfSpace(BlockStoreError):
     """The block store is full (Go: ErrOutOfSpace)."""
+
+
+class MetadataOutOfSpace(MetadataUnavailable, OutOfSpace):
+    """The metadata backend cannot write because its disk is full (e.g. SQLite's
+    ``SQLITE_FULL``). Retryable like any :class:`MetadataUnavailable` (space may be freed), and
+    reported to NBD clients as ENOSPC like any :class:`OutOfSpace`."""
+
+
+#: ``errno`` values meaning "the file system has no room for this": a full disk or a quota.
+NO_SPACE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT})
+
+
+def is_no_space(exc: BaseException) -> bool:
+    """Whether ``exc`` is an :class:`OSError` for a full disk or an exhausted quota."""
+    return isinstance(exc, OSError) and exc.errno in NO_SPACE_ERRNOS
+
+
+@contextmanager
+def disk_full_is_out_of_space(what: str) -> Iterator[None]:
+    """Turn an :class:`OSError` ``ENOSPC`` / ``EDQUOT`` raised inside into :class:`OutOfSpace`
+    (``what`` names the file or store in the message); other errors pass unchanged.
+
+    File-backed stores use it at their I/O calls, so a full disk reaches NBD clients as ENOSPC,
+    not EIO.
+    """
+    try:
+        yield
+    except OSError as exc:
+        if exc.errno not in NO_SPACE_ERRNOS:
+            raise
+        raise OutOfSpace(f"{what}: {exc.strerror or exc}") from exc
 
 
 class BlockExists(BlockStoreError, AlreadyExists):

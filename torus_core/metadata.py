@@ -571,7 +571,9 @@ class MetadataService:
         """
         return self._lock(name, owner, lease, take_over=False)
 
-    def take_over_volume(self, name: str, owner: str, lease: Lease) -> VolumeLock:
+    def take_over_volume(
+        self, name: str, owner: str, lease: Lease, *, reclaim_own: bool = False
+    ) -> VolumeLock:
         """Like :meth:`lock_volume`, but first break a lock left by a dead earlier incarnation.
 
         ``owner`` must be a :func:`format_owner` string. A live lock whose owner names the
@@ -582,8 +584,13 @@ class MetadataService:
         earlier incarnation holding the lock has provably exited. Fencing is unchanged: the new
         acquisition appends ``VolumeLockAcquired`` with the next epoch, so a commit by the old
         holder could not succeed anyway. Any other holder: Locked, as for :meth:`lock_volume`.
+
+        With ``reclaim_own`` the caller also vouches that **this** incarnation (same peer, same
+        boot) holds no open volume for ``name``: a lock with its own owner is then a leftover
+        whose release failed (e.g. during a metadata outage, after which a restarted etcd keeps
+        the old lease alive for a TTL) and is broken the same way.
         """
-        return self._lock(name, owner, lease, take_over=True)
+        return self._lock(name, owner, lease, take_over=True, reclaim_own=reclaim_own)
 
     def lock_holder(self, name: str) -> LockHolder | None:
         """Who holds ``name``'s lock now (``None`` if unlocked); NotExist if no such volume."""
@@ -591,7 +598,9 @@ class MetadataService:
         raw = self.backend.leases.get(f"{LOCK_PREFIX}{vol.id}")
         return None if raw is None else _parse_holder(raw, time.time())
 
-    def _lock(self, name: str, owner: str, lease: Lease, *, take_over: bool) -> VolumeLock:
+    def _lock(
+        self, name: str, owner: str, lease: Lease, *, take_over: bool, reclaim_own: bool = False
+    ) -> VolumeLock:
         if not isinstance(lease, Lease):
             raise InvalidArgument("locking a volume needs a granted Lease")
         if not isinstance(owner, str) or not owner:
@@ -610,14 +619,19 @@ class MetadataService:
             if raw is None:
                 continue  # expired or released meanwhile: try again
             holder = _parse_holder(raw, time.time())
-            if not (take_over and holder.peer == me["peer"] and holder.boot not in (None, me["boot"])):
+            earlier = holder.boot not in (None, me.get("boot"))
+            own = reclaim_own and holder.boot is not None and holder.boot == me.get("boot")
+            if not (take_over and holder.peer == me["peer"] and (earlier or own)):
                 raise Locked(holder.describe(name))
             if self.backend.leases.delete(key, expected=raw):
                 log.warning(
-                    "volume %r: broke the lock of %r, an earlier incarnation of this peer "
-                    "(it has exited: this process owns the peer's data directory)",
+                    "volume %r: broke the lock of %r, %s",
                     name,
                     holder.owner,
+                    "an earlier incarnation of this peer (it has exited: this process owns the "
+                    "peer's data directory)"
+                    if earlier
+                    else "left by this process (its release failed; no open volume uses it)",
                 )
         else:
             now_held = self.lock_holder(name)

@@ -23,7 +23,7 @@ import os
 import uuid
 from dataclasses import dataclass
 
-from torus_core.datadir import load_or_create_uuid  # the canonical peer UUID file
+from torus_core.datadir import load_or_create_uuid, open_private, private_dir
 from torus_core.errors import ConfigError
 from torus_core.metadata import format_owner
 
@@ -66,8 +66,8 @@ class DataDirClaim:
         meta = os.path.join(data_dir, "metadata")
         path = os.path.join(meta, CLAIM_FILE)
         try:
-            os.makedirs(meta, exist_ok=True)
-            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+            private_dir(meta)
+            fd = open_private(path, os.O_RDWR | os.O_CREAT)
         except OSError as exc:
             raise ConfigError(f"cannot open {path}: {exc}") from exc
         try:

@@ -32,7 +32,7 @@ from typing import Any
 from torus_core.block.snapshots import open_snapshot, parse_target
 from torus_core.block.volume import DEFAULT_LEASE_TTL, BlockVolume
 from torus_core.blockstore import BlockStore
-from torus_core.errors import Closed, Locked, OutOfSpace, TorusError
+from torus_core.errors import Closed, Locked, NotExist, OutOfSpace, TorusError
 from torus_core.file import DEFAULT_CACHE_BYTES, DEFAULT_STAGING_BYTES
 from torus_core.journal.replicas import JournalReplicas
 from torus_core.metadata import MetadataService
@@ -51,6 +51,8 @@ PREFERRED_BLOCK = 4096
 MAX_BLOCK = 32 * 1024 * 1024
 #: Seconds a new connection waits for the previous last connection's close (sync + unlock).
 CLOSE_WAIT = 60.0
+#: Seconds between two log lines for the same export refused for the same kind of reason.
+REFUSAL_LOG_INTERVAL = 10.0
 
 
 @dataclass
@@ -77,6 +79,8 @@ class SpaceGuard:
         self.reclaim = reclaim
         self.attempts = attempts
         self.enospc = 0
+        #: ``time.monotonic()`` of the last write answered ENOSPC (None: never)
+        self.last_enospc: float | None = None
         self._logged: dict[str, float] = {}
 
     def run(self, volume: BlockVolume, op: Callable[..., object], *args: object) -> None:
@@ -92,7 +96,7 @@ class SpaceGuard:
 
     def _report(self, volume: BlockVolume, exc: OutOfSpace) -> None:
         self.enospc += 1
-        now = time.monotonic()
+        now = self.last_enospc = time.monotonic()
         if now - self._logged.get(volume.name, -1e9) < 60:
             return
         self._logged[volume.name] = now
@@ -240,6 +244,8 @@ class VolumeExportProvider(ExportProvider):
         self._open: dict[str, _Shared] = {}
         #: names whose last connection is still closing (sync + unlock); new opens wait for it
         self._closing: dict[str, threading.Event] = {}
+        self._refusals_logged: dict[tuple[str, str], float] = {}
+        self._refusals_lock = threading.Lock()
         self._lock = threading.Lock()
         self._closed = False
 
@@ -284,23 +290,13 @@ class VolumeExportProvider(ExportProvider):
                 raise Closed("the export provider is closed")
             shared = self._open.get(name)
             if shared is None:
-                if snap is not None:
-                    volume = open_snapshot(self.md, self.store, vol, snap, layer_registry=self.layer_registry)
-                else:
-                    volume = BlockVolume.open(
-                        self.md,
-                        self.store,
-                        vol,
-                        owner=self.owner,
-                        take_over=self.take_over,
-                        lease_ttl=self.lease_ttl,
-                        cache_bytes=self.cache_bytes,
-                        layer_registry=self.layer_registry,
-                        staging_bytes=self.staging_bytes,
-                        staging_dir=self.staging_dir,
-                        journal=self.journal,
-                        journal_options=self.journal_options,
-                    )
+                try:
+                    volume = self._open_volume(vol, snap)
+                except (Locked, NotExist):
+                    raise  # the handshake reports (and logs) these itself
+                except TorusError as exc:
+                    self._log_refusal(name, exc)
+                    raise
                 shared = self._open[name] = _Shared(volume, 0)
             elif shared.volume.lost:
                 raise TorusError(f"volume {vol!r} lost its lock; reconnect after the others closed")
@@ -308,6 +304,39 @@ class VolumeExportProvider(ExportProvider):
             return VolumeExport(
                 name, shared.volume, self._release, self.preferred_block_size, space=self.space
             )
+
+    def _log_refusal(self, name: str, exc: TorusError) -> None:
+        """Log why ``name`` could not be opened (the NBD client only sees a short refusal),
+        at most once per :data:`REFUSAL_LOG_INTERVAL` per export and reason."""
+        key = (name, type(exc).__name__)
+        now = time.monotonic()
+        with self._refusals_lock:
+            if now - self._refusals_logged.get(key, -1e9) < REFUSAL_LOG_INTERVAL:
+                return
+            self._refusals_logged[key] = now
+        log.error("export %r cannot be opened, refusing NBD clients: %s", name, exc)
+
+    def _open_volume(self, vol: str, snap: str | None) -> BlockVolume:
+        """Open ``vol`` (caller holds ``_lock`` and has no shared volume for it)."""
+        if snap is not None:
+            return open_snapshot(self.md, self.store, vol, snap, layer_registry=self.layer_registry)
+        return BlockVolume.open(
+            self.md,
+            self.store,
+            vol,
+            owner=self.owner,
+            take_over=self.take_over,
+            # no volume of ours uses the lock (none open, none closing): one still naming this
+            # process is a leftover of a release that failed (a metadata outage)
+            reclaim_own=self.take_over and vol not in self._closing,
+            lease_ttl=self.lease_ttl,
+            cache_bytes=self.cache_bytes,
+            layer_registry=self.layer_registry,
+            staging_bytes=self.staging_bytes,
+            staging_dir=self.staging_dir,
+            journal=self.journal,
+            journal_options=self.journal_options,
+        )
 
     def _release(self, export: VolumeExport) -> None:
         with self._lock:

@@ -129,6 +129,7 @@ class BlockVolume:
         staging_bytes: int | None = None,
         staging_dir: str | None = None,
         take_over: bool = False,
+        reclaim_own: bool = False,
         journal: JournalReplicas | None = None,
         journal_options: Mapping[str, Any] | None = None,
     ) -> BlockVolume:
@@ -137,7 +138,9 @@ class BlockVolume:
         With ``take_over`` (``owner`` must then be a ``format_owner`` string whose peer identity
         the caller owns exclusively), a lock held by a dead earlier incarnation of the same peer
         is broken instead of waiting for its lease to expire
-        (:meth:`~torus_core.metadata.MetadataService.take_over_volume`).
+        (:meth:`~torus_core.metadata.MetadataService.take_over_volume`); with ``reclaim_own``
+        as well, so is a lock naming this very process, which the caller vouches no open
+        volume of it uses (its release failed, e.g. during a metadata outage).
 
         ``cache_bytes``, ``staging_bytes`` and ``staging_dir`` configure the file's write-back
         cache (see :class:`~torus_core.file.File`).
@@ -159,8 +162,11 @@ class BlockVolume:
         lease = leases.grant(float(lease_ttl))
         lock: VolumeLock | None = None
         try:
-            acquire = md.take_over_volume if take_over else md.lock_volume
-            lock = acquire(name, owner or default_owner(), lease)
+            who = owner or default_owner()
+            if take_over:
+                lock = md.take_over_volume(name, who, lease, reclaim_own=reclaim_own)
+            else:
+                lock = md.lock_volume(name, who, lease)
             held = lock
             info = md.get_volume_by_id(lock.volume_id)
             ref = md.current_inode(lock.volume_id)

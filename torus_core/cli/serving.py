@@ -19,9 +19,11 @@ from typing import Any, TypeVar
 
 import click
 
+from torus_core.daemon.health import DiskSpaceCheck, DiskSpaceCollector
 from torus_core.daemon.server import Server, parse_listen, tls_context, warn_if_plaintext
-from torus_core.errors import UsageError
+from torus_core.errors import InvalidArgument, UsageError
 from torus_core.nbd.session import ServerOptions
+from torus_core.units import format_size, parse_size
 
 
 def check_tls_options(tls_cert: str | None, tls_key: str | None, require_tls: bool) -> None:
@@ -85,6 +87,60 @@ def nbd_limit_options(func: F) -> F:
     for option in reversed(options):
         decorated = option(decorated)
     return decorated  # type: ignore[no-any-return]
+
+
+#: The largest ``--size`` a server accepts: 2**63 - 1 bytes, what a file offset can address.
+MAX_STORAGE_SIZE = (1 << 63) - 1
+
+
+def check_storage_size(size: int) -> None:
+    """UsageError unless the local store's capacity (``--size``) is positive and addressable."""
+    if size <= 0:
+        raise UsageError(f"--size must be greater than 0, got {size}")
+    if size > MAX_STORAGE_SIZE:
+        raise UsageError(
+            f"--size {format_size(size)} is larger than a file can be ({MAX_STORAGE_SIZE} bytes)"
+        )
+
+
+def check_listen(flag: str, listen: str | None) -> None:
+    """UsageError if ``listen`` (HOST:PORT of ``flag``) is malformed."""
+    if listen is None:
+        return
+    try:
+        parse_listen(listen)
+    except InvalidArgument as exc:
+        raise UsageError(f"{flag}: {exc}") from None
+
+
+def parse_min_free_space(text: str) -> int:
+    """``--min-free-space SIZE`` in bytes; UsageError if it is not a size."""
+    try:
+        return parse_size(text)
+    except InvalidArgument as exc:
+        raise UsageError(f"--min-free-space: {exc}") from None
+
+
+def watch_disk(server: Server, data_dir: str, min_free_bytes: int) -> None:
+    """Make ``/healthz`` report the data dir's disk (:class:`DiskSpaceCheck`) when ``server``
+    keeps data there (a persistent store); the check stops with the server."""
+    if server.journal_store is None:  # no persistent store: nothing of ours on that disk
+        return
+    exports = server.exports
+    disk = DiskSpaceCheck(data_dir, min_free_bytes=min_free_bytes, guard=lambda: exports.space)
+    server.add_health_check(disk.start())
+    server.add_collector(DiskSpaceCollector(disk))
+    server.add_stopper(disk.stop)
+
+
+#: ``--min-free-space`` option of the serving commands.
+min_free_space_option = click.option(
+    "--min-free-space",
+    default="128MiB",
+    show_default=True,
+    metavar="SIZE",
+    help="/healthz is not ready while the data dir's file system has less free space (0: off).",
+)
 
 
 def serve_nbd(

@@ -19,12 +19,16 @@ from torus_core import __version__
 from torus_core.block.volume import DEFAULT_LEASE_TTL
 from torus_core.cli.common import build_context, config_options, handle_errors
 from torus_core.cli.serving import (
+    check_storage_size,
     check_tls_options,
     metrics_address,
+    min_free_space_option,
     nbd_limit_options,
+    parse_min_free_space,
     serve_metrics,
     serve_nbd,
     serve_until_signalled,
+    watch_disk,
 )
 from torus_core.daemon.server import Server, parse_listen
 
@@ -58,6 +62,7 @@ def cli() -> None:
     type=float,
     help="Volume lock lease TTL (s); renewed every ttl/3, a dead holder's lock frees after it.",
 )
+@min_free_space_option
 @click.option("--debug", is_flag=True, help="Debug logging.")
 @handle_errors
 def nbdserve(
@@ -71,6 +76,7 @@ def nbdserve(
     require_tls: bool,
     nbd_limits: dict[str, Any],
     lease_ttl: float,
+    min_free_space: str,
     debug: bool,
     **overrides: Any,
 ) -> None:
@@ -79,8 +85,12 @@ def nbdserve(
     check_tls_options(tls_cert, tls_key, require_tls)
     parse_listen(listen)  # a bad address is refused before the store is opened
     metrics_address(metrics_listen)
+    min_free = parse_min_free_space(min_free_space)
     ctx = build_context(config_path, storage_size=size, block_store=block_store, **overrides)
+    check_storage_size(ctx.config.storage_size)
     server = Server.from_config(ctx.config, registries=ctx.registries, lease_ttl=lease_ttl)
+    if metrics_listen:
+        watch_disk(server, ctx.config.data_dir, min_free)
 
     def start() -> None:
         serve_nbd(server, listen, tls_cert, tls_key, require_tls, ctx.config.tls.ca_file, nbd_limits)

@@ -16,6 +16,7 @@ from torus_core.cli.common import (
     handle_errors,
     metadata_service,
 )
+from torus_core.datadir import unbind_cluster
 from torus_core.errors import AlreadyExists, InvalidArgument
 from torus_core.events import RecordedEvent
 from torus_core.migrate import compare_projections, migrate
@@ -71,7 +72,7 @@ def _size(text: str) -> int:
 @click.option("--block-size", default="512KiB", show_default=True, help="Cluster block size.")
 @click.option("--block-spec", default="crc", show_default=True, help="Blockset layers; ',base' is appended.")
 @click.option("--ring-type", default="ketama", show_default=True, help="Initial ring type.")
-@click.option("--replication", "-r", default=2, show_default=True, type=int)
+@click.option("--replication", "-r", default=2, show_default=True, type=click.IntRange(min=1))
 @click.option("--no-ring", is_flag=True, help="Start with an empty ring.")
 @click.option("--if-needed", is_flag=True, help="Succeed quietly if the cluster is already formatted.")
 @click.option("--view", is_flag=True, help="Print the block size and spec of a formatted cluster.")
@@ -116,8 +117,13 @@ def wipe_cmd(yes_i_am_sure: bool) -> None:
         answer = click.prompt("This deletes ALL torus metadata. Type YES to continue", default="")
         if answer != "YES":
             raise click.ClickException("aborted")
-    get_ctx().open_backend().wipe()
+    ctx = get_ctx()
+    gm = metadata_service().state().global_metadata
+    ctx.open_backend().wipe()
     click.echo("wiped")
+    # the local data dir's blocks now belong to no cluster: let the next format's server use it
+    if gm is not None and unbind_cluster(ctx.config.data_dir, gm.cluster_id):
+        click.echo(f"data directory {ctx.config.data_dir} released from cluster {gm.cluster_id}")
 
 
 @cli.command("events")
@@ -258,7 +264,7 @@ def ring_get() -> None:
 
 
 @ring_group.command("set-replication")
-@click.argument("replication", type=int)
+@click.argument("replication", type=click.IntRange(min=1))
 @handle_errors
 def ring_set_replication(replication: int) -> None:
     """Change the ring's replication factor (new ring version)."""
@@ -273,7 +279,7 @@ def ring_set_replication(replication: int) -> None:
 @click.option("--type", "ring_type", default="ketama", show_default=True)
 @click.option("--uuids", default="", help="Comma-separated peer UUIDs.")
 @click.option("--all-peers", is_flag=True, help="Use every live peer with an address.")
-@click.option("--replication", "-r", default=2, show_default=True, type=int)
+@click.option("--replication", "-r", default=2, show_default=True, type=click.IntRange(min=1))
 @handle_errors
 def ring_manual_change(ring_type: str, uuids: str, all_peers: bool, replication: int) -> None:
     """Replace the ring with a fresh one of TYPE over the given peers (version + 1)."""

@@ -29,18 +29,23 @@ from torus_core.block.nbd_export import SpaceGuard
 from torus_core.block.volume import DEFAULT_LEASE_TTL
 from torus_core.cli.common import build_context, config_options, handle_errors
 from torus_core.cli.serving import (
+    check_listen,
+    check_storage_size,
     check_tls_options,
     metrics_address,
+    min_free_space_option,
     nbd_limit_options,
+    parse_min_free_space,
     serve_metrics,
     serve_nbd,
     serve_until_signalled,
+    watch_disk,
 )
 from torus_core.cluster.cli_options import cluster_options, make_cluster_options
 from torus_core.cluster.heartbeat import Heartbeat
 from torus_core.cluster.peerinfo import PeerInfo
 from torus_core.daemon.cluster import start_cluster_server
-from torus_core.daemon.server import Server, parse_listen
+from torus_core.daemon.server import Server
 from torus_core.datadir import load_or_create_uuid
 from torus_core.errors import NoGlobalMetadata, UsageError
 
@@ -85,6 +90,7 @@ from torus_core.errors import NoGlobalMetadata, UsageError
     metavar="IFACE:MAJOR.MINOR=VOLUME",
     help="Also serve VOLUME as ATA-over-Ethernet target eMAJOR.MINOR on IFACE (repeatable).",
 )
+@min_free_space_option
 @click.option("--debug", is_flag=True, help="Debug logging.")
 @cluster_options
 @click.version_option(__version__, prog_name="torusd")
@@ -104,6 +110,7 @@ def cli(
     debug_init: bool,
     lease_ttl: float,
     gc_interval: float,
+    min_free_space: str,
     debug: bool,
     aoe_specs: tuple[str, ...],
     peer_address: str | None,
@@ -125,18 +132,22 @@ def cli(
         stream=sys.stderr,
     )
     ctx = build_context(config_path, storage_size=size, block_store=block_store, **overrides)
+    # Every option is checked before anything is opened: --debug-init must not format a cluster
+    # for a command line that then fails.
     check_tls_options(tls_cert, tls_key, require_tls)
-    if nbd_listen:
-        parse_listen(nbd_listen)  # a bad address is refused before anything is opened
     metrics_listen = metrics_address(metrics_listen, host, port)
-    try:
-        server = Server.from_config(
-            ctx.config, registries=ctx.registries, debug_init=debug_init, lease_ttl=lease_ttl
-        )
-    except NoGlobalMetadata as exc:
-        raise NoGlobalMetadata(f"{exc}; or start torusd with --debug-init to format it") from None
-    if peer_address:
-        opts = make_cluster_options(
+    check_listen("--nbd-listen", nbd_listen)
+    check_storage_size(ctx.config.storage_size)
+    min_free = parse_min_free_space(min_free_space)
+    if auto_join and not peer_address:
+        raise UsageError("--auto-join needs --peer-address")
+    if aoe_specs:
+        from torus_core.aoe.serve import parse_aoe_spec
+
+        for spec in aoe_specs:
+            parse_aoe_spec(spec)
+    opts = (
+        make_cluster_options(
             ctx.config,
             heartbeat_interval,
             peer_ttl,
@@ -147,13 +158,20 @@ def cli(
             gc_grace,
             no_gc,
         )
+        if peer_address
+        else None
+    )
+    try:
+        server = Server.from_config(
+            ctx.config, registries=ctx.registries, debug_init=debug_init, lease_ttl=lease_ttl
+        )
+    except NoGlobalMetadata as exc:
+        raise NoGlobalMetadata(f"{exc}; or start torusd with --debug-init to format it") from None
+    if peer_address:
         server, node = start_cluster_server(
             server, ctx.config, listen=peer_address, auto_join=auto_join, options=opts, lease_ttl=lease_ttl
         )
         click.echo(f"PEER LISTENING {node.address} {node.uuid}")
-    elif auto_join:
-        server.close()
-        raise UsageError("--auto-join needs --peer-address")
     elif not no_gc:
         local_gc = LocalGC(
             server.md,
@@ -164,6 +182,8 @@ def cli(
         )
         server.add_stopper(local_gc.start().stop)
         server.exports.space = SpaceGuard(server.store, local_gc.collect_now)
+    if metrics_listen:
+        watch_disk(server, ctx.config.data_dir, min_free)
     if not peer_address:
         server.add_stopper(start_single_node_heartbeat(server, ctx.config.data_dir, nbd_listen))
 

@@ -31,7 +31,8 @@ from torus_core.block.volume import DEFAULT_LEASE_TTL, check_store, default_owne
 from torus_core.blockstore import BlockStore
 from torus_core.config import Config
 from torus_core.daemon.collectors import JournalCollector, ServerCollector
-from torus_core.errors import AlreadyExists, InvalidArgument, TorusError, UsageError
+from torus_core.datadir import bind_cluster, private_dir
+from torus_core.errors import AlreadyExists, ConfigError, InvalidArgument, TorusError, UsageError
 from torus_core.eventlog import MetadataBackend
 from torus_core.file import DEFAULT_CACHE_BYTES
 from torus_core.http import BackgroundProbe, HealthCheck, MetricsServer
@@ -201,7 +202,10 @@ class Server:
         backend_cls = opener.metadata_class()  # an unknown scheme fails before any directory is made
         store_cls = opener.block_store_class()
         if store_cls.persistent:
-            os.makedirs(config.data_dir, exist_ok=True)
+            try:
+                private_dir(config.data_dir, fix_existing=False)
+            except OSError as exc:
+                raise ConfigError(f"cannot create data directory {config.data_dir}: {exc}") from exc
         backend_cls.prepare_local(config.metadata)
         backend = opener.open_metadata()
         try:
@@ -212,6 +216,9 @@ class Server:
                         md.format(DEBUG_INIT_BLOCK_SIZE, DEBUG_INIT_BLOCK_SPEC)
                         log.info("formatted the cluster (--debug-init)")
             gm = md.global_metadata()
+            if store_cls.persistent:
+                # before the store opens: a server of another cluster must never GC its blocks
+                bind_cluster(config.data_dir, gm.cluster_id)
             store = opener.open_block_store(gm.block_size)
             try:
                 check_store(store, gm)

@@ -29,7 +29,8 @@ import threading
 from collections.abc import Sequence
 from pathlib import Path
 
-from torus_core.errors import Closed, InvalidArgument, StaleEpoch
+from torus_core.datadir import open_private, private_dir
+from torus_core.errors import Closed, InvalidArgument, StaleEpoch, disk_full_is_out_of_space
 from torus_core.journal.record import JournalRecord, decode_records, record_id, record_length, record_seq
 
 _EPOCH = struct.Struct("<Q")
@@ -61,7 +62,7 @@ class _VolumeJournal:
         self.dir = root / str(volume_id)
         self.volume_id = volume_id
         self.lock = threading.Lock()
-        self.dir.mkdir(parents=True, exist_ok=True)
+        private_dir(self.dir)
         self.epoch = self._load_epoch()
         self.fd = -1
         self.active: Path | None = None
@@ -93,7 +94,7 @@ class _VolumeJournal:
             )
         if epoch > self.epoch:
             tmp = self.dir / "epoch.tmp"
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+            fd = open_private(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
             try:
                 os.write(fd, _EPOCH.pack(epoch))
                 os.fsync(fd)
@@ -108,7 +109,7 @@ class _VolumeJournal:
             if self.active is None:
                 first = record_seq(payloads[0])
                 self.active = self.dir / f"{first:020d}{_SUFFIX}"
-                self.fd = os.open(self.active, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+                self.fd = open_private(self.active, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
                 self.active_len = 0
                 self.allocated = SEGMENT_CHUNK
                 _write_zeros(self.fd, 0, self.allocated)
@@ -116,7 +117,7 @@ class _VolumeJournal:
                 self.segment_last[self.active] = 0
                 _fsync_dir(self.dir)
             else:  # reopen after a restart: zero a torn tail (and anything after it) first
-                self.fd = os.open(self.active, os.O_WRONLY)
+                self.fd = open_private(self.active, os.O_WRONLY)
                 self.allocated = max(os.fstat(self.fd).st_size, self.active_len)
                 _write_zeros(self.fd, self.active_len, self.allocated)
                 os.fsync(self.fd)
@@ -178,7 +179,7 @@ class JournalStore:
 
     def __init__(self, directory: str | os.PathLike[str]) -> None:
         self.root = Path(directory)
-        self.root.mkdir(parents=True, exist_ok=True)
+        private_dir(self.root)
         self._volumes: dict[int, _VolumeJournal] = {}
         self._lock = threading.Lock()
         self._closed = False
@@ -198,7 +199,7 @@ class JournalStore:
         """Record lock epoch ``epoch`` (durably); StaleEpoch if a newer one was seen. Returns the
         highest sequence number stored for the volume."""
         vj = self._vol(volume_id)
-        with vj.lock:
+        with vj.lock, disk_full_is_out_of_space(f"journal of volume {volume_id} in {self.root}"):
             vj.raise_epoch(epoch)
             return vj.last_seq
 
@@ -221,7 +222,7 @@ class JournalStore:
             if prev is not None and seq <= prev:
                 raise InvalidArgument("journal append: sequence numbers must increase")
             prev = seq
-        with vj.lock:
+        with vj.lock, disk_full_is_out_of_space(f"journal of volume {volume_id} in {self.root}"):
             vj.raise_epoch(epoch)
             vj.append(payloads)
 

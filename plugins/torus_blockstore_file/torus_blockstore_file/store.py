@@ -58,6 +58,7 @@ from torus_blockstore_file.layout import (
     unpack_static_header,
 )
 from torus_core.blockstore import BlockStoreConfig, RefTableBlockStore
+from torus_core.datadir import open_private, private_dir
 from torus_core.errors import (
     BlockExists,
     BlockNotExist,
@@ -67,8 +68,10 @@ from torus_core.errors import (
     CorruptBlock,
     InvalidArgument,
     OutOfSpace,
+    disk_full_is_out_of_space,
 )
 from torus_core.refs import BlockRef
+from torus_core.units import format_size, parse_size
 
 DATA_FILE = "data.blk"
 INDEX_FILE = "index.blk"
@@ -77,26 +80,41 @@ _SCAN_CHUNK_RECORDS = 16384  # 1 MiB of index per read at open
 _T = TypeVar("_T")
 
 
+#: Default ``reserve``: bytes of the file system the store leaves free for the rest of the data
+#: directory (SQLite metadata, journal segments), see :class:`FileStoreOptions`.
+DEFAULT_RESERVE = 32 << 20
+
+
 @dataclass(frozen=True, slots=True)
 class FileStoreOptions:
     """Options read from ``BlockStoreConfig.options`` (the ``[blockstore.file]`` section).
 
     :param fsync: if false, ``flush`` skips ``fsync`` (blocks then survive a process crash but
         not a power loss or kernel crash). Default true.
+    :param reserve: bytes (or a size such as ``"64MiB"``) of free space the store leaves on its
+        file system. ``data.blk`` is sparse, so a store larger than the disk fills it; a write
+        that would take a slot not yet backed by disk while less than ``reserve`` is free
+        raises :class:`~torus_core.errors.OutOfSpace` instead, so that the metadata database
+        and journals next to it can still write (reads, volume opens and lease renewals go on
+        working). ``0`` turns this off. Default 32 MiB.
     """
 
     fsync: bool = True
+    reserve: int = DEFAULT_RESERVE
 
     @classmethod
     def from_mapping(cls, options: Mapping[str, Any]) -> FileStoreOptions:
         """Validate and build options; unknown keys or wrong types raise InvalidArgument."""
-        unknown = set(options) - {"fsync"}
+        unknown = set(options) - {"fsync", "reserve"}
         if unknown:
             raise InvalidArgument(f"unknown file block store option(s): {', '.join(sorted(unknown))}")
         fsync = options.get("fsync", True)
         if not isinstance(fsync, bool):
             raise InvalidArgument(f"option fsync must be a boolean, got {fsync!r}")
-        return cls(fsync=fsync)
+        raw = options.get("reserve", DEFAULT_RESERVE)
+        if isinstance(raw, bool) or not isinstance(raw, int | str):
+            raise InvalidArgument(f"option reserve must be a size, got {raw!r}")
+        return cls(fsync=fsync, reserve=parse_size(raw))
 
 
 @dataclass(frozen=True, slots=True)
@@ -132,6 +150,8 @@ class FileBlockStore(RefTableBlockStore):
         self._closed = False
         self._entries: dict[BlockRef, _Entry] = {}
         self._free = BitMap()
+        #: slots whose bytes are allocated on disk (writing them again takes no new space)
+        self._backed = BitMap()
         self._pending: list[int] = []
         self._next_seq = 1
         self._durable_seq = 0
@@ -161,9 +181,9 @@ class FileBlockStore(RefTableBlockStore):
 
     def _open_files(self) -> None:
         try:
-            os.makedirs(self._path, exist_ok=True)
+            private_dir(self._path)
             index_path = os.path.join(self._path, INDEX_FILE)
-            self._index_fd = os.open(index_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+            self._index_fd = open_private(index_path, os.O_RDWR | os.O_CREAT)
         except OSError as exc:
             raise BlockStoreError(f"cannot open file block store at {self._path}: {exc}") from exc
         try:
@@ -173,9 +193,7 @@ class FileBlockStore(RefTableBlockStore):
                 raise BlockStoreLocked(f"file block store {self._path} is in use by another opener") from None
             raise BlockStoreError(f"cannot lock {index_path}: {exc}") from exc
         try:
-            self._data_fd = os.open(
-                os.path.join(self._path, DATA_FILE), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644
-            )
+            self._data_fd = open_private(os.path.join(self._path, DATA_FILE), os.O_RDWR | os.O_CREAT)
         except OSError as exc:
             raise BlockStoreError(f"cannot open data file in {self._path}: {exc}") from exc
 
@@ -225,17 +243,31 @@ class FileBlockStore(RefTableBlockStore):
         self._durable_seq = unpack_durable(head[DURABLE_OFFSET:])
         return False
 
+    def _grow_error(self, capacity: int, exc: OSError | OverflowError) -> BlockStoreError:
+        size = capacity * self._block_size
+        what = f"cannot size file block store {self._path} to {capacity} blocks ({size} bytes)"
+        if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            return OutOfSpace(f"{what}: {exc.strerror}")
+        if isinstance(exc, OverflowError) or exc.errno in (errno.EFBIG, errno.EINVAL, errno.EOVERFLOW):
+            return BlockStoreError(f"{what}: too large for the file system ({exc}); use a smaller size")
+        return BlockStoreError(f"{what}: {exc}")
+
     def _recover(self) -> None:
         self._read_header()
         index_size = os.fstat(self._index_fd).st_size
         old_capacity = max(0, (index_size - HEADER_SIZE) // RECORD_SIZE)
         new_capacity = self._capacity
         scan_capacity = max(old_capacity, new_capacity)
-        # Grow first (also repairs files left short by a crash during an earlier grow).
-        if index_size < record_offset(scan_capacity):
-            os.ftruncate(self._index_fd, record_offset(scan_capacity))
-        if os.fstat(self._data_fd).st_size < scan_capacity * self._block_size:
-            os.ftruncate(self._data_fd, scan_capacity * self._block_size)
+        # Grow first (also repairs files left short by a crash during an earlier grow). The data
+        # file first: the index's size is the capacity, so a grow the file system refuses
+        # (too large, no space) leaves the store as it was.
+        try:
+            if os.fstat(self._data_fd).st_size < scan_capacity * self._block_size:
+                os.ftruncate(self._data_fd, scan_capacity * self._block_size)
+            if index_size < record_offset(scan_capacity):
+                os.ftruncate(self._index_fd, record_offset(scan_capacity))
+        except (OSError, OverflowError) as exc:
+            raise self._grow_error(scan_capacity, exc) from exc
 
         entries: dict[BlockRef, _Entry] = {}
         dropped: list[int] = []
@@ -270,6 +302,7 @@ class FileBlockStore(RefTableBlockStore):
         free -= used
         self._entries = entries
         self._free = free
+        self._backed = self._scan_backed(new_capacity)
         if old_capacity > new_capacity:
             self._compact(new_capacity)
         # Make drops, relocations and the new size durable before the store is used.
@@ -294,6 +327,39 @@ class FileBlockStore(RefTableBlockStore):
                 raw = view[i * RECORD_SIZE : (i + 1) * RECORD_SIZE]
                 if raw != ZERO_RECORD:
                     yield first + i, bytes(raw)
+
+    def _scan_backed(self, capacity: int) -> BitMap:
+        """Slots of ``data.blk`` that hold allocated extents (``SEEK_DATA`` / ``SEEK_HOLE``)."""
+        backed = BitMap()
+        end = capacity * self._block_size
+        pos = 0
+        while pos < end:
+            try:
+                start = os.lseek(self._data_fd, pos, os.SEEK_DATA)
+                stop = os.lseek(self._data_fd, start, os.SEEK_HOLE)
+            except OSError as exc:
+                if exc.errno == errno.ENXIO:  # no data after pos
+                    break
+                backed.add_range(pos // self._block_size, capacity)  # no hole support: all backed
+                break
+            if start >= end:
+                break
+            backed.add_range(start // self._block_size, min(capacity, -(-stop // self._block_size)))
+            pos = stop
+        return backed
+
+    def _check_reserve(self, slot: int) -> None:
+        """OutOfSpace if writing ``slot`` would take disk space the reserve keeps free."""
+        if not self._options.reserve or slot in self._backed:
+            return
+        st = os.statvfs(self._path)
+        free = st.f_bavail * st.f_frsize
+        if free - self._block_size < self._options.reserve:
+            raise OutOfSpace(
+                f"file block store {self._path}: its file system has {format_size(free)} free, "
+                f"the store keeps {format_size(self._options.reserve)} of it for metadata and "
+                f"journals (option reserve)"
+            )
 
     def _data_matches(self, slot: int, checksum: int) -> bool:
         data = os.pread(self._data_fd, self._block_size, slot * self._block_size)
@@ -439,7 +505,9 @@ class FileBlockStore(RefTableBlockStore):
             self._rewrite(ref, existing, block, checksum)
             return
         try:
-            self._io(lambda: os.pwrite(self._data_fd, block, slot * self._block_size))
+            self._check_reserve(slot)
+            with disk_full_is_out_of_space(f"file block store {self._path}"):
+                self._io(lambda: os.pwrite(self._data_fd, block, slot * self._block_size))
         except BaseException:
             with self._lock:
                 self._free.add(slot)  # its record is still durably zero
@@ -449,9 +517,16 @@ class FileBlockStore(RefTableBlockStore):
             if raced is None and not self._closed:
                 seq = self._next_seq
                 self._next_seq += 1
-                os.pwrite(self._index_fd, Record(ref, seq, checksum).pack(), record_offset(slot))
+                try:
+                    with disk_full_is_out_of_space(f"file block store {self._path}"):
+                        os.pwrite(self._index_fd, Record(ref, seq, checksum).pack(), record_offset(slot))
+                except BaseException:
+                    self._free.add(slot)  # no record names it
+                    raise
                 self._entries[ref] = _Entry(slot, checksum, seq)
+                self._backed.add(slot)
                 return
+            self._backed.add(slot)
             self._free.add(slot)
             self._check_open()
         assert raced is not None
@@ -498,7 +573,13 @@ class FileBlockStore(RefTableBlockStore):
                 pending, self._pending = self._pending, []
                 self._inflight += 1
             try:
-                self._sync_files()
+                try:
+                    with disk_full_is_out_of_space(f"file block store {self._path} (flush)"):
+                        self._sync_files()
+                except BaseException:
+                    with self._lock:
+                        self._pending.extend(pending)  # their zero records are not durable yet
+                    raise
                 with self._lock:
                     self._free.update(pending)
                     self._write_durable(upto)

@@ -7,6 +7,7 @@ from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any, ClassVar
 from urllib.parse import parse_qsl, urlsplit
 
+from torus_core.datadir import open_private, private_dir, restrict_file
 from torus_core.errors import ConfigError
 from torus_core.eventlog import MetadataBackend
 
@@ -57,6 +58,20 @@ def _positive(key: str, raw: Any) -> float:
     return value
 
 
+def _private_database_files(path: str) -> None:
+    """Create the database file ``0600`` before SQLite does, and restrict existing ones.
+
+    SQLite creates ``-wal`` and ``-shm`` with the database file's permission bits, so a private
+    database file keeps them private too; ones written by an older torus are restricted here.
+    """
+    try:
+        os.close(open_private(path, os.O_RDWR | os.O_CREAT))
+        for suffix in ("-wal", "-shm", "-journal"):
+            restrict_file(path + suffix)
+    except OSError as exc:
+        raise ConfigError(f"cannot open sqlite metadata database {path!r}: {exc}") from exc
+
+
 class SQLiteBackend(MetadataBackend):
     """Event log + lease store in one SQLite file; safe for many threads and processes."""
 
@@ -76,6 +91,7 @@ class SQLiteBackend(MetadataBackend):
         from torus_sqlite.eventlog import SQLiteEventLog
         from torus_sqlite.leases import SQLiteLeaseStore
 
+        _private_database_files(path)
         self.path = path
         self._db = Database(path, busy_timeout=busy_timeout)
         self._log = SQLiteEventLog(self._db, poll_interval=poll_interval)
@@ -87,7 +103,7 @@ class SQLiteBackend(MetadataBackend):
         path, _ = parse_url(url)
         parent = os.path.dirname(path)
         if parent:
-            os.makedirs(parent, exist_ok=True)
+            private_dir(parent, fix_existing=False)
 
     @classmethod
     def from_url(cls, url: str, options: Mapping[str, Any] | None = None) -> SQLiteBackend:

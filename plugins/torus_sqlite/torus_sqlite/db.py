@@ -17,7 +17,7 @@ from typing import Any
 from sqlalchemy import Connection, Engine, create_engine, event
 from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError
 
-from torus_core.errors import Closed, CompareFailed, MetadataUnavailable
+from torus_core.errors import Closed, CompareFailed, MetadataOutOfSpace, MetadataUnavailable
 from torus_sqlite.backend import DEFAULT_BUSY_TIMEOUT
 from torus_sqlite.schema import create_schema, metadata
 
@@ -70,12 +70,16 @@ class Database:
             yield
         except IntegrityError as exc:
             raise CompareFailed(f"append conflicts with a stored event: {exc.orig}") from exc
-        except OperationalError as exc:
-            raise MetadataUnavailable(f"sqlite {self.path!r}: {exc.orig}", backend="sqlite") from exc
-        except DBAPIError as exc:
-            raise MetadataUnavailable(f"sqlite {self.path!r}: {exc.orig}", backend="sqlite") from exc
+        except (OperationalError, DBAPIError) as exc:
+            raise self._unavailable(exc.orig) from exc
         except sqlite3.Error as exc:
-            raise MetadataUnavailable(f"sqlite {self.path!r}: {exc}", backend="sqlite") from exc
+            raise self._unavailable(exc) from exc
+
+    def _unavailable(self, exc: BaseException | None) -> MetadataUnavailable:
+        """MetadataUnavailable for a SQLite error; MetadataOutOfSpace when its disk is full."""
+        if getattr(exc, "sqlite_errorcode", None) == sqlite3.SQLITE_FULL:
+            return MetadataOutOfSpace(f"sqlite {self.path!r}: {exc} (its disk is full)", backend="sqlite")
+        return MetadataUnavailable(f"sqlite {self.path!r}: {exc}", backend="sqlite")
 
     @contextmanager
     def _tx(self, begin: str) -> Iterator[Connection]:
