@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from torus_core.errors import BlockUnavailable, InvalidArgument
+from torus_core.errors import BlockUnavailable, InvalidArgument, MetadataUnavailable
 from torus_core.nbd import MemoryExportProvider, NBDServer, ServerThread
 from torus_core.nbd.constants import (
     IHAVEOPT,
@@ -846,4 +846,26 @@ def test_in_flight_requests_per_connection_are_bounded():
         p.gate.set()
         assert sorted(c.structured_reply()[0] for _ in handles) == handles
         assert exports[0].peak == 2
+        c.close()
+
+
+class _MetadataDown(MemoryExportProvider):
+    def open_export(self, name: str) -> MemoryExport:
+        raise MetadataUnavailable("etcd at 127.0.0.1:2379 does not answer")
+
+    def describe(self, name: str):
+        raise MetadataUnavailable("etcd at 127.0.0.1:2379 does not answer")
+
+
+def test_an_export_that_cannot_be_opened_during_a_metadata_outage_is_refused_with_the_reason():
+    down = _MetadataDown()
+    down.add("disk", SIZE)
+    with _start(down) as st:
+        c = RawClient(st.port)
+        c.greet()
+        raw = b"disk"
+        c.option(Opt.GO, struct.pack(">I", len(raw)) + raw + struct.pack(">H", 0))
+        got, rep, msg = c.option_reply()
+        assert (got, rep) == (Opt.GO, Rep.ERR_POLICY)  # not ERR_UNKNOWN: "no export named"
+        assert b"not available now" in msg and b"does not answer" in msg
         c.close()

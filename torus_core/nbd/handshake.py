@@ -284,7 +284,7 @@ class Negotiator:
             )
             raise _OptionError(Rep.ERR_POLICY, str(e)) from None
         except TorusError as e:
-            raise _OptionError(Rep.ERR_UNKNOWN, f"export {name!r} is not available: {e}") from None
+            raise self._unavailable(name, e) from None
         flags = transmission_flags(info, self.structured)
         self._reply(opt, Rep.INFO, wire.info_export(info.size, flags))
         if Info.NAME in requests:
@@ -296,6 +296,18 @@ class Negotiator:
         if export is None:
             return None
         return self._session(export, info, flags)
+
+    def _unavailable(self, name: str, e: TorusError) -> _OptionError:
+        """The refusal of an export that exists (or may) but cannot be opened now, e.g. while
+        the metadata service is unreachable: ERR_POLICY with the reason, not ERR_UNKNOWN, which
+        clients print as "no export named ..." (see the Locked case); logged, rate-limited."""
+        log.warning(
+            "NBD client %s: export %s is not available: %s",
+            self._peer(),
+            shorten(repr(name)),
+            shorten(str(e)),
+        )
+        return _OptionError(Rep.ERR_POLICY, f"export {name!r} is not available now: {e}")
 
     async def _list(self, data: bytes) -> None:
         if data:
@@ -325,7 +337,7 @@ class Negotiator:
         except NotExist:
             raise _OptionError(Rep.ERR_UNKNOWN, f"no export named {name!r}") from None
         except TorusError as e:
-            raise _OptionError(Rep.ERR_UNKNOWN, f"export {name!r} is not available: {e}") from None
+            raise self._unavailable(name, e) from None
         reply = wire.U32.pack(ALLOCATION_CONTEXT_ID) + BASE_ALLOCATION.encode()
         if opt == Opt.LIST_META_CONTEXT:
             if not queries or any(q in ("base:", BASE_ALLOCATION) for q in queries):
