@@ -42,7 +42,7 @@ from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-from torus_core.errors import ConfigError, InvalidArgument, ProtocolError
+from torus_core.errors import ConfigError, InvalidArgument, ProtocolError, TorusError
 from torus_core.nbd.budget import ByteBudget, release_free_memory
 from torus_core.nbd.export import ExportProvider
 from torus_core.nbd.handshake import REFUSE_OPTIONS, Negotiator
@@ -272,6 +272,8 @@ class NBDServer:
         except ProtocolError as e:
             log.info("NBD protocol violation from %s: %s", peer, e)
             stream.abort()
+        except TorusError as e:  # e.g. the final flush at close met a full store: no traceback
+            log.error("NBD connection %s ended with an error: %s", peer, e)
         except Exception:
             log.exception("NBD connection %s failed", peer)
         finally:
