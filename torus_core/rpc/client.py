@@ -21,6 +21,7 @@ from torus_core.metrics import RPC_CLIENT_ERRORS_BY_METHOD, RPC_CLIENT_SECONDS_B
 from torus_core.refs import BlockRef
 from torus_core.rpc import torus_storage_pb2 as pb
 from torus_core.rpc import torus_storage_pb2_grpc as pb_grpc
+from torus_core.rpc.auth import ClientAuthInterceptor, PeerAuth
 from torus_core.rpc.options import DEFAULT_MAX_MESSAGE_BYTES, RPCTimeouts, channel_options
 from torus_core.rpc.status import error_from_rpc
 from torus_core.rpc.tls import TLSConfig, check_insecure_allowed, normalize_address
@@ -82,6 +83,7 @@ class PeerClient:
     :param tls: mutual TLS settings, or None for plaintext (loopback only unless ``allow_insecure``).
     :param timeouts: default deadlines.
     :param max_message_bytes: largest message sent or received.
+    :param auth: the cluster credential presented on every call (None: no credential).
     """
 
     def __init__(
@@ -92,6 +94,7 @@ class PeerClient:
         allow_insecure: bool = False,
         timeouts: RPCTimeouts | None = None,
         max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+        auth: PeerAuth | None = None,
     ) -> None:
         self.address = normalize_address(address)
         self.timeouts = timeouts or RPCTimeouts()
@@ -104,6 +107,8 @@ class PeerClient:
             if tls.server_name:
                 options.append(("grpc.ssl_target_name_override", tls.server_name))
             self._channel = grpc.secure_channel(self.address, tls.channel_credentials(), options=options)
+        if auth is not None:
+            self._channel = grpc.intercept_channel(self._channel, ClientAuthInterceptor(auth))
         self._stub = _storage_stub(self._channel)
         # requests are already serialized (torus_core.rpc.wire): no message object, no copy
         self._put_raw: _Call[bytes, pb.PutBlocksResponse] = self._channel.unary_unary(
@@ -340,7 +345,7 @@ class PeerClientPool:
 
     A channel that saw a transport failure can be dropped with :meth:`reset` (the next call
     dials afresh), which is what the distributor does after a :class:`PeerUnavailable`.
-    All clients share the pool's TLS settings, timeouts and message limit.
+    All clients share the pool's TLS settings, cluster credential, timeouts and message limit.
     """
 
     def __init__(
@@ -350,8 +355,10 @@ class PeerClientPool:
         allow_insecure: bool = False,
         timeouts: RPCTimeouts | None = None,
         max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+        auth: PeerAuth | None = None,
     ) -> None:
         self.tls = tls
+        self.auth = auth
         self.allow_insecure = allow_insecure
         self.timeouts = timeouts or RPCTimeouts()
         self.max_message_bytes = max_message_bytes
@@ -373,6 +380,7 @@ class PeerClientPool:
                     allow_insecure=self.allow_insecure,
                     timeouts=self.timeouts,
                     max_message_bytes=self.max_message_bytes,
+                    auth=self.auth,
                 )
                 self._clients[key] = client
             return client
