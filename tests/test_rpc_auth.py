@@ -400,6 +400,9 @@ def test_replicas_refuse_what_no_honest_writer_sends(tmp_path: Path) -> None:
                 for trim in (client.journal_trim, chan.trim):
                     with pytest.raises(ReplicaRefused, match="does not exist"):
                         trim(VOL + 1, 1, 5)
+                    with pytest.raises(ReplicaRefused, match="checkpoint covers sequence numbers up to 0"):
+                        trim(VOL, 1, 5)  # the volume was never checkpointed
+                    assert trim(VOL, 1, 0) == 0
                 with pytest.raises(ReplicaRefused, match="does not exist"):
                     client.put_blocks([BlockRef(VOL + 1, 2, 1)], [b"x"])
                 assert jstore.read(VOL) == []

@@ -252,6 +252,12 @@ def test_probes_without_the_cluster_key_or_outside_what_a_writer_sends_change_no
                 member_chan.fence(vid, U64_MAX)
             with pytest.raises(ReplicaRefused):
                 member_chan.fence(U64_MAX >> 30, 1)  # a volume that does not exist: no directory
+            # a member's trim after the acknowledged flush (past the last checkpoint) is refused
+            flushed = max(decode_record(r).seq for r in before[uuid])
+            with pytest.raises(ReplicaRefused, match="checkpoint"):
+                member.journal_trim(vid, state.lock_epoch, flushed)
+            with pytest.raises(ReplicaRefused, match="checkpoint"):
+                member_chan.trim(vid, state.lock_epoch, U64_MAX)
             assert (
                 member.rebalance_check(
                     [BlockRef(vid, state.inode.inode + 100, i) for i in range(1, 4)]
@@ -308,6 +314,10 @@ def test_probes_without_the_cluster_key_or_outside_what_a_writer_sends_change_no
         writer.write(2)  # still the volume's writer: no fence took the volume away
         writer.close()
         assert read_volume(nbd_uri, cluster.root / "read") == expected([0, 1, 2])
+        # and the honest writer's own trims (after each checkpoint) were all accepted
+        for p in cluster.peers:
+            log_text = (p.data_dir / "torusd.log").read_text()
+            assert "trimming the journal" not in log_text, p.log_tail(20)
     finally:
         for c in clients:
             c.close()

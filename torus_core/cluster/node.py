@@ -208,6 +208,8 @@ class ClusterNode:
             block_size=None if store is not None else self.block_size,
             close_local_store=close_store,
         )
+        if self.guard is not None:
+            self.guard.inodes = self.distributor  # trims are checked against the committed INode
         #: this node's journal files (served by the RPC server) and the cluster's volume journals
         #: as this node's writers append to them (R ring peers per volume, see torus_core.journal.remote)
         self.journal = journal if self.server is not None else None

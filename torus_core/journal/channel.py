@@ -437,7 +437,7 @@ class JournalChannelServer:
                 volume_id, epoch, through = _TRIM.unpack(payload)
                 _check_volume_id(volume_id)
                 if guard is not None:
-                    guard.check_volume(volume_id, "journal trim")
+                    guard.check_trim(volume_id, through)
                 return OK, _U32.pack(min(self.journal.trim(volume_id, epoch, through), (1 << 32) - 1))
             raise _Malformed(f"unknown op {op}")
         except StaleEpoch as exc:

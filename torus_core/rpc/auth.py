@@ -5,7 +5,7 @@
 metadata credential is a member and nothing else is (docs/cluster.md, "Peer authentication").
 Two transports use it:
 
-* **gRPC** (:class:`ClientAuthInterceptor`, :class:`ServerAuthInterceptor`): every call carries
+* **gRPC** (:class:`~torus_core.rpc.client.PeerClient`, :class:`ServerAuthInterceptor`): every call carries
   ``x-torus-peer-auth: v1.<caller>.<unix ms>.<nonce>.<mac>`` where ``mac`` is
   ``HMAC-SHA256(key, "torus-rpc-v1" | method | caller | ms | nonce)``. The server accepts a
   token once (it remembers every nonce for the skew window), only within :data:`MAX_SKEW`
@@ -33,7 +33,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any, NamedTuple
+from typing import Any
 
 import grpc
 
@@ -98,11 +98,8 @@ class ClusterKey:
 
     def mac(self, *parts: bytes) -> bytes:
         """HMAC-SHA256 over the length-prefixed ``parts`` (no two part lists collide)."""
-        h = hmac.new(self._secret, digestmod=hashlib.sha256)
-        for p in parts:
-            h.update(len(p).to_bytes(4, "little"))
-            h.update(p)
-        return h.digest()
+        msg = b"".join(len(p).to_bytes(4, "little") + p for p in parts)
+        return hmac.new(self._secret, msg, hashlib.sha256).digest()
 
     def __repr__(self) -> str:
         return "ClusterKey(<secret>)"
@@ -210,70 +207,22 @@ def check_channel_proof(key: ClusterKey, challenge: bytes, caller: str, proof: b
 # --- gRPC -------------------------------------------------------------------------------------
 
 
-class _CallDetails(NamedTuple):
-    method: str
-    timeout: float | None
-    metadata: Any
-    credentials: Any
-    wait_for_ready: bool | None
-    compression: Any
-
-
-class ClientAuthInterceptor(
-    grpc.UnaryUnaryClientInterceptor,  # type: ignore[misc]  # grpc ships no type hints
-    grpc.UnaryStreamClientInterceptor,  # type: ignore[misc]  # grpc ships no type hints
-    grpc.StreamUnaryClientInterceptor,  # type: ignore[misc]  # grpc ships no type hints
-    grpc.StreamStreamClientInterceptor,  # type: ignore[misc]  # grpc ships no type hints
-):
-    """Adds a fresh :func:`call_token` to every call on the channel."""
-
-    def __init__(self, auth: PeerAuth) -> None:
-        self.auth = auth
-
-    def _details(self, details: Any) -> _CallDetails:
-        method = details.method
-        name = method.decode() if isinstance(method, bytes) else str(method)
-        metadata = list(details.metadata or ())
-        metadata.append((AUTH_METADATA_KEY, call_token(self.auth, name)))
-        return _CallDetails(
-            details.method,
-            details.timeout,
-            metadata,
-            details.credentials,
-            getattr(details, "wait_for_ready", None),
-            getattr(details, "compression", None),
-        )
-
-    def intercept_unary_unary(self, continuation: Any, client_call_details: Any, request: Any) -> Any:
-        return continuation(self._details(client_call_details), request)
-
-    def intercept_unary_stream(self, continuation: Any, client_call_details: Any, request: Any) -> Any:
-        return continuation(self._details(client_call_details), request)
-
-    def intercept_stream_unary(
-        self, continuation: Any, client_call_details: Any, request_iterator: Any
-    ) -> Any:
-        return continuation(self._details(client_call_details), request_iterator)
-
-    def intercept_stream_stream(
-        self, continuation: Any, client_call_details: Any, request_iterator: Any
-    ) -> Any:
-        return continuation(self._details(client_call_details), request_iterator)
-
-
 @dataclass(frozen=True)
 class CallLimits:
     """Per-caller bounds a peer server enforces (``PeerBusy`` beyond them).
 
-    :param calls: calls one caller may have in flight at once.
+    :param calls: calls one caller may have in flight (running or queued for a handler thread)
+        at once. Generous: a unary call cannot idle (its request is complete before a handler
+        runs), so this only bounds what one caller may queue; an NBD server at queue depth 32
+        over several connections sends dozens of reads to one peer at once.
     :param streams: streaming calls (``PutBlockStream``, ``JournalRead``) one caller may have in
         flight at once.
-    :param stream_idle: seconds a client-streaming call may go without a message before the
-        server cancels it.
+    :param stream_idle: seconds a streaming call may go without a message from its client (or
+        without taking one from the server) before the server cancels it.
     """
 
-    calls: int = 12
-    streams: int = 4
+    calls: int = 128
+    streams: int = 8
     stream_idle: float = 15.0
 
     def __post_init__(self) -> None:
@@ -357,6 +306,8 @@ class ServerAuthInterceptor(grpc.ServerInterceptor):  # type: ignore[misc]  # gr
         self._lock = threading.Lock()
         self._calls: collections.Counter[str] = collections.Counter()
         self._streams: collections.Counter[str] = collections.Counter()
+        #: the counting handler of each (method, caller), built once
+        self._wrapped: dict[tuple[str, str], grpc.RpcMethodHandler] = {}
         #: calls refused, by reason (tests and debugging)
         self.refused: collections.Counter[str] = collections.Counter()
 
@@ -400,7 +351,14 @@ class ServerAuthInterceptor(grpc.ServerInterceptor):  # type: ignore[misc]  # gr
             self._calls[caller] += 1
             if streaming:
                 self._streams[caller] += 1
-        return _rebuild(handler, self._counted(handler, caller, streaming))
+            wrapped = self._wrapped.get((method, caller))
+        if wrapped is None:
+            wrapped = _rebuild(handler, self._counted(handler, caller, streaming))
+            with self._lock:
+                if len(self._wrapped) >= 4096:
+                    self._wrapped.clear()
+                self._wrapped[(method, caller)] = wrapped
+        return wrapped
 
     def _release(self, caller: str, streaming: bool) -> None:
         with self._lock:
@@ -421,16 +379,16 @@ class ServerAuthInterceptor(grpc.ServerInterceptor):  # type: ignore[misc]  # gr
         if handler.response_streaming:
 
             def streamed(request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
+                # a client that stops reading blocks the handler in flow control: the watchdog
+                # cancels the call when a message waits ``idle`` seconds to be taken
+                dog = _Watchdog(context, idle)
                 try:
-                    if handler.request_streaming:
-                        dog = _Watchdog(context, idle)
-                        try:
-                            yield from inner(dog.watch(request), context)
-                        finally:
-                            dog.stop()
-                    else:
-                        yield from inner(request, context)
+                    source = dog.watch(request) if handler.request_streaming else request
+                    for item in inner(source, context):
+                        dog.kick()
+                        yield item
                 finally:
+                    dog.stop()
                     self._release(caller, streaming)
 
             return streamed

@@ -337,7 +337,7 @@ class StorageServicer(pb_grpc.TorusStorageServicer):
         def do() -> pb.JournalTrimResponse:
             journal = self._journal_for(request.volume_id)
             if self.guard is not None:
-                self.guard.check_volume(request.volume_id, "journal trim")
+                self.guard.check_trim(request.volume_id, request.through_seq)
             removed = journal.trim(request.volume_id, request.epoch, request.through_seq)
             return pb.JournalTrimResponse(removed=removed)
 
