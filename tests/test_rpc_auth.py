@@ -209,6 +209,40 @@ def test_idle_streams_do_not_stall_a_peer(server: PeerServer) -> None:
         channel.close()
 
 
+def test_a_stream_whose_client_stops_reading_is_cancelled(server: PeerServer) -> None:
+    """A JournalRead whose client never takes the messages would hold a handler thread in flow
+    control until the client's deadline; the server cancels it after ``stream_idle`` (1 s)."""
+    member = PeerClient(server.address, timeouts=FAST, auth=MEMBER)
+    channel = grpc.insecure_channel(server.address)
+    try:
+        member.journal_fence(VOL, 1)
+        big = 4 << 20
+        for seq in range(1, 9):  # 32 MiB of records: more than the connection's flow-control window
+            member.journal_append(VOL, 1, [rec(seq, size=big)])
+        read = channel.unary_stream(
+            "/torus.rpc.v1.TorusStorage/JournalRead",
+            request_serializer=pb.JournalReadRequest.SerializeToString,
+            response_deserializer=pb.JournalReadResponse.FromString,
+        )
+        token = call_token(MEMBER, "/torus.rpc.v1.TorusStorage/JournalRead")
+        stalled = read(
+            pb.JournalReadRequest(volume_id=VOL), timeout=60.0, metadata=[(AUTH_METADATA_KEY, token)]
+        )
+        deadline = time.monotonic() + 3.0
+        while server.interceptor.in_flight("member") == (0, 0) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert server.interceptor.in_flight("member") == (1, 1)  # started, and now stuck
+        deadline = time.monotonic() + 10.0
+        while server.interceptor.in_flight("member") != (0, 0) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert server.interceptor.in_flight("member") == (0, 0)
+        stalled.cancel()
+        assert len(member.journal_read(VOL, 0, timeout=10.0)) == 8  # the journal is intact
+    finally:
+        member.close()
+        channel.close()
+
+
 def test_per_caller_call_limit_answers_peer_busy(journal: JournalStore) -> None:
     store = mem_store_factory()(BS, 64)
     srv = PeerServer(store, journal=journal, auth=KEY, limits=CallLimits(calls=1)).start()
