@@ -335,7 +335,7 @@ def test_cluster_nodes_advertise_their_channels_and_append_over_them(tmp_path: P
     from torus_sqlite.backend import SQLiteBackend
 
     from torus_core.cluster.peerinfo import PeerInfo
-    from torus_core.testing.cluster import InProcessCluster, wait_until
+    from torus_core.testing.cluster import InProcessCluster, wait_until, writable_volume
 
     url = f"sqlite:///{tmp_path}/meta.db?poll_interval=0.02"
     journals = {u: JournalStore(tmp_path / u / "journal") for u in PEERS}
@@ -357,6 +357,7 @@ def test_cluster_nodes_advertise_their_channels_and_append_over_them(tmp_path: P
                 )
             owners = nodes[0].journal_replicas.replicas(VOL)
             writer = c.nodes[next(u for u in PEERS if u not in owners)].journal_replicas
+            assert writable_volume(c.md, VOL).epoch == 1  # peers take journals of real volumes only
             writer.fence(VOL, 1)
             writer.append(VOL, 1, [rec(1), rec(2)])
             assert sum(len(journals[u].read(VOL, 0)) == 2 for u in PEERS) >= 2

@@ -278,7 +278,7 @@ def test_remote_replicas_satisfy_the_journal_replicas_protocol(cluster: JournalC
 def test_cluster_nodes_serve_their_journal_stores_and_append_through_the_ring(tmp_path: Path) -> None:
     from torus_sqlite.backend import SQLiteBackend
 
-    from torus_core.testing.cluster import InProcessCluster, wait_until
+    from torus_core.testing.cluster import InProcessCluster, wait_until, writable_volume
 
     url = f"sqlite:///{tmp_path}/meta.db?poll_interval=0.02"
     journals = {u: JournalStore(tmp_path / u / "journal") for u in PEERS}
@@ -293,6 +293,8 @@ def test_cluster_nodes_serve_their_journal_stores_and_append_through_the_ring(tm
                 10.0,
             )
             writer = nodes[0].journal_replicas
+            first = writable_volume(c.md, VOL)  # peers take journals of real volumes only
+            assert first.epoch == 1
             assert writer.fence(VOL, 1) == 0
             writer.append(VOL, 1, [rec(1), rec(2)])
             owners = writer.replicas(VOL)
@@ -300,6 +302,8 @@ def test_cluster_nodes_serve_their_journal_stores_and_append_through_the_ring(tm
                 assert [x.seq for x in journals[u].read(VOL, 0)] == ([1, 2] if u in owners else [])
             # another node (a new writer after a takeover) fences and finds everything
             successor = nodes[2].journal_replicas
+            c.md.leases.revoke(first.lease)
+            assert writable_volume(c.md, VOL).epoch == 2
             assert successor.fence(VOL, 2) == 2
             with pytest.raises(StaleEpoch):
                 writer.append(VOL, 1, [rec(3)])

@@ -31,7 +31,13 @@ from torus_core.ring.base import RingMember
 from torus_core.ring.builtin import builtin_ring_types
 from torus_core.ring.codec import make_ring, ring_from_spec
 from torus_core.rpc import PeerClientPool, PeerServer
-from torus_core.testing.cluster import InProcessCluster, commit_blocks, open_mem_store, wait_until
+from torus_core.testing.cluster import (
+    InProcessCluster,
+    commit_blocks,
+    ensure_volumes,
+    open_mem_store,
+    wait_until,
+)
 
 RING_TYPES = builtin_ring_types()
 
@@ -50,6 +56,7 @@ def _ring(cluster: InProcessCluster):  # type: ignore[no-untyped-def]
 
 
 def _write(client: ClusterNode, n: int, volume: int = 7) -> dict[BlockRef, bytes]:
+    ensure_volumes(client.md, volume)  # peers refuse blocks of volumes that do not exist
     blocks = {BlockRef(volume, 2, i + 1): os.urandom(64) + bytes(BS - 64) for i in range(n)}
     client.distributor.write_blocks(blocks.items())
     client.distributor.flush()  # write-behind: placed (and durable) once flushed

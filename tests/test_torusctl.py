@@ -26,8 +26,24 @@ def run(tmp_path: Path):
     return invoke
 
 
+def test_init_stores_a_cluster_key_that_events_never_show(run, tmp_path: Path) -> None:
+    from torus_sqlite.backend import SQLiteBackend
+
+    from torus_core.metadata import CLUSTER_KEY
+
+    run("init", "--block-size", "64KiB")
+    backend = SQLiteBackend.from_url(f"sqlite:///{tmp_path}/meta.db")
+    try:
+        raw = backend.leases.get(CLUSTER_KEY)
+    finally:
+        backend.close()
+    assert raw is not None and len(bytes.fromhex(raw.decode())) == 32
+    assert raw.decode() not in run("events", "--json").output
+
+
 def test_format_create_list_resize_delete_and_read_history(run) -> None:
-    assert "formatted" in run("init", "--block-size", "64KiB").output
+    out = run("init", "--block-size", "64KiB").output
+    assert "formatted" in out and "cluster key created" in out
     assert "already formatted" in run("init", ok=False).output
     assert "already formatted" in run("init", "--if-needed").output
     assert "block size: 65536" in run("init", "--view").output

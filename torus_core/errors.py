@@ -279,6 +279,22 @@ class PeerUnavailable(NoPeer):
         self.address = address
 
 
+class Unauthenticated(PeerUnavailable):
+    """A peer refused a call or journal channel connection: the caller did not prove that it is
+    a member of the cluster (no, a wrong or a replayed HMAC of the cluster key)."""
+
+
+class PeerBusy(PeerUnavailable):
+    """A peer refused a call because the caller already has as many calls (or streams) in
+    flight there as one caller may; retry later or elsewhere."""
+
+
+class ReplicaRefused(InvalidArgument):
+    """A replica refused a request that no honest writer sends: a journal record or block for a
+    volume that does not exist, a fence epoch that is not the volume's lock epoch, a journal
+    record larger than the maximum. Nothing was stored."""
+
+
 class ReplicationFailed(NoPeer):
     """A write was not acknowledged by as many owners as its write level requires.
 

@@ -42,6 +42,7 @@ import json
 import logging
 import os
 import random
+import secrets
 import socket
 import threading
 import time
@@ -56,6 +57,7 @@ from torus_core.errors import (
     CompareFailed,
     InvalidArgument,
     Locked,
+    MetadataError,
     NoGlobalMetadata,
     NonSequentialRing,
     NotExist,
@@ -122,6 +124,10 @@ Decision = tuple[Sequence[NewEvent], _T]
 #: Lease-store key prefixes.
 LOCK_PREFIX = "volume-lock/"
 PEER_PREFIX = "peers/"
+#: Lease-store key (no lease: permanent) of the cluster key peers prove membership with.
+CLUSTER_KEY = "cluster/peer-key"
+#: Bytes of a cluster key made by :meth:`MetadataService.cluster_key`.
+CLUSTER_KEY_BYTES = 32
 _MAX_NAME = 255
 #: Events after which an earlier lock holder may no longer write (the slow path reports Locked).
 _FENCING_TOPICS = frozenset(
@@ -340,6 +346,24 @@ class MetadataService:
         """The metadata log's head position (one cheap read; also a liveness probe)."""
         return self.backend.log.head_position()
 
+    def cluster_key(self) -> bytes:
+        """The cluster's random peer key (``torusctl init`` creates it; a cluster formatted
+        before peers authenticated gets one on first use). Stored in the lease store without a
+        lease, never in the event log, so ``torusctl events`` does not show it: whoever holds
+        the metadata credential is a member of the cluster (docs/cluster.md)."""
+        leases = self.backend.leases
+        raw = leases.get(CLUSTER_KEY)
+        if raw is None:
+            leases.put_if_absent(CLUSTER_KEY, secrets.token_hex(CLUSTER_KEY_BYTES).encode())
+            raw = leases.get(CLUSTER_KEY)
+        try:
+            key = bytes.fromhex(raw.decode("ascii")) if raw is not None else b""
+        except (UnicodeDecodeError, ValueError):
+            key = b""
+        if len(key) < 16:
+            raise MetadataError(f"the metadata backend holds no usable cluster key under {CLUSTER_KEY!r}")
+        return key
+
     @property
     def leases(self) -> LeaseStore:
         """The backend's lease store (peer registrations, volume lock keys, volume leases).
@@ -425,6 +449,7 @@ class MetadataService:
             )
         except CompareFailed:
             raise AlreadyExists("the cluster is already formatted") from None
+        self.cluster_key()
         return GlobalMetadata(block_size, block_spec, spec.type, spec.replication)
 
     def global_metadata(self) -> GlobalMetadata:

@@ -32,6 +32,7 @@ from torus_core.plugins import make_plugin_manager
 from torus_core.refs import BlockRef, BlockType
 from torus_core.ring.builtin import builtin_ring_types
 from torus_core.ring.codec import ring_from_spec
+from torus_core.rpc.auth import ClusterKey, PeerAuth
 from torus_core.rpc.client import PeerClientPool
 from torus_core.testing.procs import TorusdProcess, torusctl, wait_for
 from torus_core.testing.services import EtcdServer, start_etcd
@@ -189,7 +190,7 @@ def _missing_copies(cluster: Cluster, blocks: set[BlockRef]) -> list[tuple[Block
         for uuid in owners:
             by_owner.setdefault(uuid, []).append(ref)
     missing: list[tuple[BlockRef, str]] = []
-    with PeerClientPool() as pool:
+    with PeerClientPool(auth=PeerAuth(ClusterKey(cluster.md.cluster_key()), "convergence-checker")) as pool:
         for uuid, refs in by_owner.items():
             has = pool.get(addresses[uuid]).rebalance_check(refs, timeout=10.0)
             missing += [(r, uuid) for r, h in zip(refs, has, strict=True) if not h]

@@ -29,8 +29,10 @@ from torus_core.metadata import MetadataService
 from torus_core.plugins import make_plugin_manager
 from torus_core.ring.builtin import builtin_ring_types
 from torus_core.ring.codec import ring_from_spec
+from torus_core.rpc.auth import ClusterKey, PeerAuth
 from torus_core.rpc.client import PeerClientPool
 from torus_core.rpc.options import RPCTimeouts
+from torus_core.testing.cluster import writable_volume
 from torus_core.testing.procs import TorusdProcess, torusctl, wait_for
 from torus_core.testing.services import start_etcd
 
@@ -107,7 +109,12 @@ def test_sigkilled_journal_replica_is_handed_off_and_its_flushed_records_survive
     directory = PeerDirectory({u: i.address for u, i in infos.items() if i.address})
     by_uuid = {p.uuid: p for p in cluster.peers}
     assert set(directory.snapshot()) == set(by_uuid)
-    pool = PeerClientPool(timeouts=RPCTimeouts(journal=3.0))
+    # a member of the cluster (it holds the metadata credential, hence the cluster key) writing
+    # the journal of a real, locked volume: peers refuse anything else
+    auth = PeerAuth(ClusterKey(cluster.md.cluster_key()), "test-writer")
+    pool = PeerClientPool(timeouts=RPCTimeouts(journal=3.0), auth=auth)
+    first = writable_volume(cluster.md, VOL, size=SIZE)
+    assert first.epoch == 1
     writer = RemoteJournalReplicas("test-writer", None, lambda: ring, directory, pool, timeout=3.0)
     try:
         perm = ring.get_peers(journal_ref(VOL)).peers
@@ -130,6 +137,8 @@ def test_sigkilled_journal_replica_is_handed_off_and_its_flushed_records_survive
         assert [decode_record(b).seq for b in back.journal_read(VOL, 0)] == list(range(1, 11))
 
         # a new writer (epoch 2) fences every member and continues after the last record
+        cluster.md.leases.revoke(first.lease)
+        assert writable_volume(cluster.md, VOL, size=SIZE).epoch == 2
         successor = RemoteJournalReplicas("successor", None, lambda: ring, directory, pool, timeout=3.0)
         try:
             assert successor.fence(VOL, 2) == 20

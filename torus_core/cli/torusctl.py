@@ -86,7 +86,7 @@ def init_cmd(
     if_needed: bool,
     view: bool,
 ) -> None:
-    """Format the metadata backend for a new cluster."""
+    """Format the metadata backend for a new cluster (and create the peers' cluster key)."""
     md = metadata_service()
     if view:
         gm = md.global_metadata()
@@ -106,6 +106,7 @@ def init_cmd(
             return
         raise
     click.echo(f"formatted: block size {_size(block_size)}, spec {spec}, ring {ring.type}")
+    click.echo("cluster key created: peers read it from the metadata backend (docs/cluster.md)")
 
 
 @cli.command("wipe")

@@ -56,7 +56,9 @@ from torus_core.refs import BlockRef
 from torus_core.registry import Registry
 from torus_core.ring.base import Ring, RingMember
 from torus_core.ring.codec import make_ring, ring_from_spec
+from torus_core.rpc.auth import ClusterKey, PeerAuth
 from torus_core.rpc.client import PeerClientPool
+from torus_core.rpc.guard import ReplicaGuard
 from torus_core.rpc.options import RPCTimeouts
 from torus_core.rpc.server import PeerServer
 from torus_core.rpc.tls import TLSConfig, split_host_port
@@ -170,15 +172,27 @@ class ClusterNode:
             )
         self.block_size = block_size or gm.block_size
         self.heap = HeapTrimmer(interval=0.25)
+        #: the cluster key (from the metadata backend) this node proves membership with and
+        #: demands of every caller; there is no way to turn it off
+        self.auth = PeerAuth(ClusterKey(md.cluster_key()), uuid)
+        #: what this storage peer refuses of other peers (checked against the metadata log)
+        self.guard = ReplicaGuard(md) if store is not None else None
         self.server: PeerServer | None = None
         if listen is not None and store is not None:
             # replication batches are what leaves freed heap behind: trim after them (rate-limited)
             self.server = PeerServer(
-                store, uuid=uuid, address=listen, tls=tls, on_put=self._after_put, journal=journal
+                store,
+                uuid=uuid,
+                address=listen,
+                tls=tls,
+                on_put=self._after_put,
+                journal=journal,
+                auth=self.auth.key,
+                guard=self.guard,
             )
         self._advertise = advertise
         self.directory = PeerDirectory()
-        self.pool = PeerClientPool(tls=tls, timeouts=self.options.rpc_timeouts)
+        self.pool = PeerClientPool(tls=tls, timeouts=self.options.rpc_timeouts, auth=self.auth)
         ring = ring_from_spec(self.ring_types, md.get_ring())
         self.distributor = Distributor(
             uuid,
@@ -194,6 +208,8 @@ class ClusterNode:
             block_size=None if store is not None else self.block_size,
             close_local_store=close_store,
         )
+        if self.guard is not None:
+            self.guard.inodes = self.distributor  # trims are checked against the committed INode
         #: this node's journal files (served by the RPC server) and the cluster's volume journals
         #: as this node's writers append to them (R ring peers per volume, see torus_core.journal.remote)
         self.journal = journal if self.server is not None else None
@@ -216,7 +232,12 @@ class ClusterNode:
         self.journal_channel: JournalChannelServer | None = None
         if self.journal is not None and listen is not None and self.options.journal_channel:
             self.journal_channel = JournalChannelServer(
-                self.journal, host=split_host_port(listen)[0], port=self.options.journal_channel_port, tls=tls
+                self.journal,
+                host=split_host_port(listen)[0],
+                port=self.options.journal_channel_port,
+                tls=tls,
+                auth=self.auth.key,
+                guard=self.guard,
             )
         if self.options.journal_channel:
             self.journal_replicas.channel_address = self._journal_channel_of

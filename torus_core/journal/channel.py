@@ -14,13 +14,31 @@ Frames (all integers little-endian)::
                    -> OK, empty message, once every record is durable (JournalStore.append)
     op FENCE  (2): volume_id u64 | epoch u64               -> OK, message = last_seq u64
     op TRIM   (3): volume_id u64 | epoch u64 | through u64 -> OK, message = removed u32
+    op AUTH   (4): proof (32 bytes) | caller (UTF-8)       -> OK, or UNAUTHENTICATED and close
 
-    status OK (0) | STALE_EPOCH (1) | INVALID (2) | ERROR (3); a non-OK message is UTF-8 text.
+    status OK (0) | STALE_EPOCH (1) | INVALID (2) | ERROR (3) | UNAUTHENTICATED (4) |
+    REFUSED (5) | HELLO (6); a non-OK message is UTF-8 text.
+
+**Membership** (a server with a cluster key, :mod:`torus_core.rpc.auth`): the server opens each
+connection with a HELLO reply whose message is a random 32-byte challenge; the client's first
+request must be AUTH with ``HMAC-SHA256(key, "torus-journal-v1" | challenge | caller)``. Until
+then the server reads nothing larger than an AUTH frame, and it closes a connection that sends
+anything else, a wrong proof, or nothing within :data:`HANDSHAKE_TIMEOUT`.
+
+**Timeouts and bounds** (server): :data:`HANDSHAKE_TIMEOUT` for TLS + AUTH,
+``idle_timeout`` between requests (the client re-dials a connection closed while idle), and
+``frame_timeout`` for each read of a request once its header arrived; at most
+:data:`MAX_CONNECTIONS` connections, :data:`MAX_CONNECTIONS_PER_CALLER` per authenticated
+caller. Volume ids must be ``1..VOLUME_MAX`` (INVALID otherwise, before the store sees them),
+and with a :class:`~torus_core.rpc.guard.ReplicaGuard` requests no honest writer sends get
+REFUSED.
 
 A client raises :class:`~torus_core.errors.StaleEpoch` for STALE_EPOCH,
-:class:`~torus_core.errors.InvalidArgument` for INVALID, :class:`ChannelError` for ERROR and
-:class:`~torus_core.errors.PeerUnavailable` (:class:`ChannelRefused` when the connection was
-refused) when the peer cannot be reached or does not answer within the timeout.
+:class:`~torus_core.errors.InvalidArgument` for INVALID,
+:class:`~torus_core.errors.ReplicaRefused` for REFUSED,
+:class:`~torus_core.errors.Unauthenticated` for UNAUTHENTICATED, :class:`ChannelError` for
+ERROR and :class:`~torus_core.errors.PeerUnavailable` (:class:`ChannelRefused` when the
+connection was refused) when the peer cannot be reached or does not answer within the timeout.
 
 The server runs one thread per accepted connection and answers a connection's requests in
 order, so a client may pipeline. A frame that is not well formed (length out of range, unknown
@@ -35,22 +53,36 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import secrets
 import socket
 import ssl
 import struct
 import threading
 import time
 from collections.abc import Sequence
+from typing import BinaryIO, cast
 
 from torus_core.errors import (
     ConfigError,
     InvalidArgument,
     PeerUnavailable,
+    ReplicaRefused,
     StaleEpoch,
     TorusError,
+    Unauthenticated,
 )
 from torus_core.journal.record import MAX_BODY
 from torus_core.journal.store import JournalStore
+from torus_core.refs import VOLUME_MAX
+from torus_core.rpc.auth import (
+    CHALLENGE_BYTES,
+    ClusterKey,
+    PeerAuth,
+    channel_proof,
+    check_caller,
+    check_channel_proof,
+)
+from torus_core.rpc.guard import ReplicaGuard
 from torus_core.rpc.tls import TLSConfig, check_insecure_allowed, split_host_port
 
 log = logging.getLogger(__name__)
@@ -58,18 +90,30 @@ log = logging.getLogger(__name__)
 OP_APPEND = 1
 OP_FENCE = 2
 OP_TRIM = 3
+OP_AUTH = 4
 
 OK = 0
 STALE_EPOCH = 1
 INVALID = 2
 ERROR = 3
+UNAUTHENTICATED = 4
+REFUSED = 5
+HELLO = 6
 
 #: Largest ``length`` of a frame either way: a 64 MiB batch plus room for headers.
 MAX_FRAME = MAX_BODY + 64 * 1024
-#: Seconds a server gives a new connection to finish its TLS handshake.
+#: Seconds a server gives a new connection to finish its TLS handshake and AUTH.
 HANDSHAKE_TIMEOUT = 10.0
+#: Seconds a server keeps a connection that sends no request.
+IDLE_TIMEOUT = 300.0
+#: Seconds a server waits for each read of a request whose header it has.
+FRAME_TIMEOUT = 30.0
 #: Connections one server serves at once (more are closed on accept).
 MAX_CONNECTIONS = 256
+#: Connections one authenticated caller may hold (more are refused after AUTH).
+MAX_CONNECTIONS_PER_CALLER = 64
+#: Largest AUTH frame (a proof and a caller name).
+MAX_AUTH_FRAME = 1 + 32 + 128
 
 _HEAD = struct.Struct("<IB")
 _VOL_EPOCH = struct.Struct("<QQI")
@@ -113,6 +157,11 @@ def encode_append(volume_id: int, epoch: int, payloads: Sequence[bytes]) -> byte
         raise InvalidArgument(f"journal append of {length} bytes exceeds the channel's {MAX_FRAME}")
     parts[0] = _HEAD.pack(length, OP_APPEND)
     return b"".join(parts)
+
+
+def _check_volume_id(volume_id: int) -> None:
+    if not 0 < volume_id <= VOLUME_MAX:
+        raise InvalidArgument(f"bad journal volume id {volume_id} (must be 1..{VOLUME_MAX})")
 
 
 def _frame(op: int, payload: bytes) -> bytes:
@@ -173,6 +222,11 @@ class JournalChannelServer:
     :param tls: serve TLS with these certificates (None: plaintext, loopback only unless
         ``allow_insecure``).
     :param allow_insecure: allow plaintext on a non-loopback address.
+    :param auth: the cluster key every connection must prove (None: no AUTH, for tests of the
+        bare channel; a :class:`~torus_core.cluster.node.ClusterNode` always passes one).
+    :param guard: refuses requests no honest writer sends.
+    :param idle_timeout: seconds a connection may stay without a request.
+    :param frame_timeout: seconds each read of a started request may take.
     """
 
     def __init__(
@@ -183,7 +237,14 @@ class JournalChannelServer:
         port: int = 0,
         tls: TLSConfig | None = None,
         allow_insecure: bool = False,
+        auth: ClusterKey | None = None,
+        guard: ReplicaGuard | None = None,
+        idle_timeout: float = IDLE_TIMEOUT,
+        frame_timeout: float = FRAME_TIMEOUT,
     ) -> None:
+        for name, value in (("idle", idle_timeout), ("frame", frame_timeout)):
+            if not isinstance(value, int | float) or not value > 0:
+                raise InvalidArgument(f"journal channel {name} timeout must be positive, got {value!r}")
         if tls is None:
             check_insecure_allowed(
                 f"{host}:{port}" if ":" not in host else f"[{host}]:{port}", allow_insecure
@@ -191,6 +252,11 @@ class JournalChannelServer:
         self.journal = journal
         self.host = host
         self.tls = tls
+        self.auth = auth
+        self.guard = guard
+        self.idle_timeout = float(idle_timeout)
+        self.frame_timeout = float(frame_timeout)
+        self._per_caller: dict[str, int] = {}
         self._ssl = _server_context(tls) if tls is not None else None
         self._port = port
         self._listener: socket.socket | None = None
@@ -199,7 +265,7 @@ class JournalChannelServer:
         self._lock = threading.Lock()
         self._stopped = threading.Event()
         #: requests answered, by status (for tests and debugging)
-        self.answered = [0, 0, 0, 0]
+        self.answered = [0] * (HELLO + 1)
 
     @property
     def port(self) -> int:
@@ -253,21 +319,63 @@ class JournalChannelServer:
                 self._conns.add(sock)
             threading.Thread(target=self._serve, args=(sock,), name="torus-journal-conn", daemon=True).start()
 
+    def _authenticate(self, sock: socket.socket, rfile: BinaryIO) -> str | None:
+        """Challenge the client and check its AUTH; the caller's name, or None (connection refused)."""
+        assert self.auth is not None
+        challenge = secrets.token_bytes(CHALLENGE_BYTES)
+        self._reply(sock, HELLO, challenge)
+        head = rfile.read(_HEAD.size)
+        if len(head) < _HEAD.size:
+            return None
+        length, op = _HEAD.unpack(head)
+        if op != OP_AUTH or not 1 + 32 < length <= MAX_AUTH_FRAME:
+            self._reply(sock, UNAUTHENTICATED, "journal channel: the first request must be AUTH")
+            _linger(sock)
+            return None
+        payload = rfile.read(length - 1)
+        if len(payload) < length - 1:
+            return None
+        proof, caller = payload[:32], payload[32:].decode("utf-8", "replace")
+        try:
+            check_channel_proof(self.auth, challenge, caller, proof)
+        except Unauthenticated as exc:
+            self._reply(sock, UNAUTHENTICATED, str(exc))
+            _linger(sock)
+            return None
+        with self._lock:
+            if self._per_caller.get(caller, 0) >= MAX_CONNECTIONS_PER_CALLER:
+                busy = True
+            else:
+                busy = False
+                self._per_caller[caller] = self._per_caller.get(caller, 0) + 1
+        if busy:
+            self._reply(sock, ERROR, f"caller {caller} already has {MAX_CONNECTIONS_PER_CALLER} connections")
+            return None
+        self._reply(sock, OK, b"")
+        return caller
+
     def _serve(self, raw: socket.socket) -> None:
         sock: socket.socket = raw
+        caller: str | None = None
         try:
             raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             raw.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+            raw.settimeout(HANDSHAKE_TIMEOUT)
             if self._ssl is not None:
-                raw.settimeout(HANDSHAKE_TIMEOUT)
                 sock = self._ssl.wrap_socket(raw, server_side=True)
-            sock.settimeout(None)
-            rfile = sock.makefile("rb", buffering=256 * 1024)
+            sock.settimeout(HANDSHAKE_TIMEOUT)
+            rfile = cast(BinaryIO, sock.makefile("rb", buffering=256 * 1024))
             try:
+                if self.auth is not None:
+                    caller = self._authenticate(sock, rfile)
+                    if caller is None:
+                        return
                 while not self._stopped.is_set():
+                    sock.settimeout(self.idle_timeout)
                     head = rfile.read(_HEAD.size)
                     if len(head) < _HEAD.size:
                         return  # the client closed (or cut a header short)
+                    sock.settimeout(self.frame_timeout)
                     length, op = _HEAD.unpack(head)
                     if not 1 <= length <= MAX_FRAME:
                         self._reply(sock, INVALID, f"frame length {length} out of range 1..{MAX_FRAME}")
@@ -283,12 +391,18 @@ class JournalChannelServer:
                     self._reply(sock, status, message)
             finally:
                 rfile.close()
-        except (OSError, ValueError) as exc:  # resets, TLS failures, a socket closed by stop()
+        except (OSError, ValueError) as exc:  # resets, TLS failures, timeouts, a socket closed by stop()
             if not self._stopped.is_set():
                 log.debug("journal channel connection ended: %s", exc)
         finally:
             with self._lock:
                 self._conns.discard(raw)
+                if caller is not None:
+                    left = self._per_caller.get(caller, 1) - 1
+                    if left > 0:
+                        self._per_caller[caller] = left
+                    else:
+                        self._per_caller.pop(caller, None)
             with contextlib.suppress(OSError):
                 sock.close()
             with contextlib.suppress(OSError):
@@ -300,24 +414,36 @@ class JournalChannelServer:
         self.answered[status] += 1
 
     def _handle(self, op: int, payload: bytes) -> tuple[int, bytes | str]:
+        guard = self.guard
         try:
             if op == OP_APPEND:
                 volume_id, epoch, records = _decode_append(payload)
+                _check_volume_id(volume_id)
+                if guard is not None:
+                    guard.check_append(volume_id, records)
                 self.journal.append(volume_id, epoch, records)
                 return OK, b""
             if op == OP_FENCE:
                 if len(payload) != _FENCE.size:
                     raise _Malformed("FENCE payload is not 16 bytes")
                 volume_id, epoch = _FENCE.unpack(payload)
+                _check_volume_id(volume_id)
+                if guard is not None:
+                    guard.check_fence(volume_id, epoch)
                 return OK, _U64.pack(self.journal.fence(volume_id, epoch))
             if op == OP_TRIM:
                 if len(payload) != _TRIM.size:
                     raise _Malformed("TRIM payload is not 24 bytes")
                 volume_id, epoch, through = _TRIM.unpack(payload)
+                _check_volume_id(volume_id)
+                if guard is not None:
+                    guard.check_trim(volume_id, through)
                 return OK, _U32.pack(min(self.journal.trim(volume_id, epoch, through), (1 << 32) - 1))
             raise _Malformed(f"unknown op {op}")
         except StaleEpoch as exc:
             return STALE_EPOCH, str(exc)
+        except ReplicaRefused as exc:
+            return REFUSED, str(exc)
         except InvalidArgument as exc:
             return INVALID, str(exc)
         except _Malformed:
@@ -363,6 +489,7 @@ class JournalChannelClient:
     :param tls: client certificates (the peer RPC's); None: plaintext, loopback only unless
         ``allow_insecure``.
     :param timeout: default seconds a call may take, connecting included.
+    :param auth: the cluster credential each new connection proves (None: no AUTH).
     """
 
     def __init__(
@@ -372,6 +499,7 @@ class JournalChannelClient:
         tls: TLSConfig | None = None,
         allow_insecure: bool = False,
         timeout: float = 5.0,
+        auth: PeerAuth | None = None,
     ) -> None:
         if not isinstance(timeout, int | float) or not timeout > 0:
             raise InvalidArgument(f"journal channel timeout must be positive, got {timeout!r}")
@@ -380,6 +508,7 @@ class JournalChannelClient:
         if tls is None:
             check_insecure_allowed(address, allow_insecure)
         self.tls = tls
+        self.auth = auth
         self._ssl = _client_context(tls) if tls is not None else None
         self.timeout = float(timeout)
         self._idle: list[socket.socket] = []
@@ -409,7 +538,41 @@ class JournalChannelClient:
             raise PeerUnavailable(
                 f"journal channel {self.address}: TLS: {exc}", address=self.address
             ) from exc
+        if self.auth is not None:
+            try:
+                self._prove(sock, self.auth, deadline)
+            except BaseException:
+                sock.close()
+                raise
         return sock
+
+    def _prove(self, sock: socket.socket, auth: PeerAuth, deadline: float) -> None:
+        """Answer the server's challenge (see the module docstring)."""
+        try:
+            status, challenge = self._read_reply(sock, deadline)
+            if status != HELLO or len(challenge) != CHALLENGE_BYTES:
+                raise ChannelRefused(
+                    f"journal channel {self.address}: no membership challenge (status {status})",
+                    address=self.address,
+                )
+            caller = check_caller(auth.caller).encode()
+            sock.sendall(_frame(OP_AUTH, channel_proof(auth.key, challenge, auth.caller) + caller))
+            status, message = self._read_reply(sock, deadline)
+        except _IdleClosed as exc:
+            raise ChannelRefused(f"journal channel {self.address}: {exc}", address=self.address) from None
+        except (OSError, ValueError) as exc:
+            raise ChannelRefused(
+                f"journal channel {self.address}: AUTH: {exc}", address=self.address
+            ) from exc
+        if status == UNAUTHENTICATED:
+            raise Unauthenticated(
+                f"journal channel {self.address}: {message.decode('utf-8', 'replace')}", address=self.address
+            )
+        if status != OK:
+            raise ChannelRefused(
+                f"journal channel {self.address}: AUTH: {message.decode('utf-8', 'replace')}",
+                address=self.address,
+            )
 
     def call(self, frame: bytes, *, timeout: float | None = None) -> bytes:
         """Send one request frame; returns the OK reply's message (typed errors otherwise)."""
@@ -425,6 +588,11 @@ class JournalChannelClient:
                 sock = self._connect(deadline)
             try:
                 status, message = self._exchange(sock, frame, deadline)
+            except _Challenged as exc:
+                sock.close()
+                raise Unauthenticated(
+                    f"journal channel {self.address}: {exc}", address=self.address
+                ) from None
             except _IdleClosed as exc:
                 sock.close()
                 if reused:
@@ -451,6 +619,10 @@ class JournalChannelClient:
                 raise StaleEpoch(text)
             if status == INVALID:
                 raise InvalidArgument(f"journal channel {self.address}: {text}")
+            if status == REFUSED:
+                raise ReplicaRefused(f"journal channel {self.address}: {text}")
+            if status == UNAUTHENTICATED:
+                raise Unauthenticated(f"journal channel {self.address}: {text}", address=self.address)
             raise ChannelError(f"journal channel {self.address}: {text}")
 
     def _exchange(self, sock: socket.socket, frame: bytes, deadline: float) -> tuple[int, bytes]:
@@ -458,10 +630,18 @@ class JournalChannelClient:
         try:
             sock.sendall(frame)
         except (BrokenPipeError, ConnectionResetError) as exc:
+            if self.auth is None and _was_challenged(sock):
+                raise _Challenged("the peer demands a cluster credential and this client has none") from None
             raise _IdleClosed(str(exc)) from None
+        status, message = self._read_reply(sock, deadline)
+        if status == HELLO:
+            raise _Challenged("the peer demands a cluster credential and this client has none")
+        return status, message
+
+    def _read_reply(self, sock: socket.socket, deadline: float) -> tuple[int, bytes]:
         head = _recv_exact(sock, _HEAD.size, deadline, first=True)
         length, status = _HEAD.unpack(head)
-        if not 1 <= length <= MAX_FRAME or status > ERROR:
+        if not 1 <= length <= MAX_FRAME or status > HELLO:
             raise ValueError(f"bad reply frame (length {length}, status {status})")
         return status, _recv_exact(sock, length - 1, deadline) if length > 1 else b""
 
@@ -505,8 +685,45 @@ class JournalChannelClient:
                 sock.close()
 
 
+#: Bytes and seconds a server reads (and drops) from a refused client before it closes.
+_LINGER_BYTES = 64 * 1024
+_LINGER_SECONDS = 0.5
+
+
+def _linger(sock: socket.socket) -> None:
+    """Half-close, then drop what the client sends (bounded) so that closing does not reset the
+    connection before it read the refusal."""
+    with contextlib.suppress(OSError):
+        sock.shutdown(socket.SHUT_WR)
+        deadline = time.monotonic() + _LINGER_SECONDS
+        got = 0
+        while got < _LINGER_BYTES:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                break
+            sock.settimeout(remaining)
+            chunk = sock.recv(_LINGER_BYTES - got)
+            if not chunk:
+                break
+            got += len(chunk)
+
+
+class _Challenged(Exception):
+    """A client without a cluster key got the server's membership challenge."""
+
+
 class _IdleClosed(Exception):
     """The peer had closed the connection before this request reached it."""
+
+
+def _was_challenged(sock: socket.socket) -> bool:
+    """Whether the peer's first words on ``sock`` (already received) were a HELLO challenge."""
+    try:
+        sock.settimeout(0.2)
+        head = sock.recv(_HEAD.size)
+    except OSError:
+        return False
+    return len(head) == _HEAD.size and _HEAD.unpack(head)[1] == HELLO
 
 
 def _recv_exact(sock: socket.socket, n: int, deadline: float, *, first: bool = False) -> bytes:

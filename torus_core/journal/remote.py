@@ -282,7 +282,11 @@ class RemoteJournalReplicas:
             return chan
         try:
             fresh = JournalChannelClient(
-                address, tls=self.pool.tls, allow_insecure=self.pool.allow_insecure, timeout=self.timeout
+                address,
+                tls=self.pool.tls,
+                allow_insecure=self.pool.allow_insecure,
+                timeout=self.timeout,
+                auth=self.pool.auth,
             )
         except TorusError as exc:
             log.warning("journal channel of peer %s at %s unusable, using gRPC: %s", uuid, address, exc)

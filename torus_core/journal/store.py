@@ -32,6 +32,7 @@ from pathlib import Path
 from torus_core.datadir import open_private, private_dir
 from torus_core.errors import Closed, InvalidArgument, StaleEpoch, disk_full_is_out_of_space
 from torus_core.journal.record import JournalRecord, decode_records, record_id, record_length, record_seq
+from torus_core.refs import VOLUME_MAX
 
 _EPOCH = struct.Struct("<Q")
 _SUFFIX = ".seg"
@@ -185,7 +186,7 @@ class JournalStore:
         self._closed = False
 
     def _vol(self, volume_id: int) -> _VolumeJournal:
-        if not isinstance(volume_id, int) or volume_id <= 0:
+        if not isinstance(volume_id, int) or not 0 < volume_id <= VOLUME_MAX:
             raise InvalidArgument(f"bad volume id {volume_id!r}")
         with self._lock:
             if self._closed:

@@ -21,11 +21,14 @@ from torus_core.metrics import RPC_CLIENT_ERRORS_BY_METHOD, RPC_CLIENT_SECONDS_B
 from torus_core.refs import BlockRef
 from torus_core.rpc import torus_storage_pb2 as pb
 from torus_core.rpc import torus_storage_pb2_grpc as pb_grpc
+from torus_core.rpc.auth import AUTH_METADATA_KEY, PeerAuth, call_token
 from torus_core.rpc.options import DEFAULT_MAX_MESSAGE_BYTES, RPCTimeouts, channel_options
 from torus_core.rpc.status import error_from_rpc
 from torus_core.rpc.tls import TLSConfig, check_insecure_allowed, normalize_address
 from torus_core.rpc.wire import encode_journal_append, encode_put_blocks
 
+#: Prefix of every method's full name.
+_SERVICE = "/torus.rpc.v1.TorusStorage/"
 #: Full name of the PutBlocks method (called with hand-encoded requests, see rpc.wire).
 _PUT_BLOCKS = "/torus.rpc.v1.TorusStorage/PutBlocks"
 #: Full name of the JournalAppend method (hand-encoded requests too).
@@ -42,7 +45,9 @@ _Resp_co = TypeVar("_Resp_co", covariant=True)
 class _Call(Protocol[_Req_contra, _Resp_co]):
     """One blocking gRPC call (a multi-callable of the channel) as this module uses it."""
 
-    def __call__(self, request: _Req_contra, /, *, timeout: float) -> _Resp_co: ...
+    def __call__(
+        self, request: _Req_contra, /, *, timeout: float, metadata: Sequence[tuple[str, str]] | None = None
+    ) -> _Resp_co: ...
 
 
 class _StorageStub(Protocol):
@@ -82,6 +87,7 @@ class PeerClient:
     :param tls: mutual TLS settings, or None for plaintext (loopback only unless ``allow_insecure``).
     :param timeouts: default deadlines.
     :param max_message_bytes: largest message sent or received.
+    :param auth: the cluster credential presented on every call (None: no credential).
     """
 
     def __init__(
@@ -92,6 +98,7 @@ class PeerClient:
         allow_insecure: bool = False,
         timeouts: RPCTimeouts | None = None,
         max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+        auth: PeerAuth | None = None,
     ) -> None:
         self.address = normalize_address(address)
         self.timeouts = timeouts or RPCTimeouts()
@@ -104,6 +111,7 @@ class PeerClient:
             if tls.server_name:
                 options.append(("grpc.ssl_target_name_override", tls.server_name))
             self._channel = grpc.secure_channel(self.address, tls.channel_credentials(), options=options)
+        self.auth = auth
         self._stub = _storage_stub(self._channel)
         # requests are already serialized (torus_core.rpc.wire): no message object, no copy
         self._put_raw: _Call[bytes, pb.PutBlocksResponse] = self._channel.unary_unary(
@@ -120,8 +128,14 @@ class PeerClient:
         if self._closed:
             raise Closed(f"client for {self.address} is closed")
         t0 = time.perf_counter()
+        auth = self.auth
         try:
-            return fn(request, timeout=timeout)
+            if auth is None:
+                return fn(request, timeout=timeout)
+            # a fresh one-use membership token per call (torus_core.rpc.auth)
+            return fn(
+                request, timeout=timeout, metadata=((AUTH_METADATA_KEY, call_token(auth, _SERVICE + method)),)
+            )
         except grpc.RpcError as exc:
             RPC_CLIENT_ERRORS_BY_METHOD[method].inc()
             raise error_from_rpc(exc, self.address, method) from None
@@ -299,9 +313,15 @@ class PeerClient:
         _check_u64(volume_id=volume_id, after_seq=after_seq)
         req = pb.JournalReadRequest(volume_id=volume_id, after_seq=after_seq)
 
-        def read_all(request: pb.JournalReadRequest, /, *, timeout: float) -> list[bytes]:
+        def read_all(
+            request: pb.JournalReadRequest,
+            /,
+            *,
+            timeout: float,
+            metadata: Sequence[tuple[str, str]] | None = None,
+        ) -> list[bytes]:
             out: list[bytes] = []
-            for msg in self._stub.JournalRead(request, timeout=timeout):
+            for msg in self._stub.JournalRead(request, timeout=timeout, metadata=metadata):
                 out.extend(msg.records)
             return out
 
@@ -340,7 +360,7 @@ class PeerClientPool:
 
     A channel that saw a transport failure can be dropped with :meth:`reset` (the next call
     dials afresh), which is what the distributor does after a :class:`PeerUnavailable`.
-    All clients share the pool's TLS settings, timeouts and message limit.
+    All clients share the pool's TLS settings, cluster credential, timeouts and message limit.
     """
 
     def __init__(
@@ -350,8 +370,10 @@ class PeerClientPool:
         allow_insecure: bool = False,
         timeouts: RPCTimeouts | None = None,
         max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+        auth: PeerAuth | None = None,
     ) -> None:
         self.tls = tls
+        self.auth = auth
         self.allow_insecure = allow_insecure
         self.timeouts = timeouts or RPCTimeouts()
         self.max_message_bytes = max_message_bytes
@@ -373,6 +395,7 @@ class PeerClientPool:
                     allow_insecure=self.allow_insecure,
                     timeouts=self.timeouts,
                     max_message_bytes=self.max_message_bytes,
+                    auth=self.auth,
                 )
                 self._clients[key] = client
             return client

@@ -12,6 +12,12 @@ write is durable -- unless the client sets ``defer_flush`` on ``PutBlocks``; it 
 ``Flush`` before it relies on durability (an NBD FLUSH), which is how the distributor avoids one
 fsync per write. Both replies carry the server's ``boot_id`` (random per process), so a client
 can tell that a peer restarted between its deferred writes and the flush.
+
+With a cluster key (``auth=``) every call must carry a valid membership token
+(:mod:`torus_core.rpc.auth`; refused with ``UNAUTHENTICATED`` before any handler work), and each
+caller is bounded (:class:`~torus_core.rpc.auth.CallLimits`). With a
+:class:`~torus_core.rpc.guard.ReplicaGuard` the server refuses blocks and journal requests no
+honest writer sends (:class:`~torus_core.errors.ReplicaRefused`).
 """
 
 from __future__ import annotations
@@ -40,6 +46,8 @@ from torus_core.journal.store import JournalStore
 from torus_core.refs import VOLUME_MAX, BlockRef
 from torus_core.rpc import torus_storage_pb2 as pb
 from torus_core.rpc import torus_storage_pb2_grpc as pb_grpc
+from torus_core.rpc.auth import CallLimits, ClusterKey, ServerAuthInterceptor
+from torus_core.rpc.guard import ReplicaGuard
 from torus_core.rpc.options import DEFAULT_MAX_MESSAGE_BYTES, PROTOCOL_VERSION, server_options
 from torus_core.rpc.status import ERROR_METADATA_KEY, code_for, wire_name
 from torus_core.rpc.tls import TLSConfig, check_insecure_allowed, normalize_address, split_host_port
@@ -119,6 +127,7 @@ class StorageServicer(pb_grpc.TorusStorageServicer):
     :param on_put: optional observer called with the refs of every accepted batch.
     :param journal: this peer's volume journal files, served by the ``Journal*`` RPCs (without
         it they answer UNIMPLEMENTED).
+    :param guard: refuses requests no honest writer sends (checked against the metadata log).
     """
 
     def __init__(
@@ -128,11 +137,13 @@ class StorageServicer(pb_grpc.TorusStorageServicer):
         uuid: str = "",
         on_put: PutObserver | None = None,
         journal: JournalStore | None = None,
+        guard: ReplicaGuard | None = None,
     ) -> None:
         self.store = store
         self.uuid = uuid
         self.on_put = on_put
         self.journal = journal
+        self.guard = guard
         self.stats = ServerStats()
         #: Random per servicer (per process): changes when the peer restarts.
         self.boot_id = uuidlib.uuid4().hex
@@ -174,6 +185,8 @@ class StorageServicer(pb_grpc.TorusStorageServicer):
         if len(refs) != len(blocks):
             raise InvalidArgument(f"PutBlocks got {len(refs)} refs but {len(blocks)} blocks")
         decoded = [BlockRef.from_bytes(r) for r in refs]
+        if self.guard is not None:
+            self.guard.check_block_volumes(r.volume for r in decoded)
         for ref, data in zip(decoded, blocks, strict=True):
             if repair:
                 write_replacing_corrupt(self.store, ref, data)
@@ -270,6 +283,8 @@ class StorageServicer(pb_grpc.TorusStorageServicer):
 
         def do() -> pb.JournalFenceResponse:
             journal = self._journal_for(request.volume_id)
+            if self.guard is not None:
+                self.guard.check_fence(request.volume_id, request.epoch)
             return pb.JournalFenceResponse(last_seq=journal.fence(request.volume_id, request.epoch))
 
         return self._run(context, "JournalFence", do)
@@ -282,6 +297,8 @@ class StorageServicer(pb_grpc.TorusStorageServicer):
         def do() -> pb.JournalAppendResponse:
             journal = self._journal_for(request.volume_id)
             records = list(request.records)
+            if self.guard is not None:
+                self.guard.check_append(request.volume_id, records)
             journal.append(request.volume_id, request.epoch, records)
             return pb.JournalAppendResponse(last_seq=record_seq(records[-1]) if records else 0)
 
@@ -294,6 +311,8 @@ class StorageServicer(pb_grpc.TorusStorageServicer):
 
         def do() -> list[pb.JournalReadResponse]:
             journal = self._journal_for(request.volume_id)
+            if self.guard is not None:
+                self.guard.check_volume(request.volume_id, "journal read")
             out: list[pb.JournalReadResponse] = []
             chunk: list[bytes] = []
             size = 0
@@ -317,6 +336,8 @@ class StorageServicer(pb_grpc.TorusStorageServicer):
 
         def do() -> pb.JournalTrimResponse:
             journal = self._journal_for(request.volume_id)
+            if self.guard is not None:
+                self.guard.check_trim(request.volume_id, request.through_seq)
             removed = journal.trim(request.volume_id, request.epoch, request.through_seq)
             return pb.JournalTrimResponse(removed=removed)
 
@@ -370,6 +391,11 @@ class PeerServer:
     :param max_message_bytes: largest message accepted or sent.
     :param on_put: optional observer of stored refs (see :class:`StorageServicer`).
     :param journal: this peer's journal store, served by the ``Journal*`` RPCs.
+    :param auth: the cluster key every call must prove (None: calls need no credential -- only
+        for tests of the bare server; a :class:`~torus_core.cluster.node.ClusterNode` always
+        passes its cluster's key).
+    :param limits: per-caller bounds on calls and streams.
+    :param guard: refuses requests no honest writer sends (see :class:`StorageServicer`).
     """
 
     def __init__(
@@ -380,16 +406,21 @@ class PeerServer:
         address: str = "127.0.0.1:0",
         tls: TLSConfig | None = None,
         allow_insecure: bool = False,
-        max_workers: int = 8,
+        max_workers: int = 16,
         max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
         on_put: PutObserver | None = None,
         journal: JournalStore | None = None,
+        auth: ClusterKey | None = None,
+        limits: CallLimits | None = None,
+        guard: ReplicaGuard | None = None,
     ) -> None:
         self._bind = normalize_address(address)
         if tls is None:
             check_insecure_allowed(self._bind, allow_insecure)
         self.tls = tls
-        self.servicer = StorageServicer(store, uuid=uuid, on_put=on_put, journal=journal)
+        self.servicer = StorageServicer(store, uuid=uuid, on_put=on_put, journal=journal, guard=guard)
+        #: checks every call's credential and the per-caller limits
+        self.interceptor = ServerAuthInterceptor(auth, limits)
         self._max_workers = max_workers
         self._max_message_bytes = max_message_bytes
         self._server: Any = None
@@ -422,6 +453,7 @@ class PeerServer:
         server = grpc.server(
             futures.ThreadPoolExecutor(max_workers=self._max_workers, thread_name_prefix="torus-rpc"),
             options=server_options(self._max_message_bytes),
+            interceptors=[self.interceptor],
         )
         _add_servicer(self.servicer, server)
         try:

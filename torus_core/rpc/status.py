@@ -21,6 +21,8 @@ _TO_CODE: tuple[tuple[type[errors.TorusError], grpc.StatusCode], ...] = (
     (errors.BlockNotExist, grpc.StatusCode.NOT_FOUND),
     (errors.CorruptBlock, grpc.StatusCode.DATA_LOSS),
     (errors.OutOfSpace, grpc.StatusCode.RESOURCE_EXHAUSTED),
+    (errors.Unauthenticated, grpc.StatusCode.UNAUTHENTICATED),
+    (errors.PeerBusy, grpc.StatusCode.RESOURCE_EXHAUSTED),
     (errors.BlockExists, grpc.StatusCode.ALREADY_EXISTS),
     (errors.InvalidArgument, grpc.StatusCode.INVALID_ARGUMENT),
     (errors.BlockUnavailable, grpc.StatusCode.UNAVAILABLE),
@@ -42,6 +44,9 @@ _BY_NAME: dict[str, type[errors.TorusError]] = {
         errors.Closed,
         errors.NotSupported,
         errors.StaleEpoch,
+        errors.ReplicaRefused,
+        errors.Unauthenticated,
+        errors.PeerBusy,
     )
 }
 
@@ -89,8 +94,12 @@ def error_from_rpc(exc: grpc.RpcError, address: str, method: str) -> errors.Toru
     if cls is errors.BlockUnavailable or cls is errors.Closed:
         # The peer is up but cannot serve (shutting down, store closed): a peer-side outage.
         return errors.PeerUnavailable(msg, address=address)
+    if cls is errors.Unauthenticated or cls is errors.PeerBusy:
+        return cls(msg, address=address)
     if cls is not None:
         return cls(msg)
+    if code == grpc.StatusCode.UNAUTHENTICATED:
+        return errors.Unauthenticated(msg, address=address)
     if code in _TRANSPORT_CODES:
         return errors.PeerUnavailable(msg, address=address)
     if code in _FROM_CODE:

@@ -21,9 +21,10 @@ from torus_core.blockstore import BlockStore, BlockStoreConfig
 from torus_core.cluster.node import ClusterNode, ClusterOptions
 from torus_core.cluster.rebalancer import RebalanceOptions
 from torus_core.eventlog import MetadataBackend
+from torus_core.events import VOLUME_IDS_STREAM
 from torus_core.inode import INode, INodeStore
 from torus_core.journal.store import JournalStore
-from torus_core.metadata import MetadataService
+from torus_core.metadata import MetadataService, VolumeLock
 from torus_core.refs import BlockRef, INodeRef
 from torus_core.ring.base import RingSpec
 from torus_core.ring.builtin import builtin_ring_types
@@ -36,6 +37,30 @@ def open_mem_store(block_size: int, capacity_blocks: int) -> BlockStore:
     cls = make_plugin_manager().collect_registries().block_stores.get("mem")
     store: BlockStore = cls.open(BlockStoreConfig(block_size, block_size * capacity_blocks))
     return store
+
+
+def ensure_volumes(md: MetadataService, volume_id: int, *, size: int = 1 << 20) -> None:
+    """Create volumes ``vol-<id>`` until volume ids up to ``volume_id`` are allocated.
+
+    Peers refuse blocks of a volume id never allocated and journal requests for volumes that do
+    not exist (:class:`~torus_core.rpc.guard.ReplicaGuard`): a test that writes blocks or
+    journal records of ``volume_id`` by hand first makes the volume real.
+    """
+    for _ in range(volume_id):
+        top = md.state().stream_version(VOLUME_IDS_STREAM)
+        if top >= volume_id:
+            return
+        md.create_volume(f"vol-{top + 1}", size)
+
+
+def writable_volume(
+    md: MetadataService, volume_id: int, *, size: int = 1 << 20, ttl: float = 60.0
+) -> VolumeLock:
+    """:func:`ensure_volumes` and lock ``volume_id`` (revoke the returned lock's lease and call
+    again for the next epoch, as after a takeover). The volume must not have been deleted."""
+    ensure_volumes(md, volume_id, size=size)
+    vol = md.get_volume_by_id(volume_id)
+    return md.lock_volume(vol.name, f"test-writer-{volume_id}", md.leases.grant(ttl))
 
 
 def wait_until(predicate: Callable[[], bool], timeout: float, interval: float = 0.05) -> bool:

@@ -18,6 +18,7 @@ from torus_core.distributor.peers import PeerDirectory
 from torus_core.errors import BlockUnavailable, CorruptBlock, PeerUnavailable
 from torus_core.refs import BlockRef
 from torus_core.ring.base import Ring, RingMember
+from torus_core.rpc.auth import ClusterKey, PeerAuth
 from torus_core.rpc.client import PeerClientPool
 from torus_core.rpc.options import RPCTimeouts
 from torus_core.rpc.server import PeerServer
@@ -143,17 +144,23 @@ class LocalCluster:
         self.block_size = block_size
         self.stores: dict[str, FaultyStore] = {}
         self.servers: dict[str, PeerServer] = {}
+        #: the cluster key every server demands and :attr:`pool` presents
+        self.key = ClusterKey.generate()
         try:
             for uuid in uuids:
                 store = FaultyStore(make(block_size, capacity_blocks))
                 self.stores[uuid] = store
-                self.servers[uuid] = PeerServer(store, uuid=uuid, **(server_kwargs or {})).start()
+                kwargs = {"auth": self.key, **(server_kwargs or {})}
+                self.servers[uuid] = PeerServer(store, uuid=uuid, **kwargs).start()
         except BaseException:
             self.close()
             raise
         self.addresses = {u: s.address for u, s in self.servers.items()}
         self.ring = ring_factory([RingMember(u, capacity_blocks, self.addresses[u]) for u in uuids])
-        self.pool = PeerClientPool(timeouts=RPCTimeouts(get=1.0, put=2.0, check=1.0, ping=0.5))
+        self.pool = PeerClientPool(
+            timeouts=RPCTimeouts(get=1.0, put=2.0, check=1.0, ping=0.5),
+            auth=PeerAuth(self.key, "local-cluster"),
+        )
         self._distributors: list[Distributor] = []
 
     def directory(self) -> PeerDirectory:

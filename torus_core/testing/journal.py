@@ -6,6 +6,9 @@ under ``<root>/<uuid>/journal``) and builds :class:`~torus_core.journal.remote.R
 as any of those peers, or as a client outside the ring, would. With ``channels=True`` every peer
 also serves its store over a :class:`~torus_core.journal.channel.JournalChannelServer` and the
 replicas it builds append over those channels.
+
+Every server demands the cluster key (:attr:`JournalCluster.key`, random per cluster) and the
+pool presents it, as in a real cluster.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from torus_core.journal.remote import RemoteJournalReplicas
 from torus_core.journal.store import JournalStore
 from torus_core.ring.base import Ring, RingMember
 from torus_core.ring.ketama import KetamaRing
+from torus_core.rpc.auth import ClusterKey, PeerAuth
 from torus_core.rpc.client import PeerClientPool
 from torus_core.rpc.options import RPCTimeouts
 from torus_core.rpc.server import PeerServer
@@ -51,6 +55,8 @@ class JournalCluster:
         self.servers: dict[str, PeerServer] = {}
         #: journal channel servers by peer (``channels=True``)
         self.channels: dict[str, JournalChannelServer] = {}
+        #: the key every server demands and :attr:`pool` presents
+        self.key = ClusterKey.generate()
         self._stores = []
         self._replicas: list[RemoteJournalReplicas] = []
         try:
@@ -58,9 +64,11 @@ class JournalCluster:
                 store = make(block_size, 16)
                 self._stores.append(store)
                 self.journals[uuid] = JournalStore(self.root / uuid / "journal")
-                self.servers[uuid] = PeerServer(store, uuid=uuid, journal=self.journals[uuid]).start()
+                self.servers[uuid] = PeerServer(
+                    store, uuid=uuid, journal=self.journals[uuid], auth=self.key
+                ).start()
                 if channels:
-                    self.channels[uuid] = JournalChannelServer(self.journals[uuid]).start()
+                    self.channels[uuid] = JournalChannelServer(self.journals[uuid], auth=self.key).start()
         except BaseException:
             self.close()
             raise
@@ -71,7 +79,8 @@ class JournalCluster:
         )
         self.directory = PeerDirectory(self.addresses)
         self.pool = PeerClientPool(
-            timeouts=RPCTimeouts(get=timeout, put=timeout, check=timeout, ping=timeout, journal=timeout)
+            timeouts=RPCTimeouts(get=timeout, put=timeout, check=timeout, ping=timeout, journal=timeout),
+            auth=PeerAuth(self.key, "journal-cluster"),
         )
 
     def replicas(self, uuid: str = "client", **kwargs: Any) -> RemoteJournalReplicas:
