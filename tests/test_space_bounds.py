@@ -167,3 +167,64 @@ def test_unflushed_sequential_overwrites_far_beyond_the_store_get_no_enospc(data
     assert "out of space" not in d.err.read_text()
     print(f"peak {peak / MiB:.0f} MiB written {written / MiB:.0f} MiB")
     assert 0 < peak <= store * 0.9, f"store peaked at {peak / MiB:.0f} MiB of {store / MiB:.0f}"
+
+
+def test_sigint_stops_torusblk_nbdserve_while_a_writer_is_busy(data):
+    ctl(data, "init", "--block-size", "64KiB")
+    ctl(data, "volume", "create-block", "v", str(32 * MiB))
+    err = (data / "torusblk.err").open("wb")
+    proc = subprocess.Popen(
+        [
+            str(BIN / "torusblk"),
+            "nbdserve",
+            "--data-dir",
+            str(data),
+            "--listen",
+            "127.0.0.1:0",
+            "--size",
+            "256MiB",
+            "--shutdown-timeout",
+            "10",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=err,
+        text=True,
+        env=env_for(data),
+    )
+    writer: subprocess.Popen[str] | None = None
+    try:
+        assert proc.stdout is not None
+        line = proc.stdout.readline()
+        assert line.startswith("NBD LISTENING "), line
+        port = int(line.rsplit(":", 1)[1])
+        writer = subprocess.Popen(
+            [
+                "fio",
+                "--name=w",
+                "--ioengine=nbd",
+                f"--uri=nbd://127.0.0.1:{port}/v",
+                "--rw=randwrite",
+                "--bs=64k",
+                "--iodepth=8",
+                "--runtime=60",
+                "--time_based",
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        time.sleep(3)
+        assert writer.poll() is None, "the writer stopped before the signal"
+        started = time.monotonic()
+        proc.send_signal(signal.SIGINT)
+        code = proc.wait(30)
+        took = time.monotonic() - started
+        assert took < 10 + 2, f"SIGINT took {took:.1f}s"
+        assert code == 0, (data / "torusblk.err").read_text()[-2000:]
+    finally:
+        if writer is not None:
+            writer.kill()
+            writer.wait(10)
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+        err.close()

@@ -8,10 +8,13 @@ stopped by its PID; every wait is bounded.
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import signal
 import subprocess
 import tempfile
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -35,7 +38,7 @@ FAST = (
 
 
 class _Cluster:
-    def __init__(self, root: Path, store: str, n: int = 3) -> None:
+    def __init__(self, root: Path, store: str, n: int = 3, extra: tuple[str, ...] = ()) -> None:
         self.root = root
         (root / "etcd").mkdir()
         self.etcd = start_etcd(root / "etcd")
@@ -44,7 +47,7 @@ class _Cluster:
         self.md = MetadataService(backend, ring_types=builtin_ring_types())
         torusctl(self.etcd.url, "init", "--block-size", "512KiB", "--replication", "2")
         for i in range(n):
-            p = TorusdProcess(self.etcd.url, root / f"peer{i}", size=store, extra=FAST)
+            p = TorusdProcess(self.etcd.url, root / f"peer{i}", size=store, extra=(*FAST, *extra))
             self.peers.append(p.start())
         ring = lambda: ring_from_spec(self.md.ring_types, self.md.get_ring())  # noqa: E731
         assert wait_for(lambda: len(ring().members()) == n, 30)
@@ -127,3 +130,47 @@ def test_unflushed_overwrites_on_three_peers_get_no_enospc_and_stay_bounded(root
         assert wait_for(lambda: c.used_bytes() <= 1.25 * live, 40), f"{c.used_bytes() / MiB:.0f} MiB used"
     finally:
         c.close()
+
+
+def stop_time_with_a_stalled_peer(root: Path, shutdown_timeout: float) -> tuple[float, int | None]:
+    """Two peers (R = 2) and fio writing through peer 0; peer 1 is SIGSTOPped (it answers
+    nothing, the writer blocks on it), then peer 0 gets SIGTERM: (seconds it took to exit,
+    its exit status; None if it was still running after 60 s)."""
+    c = _Cluster(root, "128MiB", n=2, extra=("--shutdown-timeout", str(shutdown_timeout)))
+    writer: subprocess.Popen[str] | None = None
+    serving, stalled = c.peers
+    try:
+        torusctl(c.etcd.url, "volume", "create-block", "v", str(32 * MiB))
+        writer = subprocess.Popen(
+            [
+                *("fio", "--name=w", "--ioengine=nbd", f"--uri={serving.nbd_uri}/v", "--rw=randwrite"),
+                *("--bs=64k", "--iodepth=8", "--runtime=120", "--time_based", "--fsync=16"),
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        time.sleep(3)
+        assert stalled.pid is not None and serving.pid is not None
+        os.kill(stalled.pid, signal.SIGSTOP)
+        time.sleep(3)  # the writer is now blocked on the stalled peer
+        assert serving.proc is not None
+        started = time.monotonic()
+        os.kill(serving.pid, signal.SIGTERM)
+        try:
+            code: int | None = serving.proc.wait(60)
+        except subprocess.TimeoutExpired:
+            code = None
+        return time.monotonic() - started, code
+    finally:
+        if stalled.pid is not None:
+            os.kill(stalled.pid, signal.SIGCONT)
+        if writer is not None:
+            writer.kill()
+            writer.wait(10)
+        c.close()
+
+
+def test_sigterm_stops_torusd_within_its_shutdown_timeout_while_a_writer_is_blocked(root: Path) -> None:
+    took, code = stop_time_with_a_stalled_peer(root, 5.0)
+    assert code is not None, "torusd still running 60 s after SIGTERM"
+    assert took < 5.0 + 3.0, f"SIGTERM took {took:.1f}s (shutdown timeout 5 s)"

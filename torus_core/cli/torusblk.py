@@ -19,11 +19,13 @@ from torus_core import __version__
 from torus_core.block.volume import DEFAULT_LEASE_TTL
 from torus_core.cli.common import build_context, config_options, handle_errors
 from torus_core.cli.serving import (
+    check_shutdown_timeout,
     check_tls_options,
     metrics_address,
     serve_metrics,
     serve_nbd,
     serve_until_signalled,
+    shutdown_timeout_option,
 )
 from torus_core.daemon.server import Server, parse_listen
 
@@ -57,6 +59,7 @@ def cli() -> None:
     help="Volume lock lease TTL (s); renewed every ttl/3, a dead holder's lock frees after it.",
 )
 @click.option("--debug", is_flag=True, help="Debug logging.")
+@shutdown_timeout_option
 @handle_errors
 def nbdserve(
     config_path: str | None,
@@ -69,10 +72,13 @@ def nbdserve(
     require_tls: bool,
     lease_ttl: float,
     debug: bool,
+    shutdown_timeout: float,
     **overrides: Any,
 ) -> None:
-    """Serve every volume over NBD until SIGTERM/SIGINT (then sync and unlock)."""
+    """Serve every volume over NBD until SIGTERM/SIGINT (then sync and unlock, within
+    ``--shutdown-timeout``)."""
     logging.basicConfig(level=logging.DEBUG if debug else logging.INFO, stream=sys.stderr)
+    check_shutdown_timeout(shutdown_timeout)
     check_tls_options(tls_cert, tls_key, require_tls)
     parse_listen(listen)  # a bad address is refused before the store is opened
     metrics_address(metrics_listen)
@@ -84,7 +90,7 @@ def nbdserve(
         if metrics_listen:
             serve_metrics(server, metrics_listen)
 
-    serve_until_signalled(server, start)
+    serve_until_signalled(server, start, shutdown_timeout=shutdown_timeout)
 
 
 @cli.command("aoe")

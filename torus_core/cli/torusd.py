@@ -29,11 +29,13 @@ from torus_core.block.nbd_export import SpaceGuard
 from torus_core.block.volume import DEFAULT_LEASE_TTL
 from torus_core.cli.common import build_context, config_options, handle_errors
 from torus_core.cli.serving import (
+    check_shutdown_timeout,
     check_tls_options,
     metrics_address,
     serve_metrics,
     serve_nbd,
     serve_until_signalled,
+    shutdown_timeout_option,
 )
 from torus_core.cluster.cli_options import cluster_options, make_cluster_options
 from torus_core.cluster.heartbeat import Heartbeat
@@ -84,6 +86,7 @@ from torus_core.errors import NoGlobalMetadata, UsageError
     help="Also serve VOLUME as ATA-over-Ethernet target eMAJOR.MINOR on IFACE (repeatable).",
 )
 @click.option("--debug", is_flag=True, help="Debug logging.")
+@shutdown_timeout_option
 @cluster_options
 @click.version_option(__version__, prog_name="torusd")
 @handle_errors
@@ -103,6 +106,7 @@ def cli(
     gc_interval: float,
     debug: bool,
     aoe_specs: tuple[str, ...],
+    shutdown_timeout: float,
     peer_address: str | None,
     auto_join: bool,
     heartbeat_interval: float,
@@ -121,6 +125,7 @@ def cli(
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
+    check_shutdown_timeout(shutdown_timeout)
     ctx = build_context(config_path, storage_size=size, block_store=block_store, **overrides)
     check_tls_options(tls_cert, tls_key, require_tls)
     metrics_listen = metrics_address(metrics_listen, host, port)
@@ -172,7 +177,7 @@ def cli(
         if metrics_listen:
             serve_metrics(server, metrics_listen)
 
-    serve_until_signalled(server, start)
+    serve_until_signalled(server, start, shutdown_timeout=shutdown_timeout)
 
 
 def start_single_node_heartbeat(server: Server, data_dir: str, nbd_listen: str | None) -> Callable[[], None]:
