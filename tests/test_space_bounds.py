@@ -228,3 +228,16 @@ def test_sigint_stops_torusblk_nbdserve_while_a_writer_is_busy(data):
             proc.kill()
             proc.wait(10)
         err.close()
+
+
+def test_a_truly_full_store_answers_enospc_within_seconds_without_flushes(data, daemons):
+    ctl(data, "init", "--block-size", "512KiB")
+    ctl(data, "volume", "create-block", "v", str(128 * MiB))
+    d = Torusd(data, "--size", "48MiB")  # less than the volume's data: nothing to reclaim
+    daemons.append(d)
+    started = time.monotonic()
+    rc, _, err = fio(d.uri("v"), "--rw=write", "--bs=1m", "--iodepth=16", "--size=128m")
+    took = time.monotonic() - started
+    assert rc != 0 and "No space left on device" in err, err[-2000:]
+    assert took < 30, f"ENOSPC after {took:.1f}s"
+    assert "out of space, answering ENOSPC" in d.err.read_text()

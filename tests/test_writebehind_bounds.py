@@ -89,3 +89,21 @@ def test_submit_wait_bounds_the_wait_for_a_slow_peer() -> None:
     finally:
         stop.set()
         wb.close(5)
+
+
+def test_after_one_submit_timed_out_the_next_ones_fail_at_once_until_a_batch_gets_through() -> None:
+    def replicate(batch: list[tuple[BlockRef, bytes]], level: WriteLevel) -> None:
+        raise OutOfSpace("every peer is full")
+
+    wb = WriteBehind(replicate, max_bytes=2 * BLOCK, batch_bytes=BLOCK, workers=1, submit_wait=1.0)
+    try:
+        wb.submit([(ref(0), bytes(BLOCK)), (ref(1), bytes(BLOCK))], WriteLevel.ALL)
+        with pytest.raises(OutOfSpace):
+            wb.submit([(ref(2), bytes(BLOCK))], WriteLevel.ALL)
+        started = time.monotonic()
+        for i in range(16):  # sixteen NBD writers queued behind the first: not 16 x submit_wait
+            with pytest.raises(OutOfSpace):
+                wb.submit([(ref(3 + i), bytes(BLOCK))], WriteLevel.ALL)
+        assert time.monotonic() - started < 1.0
+    finally:
+        wb.close(5)

@@ -174,3 +174,16 @@ def test_sigterm_stops_torusd_within_its_shutdown_timeout_while_a_writer_is_bloc
     took, code = stop_time_with_a_stalled_peer(root, 5.0)
     assert code is not None, "torusd still running 60 s after SIGTERM"
     assert took < 5.0 + 3.0, f"SIGTERM took {took:.1f}s (shutdown timeout 5 s)"
+
+
+def test_a_truly_full_cluster_answers_enospc_within_seconds_instead_of_hanging(root: Path) -> None:
+    c = _Cluster(root, "64MiB")  # 3 x 64 MiB at R = 2: 96 MiB of data at most
+    try:
+        torusctl(c.etcd.url, "volume", "create-block", "v", str(256 * MiB))
+        started = time.monotonic()
+        rc, _, err = fio(f"{c.peers[0].nbd_uri}/v", "--rw=write", "--bs=1m", "--iodepth=16", "--size=256m")
+        took = time.monotonic() - started
+        assert rc != 0 and "No space left on device" in err, err[-2000:]
+        assert took < 30, f"ENOSPC after {took:.1f}s"
+    finally:
+        c.close()

@@ -15,6 +15,7 @@ that finds the queue full of such blocks and nothing else to wait for puts them 
 queue (at most once a second) so that the workers try again -- space freed by GC meanwhile is
 used -- and raises the last failure (:class:`~torus_core.errors.OutOfSpace` for a full
 cluster: the client gets ENOSPC) once ``submit_wait`` is over, instead of waiting forever.
+Until a batch gets through again, later ``submit`` calls that find no room raise at once.
 
 A worker that finds less than a batch queued lingers ``linger`` seconds (3 ms) before taking
 it: a write followed at once by a flush (a volume sync, an NBD FLUSH after a small write) then
@@ -73,6 +74,8 @@ class WriteBehind:
         self._last_requeue = 0.0
         #: the newest replication failure (what a ``submit`` that found no room raises)
         self._last_error: TorusError | None = None
+        #: a ``submit`` ran out of ``submit_wait`` and no batch got through since
+        self._stuck = False
         self.max_bytes = max_bytes
         self.batch_bytes = batch_bytes
         self.linger = linger
@@ -100,9 +103,13 @@ class WriteBehind:
             while self._pending_bytes >= self.max_bytes and not self._closed:
                 self._requeue_failed()
                 left = deadline - time.monotonic()
-                if left <= 0:
+                if left <= 0 or self._stuck:
+                    # the writers queued behind this one (on the volume's lock) fail at once
+                    # until a batch gets through again: one bound, not one per writer
+                    self._stuck = True
                     raise self._full_error()
                 self._cond.wait(min(left, 0.5))
+            self._stuck = False
             if self._closed:
                 raise Closed("write-behind queue is closed")
             for ref, data in batch:
@@ -190,6 +197,7 @@ class WriteBehind:
                 self._busy -= 1
                 if error is None:
                     self._last_error = None
+                    self._stuck = False
                     for ref, data, _ in items:
                         if self._pending.get(ref) is data:
                             del self._pending[ref]
@@ -241,6 +249,7 @@ class WriteBehind:
         """After a retry of failed items: forget them (``ok``) or keep them failed with ``error``."""
         with self._cond:
             if ok:
+                self._stuck = False
                 for ref, data, _ in items:
                     if self._pending.get(ref) is data:
                         del self._pending[ref]
