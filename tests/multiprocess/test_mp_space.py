@@ -45,12 +45,17 @@ class _Cluster:
         self.peers: list[TorusdProcess] = []
         backend = make_plugin_manager().collect_registries().metadata.get("etcd").from_url(self.etcd.url)
         self.md = MetadataService(backend, ring_types=builtin_ring_types())
-        torusctl(self.etcd.url, "init", "--block-size", "512KiB", "--replication", "2")
-        for i in range(n):
-            p = TorusdProcess(self.etcd.url, root / f"peer{i}", size=store, extra=(*FAST, *extra))
-            self.peers.append(p.start())
-        ring = lambda: ring_from_spec(self.md.ring_types, self.md.get_ring())  # noqa: E731
-        assert wait_for(lambda: len(ring().members()) == n, 30)
+        try:
+            torusctl(self.etcd.url, "init", "--block-size", "512KiB", "--replication", "2")
+            for i in range(n):
+                p = TorusdProcess(self.etcd.url, root / f"peer{i}", size=store, extra=(*FAST, *extra))
+                self.peers.append(p)
+                p.start()
+            ring = lambda: ring_from_spec(self.md.ring_types, self.md.get_ring())  # noqa: E731
+            assert wait_for(lambda: len(ring().members()) == n, 30)
+        except BaseException:
+            self.close()  # the peers started so far and etcd, by PID
+            raise
 
     def used_bytes(self) -> int:
         """Sum of the peers' store usage as their last heartbeats said."""
