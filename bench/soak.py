@@ -1,6 +1,15 @@
-"""Soak: random 4 KiB writes, each followed by an NBD FLUSH, for minutes; ENOSPC, store usage, data.
+"""Soak: writes through NBD for minutes (flushed 4 KiB, or mixed with rare flushes, then a dead peer).
 
     .venv/bin/python bench/soak.py [--minutes 5] [--only single|cluster] [--writers N]
+    .venv/bin/python bench/soak.py --workload mixed --minutes 10 --dead-minutes 10
+
+``--workload mixed`` (issue 16): each writer alternates runs of sequential 1 MiB writes (4..64
+MiB long, from a random start, wrapping around its region) with bursts of random 4..256 KiB
+writes, and FLUSHes only every ``--flush-every-mib`` MiB written (default 0: only once, at the
+end). ``--dead-minutes M`` (cluster only) goes on for M more minutes after SIGKILLing peer 3 (one
+that does not serve the volume). The table then also gives the peak store use of each phase
+against the live data, and the workload must still see zero ENOSPC with the data verified at
+the end.
 
 Issue 11's soak. Two configurations, each on fresh data dirs in a temporary directory:
 
@@ -72,24 +81,68 @@ def load_flush_writer() -> Any:
 # --- the writer (runs under /usr/bin/python3 with libnbd) ------------------------------------------
 
 
+#: Bytes of the pattern pool the mixed stream slices its data from (cheap to reproduce).
+POOL = 4 * MiB
+
+
+def mixed_writes(region: int, seed: int) -> Any:
+    """``(offset, data)`` of the mixed stream: sequential 1 MiB runs and random-write bursts
+    (see the module docstring); reproducible from ``seed``. ``region`` must be >= 64 MiB."""
+    import random
+
+    rng = random.Random(seed)
+    pool = rng.randbytes(POOL + MiB)
+    while True:
+        if rng.random() < 0.5:
+            pos = rng.randrange(0, region // MiB) * MiB
+            for _ in range(rng.randrange(4, 65)):
+                start = rng.randrange(0, POOL)
+                yield pos, pool[start : start + MiB]
+                pos = (pos + MiB) % (region // MiB * MiB)
+        else:
+            for _ in range(rng.randrange(16, 257)):
+                length = rng.choice((4096, 16384, 65536, 262144))
+                offset = rng.randrange(0, region - length + 1, 4096)
+                start = rng.randrange(0, POOL)
+                yield offset, pool[start : start + length]
+
+
+def stream(workload: str, region: int, seed: int) -> Any:
+    """The write stream of ``workload`` (``flush``: flush_writer's; ``mixed``: :func:`mixed_writes`)."""
+    return mixed_writes(region, seed) if workload == "mixed" else load_flush_writer().writes(region, seed)
+
+
 def writer_main(argv: list[str]) -> int:
-    """``--writer URI BASE REGION SECONDS SEED``: flush_writer's stream, shifted to ``BASE``."""
+    """``--writer URI BASE REGION SECONDS SEED [WORKLOAD FLUSH_EVERY_BYTES]``: the workload's
+    stream shifted to ``BASE``; ``ACK k`` after each FLUSH (every write for ``flush``, every
+    FLUSH_EVERY_BYTES written and at the end for ``mixed``; 0: only at the end)."""
     here = str(Path(__file__).resolve().parent)  # bench/nbd.py would shadow libnbd's nbd module
     sys.path[:] = [p for p in sys.path if p not in ("", here) and Path(p).resolve() != Path(here)]
     import nbd  # type: ignore[import-not-found]
 
     uri, base, region, seconds, seed = argv[0], int(argv[1]), int(argv[2]), float(argv[3]), int(argv[4])
+    workload = argv[5] if len(argv) > 5 else "flush"
+    flush_every = int(argv[6]) if len(argv) > 6 else 0
     h = nbd.NBD()
     h.connect_uri(uri)
     deadline = time.monotonic() + seconds
     k = 0
+    since_flush = 0
     try:
-        for offset, data in load_flush_writer().writes(region, seed):
+        for offset, data in stream(workload, region, seed):
             if time.monotonic() >= deadline:
                 break
             h.pwrite(data, base + offset)
-            h.flush()
             k += 1
+            since_flush += len(data)
+            if workload == "flush" or (flush_every and since_flush >= flush_every):
+                h.flush()
+                since_flush = 0
+                print(f"ACK {k}", flush=True)
+            elif k % 64 == 0:
+                print(f"WROTE {k}", flush=True)  # progress, not durability
+        if workload != "flush":
+            h.flush()
             print(f"ACK {k}", flush=True)
     except Exception as exc:  # report any client error and stop
         print(f"ERR {k} {exc}", flush=True)
@@ -187,6 +240,14 @@ class Torusd:
         if self.proc is not None:
             stop_pid(self.proc, STOP_TIMEOUT)
 
+    def kill(self) -> None:
+        """SIGKILL by PID (a peer that dies) and reap."""
+        if self.proc is not None and self.proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(timeout=30)
+        self.last_used = self.last_journal = 0  # its store is gone from the cluster's sum
+
     def sample(self) -> None:
         """Scrape store usage, RSS and the journal's size on disk."""
         if self.proc is None or self.proc.poll() is not None:
@@ -283,6 +344,11 @@ class Result:
     peak_rss: dict[str, float] = field(default_factory=dict)
     load: tuple[float, float, float] = (0.0, 0.0, 0.0)  # start, max, end (1-min)
     log_errors: dict[str, int] = field(default_factory=dict)
+    workload: str = "flush"
+    #: peak summed store use before and after the peer was killed (``--dead-minutes``)
+    peak_phase: list[int] = field(default_factory=list)
+    dead_minutes: float = 0.0
+    written: int = 0  # bytes the writers wrote (acknowledged by a FLUSH)
 
     @property
     def ok(self) -> bool:
@@ -294,11 +360,32 @@ class Result:
         )
 
 
+@dataclass
+class Workload:
+    """What the writers do: ``kind`` (``flush`` or ``mixed``), how often a mixed writer
+    flushes (bytes; 0 = only at the end), and which daemon dies after how many seconds."""
+
+    kind: str = "flush"
+    flush_every: int = 0
+    kill: Torusd | None = None
+    kill_after: float = 0.0
+
+
 def run_writers(
-    uri: str, daemons: list[Torusd], n: int, seconds: float, res: Result, seed0: int, dump_dir: Path | None
+    uri: str,
+    daemons: list[Torusd],
+    n: int,
+    seconds: float,
+    res: Result,
+    seed0: int,
+    dump_dir: Path | None,
+    work: Workload | None = None,
 ) -> list[Writer]:
     """Run ``n`` writers for ``seconds``, sampling every daemon each second; fills ``res``."""
+    work = work or Workload()
     region = VOLUME_SIZE // n // 4096 * 4096
+    phase_peak = [0, 0]
+    killed = False
     writers = [Writer(i, i * region, region, seed0 + i) for i in range(n)]
     samples_used: list[int] = []
     timeline: list[tuple[float, int, int]] = []  # (s since start, ACKs so far, store used summed)
@@ -319,6 +406,8 @@ def run_writers(
                     str(w.region),
                     str(seconds),
                     str(w.seed),
+                    work.kind,
+                    str(work.flush_every),
                 ],
                 stdout=subprocess.PIPE,
                 stderr=subprocess.PIPE,
@@ -330,8 +419,9 @@ def run_writers(
                 assert w.proc is not None and w.proc.stdout is not None
                 for line in w.proc.stdout:
                     parts = line.split(maxsplit=2)
-                    if parts and parts[0] == "ACK":
-                        w.acked = int(parts[1])
+                    if parts and parts[0] in ("ACK", "WROTE"):
+                        if parts[0] == "ACK":
+                            w.acked = int(parts[1])
                         now = time.monotonic()
                         gap = now - w.last_ack
                         if gap > 1.0:
@@ -351,6 +441,11 @@ def run_writers(
             for d in daemons:
                 d.sample()
             samples_used.append(sum(d.last_used for d in daemons))
+            phase_peak[killed] = max(phase_peak[killed], samples_used[-1])
+            if work.kill is not None and not killed and time.monotonic() - t0 >= work.kill_after:
+                print(f"  t={time.monotonic() - t0:4.0f}s SIGKILL {work.kill.name}", flush=True)
+                work.kill.kill()
+                killed = True
             timeline.append((time.monotonic() - t0, sum(w.acked for w in writers), samples_used[-1]))
             loadmax = max(loadmax, os.getloadavg()[0])
             now = time.monotonic()
@@ -398,6 +493,7 @@ def run_writers(
         res.peak_used[d.name] = d.peak_used
         res.end_used[d.name] = d.last_used
     res.peak_used_sum = max(samples_used, default=0)
+    res.peak_phase = phase_peak if work.kill is not None else [phase_peak[0]]
     return writers
 
 
@@ -422,12 +518,11 @@ def stall_dump(daemons: list[Torusd], dump_dir: Path, at: float) -> list[str]:
     return out
 
 
-def verify(path: Path, writers: list[Writer]) -> tuple[bool, int, list[str]]:
+def verify(path: Path, writers: list[Writer], workload: str = "flush") -> tuple[bool, int, list[str]]:
     """Compare the read-back image with the writers' reproduced content.
 
     Returns (verified, live bytes, notes); a writer's next write after its last ACK may be present
     (whole) or absent."""
-    fw = load_flush_writer()
     notes: list[str] = []
     live = 0
     ok = True
@@ -438,7 +533,7 @@ def verify(path: Path, writers: list[Writer]) -> tuple[bool, int, list[str]]:
         for w in writers:
             model = bytearray(w.region)
             covered = bytearray(w.region // 512)
-            gen = fw.writes(w.region, w.seed)
+            gen = stream(workload, w.region, w.seed)
             for _ in range(w.acked):
                 off, chunk = next(gen)
                 model[off : off + len(chunk)] = chunk
@@ -476,7 +571,7 @@ def readback(uri: str, out: Path, writers: list[Writer], label: str, res: Result
         print(f"  nbdcopy from {label} failed: {proc.stderr.strip()[-500:]}")
         res.verified[label] = False
         return
-    ok, live, notes = verify(out, writers)
+    ok, live, notes = verify(out, writers, res.workload)
     res.verified[label], res.live = ok, live
     print(f"  read back through {label} in {time.monotonic() - t0:.1f}s: {'OK' if ok else 'FAILED'}")
     for note in notes:
@@ -519,8 +614,8 @@ def report_logs(daemons: list[Torusd], res: Result) -> None:
                 print(f"    {line[:300]}")
 
 
-def soak_single(tmp: Path, minutes: float, n: int, dumps: bool) -> Result:
-    res = Result("single", minutes, n, load=(os.getloadavg()[0], 0.0, 0.0))
+def soak_single(tmp: Path, minutes: float, n: int, dumps: bool, work: Workload) -> Result:
+    res = Result("single", minutes, n, load=(os.getloadavg()[0], 0.0, 0.0), workload=work.kind)
     data = tmp / "single"
     data.mkdir()
     md = f"sqlite:///{data}/metadata.db"
@@ -542,7 +637,9 @@ def soak_single(tmp: Path, minutes: float, n: int, dumps: bool) -> Result:
         if not wait_exported(uri, 60):
             raise RuntimeError(f"{uri} is not exported:\n{d.log_tail()}")
         print(f"single: torusd pid {d.proc.pid if d.proc else '?'} nbd {uri} metrics http://{d.http}/metrics")
-        writers = run_writers(uri, daemons, n, minutes * 60, res, seed0=1000, dump_dir=tmp if dumps else None)
+        writers = run_writers(
+            uri, daemons, n, minutes * 60, res, seed0=1000, dump_dir=tmp if dumps else None, work=work
+        )
         readback(uri, tmp / "single.img", writers, "single", res)
         settle(daemons, res, 15)
         finish(daemons, res)
@@ -553,10 +650,13 @@ def soak_single(tmp: Path, minutes: float, n: int, dumps: bool) -> Result:
     return res
 
 
-def soak_cluster(tmp: Path, minutes: float, n: int, dumps: bool) -> Result:
+def soak_cluster(
+    tmp: Path, minutes: float, n: int, dumps: bool, work: Workload, dead_minutes: float
+) -> Result:
     from torus_core.testing.services import etcd_service, free_port
 
-    res = Result("cluster", minutes, n, load=(os.getloadavg()[0], 0.0, 0.0))
+    res = Result("cluster", minutes, n, load=(os.getloadavg()[0], 0.0, 0.0), workload=work.kind)
+    res.dead_minutes = dead_minutes
     daemons: list[Torusd] = []
     with etcd_service() as etcd:
         url = etcd.url
@@ -580,8 +680,17 @@ def soak_cluster(tmp: Path, minutes: float, n: int, dumps: bool) -> Result:
             if not wait_exported(uri, 60):
                 raise RuntimeError(f"{uri} is not exported:\n{daemons[0].log_tail()}")
             print("  " + ctl(url, "peer", "list").strip().replace("\n", "\n  "))
+            if dead_minutes > 0:
+                work = Workload(work.kind, work.flush_every, kill=daemons[2], kill_after=minutes * 60)
             writers = run_writers(
-                uri, daemons, n, minutes * 60, res, seed0=2000, dump_dir=tmp if dumps else None
+                uri,
+                daemons,
+                n,
+                (minutes + dead_minutes) * 60,
+                res,
+                seed0=2000,
+                dump_dir=tmp if dumps else None,
+                work=work,
             )
             readback(uri, tmp / "p1.img", writers, "peer1", res)
             # peer 1 gives the volume up once its clients left (lock released on close)
@@ -610,7 +719,8 @@ def mib(n: int) -> str:
 
 def print_table(results: list[Result]) -> None:
     rows: list[tuple[str, list[str]]] = [
-        ("minutes", [f"{r.minutes:g}" for r in results]),
+        ("workload", [r.workload for r in results]),
+        ("minutes (+ with a dead peer)", [f"{r.minutes:g} + {r.dead_minutes:g}" for r in results]),
         ("writers (QD1 each)", [str(r.writers) for r in results]),
         ("writes acknowledged", [str(r.acked) for r in results]),
         ("flushed writes/s", [f"{r.rate:.0f}" for r in results]),
@@ -620,6 +730,7 @@ def print_table(results: list[Result]) -> None:
         ("writer errors", [str(len(r.writer_errors)) for r in results]),
         ("peak store used MiB", ["+".join(mib(v) for v in r.peak_used.values()) for r in results]),
         ("peak store used MiB, sum", [mib(r.peak_used_sum) for r in results]),
+        ("peak sum per phase MiB", ["/".join(mib(v) for v in r.peak_phase) for r in results]),
         ("store used at end of writes", ["+".join(mib(v) for v in r.end_used.values()) for r in results]),
         ("store used after readback+15s", ["+".join(mib(v) for v in r.after_used.values()) for r in results]),
         ("peak journal on disk MiB", ["+".join(mib(v) for v in r.peak_journal.values()) for r in results]),
@@ -653,6 +764,24 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--only", choices=("single", "cluster"), default=None, help="one configuration")
     ap.add_argument("--writers", type=int, default=1, help="writers, each on its own 1/N of the volume")
     ap.add_argument(
+        "--workload",
+        choices=("flush", "mixed"),
+        default="flush",
+        help="flush: 4 KiB writes each FLUSHed; mixed: sequential + random writes, rare FLUSHes",
+    )
+    ap.add_argument(
+        "--flush-every-mib",
+        type=float,
+        default=0.0,
+        help="mixed: FLUSH every this many MiB written (0: only at the end)",
+    )
+    ap.add_argument(
+        "--dead-minutes",
+        type=float,
+        default=0.0,
+        help="cluster: go on this many minutes after SIGKILLing peer 3",
+    )
+    ap.add_argument(
         "--no-stall-dumps", action="store_true", help=f"no py-spy dumps when no ACK comes for {STALL:g} s"
     )
     ap.add_argument(
@@ -661,11 +790,17 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     if args.writers < 1:
         ap.error("--writers must be >= 1")
+    if args.workload == "mixed" and VOLUME_SIZE // args.writers < 64 * MiB:
+        ap.error("--workload mixed needs at least 64 MiB of volume per writer")
+    if args.minutes <= 0 or args.dead_minutes < 0 or args.flush_every_mib < 0:
+        ap.error("--minutes must be > 0, --dead-minutes and --flush-every-mib >= 0")
+    work = Workload(args.workload, int(args.flush_every_mib * MiB))
     for path in [*sorted(ROOT.glob("plugins/torus_*")), ROOT]:  # this tree's code, as bench/cluster.py
         sys.path.insert(0, str(path))
     configs = [args.only] if args.only else ["single", "cluster"]
     print(
-        f"soak: {args.minutes:g} min per config, {args.writers} writer(s), 4 KiB writes + FLUSH, "
+        f"soak: {args.minutes:g} (+{args.dead_minutes:g} with a dead peer) min per config, "
+        f"{args.writers} writer(s), workload {args.workload}, "
         f"1 GiB volume, {STORE_SIZE} stores; {os.cpu_count()} cores, load average "
         + " ".join(f"{x:.2f}" for x in os.getloadavg()),
         flush=True,
@@ -689,8 +824,11 @@ def main(argv: list[str] | None = None) -> int:
     results: list[Result] = []
     try:
         for config in configs:
-            fn = soak_single if config == "single" else soak_cluster
-            results.append(fn(tmp, args.minutes, args.writers, not args.no_stall_dumps))
+            dumps = not args.no_stall_dumps
+            if config == "single":
+                results.append(soak_single(tmp, args.minutes, args.writers, dumps, work))
+            else:
+                results.append(soak_cluster(tmp, args.minutes, args.writers, dumps, work, args.dead_minutes))
         ok = len(results) == len(configs) and all(r.ok for r in results)
     finally:
         dumped = any(r.stall_dumps for r in results)

@@ -493,3 +493,26 @@ def test_an_open_volumes_journal_never_grows_past_two_checkpoints(tmp_path):
     kept = [r.seq for r in js.read(3, 0)]
     assert kept[0] > seq - 25, kept[:3]  # records two checkpoints old are gone from disk
     assert [r.seq for r in js.read(3, seq - 4)] == list(range(seq - 3, seq + 1))
+
+
+def test_overwrites_that_are_never_flushed_are_checkpointed_and_freed_while_the_writer_goes_on(tmp_path):
+    """Issue 16: without a FLUSH, superseded blocks used to wait for the 30 s checkpoint (here
+    an hour) and the store filled; now the superseded space itself starts a checkpoint."""
+    e = Env(
+        tmp_path,
+        FileBlockStore.open(
+            BlockStoreConfig(block_size=BS, capacity_bytes=4 * SIZE, path=str(tmp_path / "b"))
+        ),
+    )
+    vol = e.open(checkpoint_superseded=SIZE // 4)
+    try:
+        vol.file._max_dirty = 1  # whole blocks go to the store at once, as with a full cache
+        for k in range(40):  # 40 passes over the volume: 10 x the store, no FLUSH at all
+            for i in range(SIZE // BS):
+                vol.write_at(i * BS, bytes([k + 1]) * BS)
+            assert e.store.used_blocks() <= 3 * SIZE // BS
+        assert vol.journal.checkpoints > 0
+        assert vol.read_at(0, SIZE) == bytes([40]) * SIZE
+    finally:
+        vol.close()
+        e.close()

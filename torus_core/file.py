@@ -227,6 +227,10 @@ class File:
         )
         #: last block of the previous read (sequential-access detection for read-ahead)
         self._last_read_block = -2
+        #: :meth:`watch_superseded`: blocks superseded since the last commit at which
+        #: ``_on_superseded`` is called (under the lock; it must not block)
+        self._superseded_limit = 0
+        self._on_superseded: Callable[[], None] | None = None
 
     @classmethod
     def open(
@@ -276,6 +280,31 @@ class File:
     def dirty_blocks(self) -> int:
         """Number of blocks waiting to be flushed (in memory or staged)."""
         return len(self._dirty) + len(self._staged)
+
+    def superseded_blocks(self) -> int:
+        """Blocks this file stopped naming since its last commit, plus those held back one
+        commit for the journal: store space that the next commit (or two) gives back."""
+        return len(self._superseded_sink) + len(self._held_superseded)
+
+    def superseded_since_commit(self) -> int:
+        """Blocks this file stopped naming since its last commit (freed by the next one, or one
+        later if a journal record names them)."""
+        return len(self._superseded_sink)
+
+    def watch_superseded(self, limit_bytes: int, callback: Callable[[], None] | None) -> None:
+        """Call ``callback`` (under the file's lock: it must only signal, never block) after a
+        mutation that leaves at least ``limit_bytes`` of superseded blocks waiting for a commit
+        (:meth:`superseded_blocks`); a journaled volume's checkpointer uses it to commit, and so
+        free them, without waiting for a FLUSH. ``None`` turns it off."""
+        _check_int("limit_bytes", limit_bytes)
+        with self._lock:
+            self._superseded_limit = max(1, limit_bytes // self._bs)
+            self._on_superseded = callback
+
+    def _note_superseded(self) -> None:
+        cb = self._on_superseded
+        if cb is not None and len(self._superseded_sink) >= self._superseded_limit:
+            cb()
 
     def is_write_open(self) -> bool:
         """True between the first mutation and the next successful sync."""
@@ -477,6 +506,7 @@ class File:
                     self._write_partial(i, s, chunk)
                     self._evict(ref)
                 pos += k
+            self._note_superseded()
             return n
 
     def read_nowait(self, offset: int, length: int) -> bytes | None:
@@ -593,6 +623,7 @@ class File:
                     self._zero_partial(i, s - i * bs, stop - i * bs)
                     s = stop
             self._evict(ref)
+            self._note_superseded()
 
     def write_zeroes(self, offset: int, length: int, *, punch_hole: bool = True) -> None:
         """Make a range read as zeros (growing the file if needed).

@@ -49,6 +49,19 @@ DEFAULT_CHECKPOINT_INTERVAL = 30.0
 DEFAULT_JOURNAL_LIMIT = 256 * 1024 * 1024
 #: Longest a flush waits under backpressure before going on anyway.
 BACKPRESSURE_WAIT = 30.0
+#: Bounds of the superseded space (blocks the file stopped naming since its last commit) at
+#: which a checkpoint starts even without a FLUSH: a quarter of the volume, within these.
+MIN_CHECKPOINT_SUPERSEDED = 8 * 1024 * 1024
+MAX_CHECKPOINT_SUPERSEDED = 64 * 1024 * 1024
+#: Writers wait (bounded) for a checkpoint once this many times the trigger is superseded.
+SUPERSEDED_HARD_FACTOR = 2
+#: Longest a write waits for a checkpoint to free superseded space before going on anyway.
+SPACE_WAIT = 10.0
+
+
+def default_checkpoint_superseded(volume_size: int) -> int:
+    """The superseded bytes that start a checkpoint for a volume of ``volume_size`` bytes."""
+    return max(MIN_CHECKPOINT_SUPERSEDED, min(MAX_CHECKPOINT_SUPERSEDED, volume_size // 4))
 
 
 class VolumeJournal:
@@ -66,7 +79,12 @@ class VolumeJournal:
         checkpoint_bytes: int = DEFAULT_CHECKPOINT_BYTES,
         checkpoint_interval: float = DEFAULT_CHECKPOINT_INTERVAL,
         journal_limit: int = DEFAULT_JOURNAL_LIMIT,
+        checkpoint_superseded: int | None = None,
     ) -> None:
+        """``checkpoint_superseded``: bytes of superseded blocks (overwritten, trimmed) waiting
+        for a commit at which a checkpoint starts, FLUSH or not (default
+        :func:`default_checkpoint_superseded` of the volume size); writes wait (at most
+        ``SPACE_WAIT`` s) for it once ``SUPERSEDED_HARD_FACTOR`` times as much is waiting."""
         self.file = file
         self.store = store
         self.replicas = replicas
@@ -76,6 +94,11 @@ class VolumeJournal:
         self.checkpoint_bytes = checkpoint_bytes
         self.checkpoint_interval = checkpoint_interval
         self.journal_limit = max(journal_limit, checkpoint_bytes)
+        if checkpoint_superseded is None:
+            checkpoint_superseded = default_checkpoint_superseded(file.size)
+        self.checkpoint_superseded = max(file.block_size, checkpoint_superseded)
+        self._superseded_trigger = max(1, self.checkpoint_superseded // file.block_size)
+        self._superseded_hard = SUPERSEDED_HARD_FACTOR * self._superseded_trigger
         self.writer: JournalWriter | None = None
         self.replayed = 0
         self.checkpoints = 0
@@ -139,7 +162,8 @@ class VolumeJournal:
     # --- flushing --------------------------------------------------------------------------
 
     def start(self) -> VolumeJournal:
-        """Start the background checkpointer."""
+        """Start the background checkpointer (and its watch on the file's superseded space)."""
+        self.file.watch_superseded(self.checkpoint_superseded, self._wake.set)
         self._thread = threading.Thread(target=self._run, name=f"checkpoint-{self.name}", daemon=True)
         self._thread.start()
         return self
@@ -174,6 +198,23 @@ class VolumeJournal:
             return
         if writer.bytes_since_checkpoint >= self.checkpoint_bytes:
             self._wake.set()
+
+    def space_wait(self) -> None:
+        """Called after a write (without the file's lock): while the superseded blocks waiting
+        for a commit are over the hard limit, wake the checkpointer and wait for it, at most
+        ``SPACE_WAIT`` seconds in all -- a writer far ahead of the checkpoints slows down instead
+        of filling the store."""
+        if self.file.superseded_since_commit() < self._superseded_hard or self._thread is None:
+            return
+        self._wake.set()
+        deadline = time.monotonic() + SPACE_WAIT
+        with self._ckpt_done:
+            while self.file.superseded_since_commit() >= self._superseded_hard and not self._stop.is_set():
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    log.warning("volume %r: superseded blocks over their limit, no checkpoint", self.name)
+                    return
+                self._ckpt_done.wait(min(left, 0.5))
 
     def _flush_by_checkpoint(self, writer: JournalWriter) -> None:
         """Make everything durable by a checkpoint, then let the writer go on numbering."""
@@ -220,6 +261,8 @@ class VolumeJournal:
             return False
         if w.bytes_since_checkpoint >= self.checkpoint_bytes:
             return True
+        if self.file.superseded_since_commit() >= self._superseded_trigger:
+            return True  # overwrites pile up: a commit frees them, FLUSH or not
         return w.records_since_checkpoint > 0 and (
             time.monotonic() - self._last_checkpoint >= self.checkpoint_interval
         )
@@ -241,7 +284,10 @@ class VolumeJournal:
 
     def close(self) -> None:
         """Stop the checkpointer (bounded wait); the owner runs the final :meth:`checkpoint`."""
+        self.file.watch_superseded(0, None)
         self._stop.set()
+        with self._ckpt_done:
+            self._ckpt_done.notify_all()
         self._wake.set()
         if self._thread is not None and self._thread is not threading.current_thread():
             self._thread.join(60.0)

@@ -289,7 +289,10 @@ class BlockVolume:
             raise InvalidArgument(
                 f"write of {n} bytes at {offset} exceeds volume {self.name!r} ({self.file.size} bytes)"
             )
-        return self.file.write_at(offset, data)
+        n = self.file.write_at(offset, data)
+        if self.journal is not None:
+            self.journal.space_wait()
+        return n
 
     def read_nowait(self, offset: int, length: int) -> bytes | None:
         """:meth:`read_at` if it can run without waiting for the file's lock, else None."""
@@ -305,6 +308,8 @@ class BlockVolume:
         """Discard a range (whole blocks become holes, edges are zeroed)."""
         self._check_writable()
         self.file.trim(offset, length)
+        if self.journal is not None:
+            self.journal.space_wait()
 
     def write_zeroes(self, offset: int, length: int, *, punch_hole: bool = True) -> None:
         """Make a range read as zeros (within the volume size)."""

@@ -5,15 +5,23 @@ and prints its ``NBD LISTENING host:port`` line, :func:`serve_metrics` starts th
 ``/metrics`` + ``/healthz`` endpoint and prints ``HTTP LISTENING host:port``,
 :func:`serve_until_signalled` starts the
 listeners (closing the server if that fails) and blocks until SIGTERM/SIGINT.
+
+Shutdown is bounded: the server closes (volumes folded in and unlocked) in a helper thread,
+and if that has not finished within ``--shutdown-timeout`` seconds (a peer or the metadata
+store not answering), or a second SIGTERM/SIGINT arrives, the process logs what it gave up on
+and exits with status 1 at once. Flushed writes are durable in the journal by then, so the
+next start replays them; volume locks free themselves when their lease expires.
 """
 
 from __future__ import annotations
 
 import functools
 import logging
+import os
 import signal
 import sys
 import threading
+import time
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -185,12 +193,48 @@ def serve_metrics(server: Server, listen: str) -> None:
     click.echo(f"HTTP LISTENING {host}:{http.port}")
 
 
-def run_until_signalled(server: Server, stop: threading.Event | None = None) -> None:
-    """Block until SIGTERM/SIGINT (or ``stop``), then close ``server`` gracefully."""
+#: Seconds a graceful shutdown may take before the process exits without finishing it.
+DEFAULT_SHUTDOWN_TIMEOUT = 30.0
+#: Exit status of a shutdown that ran out of time (or was cut short by a second signal).
+FORCED_EXIT_STATUS = 1
+
+log = logging.getLogger("torusd")
+
+
+def shutdown_timeout_option(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """The ``--shutdown-timeout SECONDS`` option (validated by :func:`check_shutdown_timeout`)."""
+    return click.option(
+        "--shutdown-timeout",
+        default=DEFAULT_SHUTDOWN_TIMEOUT,
+        show_default=True,
+        type=float,
+        help="Longest a graceful shutdown (SIGTERM/SIGINT) may take before the process exits anyway (s).",
+    )(fn)
+
+
+def check_shutdown_timeout(seconds: float) -> float:
+    """UsageError unless ``seconds`` is a positive, finite number."""
+    if not 0 < seconds < float("inf"):
+        raise UsageError(f"--shutdown-timeout must be a positive number of seconds, got {seconds!r}")
+    return seconds
+
+
+def run_until_signalled(
+    server: Server,
+    stop: threading.Event | None = None,
+    *,
+    shutdown_timeout: float = DEFAULT_SHUTDOWN_TIMEOUT,
+) -> None:
+    """Block until SIGTERM/SIGINT (or ``stop``), then close ``server`` gracefully, within
+    ``shutdown_timeout`` seconds: past it, or at a second signal, the process exits with
+    ``FORCED_EXIT_STATUS`` (see the module docstring)."""
     event = stop or threading.Event()
+    signals: list[int] = []
 
     def _handler(signum: int, _frame: Any) -> None:
-        logging.getLogger("torusd").info("signal %d: shutting down", signum)
+        signals.append(signum)
+        if len(signals) == 1:
+            log.info("signal %d: shutting down (at most %gs)", signum, shutdown_timeout)
         event.set()
 
     previous = {sig: signal.signal(sig, _handler) for sig in (signal.SIGTERM, signal.SIGINT)}
@@ -199,13 +243,50 @@ def run_until_signalled(server: Server, stop: threading.Event | None = None) -> 
             pass
     finally:
         try:
-            server.close()
+            _close_bounded(server, shutdown_timeout, signals)
         finally:
             for sig, old in previous.items():
                 signal.signal(sig, old)
 
 
-def serve_until_signalled(server: Server, start: Callable[[], None]) -> None:
+def _close_bounded(server: Server, timeout: float, signals: list[int]) -> None:
+    """Close ``server`` in a helper thread; exit the process if that outlasts ``timeout`` or
+    another signal arrives meanwhile."""
+    done = threading.Event()
+    failure: list[BaseException] = []
+
+    def close() -> None:
+        try:
+            server.close()
+        except BaseException as exc:  # re-raised in the caller's thread
+            failure.append(exc)
+        finally:
+            done.set()
+
+    seen = len(signals)
+    threading.Thread(target=close, name="torus-shutdown", daemon=True).start()
+    deadline = time.monotonic() + timeout
+    while not done.wait(0.1):
+        if len(signals) > max(seen, 1) or time.monotonic() >= deadline:
+            why = "a second signal" if len(signals) > max(seen, 1) else f"{timeout:g}s"
+            log.error(
+                "shutdown did not finish (%s): exiting without it; flushed writes are in the "
+                "journal and replayed at the next start, volume locks expire with their lease",
+                why,
+            )
+            for stream in (sys.stdout, sys.stderr):
+                try:
+                    stream.flush()
+                except (OSError, ValueError):
+                    pass
+            os._exit(FORCED_EXIT_STATUS)
+    if failure:
+        raise failure[0]
+
+
+def serve_until_signalled(
+    server: Server, start: Callable[[], None], *, shutdown_timeout: float = DEFAULT_SHUTDOWN_TIMEOUT
+) -> None:
     """Run ``start()`` (the listeners; ``server`` is closed if it fails), flush stdout, then
     :func:`run_until_signalled`."""
     try:
@@ -214,4 +295,4 @@ def serve_until_signalled(server: Server, start: Callable[[], None]) -> None:
     except BaseException:
         server.close()
         raise
-    run_until_signalled(server)
+    run_until_signalled(server, shutdown_timeout=shutdown_timeout)

@@ -19,6 +19,7 @@ from torus_core import __version__
 from torus_core.block.volume import DEFAULT_LEASE_TTL
 from torus_core.cli.common import build_context, config_options, handle_errors
 from torus_core.cli.serving import (
+    check_shutdown_timeout,
     check_storage_size,
     check_tls_options,
     metrics_address,
@@ -28,6 +29,7 @@ from torus_core.cli.serving import (
     serve_metrics,
     serve_nbd,
     serve_until_signalled,
+    shutdown_timeout_option,
     watch_disk,
 )
 from torus_core.daemon.server import Server, parse_listen
@@ -64,6 +66,7 @@ def cli() -> None:
 )
 @min_free_space_option
 @click.option("--debug", is_flag=True, help="Debug logging.")
+@shutdown_timeout_option
 @handle_errors
 def nbdserve(
     config_path: str | None,
@@ -78,10 +81,13 @@ def nbdserve(
     lease_ttl: float,
     min_free_space: str,
     debug: bool,
+    shutdown_timeout: float,
     **overrides: Any,
 ) -> None:
-    """Serve every volume over NBD until SIGTERM/SIGINT (then sync and unlock)."""
+    """Serve every volume over NBD until SIGTERM/SIGINT (then sync and unlock, within
+    ``--shutdown-timeout``)."""
     logging.basicConfig(level=logging.DEBUG if debug else logging.INFO, stream=sys.stderr)
+    check_shutdown_timeout(shutdown_timeout)
     check_tls_options(tls_cert, tls_key, require_tls)
     parse_listen(listen)  # a bad address is refused before the store is opened
     metrics_address(metrics_listen)
@@ -97,7 +103,7 @@ def nbdserve(
         if metrics_listen:
             serve_metrics(server, metrics_listen)
 
-    serve_until_signalled(server, start)
+    serve_until_signalled(server, start, shutdown_timeout=shutdown_timeout)
 
 
 @cli.command("aoe")

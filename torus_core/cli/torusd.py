@@ -30,6 +30,7 @@ from torus_core.block.volume import DEFAULT_LEASE_TTL
 from torus_core.cli.common import build_context, config_options, handle_errors
 from torus_core.cli.serving import (
     check_listen,
+    check_shutdown_timeout,
     check_storage_size,
     check_tls_options,
     metrics_address,
@@ -39,6 +40,7 @@ from torus_core.cli.serving import (
     serve_metrics,
     serve_nbd,
     serve_until_signalled,
+    shutdown_timeout_option,
     watch_disk,
 )
 from torus_core.cluster.cli_options import cluster_options, make_cluster_options
@@ -92,6 +94,7 @@ from torus_core.errors import NoGlobalMetadata, UsageError
 )
 @min_free_space_option
 @click.option("--debug", is_flag=True, help="Debug logging.")
+@shutdown_timeout_option
 @cluster_options
 @click.version_option(__version__, prog_name="torusd")
 @handle_errors
@@ -113,6 +116,7 @@ def cli(
     min_free_space: str,
     debug: bool,
     aoe_specs: tuple[str, ...],
+    shutdown_timeout: float,
     peer_address: str | None,
     auto_join: bool,
     heartbeat_interval: float,
@@ -131,6 +135,7 @@ def cli(
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
+    check_shutdown_timeout(shutdown_timeout)
     ctx = build_context(config_path, storage_size=size, block_store=block_store, **overrides)
     # Every option is checked before anything is opened: --debug-init must not format a cluster
     # for a command line that then fails.
@@ -197,7 +202,7 @@ def cli(
         if metrics_listen:
             serve_metrics(server, metrics_listen)
 
-    serve_until_signalled(server, start)
+    serve_until_signalled(server, start, shutdown_timeout=shutdown_timeout)
 
 
 def start_single_node_heartbeat(server: Server, data_dir: str, nbd_listen: str | None) -> Callable[[], None]:

@@ -9,7 +9,13 @@ so an NBD FLUSH still means every acknowledged byte is durable on R peers; repli
 surface there (like a page cache's write-back errors at fsync).
 
 Queued and in-flight blocks stay readable through :meth:`WriteBehind.get`. The queue holds at
-most ``max_bytes``; ``submit`` blocks (bounded waits) while it is full.
+most ``max_bytes``; ``submit`` waits while it is full, at most ``submit_wait`` seconds in all.
+Blocks whose replication failed count as pending until a flush retried them; a ``submit``
+that finds the queue full of such blocks and nothing else to wait for puts them back in the
+queue (at most once a second) so that the workers try again -- space freed by GC meanwhile is
+used -- and raises the last failure (:class:`~torus_core.errors.OutOfSpace` for a full
+cluster: the client gets ENOSPC) once ``submit_wait`` is over, instead of waiting forever.
+Until a batch gets through again, later ``submit`` calls that find no room raise at once.
 
 A worker that finds less than a batch queued lingers ``linger`` seconds (3 ms) before taking
 it: a write followed at once by a flush (a volume sync, an NBD FLUSH after a small write) then
@@ -27,7 +33,7 @@ from collections import deque
 from collections.abc import Callable, Sequence
 
 from torus_core.distributor.levels import WriteLevel
-from torus_core.errors import Closed, ReplicationFailed
+from torus_core.errors import Closed, ReplicationFailed, TorusError
 from torus_core.refs import BlockRef
 
 log = logging.getLogger(__name__)
@@ -36,6 +42,10 @@ log = logging.getLogger(__name__)
 Replicate = Callable[[list[tuple[BlockRef, bytes]], WriteLevel], None]
 #: A queued block.
 Item = tuple[BlockRef, bytes, WriteLevel]
+#: Longest ``submit`` waits for room in the queue before raising.
+SUBMIT_WAIT = 10.0
+#: Least pause between two re-queues of failed blocks by a waiting ``submit``.
+REQUEUE_INTERVAL = 1.0
 
 
 class WriteBehind:
@@ -46,6 +56,7 @@ class WriteBehind:
     :param batch_bytes: largest batch a worker takes at once.
     :param workers: worker threads (batches in flight at once).
     :param linger: seconds a worker waits for a batch to fill (or a flush to take it).
+    :param submit_wait: longest ``submit`` waits for room before raising.
     """
 
     def __init__(
@@ -56,8 +67,15 @@ class WriteBehind:
         batch_bytes: int = 4 * 1024 * 1024,
         workers: int = 4,
         linger: float = 0.003,
+        submit_wait: float = SUBMIT_WAIT,
     ) -> None:
         self._replicate = replicate
+        self.submit_wait = submit_wait
+        self._last_requeue = 0.0
+        #: the newest replication failure (what a ``submit`` that found no room raises)
+        self._last_error: TorusError | None = None
+        #: a ``submit`` ran out of ``submit_wait`` and no batch got through since
+        self._stuck = False
         self.max_bytes = max_bytes
         self.batch_bytes = batch_bytes
         self.linger = linger
@@ -77,11 +95,21 @@ class WriteBehind:
             t.start()
 
     def submit(self, batch: Sequence[tuple[BlockRef, bytes]], level: WriteLevel) -> None:
-        """Queue ``batch``; waits while the queue is over ``max_bytes`` (workers always progress:
-        every replication round is bounded by the write deadlines)."""
+        """Queue ``batch``; waits while the queue is over ``max_bytes``, at most ``submit_wait``
+        seconds (every replication round is bounded by the write deadlines). Raises the last
+        replication failure (or :class:`ReplicationFailed`) if no room was made by then."""
         with self._cond:
+            deadline = time.monotonic() + self.submit_wait
             while self._pending_bytes >= self.max_bytes and not self._closed:
-                self._cond.wait(1.0)
+                self._requeue_failed()
+                left = deadline - time.monotonic()
+                if left <= 0 or self._stuck:
+                    # the writers queued behind this one (on the volume's lock) fail at once
+                    # until a batch gets through again: one bound, not one per writer
+                    self._stuck = True
+                    raise self._full_error()
+                self._cond.wait(min(left, 0.5))
+            self._stuck = False
             if self._closed:
                 raise Closed("write-behind queue is closed")
             for ref, data in batch:
@@ -93,6 +121,29 @@ class WriteBehind:
                 self._queue.append((ref, data, level))
                 self._queued_bytes += len(data)
             self._cond.notify_all()
+
+    def _requeue_failed(self) -> None:
+        """(Lock held.) With nothing queued or in flight and failed blocks filling the queue,
+        hand them to the workers again (at most every ``REQUEUE_INTERVAL`` s)."""
+        now = time.monotonic()
+        if self._queue or self._busy or not self._failed or now - self._last_requeue < REQUEUE_INTERVAL:
+            return
+        self._last_requeue = now
+        failed, self._failed = self._failed, []
+        for item, _ in failed:
+            if self._pending.get(item[0]) is item[1]:  # not superseded by a newer copy meanwhile
+                self._queue.append(item)
+                self._queued_bytes += len(item[1])
+        self._cond.notify_all()
+
+    def _full_error(self) -> TorusError:
+        """(Lock held.) What a ``submit`` that found no room raises."""
+        if self._last_error is not None:
+            return self._last_error
+        return ReplicationFailed(
+            f"write-behind queue full for {self.submit_wait:g}s ({self._pending_bytes} bytes pending, "
+            f"{len(self._queue)} queued, {self._busy} batch(es) in flight, {len(self._failed)} failed)"
+        )
 
     def get(self, ref: BlockRef) -> bytes | None:
         """The bytes of a queued, in-flight or failed block, else None."""
@@ -145,12 +196,16 @@ class WriteBehind:
             with self._cond:
                 self._busy -= 1
                 if error is None:
+                    self._last_error = None
+                    self._stuck = False
                     for ref, data, _ in items:
                         if self._pending.get(ref) is data:
                             del self._pending[ref]
                             self._pending_bytes -= len(data)
                 else:
                     self._failed.extend((item, error) for item in items)
+                    if isinstance(error, TorusError):
+                        self._last_error = error
                 self._cond.notify_all()
 
     def _linger(self) -> bool:
@@ -194,6 +249,7 @@ class WriteBehind:
         """After a retry of failed items: forget them (``ok``) or keep them failed with ``error``."""
         with self._cond:
             if ok:
+                self._stuck = False
                 for ref, data, _ in items:
                     if self._pending.get(ref) is data:
                         del self._pending[ref]
