@@ -88,3 +88,50 @@ def test_batch_beyond_etcd_txn_limit_is_invalid_and_writes_nothing(backend: Etcd
         backend.log.append([ev("big", i + 1) for i in range(70)])  # 141 ops > etcd's default 128
     assert backend.log.head_position() == 0
     assert backend.log.append([ev("big", i + 1) for i in range(63)])[-1] == 63
+
+
+def test_a_call_that_finds_etcd_not_yet_reachable_retries_within_its_budget(server: EtcdServer) -> None:
+    """A connection that fails (refused here; "timed out before receiving SETTINGS frame" on a busy
+    machine) is retried while the call's budget lasts, instead of failing the first time."""
+    import socket
+    import threading
+
+    from torus_core.testing.services import free_port
+
+    port = free_port()
+    target = server.endpoint.rsplit(":", 1)
+    stop = threading.Event()
+
+    def pipe(a: socket.socket, b: socket.socket) -> None:
+        try:
+            while data := a.recv(65536):
+                b.sendall(data)
+        except OSError:
+            pass
+        finally:
+            b.close()
+
+    def forward() -> None:
+        time.sleep(0.4)  # nothing listens for the first 0.4 s: connections are refused
+        with socket.create_server(("127.0.0.1", port)) as lsock:
+            lsock.settimeout(0.2)
+            while not stop.is_set():
+                try:
+                    c, _ = lsock.accept()
+                except TimeoutError:
+                    continue
+                u = socket.create_connection((target[0], int(target[1])), timeout=5)
+                for a, b in ((c, u), (u, c)):
+                    threading.Thread(target=pipe, args=(a, b), daemon=True).start()
+
+    t = threading.Thread(target=forward, daemon=True)
+    t.start()
+    b = EtcdBackend.from_url(f"etcd://127.0.0.1:{port}?timeout=5")
+    try:
+        t0 = time.monotonic()
+        assert b.log.append([ev("late", 1)]) == [1]
+        assert time.monotonic() - t0 < 5.0
+    finally:
+        b.close()
+        stop.set()
+        t.join(5)

@@ -46,6 +46,9 @@ UNAVAILABLE_CODES = frozenset(
     {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED}
 )
 
+#: Rounds over the endpoints a unary call makes while they answer UNAVAILABLE (within its budget).
+UNAVAILABLE_ROUNDS = 8
+
 
 def _translate_invalid(message: str) -> TorusError:
     if "lease not found" in message:
@@ -261,9 +264,16 @@ class EtcdTransport:
         endpoints = self.config.endpoints
         last: TorusError | None = None
         start = self._current
-        for attempt in range(len(endpoints)):
+        # UNAVAILABLE (no connection, e.g. "timed out before receiving SETTINGS frame" on a busy
+        # machine) is tried again on the next endpoint, round after round with a short back-off,
+        # while the budget lasts; a bounded number of attempts in all.
+        for attempt in range(len(endpoints) * UNAVAILABLE_ROUNDS):
             idx = (start + attempt) % len(endpoints)
             endpoint = endpoints[idx]
+            if attempt and attempt % len(endpoints) == 0:
+                time.sleep(
+                    min(0.05 * 2 ** (attempt // len(endpoints)), 0.5, max(0.0, deadline - time.monotonic()))
+                )
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 break
