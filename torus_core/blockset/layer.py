@@ -148,6 +148,13 @@ class Blockset(ABC):
         from the store (:meth:`BlockStore.read_block_range`)."""
         return self.get_block_range(i, start, length)
 
+    def page_crcs_unverified(self, i: int, page_size: int) -> bytes | None:
+        """The per-page CRC table of block ``i`` (see :meth:`BlockStore.page_crcs`) for an
+        outer layer that checks it against its own CRC of the block; None where this stack
+        cannot give one without reading the block (the outer layer then reads it). The default
+        is None; ``base`` asks the store."""
+        return None
+
     def check_block(self, i: int, data: BlockData) -> bool:
         """Whether ``data`` passes every integrity check the stack holds for slot ``i``."""
         return True if self.sub is None else self.sub.check_block(i, data)
