@@ -116,7 +116,8 @@ class BlockStore(ABC):
     def read_block_range(self, ref: BlockRef, start: int, length: int) -> bytes:
         """Bytes ``[start, start + length)`` of block ``ref``, possibly **without** the store's
         own integrity check: the caller verifies them (the ``crc`` blockset layer checks each
-        4 KiB page against CRCs taken from a verified full read). Missing ref: BlockNotExist.
+        4 KiB page against CRCs taken from a verified full read, or from :meth:`page_crcs`
+        checked against the block's CRC). Missing ref: BlockNotExist.
 
         The default slices :meth:`get_block` (which verifies); stores that can read a part of a
         block cheaply (the file store: one ``pread``) override it.

@@ -137,7 +137,8 @@ class Blockset(ABC):
         """Bytes ``[start, start + length)`` of block ``i``, verified like :meth:`get_block`.
 
         The default reads the whole block; the ``crc`` layer reads only the pages needed and
-        checks them against per-page CRCs derived from a verified full read.
+        checks them against per-page CRCs verified against the block's CRC (see
+        :mod:`torus_core.blockset.crc`).
         """
         self._check_range(start, length)
         return bytes(memoryview(self.get_block(i))[start : start + length])
