@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import random
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -204,4 +205,55 @@ def test_the_page_crc_table_of_a_remote_block_is_one_small_answer(
     calls, moved = get_calls(cluster), client.stats.remote_read_bytes
     assert client.page_crcs(ref, PAGE_SIZE) == page_crcs(content(3), PAGE_SIZE)
     assert get_calls(cluster) - calls == 1 and client.stats.remote_read_bytes - moved == TABLE
+    f.close()
+
+
+def test_reads_without_the_file_lock_racing_writes_and_syncs_return_whole_versions(
+    volume: tuple[FileVolume, Distributor],
+) -> None:
+    """Readers (clean blocks read after the lock is released) race a writer that rewrites and
+    syncs blocks: every read returns bytes of one version of its block, never an error."""
+    vol, _ = volume
+    f = vol.open()
+    n = 12
+    versions: dict[int, set[int]] = {}
+    for i in range(n):  # one byte value per version: a uniform block
+        f.write_at(i * BS, bytes([i]) * BS)
+        versions[i] = {i}
+    f.sync()
+    stop = time.monotonic() + 2.0
+    errors: list[BaseException] = []
+    torn: list[tuple[int, bytes]] = []
+
+    def writer() -> None:
+        rng = random.Random(1)
+        v = 100
+        while time.monotonic() < stop:
+            i = rng.randrange(n)
+            versions[i].add(v % 256)  # before the write: a reader may see it at once
+            f.write_at(i * BS, bytes([v % 256]) * BS)
+            v += 1
+            if v % 5 == 0:
+                f.sync()
+
+    def reader(seed: int) -> None:
+        rng = random.Random(seed)
+        try:
+            while time.monotonic() < stop:
+                i = rng.randrange(n)
+                got = f.read_at(i * BS + rng.randrange(0, BS - 600), 600)
+                if len(set(got)) != 1 or got[0] not in versions[i]:
+                    torn.append((i, got[:8]))
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=writer)] + [
+        threading.Thread(target=reader, args=(k,)) for k in range(3)
+    ]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert not any(t.is_alive() for t in threads)
+    assert not errors and not torn
     f.close()

@@ -13,6 +13,7 @@ itself verified against the INode.
 
 from __future__ import annotations
 
+import contextlib
 import sys
 from array import array
 from collections import OrderedDict
@@ -120,7 +121,8 @@ class CRCLayer(Blockset):
             data = self.get_block(i)
             self._remember_pages(i, data)
             return bytes(memoryview(data)[start : start + length])
-        self._pages.move_to_end(i)
+        with contextlib.suppress(KeyError):  # evicted meanwhile by a concurrent reader
+            self._pages.move_to_end(i)
         a = start - start % PAGE_SIZE
         b = min(bs, -(-(start + length) // PAGE_SIZE) * PAGE_SIZE)
         raw = self._sub.read_range_unverified(i, a, b - a)
@@ -170,7 +172,7 @@ class CRCLayer(Blockset):
             for i in range(start, end):
                 self._pages.pop(i, None)
         else:
-            for i in [i for i in self._pages if start <= i < end]:
+            for i in [i for i in list(self._pages) if start <= i < end]:  # list(): atomic copy
                 del self._pages[i]
 
     def check_block(self, i: int, data: BlockData) -> bool:
