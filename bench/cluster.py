@@ -295,7 +295,12 @@ def measure_torus(
                 hwm.append(peak_rss_kib(procs[0].pid) // 1024 if procs[0].pid else 0)
             print("  serving peer VmHWM (MiB) after each workload: " + ", ".join(map(str, hwm)))
             rss = [peak_rss_kib(p.pid) / 1024 if p.pid else float("nan") for p in procs]
-            rate = _recovery(md, url, procs, parse_size(block_size)) if recovery else None
+            rate = None
+            if recovery:
+                try:
+                    rate = _recovery(md, url, procs, parse_size(block_size))
+                except (RuntimeError, subprocess.TimeoutExpired) as exc:  # keep the figures
+                    print(f"  re-replication not measured: {exc}")
             return figures, rss, rate
         finally:
             for p in procs:
@@ -451,8 +456,7 @@ def main(argv: list[str] | None = None) -> int:
                             profiler=profiler, tag=key.replace(" ", "-"), runtime=runtime,
                         )  # fmt: skip
                     runs[key].append(figures)
-                    if len(trees) > 1:
-                        print("   ", _round_line(figures))
+                    print("   ", _round_line(figures))
                     rss[key] = [max(a, b) for a, b in zip(peak, rss.get(key, peak), strict=True)]
                     if rate is not None:
                         recoveries[key] = rate
