@@ -257,3 +257,21 @@ def test_reads_without_the_file_lock_racing_writes_and_syncs_return_whole_versio
     assert not any(t.is_alive() for t in threads)
     assert not errors and not torn
     f.close()
+
+
+def test_a_volume_opened_again_asks_the_peers_for_no_page_table_it_had(
+    cluster: LocalCluster, volume: tuple[FileVolume, Distributor]
+) -> None:
+    vol, client = volume
+    first = vol.open()
+    for i in (20, 40, 60):
+        assert first.read_at(i * BS + 100, 64) == content(i)[100:164]
+    first.close()
+    assert client.stats.page_crc_reads == 3
+    again = vol.open()  # a new File: its crc layer starts without tables
+    moved = client.stats.remote_read_bytes
+    for i in (20, 40, 60):
+        assert again.read_at(i * BS + 2 * PAGE_SIZE, 64) == content(i)[2 * PAGE_SIZE :][:64]
+    assert client.stats.page_crc_reads == 3  # the distributor kept them
+    assert client.stats.remote_read_bytes - moved <= 3 * PAGE_SIZE + BS  # the pages (+ the INode)
+    again.close()

@@ -47,6 +47,10 @@ from torus_core.ring.base import PeerPermutation, Ring
 
 log = logging.getLogger(__name__)
 
+#: Page CRC tables of remote blocks kept (512 B each for a 512 KiB block: 4 MiB at most). Blocks
+#: are immutable per ref, so a table never goes stale; a volume opened again (each NBD
+#: connection opens it anew) does not ask the peers for them again.
+PAGE_TABLES_MAX = 8192
 #: Fewest blocks remembered as recently read by range (else: as many as the cache holds).
 RANGED_RECENT_MIN = 16
 #: The ranged read of a block that pulls it into the cache, counted while it stays among the
@@ -170,6 +174,7 @@ class BlockReader:
         #: ref -> (ranged reads seen, end of the last one), most recent last
         self._ranged_recent: OrderedDict[BlockRef, tuple[int, int]] = OrderedDict()
         self._ranged_lock = threading.Lock()
+        self._tables: OrderedDict[tuple[BlockRef, int], bytes] = OrderedDict()
         self.prefetcher = Prefetcher(
             self._prefetch_load,
             max_inflight=max(2 * readahead, 2),
@@ -314,8 +319,9 @@ class BlockReader:
     def page_crcs(self, ref: BlockRef, page_size: int) -> bytes:
         """The CRC-32 of each ``page_size`` page of ``ref`` (see
         :meth:`~torus_core.blockstore.BlockStore.page_crcs`): from the block if it is held
-        here, else from the local store, else from one peer (the table, not the block). When a
-        source on the way lacks a good copy, the block is read whole instead (the verified
+        here, else from the local store, else from the tables read from peers before (at most
+        :data:`PAGE_TABLES_MAX`), else from one peer (the table, not the block). When a source
+        on the way lacks a good copy, the block is read whole instead (the verified
         path, which finds a good copy and repairs the bad one) and the table computed from it."""
         bs = self.block_size
         if type(page_size) is not int or not 0 < page_size <= bs:
@@ -330,6 +336,11 @@ class BlockReader:
                 return page_crc_table(self.get_block(ref), page_size)
             self.stats.inc("local_reads")
             return table
+        with self._ranged_lock:
+            kept = self._tables.get((ref, page_size))
+            if kept is not None:
+                self._tables.move_to_end((ref, page_size))
+                return kept
         if not reads_may_block():
             self.stats.inc("would_block")
             raise WouldBlock(f"the page CRCs of block {ref} must be read from a peer")
@@ -344,6 +355,10 @@ class BlockReader:
         if got is None or outcome.missing or outcome.corrupt:
             return page_crc_table(self._load(ref), page_size)
         self.stats.inc("page_crc_reads")
+        with self._ranged_lock:
+            self._tables[(ref, page_size)] = got
+            while len(self._tables) > PAGE_TABLES_MAX:
+                self._tables.popitem(last=False)
         return got
 
     def prefetch(self, refs: Iterable[BlockRef]) -> int:
