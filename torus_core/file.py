@@ -42,7 +42,7 @@ from typing import BinaryIO, Required, TypedDict, Unpack
 from torus_core.blockset import DEFAULT_BLOCK_SPEC, Blockset, create_blockset, unmarshal_blockset
 from torus_core.blockset.base import BaseLayer
 from torus_core.blockstore import BlockStore
-from torus_core.errors import InvalidArgument, Locked, TorusError
+from torus_core.errors import InvalidArgument, Locked, TorusError, WouldBlock
 from torus_core.inode import VIRTUAL_INODE, INode, INodeStore, virtual_inode
 from torus_core.journal.record import KIND_REF, Extent
 from torus_core.refs import BlockRef, INodeRef
@@ -471,6 +471,8 @@ class File:
         done again under the lock, whose answer (data or error) is authoritative."""
         try:
             return self._clean_range(i, s, k)
+        except WouldBlock:
+            raise  # inside nonblocking_reads: the caller sends the read to a worker
         except Exception as exc:  # anything: the locked read below decides
             log.debug("unlocked read of block %d failed (%s); reading it under the lock", i, exc)
         with self._lock:
