@@ -2,16 +2,23 @@
 """Benchmark a torus cluster on loopback against single-node torus and ``nbdkit file``, in one run.
 
     .venv/bin/python bench/cluster.py [--quick] [--size 128MiB] [--runtime 5] [--block-size 512KiB]
-                                      [--only "single,3p R2"] [--baseline DIR]
+                                      [--only "single,3p R2"] [--baseline DIR] [--profile DIR]
 
 Configurations (each on a fresh etcd): ``nbdkit file`` (reference), single-node torus (one
 ``torusd`` peer, R=1), then three ``torusd`` peers with R = 1, 2, 3. Workloads through the first
 peer's NBD export: nbdcopy sequential write and read, fio (nbd engine) 4 KiB random write/read at
-iodepth 32, and flushed 4 KiB random writes (``--fsync=1``, QD1). Printed as figures plus ratios
-to single-node torus and to nbdkit. Then, for R=2: a peer is SIGKILLed and removed with
-``peer remove --force``; the time until every surviving peer reports a complete rebalance pass
-with nothing under-replicated gives the re-replication rate (MB/s of the dead peer's data).
-Peak RSS of all torus processes together is reported per configuration. The Ceph RBD figures
+iodepth 32, flushed 4 KiB random writes (``--fsync=1``, QD1 and 8 writers) and 1 MiB sequential
+writes at QD8. Printed as figures plus ratios to single-node torus and to nbdkit. The disk
+itself is measured too, on the filesystem of the temp dir: fio psync 1 MiB sequential write
+(``--end_fsync=1``) and the two-loop fsync floor (``--ioengine=psync --rw=randwrite --bs=4k
+--fsync=1 --numjobs=2``, per-job IOPS); the issue's goals are then printed as ratios to these
+references (and to the single node and nbdkit of the same run). Then, for R=2: a peer is
+SIGKILLed and removed with ``peer remove --force``; the time until every surviving peer
+reports a complete rebalance pass with nothing under-replicated gives the re-replication rate
+(MB/s of the dead peer's data).
+Peak RSS (VmHWM) is reported per peer: the serving peer (its NBD export is used) and the others.
+``--profile DIR`` runs ``py-spy record`` (raw, 100 Hz) on every torusd during the 4 KiB
+randread and 1 MiB write workloads and leaves the flame data in DIR. The Ceph RBD figures
 are a constant reference column (from the task brief), not measured here.
 
 ``--baseline DIR`` (a checkout of another commit, e.g. ``git worktree add /tmp/base v1``) also
@@ -34,7 +41,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -60,11 +67,13 @@ CEPH = {
     "seq write MB/s": "453 MiB/s",
     "seq read MB/s": "1.1 GiB/s",
     "4k randwrite QD32 IOPS": "2.1k",
-    "4k randread QD32 IOPS": "14k",
+    "4k randread QD32 IOPS": "14.1k",
     "4k randwrite fsync QD1 IOPS": "~800 (QD1)",
-    "4k randwrite fsync 32 writers IOPS": "2.1k (QD32)",
-    "1M seq write QD8 MB/s": "453 MiB/s",
+    "4k randwrite fsync 8 writers IOPS": "2.1k",
+    "1M seq write QD8 MB/s": "475 MB/s",
 }
+#: Workloads py-spy records with ``--profile``.
+PROFILED = ("4k randread QD32 IOPS", "1M seq write QD8 MB/s")
 FAST = ("--heartbeat-interval", "0.5", "--rebalance-interval", "0.2", "--rebalance-settle", "1")
 
 Run = Callable[[str], float]
@@ -136,11 +145,77 @@ def workloads(src: Path, size: int, runtime: float) -> list[tuple[str, Run]]:
         ("4k randwrite QD32 IOPS", fio("randwrite", 32, runtime, size)),
         ("4k randread QD32 IOPS", fio("randread", 32, runtime, size)),
         ("4k randwrite fsync QD1 IOPS", fio("randwrite", 1, runtime, size, fsync=True)),
-        # fio's nbd engine sends no FUA for --sync=1 and refuses --fdatasync: 32 writers (one
-        # connection each) with a FLUSH after every write are the synchronous QD32 load
-        ("4k randwrite fsync 32 writers IOPS", fio("randwrite", 1, runtime, size, fsync=True, jobs=32)),
+        # fio's nbd engine sends no FUA for --sync=1 and refuses --fdatasync: 8 writers (one
+        # connection each) with a FLUSH after every write are the concurrent synchronous load
+        ("4k randwrite fsync 8 writers IOPS", fio("randwrite", 1, runtime, size, fsync=True, jobs=8)),
         ("1M seq write QD8 MB/s", fio("write", 8, runtime, size, bs="1M", metric="bw")),
     ]
+
+
+def measure_disk(size: int, runtime: float, tmp: Path) -> dict[str, float]:
+    """The disk's own references on the temp dir's filesystem: fio psync 1 MiB sequential write
+    (``--end_fsync=1``, MB/s) and the per-job IOPS of two concurrent 4 KiB fsync loops."""
+    out: dict[str, float] = {}
+    jobs = {
+        "disk seq write MB/s": ["--rw=write", "--bs=1M", f"--size={size}", "--end_fsync=1"],
+        "disk fsync floor IOPS/job": [
+            "--rw=randwrite", "--bs=4k", "--size=64M", "--fsync=1", "--numjobs=2",
+            "--time_based", f"--runtime={runtime}",
+        ],
+    }  # fmt: skip
+    for name, args in jobs.items():
+        where = tmp / "disk-ref"
+        where.mkdir(exist_ok=True)
+        cmd = ["fio", "--name=d", "--ioengine=psync", f"--directory={where}", "--output-format=json", *args]
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=runtime + 600)
+        text = proc.stdout
+        if proc.returncode != 0 or "{" not in text:
+            print(f"  fio disk reference failed ({proc.returncode}): {proc.stderr.strip()[-300:]}")
+            out[name] = float("nan")
+        else:
+            runs = json.loads(text[text.index("{") :])["jobs"]
+            if name.endswith("MB/s"):
+                out[name] = runs[0]["write"]["bw_bytes"] / 1e6
+            else:
+                out[name] = statistics.mean(float(j["write"]["iops"]) for j in runs)
+        shutil.rmtree(where, ignore_errors=True)
+    return out
+
+
+class Profiler:
+    """``py-spy record`` on some PIDs while one workload runs (``--profile``)."""
+
+    def __init__(self, out: Path | None) -> None:
+        self.out = out
+        self.exe = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
+
+    @contextlib.contextmanager
+    def record(self, tag: str, pids: dict[str, int], seconds: float) -> Iterator[None]:
+        """Record each of ``pids`` (label -> pid) for ``seconds`` into ``out/tag-label.txt``."""
+        if self.out is None or not Path(self.exe).exists():
+            yield
+            return
+        self.out.mkdir(parents=True, exist_ok=True)
+        procs = [
+            subprocess.Popen(
+                [
+                    self.exe, "record", "-p", str(pid), "-d", str(max(1, int(seconds))), "-r", "100",
+                    "-f", "raw", "-o", str(self.out / f"{tag}-{label}.txt"), "--nonblocking",
+                ],
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+            )
+            for label, pid in pids.items()
+        ]  # fmt: skip
+        try:
+            yield
+        finally:
+            for proc in procs:
+                try:
+                    proc.wait(seconds + 30)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait(10)
 
 
 def measure_nbdkit(work: list[tuple[str, Run]], size: int, tmp: Path) -> dict[str, float]:
@@ -177,9 +252,10 @@ def measure_nbdkit(work: list[tuple[str, Run]], size: int, tmp: Path) -> dict[st
 
 def measure_torus(
     work: list[tuple[str, Run]], size: int, tmp: Path, peers: int, replication: int, block_size: str,
-    recovery: bool = False,
-) -> tuple[dict[str, float], float, float | None]:  # fmt: skip
-    """Figures of a torus cluster, its peak RSS (MiB, all peers) and (optionally) recovery MB/s."""
+    recovery: bool = False, profiler: Profiler | None = None, tag: str = "", runtime: float = 5.0,
+) -> tuple[dict[str, float], list[float], float | None]:  # fmt: skip
+    """Figures of a torus cluster, each peer's peak RSS (MiB; the serving peer first) and
+    (optionally) recovery MB/s."""
     root = tmp / f"torus-{peers}-r{replication}"
     with etcd_service() as etcd:
         url = etcd.url
@@ -204,9 +280,35 @@ def measure_torus(
 
             if not wait_for(exported, 20.0, 0.2):  # the peer's metadata view may lag a moment
                 raise RuntimeError(f"{uri} is not exported")
-            figures = {name: run(uri) for name, run in work}
-            rss = sum(peak_rss_kib(p.pid) for p in procs if p.pid) / 1024
-            rate = _recovery(md, url, procs, parse_size(block_size)) if recovery else None
+            figures: dict[str, float] = {}
+            hwm: list[int] = []
+            closes: list[float] = []
+            for name, run in work:
+                pids = {f"p{i}": p.pid for i, p in enumerate(procs) if p.pid}
+                slug = name.split(" ")[1] if name.startswith("4k") else name.split(" ")[0] + "-write"
+                ctx = (
+                    profiler.record(f"{tag}-{slug}", pids, runtime)
+                    if profiler is not None and name in PROFILED
+                    else contextlib.nullcontext()
+                )
+                with ctx:
+                    figures[name] = run(uri)
+                hwm.append(peak_rss_kib(procs[0].pid) // 1024 if procs[0].pid else 0)
+                # the volume's close (sync of what the workload left dirty or staged) runs after
+                # the client disconnects; the next workload starts once it is done, so it is not
+                # measured inside the next one (a 4k randwrite's close rewrites every block)
+                t0 = time.monotonic()
+                wait_for(lambda: not md.lock_status("bench").locked, 300.0, 0.1)
+                closes.append(time.monotonic() - t0)
+            print("  serving peer VmHWM (MiB) after each workload: " + ", ".join(map(str, hwm)))
+            print("  volume close after each workload (s): " + ", ".join(f"{c:.1f}" for c in closes))
+            rss = [peak_rss_kib(p.pid) / 1024 if p.pid else float("nan") for p in procs]
+            rate = None
+            if recovery:
+                try:
+                    rate = _recovery(md, url, procs, parse_size(block_size))
+                except (RuntimeError, subprocess.TimeoutExpired) as exc:  # keep the figures
+                    print(f"  re-replication not measured: {exc}")
             return figures, rss, rate
         finally:
             for p in procs:
@@ -246,6 +348,49 @@ def _round_line(figures: dict[str, float]) -> str:
     return ", ".join(f"{name.rsplit(' ', 1)[0]} {value:.0f}" for name, value in figures.items())
 
 
+def _print_goals(
+    columns: dict[str, dict[str, float]], disk: dict[str, float], rss: dict[str, list[float]]
+) -> None:
+    """The issue's goals, each as ``figure / goal`` against references measured in this run
+    (>= 1.00 meets it; for RSS, ``goal / figure``)."""
+    cluster = "3p R2" if "3p R2" in columns else next((k for k in columns if k.startswith("3p")), None)
+    single, kit = columns["single"], columns["nbdkit"]
+    rows: list[tuple[str, float, str, float]] = []  # (what, figure, goal text, goal value)
+    if cluster is not None:
+        c = columns[cluster]
+        rows += [
+            (f"{cluster} 4k randread QD32", c["4k randread QD32 IOPS"], "0.5x single",
+             0.5 * single["4k randread QD32 IOPS"]),
+            (f"{cluster} 4k randread QD32", c["4k randread QD32 IOPS"], "Ceph 14.1k", 14_100.0),
+            (f"{cluster} 1M seq write QD8 MB/s", c["1M seq write QD8 MB/s"], "Ceph 475 MB/s", 475.0),
+            (f"{cluster} 1M seq write QD8 MB/s", c["1M seq write QD8 MB/s"], "0.3x disk seq write",
+             0.3 * disk["disk seq write MB/s"]),
+            (f"{cluster} flushed 4k QD1", c["4k randwrite fsync QD1 IOPS"], "0.6x two-loop fsync floor",
+             0.6 * disk["disk fsync floor IOPS/job"]),
+            (f"{cluster} 8 flushed writers", c["4k randwrite fsync 8 writers IOPS"], "4,200 (2x Ceph)",
+             4_200.0),
+        ]  # fmt: skip
+    rows.append(
+        ("single 1M seq write QD8 MB/s", single["1M seq write QD8 MB/s"], "0.5x nbdkit file",
+         0.5 * kit["1M seq write QD8 MB/s"])
+    )  # fmt: skip
+    print()
+    print(f"{'goal (this run)':<34}{'figure':>10}  {'reference':<27}{'goal':>10}{'fig/goal':>10}")
+    for what, fig, ref, goal in rows:
+        ratio = fig / goal if goal else float("nan")
+        mark = "met" if ratio >= 1 else f"missed by {100 * (1 - ratio):.0f}%"
+        print(f"{what:<34}{fig:>10.0f}  {ref:<27}{goal:>10.0f}{ratio:>10.2f}  {mark}")
+    if cluster is not None and cluster in rss:
+        serving, *others = rss[cluster]
+        checks = [("serving peer", serving, 200.0)]
+        checks += [(f"peer {i + 2}", v, 150.0) for i, v in enumerate(others)]
+        for what, mib, limit in checks:
+            ratio = limit / mib if mib else float("nan")
+            mark = "met" if ratio >= 1 else f"missed by {100 * (mib / limit - 1):.0f}%"
+            label, ref = f"{cluster} RSS {what} MiB", f"<= {limit:.0f} MiB"
+            print(f"{label:<34}{mib:>10.0f}  {ref:<27}{limit:>10.0f}{ratio:>10.2f}  {mark}")
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run every configuration and print the table."""
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -263,6 +408,12 @@ def main(argv: list[str] | None = None) -> int:
         type=Path,
         default=None,
         help="another torus checkout: measure each configuration with it too (before/after)",
+    )
+    ap.add_argument(
+        "--profile",
+        type=Path,
+        default=None,
+        help="py-spy record every torusd during the randread and 1M write workloads into DIR",
     )
     ap.add_argument(
         "--repeat",
@@ -286,7 +437,11 @@ def main(argv: list[str] | None = None) -> int:
             f"volume {size >> 20} MiB, block size {args.block_size}, fio runtime {runtime:g}s; 2 cores shared"
         )
         columns: dict[str, dict[str, float]] = {}
-        rss: dict[str, float] = {}
+        rss: dict[str, list[float]] = {}
+        profiler = Profiler(args.profile) if args.profile is not None else None
+        print("measuring the disk itself (fio psync on the temp dir's filesystem) ...")
+        disk = measure_disk(size, runtime, tmp)
+        print("   " + ", ".join(f"{k} {v:.0f}" for k, v in disk.items()))
         print("measuring nbdkit file ...")
         columns["nbdkit"] = measure_nbdkit(work, size, tmp)
         configs = (("single", 1, 1), ("3p R1", 3, 1), ("3p R2", 3, 2), ("3p R3", 3, 3))
@@ -305,12 +460,12 @@ def main(argv: list[str] | None = None) -> int:
                     print(f"measuring torus {label}{where} ({n + 1}/{rounds}) ...")
                     with children_run_tree(tree) if tree is not None else contextlib.nullcontext():
                         figures, peak, rate = measure_torus(
-                            work, size, tmp, peers, rep, args.block_size, recovery=rep == 2 and peers == 3
-                        )
+                            work, size, tmp, peers, rep, args.block_size, recovery=rep == 2 and peers == 3,
+                            profiler=profiler, tag=key.replace(" ", "-"), runtime=runtime,
+                        )  # fmt: skip
                     runs[key].append(figures)
-                    if len(trees) > 1:
-                        print("   ", _round_line(figures))
-                    rss[key] = max(peak, rss.get(key, 0.0))
+                    print("   ", _round_line(figures))
+                    rss[key] = [max(a, b) for a, b in zip(peak, rss.get(key, peak), strict=True)]
                     if rate is not None:
                         recoveries[key] = rate
             for key, measured in runs.items():
@@ -318,13 +473,13 @@ def main(argv: list[str] | None = None) -> int:
         labels = [lab for lab in columns if not lab.endswith(" base")]
         based = [lab for lab in labels if lab + " base" in columns]
         print()
-        head = f"{'workload':<28}" + "".join(f"{lab:>10}" for lab in labels)
+        head = f"{'workload':<34}" + "".join(f"{lab:>10}" for lab in labels)
         head += "".join(f"{lab + '/1n':>11}" for lab in labels[2:]) + "".join(
             f"{lab + '/kit':>11}" for lab in labels[1:]
         )
         print(head + f"{'Ceph RBD':>12}")
         for name, _ in work:
-            row = f"{name:<28}" + "".join(f"{columns[lab][name]:>10.1f}" for lab in labels)
+            row = f"{name:<34}" + "".join(f"{columns[lab][name]:>10.1f}" for lab in labels)
             single = columns["single"][name] or float("nan")
             kit = columns["nbdkit"][name] or float("nan")
             row += "".join(f"{columns[lab][name] / single:>11.2f}" for lab in labels[2:])
@@ -333,17 +488,20 @@ def main(argv: list[str] | None = None) -> int:
         if based:
             print()
             print(
-                f"{'before/after':<28}"
+                f"{'before/after':<34}"
                 + "".join(f"{lab + ' base':>14}{lab:>10}{'ratio':>8}" for lab in based)
             )
             for name, _ in work:
-                row = f"{name:<28}"
+                row = f"{name:<34}"
                 for lab in based:
                     before, after = columns[lab + " base"][name], columns[lab][name]
                     row += f"{before:>14.1f}{after:>10.1f}{after / (before or float('nan')):>8.2f}"
                 print(row)
         print()
-        print("peak RSS of all torusd processes (MiB): " + ", ".join(f"{k} {v:.0f}" for k, v in rss.items()))
+        print("peak RSS (MiB; serving peer + the others): " + ", ".join(
+            f"{k} {' + '.join(f'{v:.0f}' for v in peaks)}" for k, peaks in rss.items()
+        ))  # fmt: skip
+        _print_goals(columns, disk, rss)
         if "3p R2" in recoveries:
             rate = recoveries["3p R2"]
             print(f"re-replication after a peer removal (R=2): {rate:.1f} MB/s   (Ceph RBD: 10-20 MiB/s)")

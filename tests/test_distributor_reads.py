@@ -10,6 +10,7 @@ import pytest
 
 from torus_core.blockstore import nonblocking_reads, reads_may_block
 from torus_core.distributor import DistributorTimeouts
+from torus_core.distributor.reads import HOT_RANGED_READS
 from torus_core.errors import BlockNotExist, InvalidArgument, WouldBlock
 from torus_core.refs import BlockRef
 from torus_core.ring.ketama import KetamaRing
@@ -60,18 +61,33 @@ def test_a_ranged_read_with_a_full_cache_fetches_only_the_range(cluster: LocalCl
     assert ref not in client.cache
 
 
-def test_a_ranged_read_with_room_in_the_cache_pulls_the_block_in_behind_it(cluster: LocalCluster) -> None:
+def test_a_random_ranged_read_with_room_in_the_cache_still_fetches_only_the_range(
+    cluster: LocalCluster,
+) -> None:
     client = cluster.client(timeouts=FAST, read_cache_bytes=16 * BS)
     ref = BlockRef(1, 1, 5)
     seed_blocks(cluster, [ref])
     assert client.read_block_range(ref, 100, 200) == data(0)[100:300]
-    assert client.stats.ranged_reads == 1
+    assert client.read_block_range(ref, 2000, 10) == data(0)[2000:2010]  # not where it ended
+    assert client.stats.ranged_reads == 2 and client.stats.remote_read_bytes == 210
+    assert client.reads.prefetcher.started == 0 and ref not in client.cache
+
+
+def test_a_block_read_by_range_often_is_pulled_into_the_cache(cluster: LocalCluster) -> None:
+    client = cluster.client(timeouts=FAST, read_cache_bytes=16 * BS)
+    ref = BlockRef(1, 1, 5)
+    seed_blocks(cluster, [ref])
+    for k in range(HOT_RANGED_READS - 1):
+        client.read_block_range(ref, 1000 - 100 * k, 10)
+    assert client.reads.prefetcher.started == 0
+    client.read_block_range(ref, 3000, 10)
+    assert client.reads.prefetcher.started == 1
     end = time.monotonic() + 4
     while time.monotonic() < end and ref not in client.cache:
         time.sleep(0.01)
     calls = get_calls(cluster)
     assert client.read_block_range(ref, 2000, 10) == data(0)[2000:2010]
-    assert get_calls(cluster) == calls and client.stats.ranged_reads == 1
+    assert get_calls(cluster) == calls
 
 
 def test_a_large_range_reads_and_caches_the_whole_block(cluster: LocalCluster) -> None:

@@ -14,7 +14,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
-from torus_core.errors import BlockNotExist
+from torus_core.crc32 import page_crcs as page_crc_table
+from torus_core.errors import BlockNotExist, InvalidArgument
 from torus_core.refs import BlockRef
 
 _nonblocking = threading.local()
@@ -90,6 +91,9 @@ class BlockStore(ABC):
     #: True if :meth:`prefetch` fetches anything (blocks that live elsewhere, e.g. on peers);
     #: callers skip working out which blocks will be read next when it is False.
     prefetches: ClassVar[bool] = False
+    #: True if :meth:`page_crcs` is cheaper than reading the block (it lives elsewhere); the
+    #: ``crc`` layer asks for the table instead of reading the block on a first partial read.
+    serves_page_crcs: ClassVar[bool] = False
 
     @classmethod
     @abstractmethod
@@ -112,12 +116,27 @@ class BlockStore(ABC):
     def read_block_range(self, ref: BlockRef, start: int, length: int) -> bytes:
         """Bytes ``[start, start + length)`` of block ``ref``, possibly **without** the store's
         own integrity check: the caller verifies them (the ``crc`` blockset layer checks each
-        4 KiB page against CRCs taken from a verified full read). Missing ref: BlockNotExist.
+        4 KiB page against CRCs taken from a verified full read, or from :meth:`page_crcs`
+        checked against the block's CRC). Missing ref: BlockNotExist.
 
         The default slices :meth:`get_block` (which verifies); stores that can read a part of a
         block cheaply (the file store: one ``pread``) override it.
         """
         return bytes(memoryview(self.get_block(ref))[start : start + length])
+
+    def page_crcs(self, ref: BlockRef, page_size: int) -> bytes:
+        """The CRC-32 of each ``page_size`` page of block ``ref`` (little-endian u32s, see
+        :func:`torus_core.crc32.page_crcs`), taken from a read that passed the store's own
+        check: what the ``crc`` layer checks ranged reads against, once the table's combined
+        CRC matches the INode's CRC of the block. Missing ref: BlockNotExist; a copy that fails
+        its check: CorruptBlock.
+
+        The default reads the block with :meth:`get_block`; a remote store (the distributor)
+        asks a peer for the table, which is 0.1% of the block's size at 4 KiB pages.
+        """
+        if type(page_size) is not int or not 0 < page_size <= self.block_size:
+            raise InvalidArgument(f"page size {page_size!r} is not in 1..{self.block_size}")
+        return page_crc_table(self.get_block(ref), page_size)
 
     def write_block_crc32(self, ref: BlockRef, data: bytes | bytearray | memoryview, crc32: int) -> None:
         """:meth:`write_block`, given ``crc32``: the CRC-32 (IEEE, ``zlib.crc32``) of the

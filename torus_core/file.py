@@ -42,7 +42,7 @@ from typing import BinaryIO, Required, TypedDict, Unpack
 from torus_core.blockset import DEFAULT_BLOCK_SPEC, Blockset, create_blockset, unmarshal_blockset
 from torus_core.blockset.base import BaseLayer
 from torus_core.blockstore import BlockStore
-from torus_core.errors import InvalidArgument, Locked, TorusError
+from torus_core.errors import InvalidArgument, Locked, TorusError, WouldBlock
 from torus_core.inode import VIRTUAL_INODE, INode, INodeStore, virtual_inode
 from torus_core.journal.record import KIND_REF, Extent
 from torus_core.refs import BlockRef, INodeRef
@@ -225,6 +225,8 @@ class File:
         self._prefetch: Callable[[list[BlockRef]], object] | None = (
             store.prefetch if store.prefetches else None
         )
+        #: read clean blocks after releasing the lock (their store is networked: see read_at)
+        self._read_unlocked = store.prefetches
         #: last block of the previous read (sequential-access detection for read-ahead)
         self._last_read_block = -2
         #: :meth:`watch_superseded`: blocks superseded since the last commit at which
@@ -444,9 +446,15 @@ class File:
     # --- public API -------------------------------------------------------------------------
 
     def read_at(self, offset: int, length: int) -> bytes:
-        """Up to ``length`` bytes at ``offset``; short (or empty) at the end of the file."""
+        """Up to ``length`` bytes at ``offset``; short (or empty) at the end of the file.
+
+        On a store whose blocks live elsewhere (``BlockStore.prefetches``: a cluster), clean
+        blocks are read **after** the file lock is released, so reads of remote blocks by
+        several threads overlap instead of queueing on the lock for one network round trip
+        each (see :meth:`_read_clean_unlocked`)."""
         _check_int("offset", offset)
         _check_int("length", length)
+        clean: list[tuple[int, int, int, int]] = []  # (index in parts, block, start, length)
         with self._lock:
             end = min(offset + length, self._size)
             if offset >= end:
@@ -460,17 +468,50 @@ class File:
                 k = min(bs - s, end - pos)
                 buf = self._dirty.get(i)
                 if buf is not None:
-                    parts.append(memoryview(buf)[s : s + k])
+                    part = memoryview(buf)[s : s + k]
+                    parts.append(bytes(part) if self._read_unlocked else part)
                 else:
                     ranges = self._staged.get(i)
                     if ranges is not None:
                         parts.append(self._staged_range(i, ranges, s, k))
+                    elif self._read_unlocked:
+                        clean.append((len(parts), i, s, k))
+                        parts.append(b"")
                     else:
                         parts.append(self._clean_range(i, s, k))
                 pos += k
-            if len(parts) == 1 and isinstance(parts[0], bytes):
-                return parts[0]
-            return b"".join(parts)
+            if not clean:  # joined under the lock: parts may be views of dirty blocks
+                if len(parts) == 1 and isinstance(parts[0], bytes):
+                    return parts[0]
+                return b"".join(parts)
+        for n, i, s, k in clean:
+            parts[n] = self._read_clean_unlocked(i, s, k)
+        if len(parts) == 1 and isinstance(parts[0], bytes):
+            return parts[0]
+        return b"".join(parts)
+
+    def _read_clean_unlocked(self, i: int, s: int, k: int) -> bytes:
+        """Bytes ``[s, s+k)`` of block ``i``, found clean under the lock, read without it.
+
+        Blocks are immutable per ref, so the read returns the block as it was when found clean,
+        or -- if a later write was flushed into the blockset meanwhile -- as it is now: either
+        is a valid answer for a read concurrent with that write. A read that fails on the way
+        (the flush deleted the old ref, replaced the slot's CRC, or a trim shrank the tables) is
+        done again under the lock, whose answer (data or error) is authoritative."""
+        try:
+            return self._clean_range(i, s, k)
+        except WouldBlock:
+            raise  # inside nonblocking_reads: the caller sends the read to a worker
+        except Exception as exc:  # anything: the locked read below decides
+            log.debug("unlocked read of block %d failed (%s); reading it under the lock", i, exc)
+        with self._lock:
+            buf = self._dirty.get(i)
+            if buf is not None:
+                return bytes(memoryview(buf)[s : s + k])
+            ranges = self._staged.get(i)
+            if ranges is not None:
+                return self._staged_range(i, ranges, s, k)
+            return self._clean_range(i, s, k)
 
     def write_at(self, offset: int, data: Data) -> int:
         """Write ``data`` at ``offset`` (growing the file if needed); returns the byte count."""

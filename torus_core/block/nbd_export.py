@@ -31,8 +31,8 @@ from typing import Any
 
 from torus_core.block.snapshots import open_snapshot, parse_target
 from torus_core.block.volume import DEFAULT_LEASE_TTL, BlockVolume
-from torus_core.blockstore import BlockStore
-from torus_core.errors import Closed, Locked, NotExist, OutOfSpace, TorusError
+from torus_core.blockstore import BlockStore, nonblocking_reads
+from torus_core.errors import Closed, Locked, NotExist, OutOfSpace, TorusError, WouldBlock
 from torus_core.file import DEFAULT_CACHE_BYTES, DEFAULT_STAGING_BYTES
 from torus_core.journal.replicas import JournalReplicas
 from torus_core.metadata import MetadataService
@@ -154,8 +154,16 @@ class VolumeExport(Export):
         return data
 
     def read_nowait(self, offset: int, length: int) -> Buffer | None:
-        """Served on the event loop when the file's lock is free (cache, staging, page reads)."""
-        data = self.volume.read_nowait(offset, length)
+        """Served on the event loop when the file's lock is free and nothing needs a peer
+        (cache, staging, local page reads); None sends the read to a worker thread. Inside
+        :func:`~torus_core.blockstore.nonblocking_reads` a read that needs the network raises
+        WouldBlock having done nothing: a remote read on the loop would serialise every read of
+        the connection behind one network round trip."""
+        try:
+            with nonblocking_reads():
+                data = self.volume.read_nowait(offset, length)
+        except WouldBlock:
+            return None
         if data is not None and len(data) < length:
             data += bytes(length - len(data))
         return data

@@ -9,6 +9,7 @@ from pyroaring import BitMap
 
 from torus_core.blockset.layer import BlockData, Blockset
 from torus_core.blockstore import BlockStore
+from torus_core.crc32 import page_crcs as page_crc_table
 from torus_core.errors import InvalidArgument
 from torus_core.refs import VOLUME_MAX, BlockRef, BlockType, INodeRef
 
@@ -95,6 +96,17 @@ class BaseLayer(Blockset):
         if ref.is_zero():
             return self._zero_block if length == self.block_size else bytes(length)
         return self.store.read_block_range(ref, start, length)
+
+    def page_crcs_unverified(self, i: int, page_size: int) -> bytes | None:
+        """The store's per-page CRC table of block ``i`` (:meth:`BlockStore.page_crcs`) if the
+        store serves one cheaply (``serves_page_crcs``: the distributor), else None (reading
+        the block is as cheap); a hole gives the table of a zero block without I/O."""
+        if not self.store.serves_page_crcs:
+            return None
+        ref = self.ref_at(i)
+        if ref.is_zero():
+            return page_crc_table(self._zero_block, page_size)
+        return self.store.page_crcs(ref, page_size)
 
     def mint(self, inode: INodeRef) -> BlockRef:
         """A fresh data ref for ``inode`` (n = 1, 2, 3, … per blockset instance)."""

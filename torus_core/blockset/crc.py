@@ -1,14 +1,19 @@
 """The ``crc`` layer (kind 1): a CRC32-IEEE per block, verified on every read.
 
 Partial reads (:meth:`CRCLayer.get_block_range`) do not read and checksum the whole block each
-time: the first one reads the block in full, verifies it against the stored CRC and keeps a CRC
-per 4 KiB page of it in memory (a bounded LRU of such tables, 512 B per 512 KiB block); later
-ones read only the pages they need from the store and check each against that table. Every
-byte returned is therefore checked against a CRC that was itself verified against the INode.
+time. The first one of a block gets a CRC per 4 KiB page of it: the store's table
+(:meth:`~torus_core.blockstore.BlockStore.page_crcs`, for a remote block 512 B from a peer
+instead of the 512 KiB block), accepted only if the page CRCs combine
+(:func:`~torus_core.crc32.combined_page_crcs`) to the block's CRC held here, else computed from
+a verified full read of the block. The table is kept in memory (a bounded LRU of such tables,
+512 B per 512 KiB block); every partial read then reads only the pages it needs from the store
+and checks each against it. Every byte returned is therefore checked against a CRC that was
+itself verified against the INode.
 """
 
 from __future__ import annotations
 
+import contextlib
 import sys
 from array import array
 from collections import OrderedDict
@@ -17,8 +22,8 @@ from typing import ClassVar
 from torus_core.blockset.base import BaseLayer
 from torus_core.blockset.layer import BlockData, Blockset
 from torus_core.blockstore import BlockStore
-from torus_core.crc32 import crc32
-from torus_core.errors import CorruptBlock, InvalidArgument
+from torus_core.crc32 import combined_page_crcs, crc32
+from torus_core.errors import BlockUnavailable, CorruptBlock, InvalidArgument, WouldBlock
 from torus_core.refs import INodeRef
 
 
@@ -111,10 +116,13 @@ class CRCLayer(Blockset):
             return self.get_block(i)
         table = self._pages.get(i)
         if table is None:
+            table = self._verified_page_table(i)
+        if table is None:
             data = self.get_block(i)
             self._remember_pages(i, data)
             return bytes(memoryview(data)[start : start + length])
-        self._pages.move_to_end(i)
+        with contextlib.suppress(KeyError):  # evicted meanwhile by a concurrent reader
+            self._pages.move_to_end(i)
         a = start - start % PAGE_SIZE
         b = min(bs, -(-(start + length) // PAGE_SIZE) * PAGE_SIZE)
         raw = self._sub.read_range_unverified(i, a, b - a)
@@ -131,6 +139,24 @@ class CRCLayer(Blockset):
             return raw
         return bytes(mv[start - a : start - a + length])
 
+    def _verified_page_table(self, i: int) -> array[int] | None:
+        """The inner stack's page CRC table of block ``i`` if its CRCs combine to ours (it is
+        then remembered), else None: no table, or a wrong one (a bad copy: the caller's full
+        read goes the verified way, which in a cluster finds a good copy and repairs)."""
+        try:
+            raw = self._sub.page_crcs_unverified(i, PAGE_SIZE)
+        except WouldBlock:
+            raise
+        except BlockUnavailable:
+            return None
+        if raw is None or combined_page_crcs(raw, PAGE_SIZE, self.block_size) != self._crcs[i]:
+            return None
+        table = _u32_array(raw)
+        self._pages[i] = table
+        if len(self._pages) > MAX_PAGE_TABLES:
+            self._pages.popitem(last=False)
+        return table
+
     def _remember_pages(self, i: int, data: BlockData) -> None:
         mv = memoryview(data)
         table = _u32_array()
@@ -146,7 +172,7 @@ class CRCLayer(Blockset):
             for i in range(start, end):
                 self._pages.pop(i, None)
         else:
-            for i in [i for i in self._pages if start <= i < end]:
+            for i in [i for i in list(self._pages) if start <= i < end]:  # list(): atomic copy
                 del self._pages[i]
 
     def check_block(self, i: int, data: BlockData) -> bool:

@@ -137,7 +137,8 @@ class Blockset(ABC):
         """Bytes ``[start, start + length)`` of block ``i``, verified like :meth:`get_block`.
 
         The default reads the whole block; the ``crc`` layer reads only the pages needed and
-        checks them against per-page CRCs derived from a verified full read.
+        checks them against per-page CRCs verified against the block's CRC (see
+        :mod:`torus_core.blockset.crc`).
         """
         self._check_range(start, length)
         return bytes(memoryview(self.get_block(i))[start : start + length])
@@ -147,6 +148,13 @@ class Blockset(ABC):
         them itself. The default is :meth:`get_block_range`; ``base`` reads just the range
         from the store (:meth:`BlockStore.read_block_range`)."""
         return self.get_block_range(i, start, length)
+
+    def page_crcs_unverified(self, i: int, page_size: int) -> bytes | None:
+        """The per-page CRC table of block ``i`` (see :meth:`BlockStore.page_crcs`) for an
+        outer layer that checks it against its own CRC of the block; None where this stack
+        cannot give one without reading the block (the outer layer then reads it). The default
+        is None; ``base`` asks the store."""
+        return None
 
     def check_block(self, i: int, data: BlockData) -> bool:
         """Whether ``data`` passes every integrity check the stack holds for slot ``i``."""

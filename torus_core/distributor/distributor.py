@@ -117,6 +117,7 @@ class Distributor(BlockStore):
     persistent: ClassVar[bool] = False
     #: Blocks not held here are fetched from peers: read-ahead pays.
     prefetches: ClassVar[bool] = True
+    serves_page_crcs: ClassVar[bool] = True
 
     def __init__(
         self,
@@ -288,12 +289,20 @@ class Distributor(BlockStore):
         A whole block is :meth:`get_block` (verified, any good copy, cached). A part comes from
         the cache or write-behind queue, else from the local store (one ``pread`` for the file
         store), else from a peer: just the range if it is at most ``ranged_read_max`` bytes (and,
-        while the read cache has room or when the block was read by range recently, the whole
-        block is then fetched into it in the background), else the whole block (cached, so the
+        when the access pattern says the block will be read again -- this read continues the
+        previous one of the block, or the block is read by range often -- the whole block is
+        then fetched into the cache in the background), else the whole block (cached, so the
         next part of it is local).
         """
         self._check_open()
         return self.reads.read_block_range(ref, start, length)
+
+    def page_crcs(self, ref: BlockRef, page_size: int) -> bytes:
+        """The page CRC table of ``ref`` (:meth:`BlockStore.page_crcs`) without moving the
+        block when it is remote: from the cache or the local store, else one peer's table (see
+        :meth:`~torus_core.distributor.reads.BlockReader.page_crcs`)."""
+        self._check_open()
+        return self.reads.page_crcs(ref, page_size)
 
     def prefetch(self, refs: Iterable[BlockRef]) -> int:
         """Start fetching blocks that will be read soon (e.g. a file's next blocks) into the read

@@ -3,9 +3,13 @@
 A read first tries what is held here (the LRU read cache and the write-behind queue), then the
 local store, then remote peers in the order the read level says (see
 :mod:`torus_core.distributor.levels`). What came from a peer is cached. A sequential run of
-remote misses starts read-ahead; a small ranged read of a remote block asks a peer for just the
-range. An owner found missing or corrupt on the way is repaired in the background
-(:mod:`torus_core.distributor.repair`).
+remote misses starts read-ahead. A small ranged read of a remote block asks a peer for just the
+range, and the ``crc`` layer's first one asks for the block's page CRC table (:meth:`BlockReader.
+page_crcs`, 512 B for a 512 KiB block) instead of the block; the whole block is fetched into the
+cache only when the access pattern says it will be read again (:meth:`BlockReader._read_again`:
+the read continues the previous one of that block, or the block was read by range
+:data:`HOT_RANGED_READS` times while among the recently read ones). An owner found missing or
+corrupt on the way is repaired in the background (:mod:`torus_core.distributor.repair`).
 """
 
 from __future__ import annotations
@@ -16,8 +20,10 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import FIRST_COMPLETED, Executor, Future, wait
+from dataclasses import dataclass
 
 from torus_core.blockstore import reads_may_block
+from torus_core.crc32 import page_crcs as page_crc_table
 from torus_core.distributor.cache import BlockCache
 from torus_core.distributor.levels import ReadLevel
 from torus_core.distributor.local import LocalReplica
@@ -41,11 +47,30 @@ from torus_core.ring.base import PeerPermutation, Ring
 
 log = logging.getLogger(__name__)
 
-#: Blocks remembered as recently read by range (a second ranged read pulls the block in).
-RANGED_RECENT_MAX = 4096
+#: Page CRC tables of remote blocks kept (512 B each for a 512 KiB block: 4 MiB at most). Blocks
+#: are immutable per ref, so a table never goes stale; a volume opened again (each NBD
+#: connection opens it anew) does not ask the peers for them again.
+PAGE_TABLES_MAX = 8192
+#: Fewest blocks remembered as recently read by range (else: as many as the cache holds).
+RANGED_RECENT_MIN = 16
+#: The ranged read of a block that pulls it into the cache, counted while it stays among the
+#: recently read ones (uniform random reads over far more than the cache almost never get
+#: there; a hot set does at once).
+HOT_RANGED_READS = 4
 
-#: ``(start, length)`` of a ranged read; None for the whole block.
-Span = tuple[int, int] | None
+
+@dataclass(frozen=True)
+class Part:
+    """What a read asks a peer for instead of the whole block: bytes ``[start, start +
+    length)``, or (``page_size`` > 0) the block's page CRC table."""
+
+    start: int = 0
+    length: int = 0
+    page_size: int = 0
+
+
+#: A part of a block; None for the whole block.
+Span = Part | None
 
 
 class ReadOutcome:
@@ -146,8 +171,10 @@ class BlockReader:
         self.block_size = block_size
         self.read_level = read_level
         self.ranged_read_max = ranged_read_max
-        self._ranged_recent: OrderedDict[BlockRef, None] = OrderedDict()
+        #: ref -> (ranged reads seen, end of the last one), most recent last
+        self._ranged_recent: OrderedDict[BlockRef, tuple[int, int]] = OrderedDict()
         self._ranged_lock = threading.Lock()
+        self._tables: OrderedDict[tuple[BlockRef, int], bytes] = OrderedDict()
         self.prefetcher = Prefetcher(
             self._prefetch_load,
             max_inflight=max(2 * readahead, 2),
@@ -208,11 +235,11 @@ class BlockReader:
             data, source = self._read_remote(ref, perm, read_level, outcome)
         if data is None:
             raise outcome.error(ref)
+        bad = [p for p in perm.owners if p != source and (p in outcome.missing or p in outcome.corrupt)]
+        if bad:  # queued before the block is visible in the cache: a drain after a read sees it
+            self.repair.schedule(ref, data, bad)
         if source != self.self_uuid:
             self.cache.put(ref, data)
-        bad = [p for p in perm.owners if p != source and (p in outcome.missing or p in outcome.corrupt)]
-        if bad:
-            self.repair.schedule(ref, data, bad)
         return data
 
     # --- parts of blocks, and read-ahead ----------------------------------------------------
@@ -250,27 +277,89 @@ class BlockReader:
             self.stats.inc("would_block")
             raise WouldBlock(f"a range of block {ref} must be read from a peer")
         outcome = ReadOutcome()
-        got, _ = self._read_remote(ref, self.ring().get_peers(ref), self.read_level, outcome, (start, length))
+        got, _ = self._read_remote(
+            ref, self.ring().get_peers(ref), self.read_level, outcome, Part(start, length)
+        )
         if got is None:
             raise outcome.error(ref)
         self.stats.inc("ranged_reads")
-        if self.cache.used_bytes + bs <= self.cache.max_bytes or self._ranged_again(ref):
-            # fetch the whole block in the background, so the next parts of it are cache hits:
-            # while the cache has room, or (a full cache) when this block is read again soon --
-            # random reads over far more than the cache stay ranged, a hot set gets cached
+        if outcome.missing or outcome.corrupt:
+            self._repair_by_whole_read(ref)
+        if self._cache_fits_a_block() and self._read_again(ref, start, length):
+            # fetch the whole block in the background, so the next parts of it are cache hits
             self.prefetcher.submit([ref], self._has_nearby)
         return got
 
-    def _ranged_again(self, ref: BlockRef) -> bool:
-        """Record a ranged read of ``ref``; whether it is among the recent ones already."""
+    def _repair_by_whole_read(self, ref: BlockRef) -> None:
+        """A ranged read met an owner without a good copy: read the block whole (the verified
+        path, which queues the repair of that owner from the good copy). Rare; best effort."""
+        try:
+            self._load(ref, guess=False)
+        except TorusError as exc:
+            log.debug("repair read of %s failed: %s", ref, exc)
+
+    def _read_again(self, ref: BlockRef, start: int, length: int) -> bool:
+        """Record a ranged read of ``ref``; whether the pattern says the block will be read
+        again: this read continues the previous one of the block (a sequential reader), or it is
+        the block's :data:`HOT_RANGED_READS`-th ranged read while among the recent ones (as many
+        as the read cache holds blocks). Random reads spread over far more than the cache
+        stay ranged: fetching 512 KiB for each 4 KiB read would move 128x the data and evict
+        the blocks that are read again."""
+        window = max(RANGED_RECENT_MIN, self.cache.max_bytes // self.block_size)
         with self._ranged_lock:
-            if ref in self._ranged_recent:
-                del self._ranged_recent[ref]
-                return True
-            self._ranged_recent[ref] = None
-            if len(self._ranged_recent) > RANGED_RECENT_MAX:
+            count, end = self._ranged_recent.pop(ref, (0, -1))
+            count += 1
+            if start == end or count >= HOT_RANGED_READS:
+                return True  # forgotten: the block is on its way into the cache
+            self._ranged_recent[ref] = (count, start + length)
+            while len(self._ranged_recent) > window:
                 self._ranged_recent.popitem(last=False)
             return False
+
+    def page_crcs(self, ref: BlockRef, page_size: int) -> bytes:
+        """The CRC-32 of each ``page_size`` page of ``ref`` (see
+        :meth:`~torus_core.blockstore.BlockStore.page_crcs`): from the block if it is held
+        here, else from the local store, else from the tables read from peers before (at most
+        :data:`PAGE_TABLES_MAX`), else from one peer (the table, not the block). When a source
+        on the way lacks a good copy, the block is read whole instead (the verified
+        path, which finds a good copy and repairs the bad one) and the table computed from it."""
+        bs = self.block_size
+        if type(page_size) is not int or not 0 < page_size <= bs:
+            raise InvalidArgument(f"page size {page_size!r} is not in 1..{bs}")
+        held = self.held(ref)
+        if held is not None:
+            return page_crc_table(held, page_size)
+        if self.local.store is not None:
+            try:
+                table = self.local.store.page_crcs(ref, page_size)
+            except (BlockNotExist, CorruptBlock):
+                return page_crc_table(self.get_block(ref), page_size)
+            self.stats.inc("local_reads")
+            return table
+        with self._ranged_lock:
+            kept = self._tables.get((ref, page_size))
+            if kept is not None:
+                self._tables.move_to_end((ref, page_size))
+                return kept
+        if not reads_may_block():
+            self.stats.inc("would_block")
+            raise WouldBlock(f"the page CRCs of block {ref} must be read from a peer")
+        if self.prefetcher.join(ref, self.timeouts.read_total):
+            held = self.held(ref)
+            if held is not None:
+                return page_crc_table(held, page_size)
+        outcome = ReadOutcome()
+        got, _ = self._read_remote(
+            ref, self.ring().get_peers(ref), self.read_level, outcome, Part(page_size=page_size)
+        )
+        if got is None or outcome.missing or outcome.corrupt:
+            return page_crc_table(self._load(ref), page_size)
+        self.stats.inc("page_crc_reads")
+        with self._ranged_lock:
+            self._tables[(ref, page_size)] = got
+            while len(self._tables) > PAGE_TABLES_MAX:
+                self._tables.popitem(last=False)
+        return got
 
     def prefetch(self, refs: Iterable[BlockRef]) -> int:
         """Start fetching ``refs`` into the read cache in the background; returns how many
@@ -312,12 +401,18 @@ class BlockReader:
         return self._read_block_level(ref, remote, deadline, outcome, span)
 
     def _fetch(self, uuid: str, ref: BlockRef, timeout: float, span: Span = None) -> bytes:
+        bs = self.block_size
         if span is None:
-            want = self.block_size
+            want = bs
             data = self.calls.call(uuid, lambda c: c.get_block(ref, timeout=timeout))
+        elif span.page_size:
+            ps = span.page_size
+            want = 4 * -(-bs // ps)
+            data = self.calls.call(uuid, lambda c: c.get_block_page_crcs(ref, ps, bs, timeout=timeout))
         else:
-            start, want = span
+            start, want = span.start, span.length
             data = self.calls.call(uuid, lambda c: c.get_block_range(ref, start, want, timeout=timeout))
+        self.stats.inc("remote_read_bytes", len(data))
         if len(data) != want:
             raise CorruptBlock(f"peer {uuid} returned {len(data)} bytes for {ref} (wanted {want})")
         return data

@@ -13,6 +13,10 @@ class DistributorStats:
     local_reads: int = 0
     remote_reads: int = 0
     ranged_reads: int = 0
+    #: page CRC tables read from a peer instead of the block (the crc layer's partial reads)
+    page_crc_reads: int = 0
+    #: bytes of block data (whole blocks, ranges, page CRC tables) received from peers
+    remote_read_bytes: int = 0
     would_block: int = 0
     remote_failures: int = 0
     repairs: int = 0

@@ -16,6 +16,7 @@ from typing import Any, Protocol, TypeVar, cast
 
 import grpc
 
+from torus_core.crc32 import page_crcs
 from torus_core.errors import Closed, InvalidArgument, NotSupported, PeerUnavailable, ProtocolError
 from torus_core.metrics import RPC_CLIENT_ERRORS_BY_METHOD, RPC_CLIENT_SECONDS_BY_METHOD
 from torus_core.refs import BlockRef
@@ -173,6 +174,27 @@ class PeerClient:
         if len(data) >= start + length:  # an old peer sent the whole block
             return bytes(memoryview(data)[start : start + length])
         raise ProtocolError(f"peer {self.address} returned {len(data)} bytes for a range of {length}")
+
+    def get_block_page_crcs(
+        self, ref: BlockRef, page_size: int, block_size: int, *, timeout: float | None = None
+    ) -> bytes:
+        """The CRC-32 of each ``page_size`` page of a ``block_size``-byte block, as the peer
+        computed them from a read it verified (:meth:`~torus_core.blockstore.BlockStore.page_crcs`;
+        the caller checks the table against its own CRC of the block). A peer that predates
+        page tables returns the whole (verified) block; the table is computed here.
+        """
+        if type(page_size) is not int or not 0 < page_size <= min(block_size, 0xFFFFFFFF):
+            raise InvalidArgument(f"bad page size {page_size!r} for a {block_size}-byte block")
+        req = pb.GetBlockRequest(ref=ref.to_bytes(), page_crcs=page_size)
+        resp = self._call("GetBlock", self._stub.GetBlock, req, timeout or self.timeouts.get)
+        want = 4 * -(-block_size // page_size)
+        if len(resp.page_crcs) == want:
+            return bytes(resp.page_crcs)
+        if not resp.page_crcs and len(resp.data) == block_size:  # an old peer sent the block
+            return page_crcs(resp.data, page_size)
+        raise ProtocolError(
+            f"peer {self.address} returned {len(resp.page_crcs)} bytes of page CRCs (wanted {want})"
+        )
 
     def put_blocks(
         self,

@@ -161,11 +161,15 @@ class StorageServicer(pb_grpc.TorusStorageServicer):
 
     def GetBlock(self, request: pb.GetBlockRequest, context: grpc.ServicerContext) -> pb.GetBlockResponse:
         """Return one block's bytes, or with ``length`` a range of them (read with
-        :meth:`~torus_core.blockstore.BlockStore.read_block_range`: the caller verifies it)."""
+        :meth:`~torus_core.blockstore.BlockStore.read_block_range`: the caller verifies it), or
+        with ``page_crcs`` the block's page CRC table
+        (:meth:`~torus_core.blockstore.BlockStore.page_crcs`)."""
 
         def do() -> pb.GetBlockResponse:
             ref = BlockRef.from_bytes(request.ref)
             offset, length = request.offset, request.length
+            if request.page_crcs:
+                return pb.GetBlockResponse(page_crcs=self.store.page_crcs(ref, request.page_crcs))
             if length == 0:
                 if offset:
                     raise InvalidArgument(f"GetBlock offset {offset} without a length")

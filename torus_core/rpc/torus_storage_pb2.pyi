@@ -7,22 +7,30 @@ from typing import ClassVar as _ClassVar, Optional as _Optional
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class GetBlockRequest(_message.Message):
-    __slots__ = ("ref", "offset", "length")
+    __slots__ = ("ref", "offset", "length", "page_crcs")
     REF_FIELD_NUMBER: _ClassVar[int]
     OFFSET_FIELD_NUMBER: _ClassVar[int]
     LENGTH_FIELD_NUMBER: _ClassVar[int]
+    PAGE_CRCS_FIELD_NUMBER: _ClassVar[int]
     ref: bytes
     offset: int
     length: int
+    page_crcs: int
     def __init__(
-        self, ref: _Optional[bytes] = ..., offset: _Optional[int] = ..., length: _Optional[int] = ...
+        self,
+        ref: _Optional[bytes] = ...,
+        offset: _Optional[int] = ...,
+        length: _Optional[int] = ...,
+        page_crcs: _Optional[int] = ...,
     ) -> None: ...
 
 class GetBlockResponse(_message.Message):
-    __slots__ = ("data",)
+    __slots__ = ("data", "page_crcs")
     DATA_FIELD_NUMBER: _ClassVar[int]
+    PAGE_CRCS_FIELD_NUMBER: _ClassVar[int]
     data: bytes
-    def __init__(self, data: _Optional[bytes] = ...) -> None: ...
+    page_crcs: bytes
+    def __init__(self, data: _Optional[bytes] = ..., page_crcs: _Optional[bytes] = ...) -> None: ...
 
 class PutBlocksRequest(_message.Message):
     __slots__ = ("refs", "blocks", "repair", "defer_flush")

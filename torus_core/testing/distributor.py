@@ -88,6 +88,13 @@ class FaultyStore(BlockStore):
             raise CorruptBlock(f"block {ref} failed its checksum (injected)")
         return self.inner.get_block(ref)
 
+    def read_block_range(self, ref: BlockRef, start: int, length: int) -> bytes:
+        """Delegates (the inner store's unverified range read), unless ``ref`` is marked corrupt."""
+        self._maybe_fail()
+        if ref in self.corrupt:
+            raise CorruptBlock(f"block {ref} failed its checksum (injected)")
+        return self.inner.read_block_range(ref, start, length)
+
     def write_block(self, ref: BlockRef, data: bytes | bytearray | memoryview) -> None:
         """Delegates; writing a corrupt-marked ref over a deleted copy heals it."""
         self._maybe_fail()

@@ -84,6 +84,10 @@ def child_env() -> dict[str, str]:
     env = dict(os.environ)
     parts = source_paths() + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]
     env["PYTHONPATH"] = os.pathsep.join(dict.fromkeys(parts))
+    # ``python -m`` puts the working directory first on sys.path: started from a checkout's
+    # root, a child would import that checkout instead of the PYTHONPATH above (a benchmark's
+    # --baseline then measured this tree twice)
+    env["PYTHONSAFEPATH"] = "1"
     return env
 
 
