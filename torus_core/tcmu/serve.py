@@ -1,0 +1,131 @@
+"""``torusblk tcmu VOLUME``: a volume of a :class:`~torus_core.daemon.server.Server` as a local
+SCSI disk through LIO's ``target_core_user`` and ``tcm_loop``.
+
+:func:`serve_tcmu` opens (and locks) the volume through the server's export provider, the same
+:class:`~torus_core.block.nbd_export.VolumeExport` NBD and AoE use (space guard, FUA → sync),
+creates the TCMU backstore, starts the ring handler, creates the ``tcm_loop`` LUN and waits for
+``/dev/sdX``. Its stopper (run when the server closes, e.g. on SIGTERM) removes the LUN while the
+handler still answers the kernel's final SYNCHRONIZE CACHE, stops the handler, removes the
+backstore and closes the volume (sync + unlock).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from torus_core.errors import InvalidArgument, TorusError
+from torus_core.tcmu.configfs import CONFIGFS_TARGET, LoopbackLun, TcmuBackstore, backstore_name, find_disk
+from torus_core.tcmu.scsi import DiskIdentity, ScsiDisk
+from torus_core.tcmu.uio import TcmuHandler, UioDevice, find_uio
+
+if TYPE_CHECKING:
+    from torus_core.daemon.server import Server
+
+log = logging.getLogger(__name__)
+
+#: HBA index of the original (``user_30``)
+DEFAULT_HBA = 30
+#: largest command in logical blocks (kernel ``hw_max_sectors``)
+DEFAULT_MAX_SECTORS = 1024
+LINK_DIR = "/dev/torus"
+
+
+@dataclass
+class TcmuDisk:
+    """A served TCMU disk: the device node and what :meth:`stop` takes down."""
+
+    volume: str
+    device: str
+    disk: ScsiDisk
+    handler: TcmuHandler
+    link: str | None
+    stop: Callable[[], None]
+
+
+def pick_block_size(size: int, requested: int | None) -> int:
+    """The SCSI logical block size: ``requested``, else 4096 if it divides ``size``, else 512."""
+    if requested is not None:
+        if requested not in (512, 1024, 2048, 4096):
+            raise InvalidArgument(f"--block-size must be 512, 1024, 2048 or 4096, got {requested}")
+        return requested
+    for bs in (4096, 512):
+        if size % bs == 0:
+            return bs
+    raise InvalidArgument(f"volume size {size} is not a multiple of 512 bytes: it cannot be a SCSI disk")
+
+
+def serve_tcmu(
+    server: Server,
+    volume: str,
+    *,
+    hba: int = DEFAULT_HBA,
+    block_size: int | None = None,
+    max_sectors: int = DEFAULT_MAX_SECTORS,
+    link_dir: str | None = LINK_DIR,
+    root: str = CONFIGFS_TARGET,
+    timeout: float = 60.0,
+) -> TcmuDisk:
+    """Lock ``volume`` and serve it as a local SCSI disk until the server closes."""
+    if hba < 0:
+        raise InvalidArgument(f"--hba must be >= 0, got {hba}")
+    if max_sectors < 1:
+        raise InvalidArgument(f"--max-sectors must be >= 1, got {max_sectors}")
+    export = server.exports.open_export(volume)
+    undo: list[Callable[[], None]] = [export.close]
+
+    def unwind() -> None:
+        while undo:
+            fn = undo.pop()
+            try:
+                fn()
+            except TorusError as exc:
+                log.error("TCMU teardown of %r: %s", volume, exc)
+            except OSError as exc:
+                log.error("TCMU teardown of %r: %s", volume, exc)
+
+    try:
+        bs = pick_block_size(export.size, block_size)
+        disk = ScsiDisk(
+            export,
+            block_size=bs,
+            identity=DiskIdentity(volume),
+            max_transfer_blocks=max_sectors,
+        )
+        store = TcmuBackstore(hba, backstore_name(volume), f"torus/{volume}", root=root)
+        store.create(export.size, bs, max_sectors)
+        undo.append(store.remove)
+        uio = UioDevice(find_uio(store.uio_name, timeout=timeout))
+        handler = TcmuHandler(uio, disk.execute).start()
+        undo.append(handler.stop)
+        lun = LoopbackLun(store, root=root)
+        lun.create()
+        undo.append(lun.remove)
+        device = find_disk(disk.identity.wwid, timeout=timeout)
+        link = None
+        if link_dir:
+            link = os.path.join(link_dir, volume)
+            try:
+                os.makedirs(link_dir, exist_ok=True)
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(link)
+                os.symlink(device, link)
+                undo.append(lambda: os.unlink(link) if link and os.path.islink(link) else None)
+            except OSError as exc:
+                log.warning("cannot link %s to %s: %s", link, device, exc)
+                link = None
+    except BaseException:
+        unwind()
+        raise
+    served = TcmuDisk(volume, device, disk, handler, link, unwind)
+    server.add_stopper(unwind)
+    return served
+
+
+def serving_line(served: TcmuDisk) -> str:
+    """``TCMU SERVING VOLUME /dev/sdX WWID``: printed once the disk exists (tests wait for it)."""
+    return f"TCMU SERVING {served.volume} {served.device} {served.disk.identity.wwid}"
