@@ -17,6 +17,7 @@ import click
 
 from torus_core import __version__
 from torus_core.block.volume import DEFAULT_LEASE_TTL
+from torus_core.cli import kernel_nbd_cmd
 from torus_core.cli.common import build_context, config_options, handle_errors
 from torus_core.cli.serving import (
     check_tls_options,
@@ -227,6 +228,7 @@ def tcmu(
     serve_until_signalled(server, start)
 
 
+cli.add_command(kernel_nbd_cmd.nbd)
 
 
 def main() -> None:

@@ -31,6 +31,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import gzip
+import hashlib
 import logging
 import os
 import re
@@ -250,6 +251,7 @@ _INIT = r"""#!/bin/busybox sh
 mount -t proc proc /proc
 mount -t sysfs sys /sys
 mount -t devtmpfs dev /dev
+ip link set lo up
 for m in $(cat /modules/order); do insmod /modules/$m 2>/dev/null || echo "insmod $m failed"; done
 script=$(sed -n 's/.*torus_script=\([^ ]*\).*/\1/p' /proc/cmdline)
 rc=99
@@ -311,13 +313,19 @@ class VM:
         if not stamp.exists() or stamp.read_text().split("\n")[0] != CACHE_VERSION:
             return None
         release = stamp.read_text().split("\n")[1]
-        image = GuestImage(
-            kernel=self.cache / "guest" / "boot" / f"vmlinuz-{release}",
-            initramfs=self.cache / "initramfs.cpio.gz",
-            root=self.cache / "guest",
-            release=release,
-        )
-        return image if image.kernel.exists() and image.initramfs.exists() else None
+        root = self.cache / "guest"
+        kernel = root / "boot" / f"vmlinuz-{release}"
+        if not kernel.exists():
+            return None
+        initramfs = self._initramfs_path(release)
+        if not initramfs.exists():
+            self._initramfs(root / "lib" / "modules" / release, initramfs)
+        return GuestImage(kernel=kernel, initramfs=initramfs, root=root, release=release)
+
+    def _initramfs_path(self, release: str) -> Path:
+        """The initramfs is rebuilt whenever /init or the module list change."""
+        digest = hashlib.sha256(f"{_INIT}\n{GUEST_MODULES}\n{release}".encode()).hexdigest()[:12]
+        return self.cache / f"initramfs-{digest}.cpio.gz"
 
     def _build(self) -> GuestImage:
         kpkg = kernel_package()
@@ -338,7 +346,7 @@ class VM:
         if not kernel.exists():
             raise VMError(f"{kpkg} has no {kernel.name}")
         self._check_tools(root)
-        initramfs = self._initramfs(root / "lib" / "modules" / release)
+        initramfs = self._initramfs(root / "lib" / "modules" / release, self._initramfs_path(release))
         (self.cache / "stamp").write_text(f"{CACHE_VERSION}\n{release}\n")
         return GuestImage(kernel=kernel, initramfs=initramfs, root=root, release=release)
 
@@ -356,7 +364,7 @@ class VM:
             if missing:
                 raise VMError(f"guest tool {tool} needs libraries no package provided: {missing}")
 
-    def _initramfs(self, moddir: Path) -> Path:
+    def _initramfs(self, moddir: Path, out: Path) -> Path:
         busybox = shutil.which("busybox")
         if busybox is None:
             raise VMError("busybox not found (Debian package busybox-static)")
@@ -384,9 +392,24 @@ class VM:
             )
             if proc.returncode != 0:
                 raise VMError(f"cpio failed: {proc.stderr.decode(errors='replace')}")
-            out = self.cache / "initramfs.cpio.gz"
+            for old in self.cache.glob("initramfs-*.cpio.gz"):
+                old.unlink()
             out.write_bytes(gzip.compress(proc.stdout, compresslevel=1))
         return out
+
+    @contextlib.contextmanager
+    def shared_dir(self) -> Iterator[Path]:
+        """A fresh host directory the guest sees at the same path (read-only), removed after.
+
+        It lives under the cache: the guest's ``/tmp`` is its own tmpfs, hiding the host's.
+        """
+        base = self.cache / "share"
+        base.mkdir(parents=True, exist_ok=True)
+        path = Path(tempfile.mkdtemp(dir=base))
+        try:
+            yield path
+        finally:
+            shutil.rmtree(path, ignore_errors=True)
 
     def preamble(self) -> str:
         """Shell lines every guest script starts with: PATH, LD_LIBRARY_PATH, TMPDIR, cwd."""
