@@ -49,6 +49,7 @@ def test_missing_lio_is_an_error_naming_the_modules_and_the_volume_is_unlocked(d
         (("v", "--block-size", "1000"), "--block-size"),
         (("v", "--hba", "-1"), "--hba"),
         (("v", "--max-sectors", "0"), "--max-sectors"),
+        (("v", "--cmd-timeout", "-1"), "--cmd-timeout"),
         (("nosuchvolume",), "nosuchvolume"),
     ],
 )

@@ -24,6 +24,9 @@ CMDR_SIZE = 4096
 DATA_OFF = CMDR_OFF + CMDR_SIZE
 MAP_SIZE = DATA_OFF + (1 << 20)
 ENTRY_SIZE = 112  # sizeof(struct tcmu_cmd_entry): 8-byte header + 104-byte rsp
+# struct tcmu_cmd_entry is __packed but its inner req struct is not: cdb_off is 8-aligned
+CDB_OFF_AT = 24  # entry offset of req.cdb_off
+IOV_OFFSET = 48  # entry offset of req.iov[0]
 
 
 class KernelSide:
@@ -48,7 +51,7 @@ class KernelSide:
         return off
 
     def queue(self, cdb: bytes, iovs: list[tuple[int, int]] = ()) -> int:
-        base = max(ENTRY_SIZE, R.IOV_OFFSET + 16 * len(iovs))
+        base = max(ENTRY_SIZE, IOV_OFFSET + 16 * len(iovs))
         base = (base + 7) // 8 * 8
         size = base + (len(cdb) + 7) // 8 * 8
         if self.head + size > CMDR_SIZE:  # does not fit before the end: PAD to the start
@@ -60,9 +63,10 @@ class KernelSide:
         cmd_id = self.next_cmd
         self.next_cmd += 1
         struct.pack_into("<IHBB", self.buf, ent, size | R.OP_CMD, cmd_id, 0, 0)
-        struct.pack_into("<IIIQQQ", self.buf, ent + 8, len(iovs), 0, 0, ent + base, 0, 0)
+        struct.pack_into("<III", self.buf, ent + 8, len(iovs), 0, 0)
+        struct.pack_into("<QQQ", self.buf, ent + CDB_OFF_AT, ent + base, 0, 0)
         for i, (off, n) in enumerate(iovs):
-            struct.pack_into("<QQ", self.buf, ent + R.IOV_OFFSET + 16 * i, off, n)
+            struct.pack_into("<QQ", self.buf, ent + IOV_OFFSET + 16 * i, off, n)
         self.buf[ent + base : ent + base + len(cdb)] = cdb
         self.entries[cmd_id] = ent
         self._set_head((self.head + size) % CMDR_SIZE)
@@ -223,6 +227,7 @@ def test_a_map_smaller_than_its_ring_is_refused() -> None:
 
 
 def test_entry_offsets_match_the_uapi_header() -> None:
-    # hdr 8 bytes; req: 3 x u32 + 3 x u64 = 36 bytes, iov[] at 44; rsp: status, pad, pad, read_len
-    assert (R.HDR.size, R.REQ.size, R.IOV_OFFSET, R.IOVEC.size) == (8, 36, 44, 16)
+    # hdr 8 bytes; req: 3 x u32, 4 bytes of alignment, 3 x u64 = 40 bytes, iov[] at 48;
+    # rsp: status, pad, pad, read_len, sense[96]
+    assert (R.HDR.size, R.REQ.size, R.IOV_OFFSET, R.IOVEC.size) == (8, 40, IOV_OFFSET, 16)
     assert (R.RSP.size, R.SENSE_OFFSET, R.TAIL_OFFSET) == (8, 16, 64)

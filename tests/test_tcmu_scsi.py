@@ -244,12 +244,15 @@ def test_read_capacity_10_saturates_beyond_2_to_the_32_blocks() -> None:
     assert struct.unpack_from(">Q", res.data)[0] == (3 << 40) // 512 - 1
 
 
-def test_physical_block_exponent_follows_the_volume_block_size() -> None:
+def test_physical_block_and_io_granularity_follow_the_volume_block_size() -> None:
     exp = RecordingExport(64 * MiB)
     exp.preferred_block_size = 64 * 1024
     d = ScsiDisk(exp, block_size=4096)
     res = d.execute(bytes([scsi.SERVICE_ACTION_IN_16, 0x10]) + bytes(8) + struct.pack(">I", 32) + bytes(2))
     assert res.data[13] == 4  # 2**4 logical blocks per physical block
+    # Linux warns unless the minimum I/O size (granularity) is a multiple of the physical block
+    limits = d.execute(inquiry(0xB0)).data
+    assert struct.unpack_from(">HII", limits, 6) == (16, 1024, 16)
 
 
 # --- reads and writes --------------------------------------------------------------------------

@@ -169,6 +169,13 @@ def aoe(
     "--max-sectors", default=1024, show_default=True, type=int, help="Largest command in logical blocks."
 )
 @click.option(
+    "--cmd-timeout",
+    default=120,
+    show_default=True,
+    type=int,
+    help="Seconds the kernel lets a command wait for this handler (e.g. while it restarts); 0: forever.",
+)
+@click.option(
     "--link-dir",
     default="/dev/torus",
     show_default=True,
@@ -187,6 +194,7 @@ def tcmu(
     hba: int,
     scsi_block_size: int | None,
     max_sectors: int,
+    cmd_timeout: int,
     link_dir: str,
     block_store: str | None,
     size: str | None,
@@ -204,8 +212,8 @@ def tcmu(
     from torus_core.tcmu.serve import pick_block_size, serve_tcmu, serving_line
 
     logging.basicConfig(level=logging.DEBUG if debug else logging.INFO, stream=sys.stderr)
-    if hba < 0 or max_sectors < 1:
-        raise UsageError("--hba must be >= 0 and --max-sectors >= 1")
+    if hba < 0 or max_sectors < 1 or cmd_timeout < 0:
+        raise UsageError("--hba and --cmd-timeout must be >= 0 and --max-sectors >= 1")
     if scsi_block_size is not None:
         try:
             pick_block_size(scsi_block_size, scsi_block_size)
@@ -221,6 +229,7 @@ def tcmu(
             hba=hba,
             block_size=scsi_block_size,
             max_sectors=max_sectors,
+            cmd_timeout=cmd_timeout,
             link_dir=link_dir or None,
         )
         click.echo(serving_line(served))

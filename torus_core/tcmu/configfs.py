@@ -23,6 +23,7 @@ import logging
 import os
 import re
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from torus_core.errors import InvalidArgument, NotExist, NotSupported, TorusError
@@ -70,6 +71,27 @@ class TcmuBackstore:
         """The name the kernel gives the backstore's uio device."""
         return f"tcm-user/{self.hba}/{self.name}/{self.config}"
 
+    def enabled(self) -> bool:
+        """True if the backstore exists and is enabled (e.g. left by a handler that was killed)."""
+        try:
+            with open(os.path.join(self.path, "enable")) as f:
+                return f.read().strip() == "1"
+        except OSError:
+            return False
+
+    def dev_size(self) -> int | None:
+        """The size in bytes the kernel has for an existing backstore (from its ``info``)."""
+        try:
+            with open(os.path.join(self.path, "info")) as f:
+                m = re.search(r"Size: (\d+)", f.read())
+        except OSError:
+            return None
+        return int(m.group(1)) if m else None
+
+    def set_attrib(self, name: str, value: int) -> None:
+        """Write a device attribute (``attrib/NAME``); only before the LUN exists for some."""
+        _write(os.path.join(self.path, "attrib", name), str(value))
+
     def create(self, size: int, block_size: int, max_sectors: int) -> None:
         """Create, configure and enable the backstore (a stale one of the same name is removed)."""
         core = os.path.join(self.root, "core")
@@ -101,6 +123,14 @@ class TcmuBackstore:
             _rmdir(self.path)
         with contextlib.suppress(OSError):
             os.rmdir(os.path.dirname(self.path))
+
+
+def _collect(errors: list[TorusError], fn: Callable[..., None], *args: str) -> None:
+    """Run one teardown step; keep its error and go on with the next."""
+    try:
+        fn(*args)
+    except TorusError as exc:
+        errors.append(exc)
 
 
 def _rmdir(path: str, attempts: int = 50) -> None:
@@ -136,6 +166,10 @@ class LoopbackLun:
         """The LUN 0 directory."""
         return os.path.join(self.tpg, "lun", "lun_0")
 
+    def exists(self) -> bool:
+        """True if LUN 0 is linked to the backstore (e.g. left by a handler that was killed)."""
+        return os.path.islink(os.path.join(self.lun, self.backstore.name))
+
     def create(self) -> None:
         """Create the target, its nexus and LUN 0 (the kernel probes the disk meanwhile)."""
         if os.path.isdir(os.path.dirname(self.tpg)):
@@ -164,19 +198,28 @@ class LoopbackLun:
         target = os.path.dirname(self.tpg)
         if not os.path.isdir(target):
             return
+        errors: list[TorusError] = []
         for lun in glob.glob(os.path.join(self.tpg, "lun", "lun_*")):
             for link in os.listdir(lun):
                 if os.path.islink(os.path.join(lun, link)):
-                    os.unlink(os.path.join(lun, link))
-            _rmdir(lun)
+                    try:
+                        os.unlink(os.path.join(lun, link))
+                    except OSError as exc:
+                        errors.append(TorusError(f"cannot unlink the LUN {lun}/{link}: {exc}"))
+            _collect(errors, _rmdir, lun)
         nexus = os.path.join(self.tpg, "nexus")
-        with contextlib.suppress(OSError):
-            with open(nexus) as f:
-                if f.read().strip() not in ("", "NULL"):
-                    _write(nexus, "NULL")
+        current = ""
+        with contextlib.suppress(OSError), open(nexus) as f:
+            current = f.read().strip()
+        if current not in ("", "NULL"):
+            _collect(errors, _write, nexus, "NULL")
         if os.path.isdir(self.tpg):
-            _rmdir(self.tpg)
-        _rmdir(target)
+            _collect(errors, _rmdir, self.tpg)
+        _collect(errors, _rmdir, target)
+        for later in errors[1:]:
+            log.error("tcm_loop teardown: %s", later)
+        if errors:
+            raise errors[0]
 
 
 def find_disk(wwid: str, *, sys_block: str = SYS_BLOCK, timeout: float = 30.0) -> str:

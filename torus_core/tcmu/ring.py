@@ -10,8 +10,9 @@ appends entries at ``cmd_head``; the handler completes them in order from ``cmd_
 advances ``cmd_tail`` by each entry's length (mod ``cmdr_size``). An entry::
 
     hdr:  u32 len_op (length | opcode in the low 3 bits), u16 cmd_id, u8 kflags, u8 uflags
-    req:  u32 iov_cnt, u32 iov_bidi_cnt, u32 iov_dif_cnt, u64 cdb_off, u64 pad, u64 pad,
-          struct iovec iov[]  (u64 base = offset into the map, u64 len)       (offsets 8..)
+    req:  u32 iov_cnt, u32 iov_bidi_cnt, u32 iov_dif_cnt, (4 bytes alignment), u64 cdb_off,
+          u64 pad, u64 pad, struct iovec iov[] (u64 base = offset into the map, u64 len)
+          at entry offsets 8, 12, 16, 24, 32, 40, 48.. (only the outer struct is __packed)
     rsp:  u8 scsi_status, u8 pad, u16 pad, u32 read_len, char sense_buffer[96] (offsets 8..)
 
 ``rsp`` overlays ``req``: everything is read before the response is written. PAD entries (and
@@ -49,9 +50,9 @@ UFLAG_READ_LEN = 0x2
 MAILBOX = struct.Struct("<HHIII")
 TAIL_OFFSET = 64
 HDR = struct.Struct("<IHBB")
-REQ = struct.Struct("<IIIQQQ")
+REQ = struct.Struct("<III4xQQQ")  # the inner struct is not packed: cdb_off is 8-aligned
 REQ_OFFSET = HDR.size  # 8
-IOV_OFFSET = REQ_OFFSET + REQ.size  # 44
+IOV_OFFSET = REQ_OFFSET + REQ.size  # 48
 IOVEC = struct.Struct("<QQ")
 RSP = struct.Struct("<BxHI")  # scsi_status, __pad1, __pad2, read_len
 SENSE_OFFSET = REQ_OFFSET + RSP.size  # 16
@@ -183,6 +184,14 @@ class CommandRing:
                     log.exception("SCSI command %#04x failed", cmd.cdb[0] if cmd.cdb else -1)
                     result = SenseError(HARDWARE_ERROR, (0x44, 0x00)).result()  # internal target failure
                 self._respond(ent, cmd, result)
+                if log.isEnabledFor(logging.DEBUG):
+                    log.debug(
+                        "cmd %d cdb %s -> status %#x sense %s",
+                        cmd.cmd_id,
+                        cmd.cdb.hex(),
+                        result.status,
+                        result.sense[:14].hex(),
+                    )
                 count += 1
                 self.completed += 1
             elif op != OP_PAD:

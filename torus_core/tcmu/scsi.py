@@ -316,7 +316,8 @@ class ScsiDisk:
         if page == 0xB0:
             limits = bytearray(60)
             limits[0] = 0x01  # WSNZ: WRITE SAME with 0 blocks is an error, not "to the end"
-            struct.pack_into(">H", limits, 2, 1)  # optimal transfer length granularity
+            # optimal transfer length granularity: one physical (volume) block
+            struct.pack_into(">H", limits, 2, min(self.optimal_blocks, 0xFFFF))
             struct.pack_into(">I", limits, 4, self.max_transfer_blocks)
             struct.pack_into(">I", limits, 8, min(self.optimal_blocks, self.max_transfer_blocks))
             struct.pack_into(">I", limits, 16, self.max_unmap_blocks)

@@ -33,6 +33,9 @@ DEFAULT_HBA = 30
 #: largest command in logical blocks (kernel ``hw_max_sectors``)
 DEFAULT_MAX_SECTORS = 1024
 LINK_DIR = "/dev/torus"
+#: seconds the kernel lets a command wait for the handler before failing it: longer than a
+#: restart of ``torusblk tcmu`` (python start-up and volume lock take-over)
+DEFAULT_CMD_TIMEOUT = 120
 
 
 @dataclass
@@ -69,12 +72,21 @@ def serve_tcmu(
     link_dir: str | None = LINK_DIR,
     root: str = CONFIGFS_TARGET,
     timeout: float = 60.0,
+    cmd_timeout: int | None = DEFAULT_CMD_TIMEOUT,
 ) -> TcmuDisk:
-    """Lock ``volume`` and serve it as a local SCSI disk until the server closes."""
+    """Lock ``volume`` and serve it as a local SCSI disk until the server closes.
+
+    If a backstore and LUN of the same name and size exist (``torusblk tcmu`` was killed), the
+    handler reattaches to them: commands the kernel queued meanwhile are served, and the
+    filesystem above sees no error as long as the restart took less than ``cmd_timeout``
+    seconds (the kernel's ``cmd_time_out``; 0 = wait forever, None = the kernel's 30 s).
+    """
     if hba < 0:
         raise InvalidArgument(f"--hba must be >= 0, got {hba}")
     if max_sectors < 1:
         raise InvalidArgument(f"--max-sectors must be >= 1, got {max_sectors}")
+    if cmd_timeout is not None and cmd_timeout < 0:
+        raise InvalidArgument(f"--cmd-timeout must be >= 0, got {cmd_timeout}")
     export = server.exports.open_export(volume)
     undo: list[Callable[[], None]] = [export.close]
 
@@ -97,15 +109,27 @@ def serve_tcmu(
             max_transfer_blocks=max_sectors,
         )
         store = TcmuBackstore(hba, backstore_name(volume), f"torus/{volume}", root=root)
-        store.create(export.size, bs, max_sectors)
+        lun = LoopbackLun(store, root=root)
+        reattach = store.enabled() and store.dev_size() == export.size and lun.exists()
+        if reattach:
+            # a killed handler left the disk (maybe mounted, its I/O waiting in the ring):
+            # serve the same uio device again instead of pulling the disk away
+            log.info("reattaching to the TCMU backstore %s", store.path)
+        else:
+            lun.remove()
+            store.create(export.size, bs, max_sectors)
+            if cmd_timeout is not None:
+                store.set_attrib("cmd_time_out", cmd_timeout)
         undo.append(store.remove)
         uio = UioDevice(find_uio(store.uio_name, timeout=timeout))
         handler = TcmuHandler(uio, disk.execute).start()
         undo.append(handler.stop)
-        lun = LoopbackLun(store, root=root)
-        lun.create()
+        if not reattach:
+            lun.create()
         undo.append(lun.remove)
         device = find_disk(disk.identity.wwid, timeout=timeout)
+        if cmd_timeout is not None:
+            set_disk_timeout(device, cmd_timeout)
         link = None
         if link_dir:
             link = os.path.join(link_dir, volume)
@@ -124,6 +148,19 @@ def serve_tcmu(
     served = TcmuDisk(volume, device, disk, handler, link, unwind)
     server.add_stopper(unwind)
     return served
+
+
+def set_disk_timeout(device: str, cmd_timeout: int, *, sys_block: str = "/sys/block") -> None:
+    """Give the SCSI layer's per-command timeout (``device/timeout``, 30 s by default) the
+    kernel's ``cmd_time_out`` plus a margin, so that the initiator does not abort and fail the
+    commands a restarting handler will still complete (0: a day)."""
+    seconds = cmd_timeout + 60 if cmd_timeout > 0 else 86400
+    path = os.path.join(sys_block, os.path.basename(device), "device", "timeout")
+    try:
+        with open(path, "w") as f:
+            f.write(str(seconds))
+    except OSError as exc:
+        log.warning("cannot set %s to %d s: %s", path, seconds, exc)
 
 
 def serving_line(served: TcmuDisk) -> str:
