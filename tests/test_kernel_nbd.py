@@ -105,3 +105,24 @@ def test_cli_detach_without_kernel_nbd_names_what_is_missing() -> None:
     proc = _torusblk("-d", "/dev/nbd0")
     assert proc.returncode == 1 and "Traceback" not in proc.stderr
     assert "/dev/nbd0" in proc.stderr
+
+
+def test_torusd_kernel_nbd_spec_is_volume_with_an_optional_device() -> None:
+    from torus_core.cli.kernel_nbd_cmd import parse_kernel_nbd_spec
+    from torus_core.errors import UsageError
+
+    assert parse_kernel_nbd_spec("vol") == ("vol", None)
+    assert parse_kernel_nbd_spec("a:b:/dev/nbd3") == ("a:b", "/dev/nbd3")
+    with pytest.raises(InvalidArgument, match="not an NBD device path"):
+        parse_kernel_nbd_spec("vol:/dev/sda")
+    with pytest.raises(UsageError):
+        parse_kernel_nbd_spec(":/dev/nbd1")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TORUS_")}
+    proc = subprocess.run(
+        [str(BIN / "torusd"), "--kernel-nbd", "vol:/dev/vda"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=env,
+    )
+    assert proc.returncode == 1 and "not an NBD device path" in proc.stderr and "Traceback" not in proc.stderr

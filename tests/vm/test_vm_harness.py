@@ -26,7 +26,7 @@ done
 mkfs.xfs -V | grep -q 'mkfs.xfs version' && echo "CHECK xfs-runs ok"
 "$TORUS_PY" -c 'import torus_core.nbd, sys; print("CHECK python", sys.prefix)'
 """
-    res = vm.run(script, timeout=180).check()
+    res = vm.run(script, timeout=600).check()
     checks = " ".join(res.lines("CHECK"))
     release = vm.prepare().release
     assert f"CHECK kernel {release}" in checks
@@ -39,7 +39,7 @@ mkfs.xfs -V | grep -q 'mkfs.xfs version' && echo "CHECK xfs-runs ok"
 
 
 def test_failing_guest_script_reports_its_status(vm: VM) -> None:
-    res = vm.run("echo CHECK before; exit 7", timeout=120)
+    res = vm.run("echo CHECK before; exit 7", timeout=600)
     assert res.rc == 7 and res.lines("CHECK") == ["CHECK before"]
     with pytest.raises(VMError, match="exited 7"):
         res.check()

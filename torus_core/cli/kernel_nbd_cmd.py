@@ -124,3 +124,35 @@ def nbd(
     click.echo(f"NBD ATTACHED {volume} {path} {attachment.used}")
     sys.stdout.flush()
     run_until_signalled(server, wake)
+
+
+def parse_kernel_nbd_spec(spec: str) -> tuple[str, str | None]:
+    """``VOLUME`` or ``VOLUME:/dev/nbdN`` (``torusd --kernel-nbd``) -> (volume, device or None)."""
+    from torus_core.kernel_nbd.ioctl import device_index
+
+    volume, sep, device = spec.rpartition(":/dev/")
+    if not sep:
+        volume, device_path = spec, None
+    else:
+        device_path = "/dev/" + device
+        device_index(device_path)
+    if not volume:
+        raise UsageError(f"--kernel-nbd wants VOLUME[:/dev/nbdN], not {spec!r}")
+    return volume, device_path
+
+
+def attach_kernel_nbd(
+    server: Server, spec: str, *, dead_conn_timeout: int = DEFAULT_DEAD_CONN_TIMEOUT
+) -> str:
+    """Attach ``spec`` (:func:`parse_kernel_nbd_spec`) from ``server``'s exports, detached when
+    the server closes; returns the ``NBD ATTACHED VOLUME DEVICE INTERFACE`` line."""
+    volume, device = parse_kernel_nbd_spec(spec)
+    attachment = KernelAttachment(
+        lambda: server.exports.open_export(volume),
+        device=device,
+        dead_conn_timeout=dead_conn_timeout,
+        identifier=f"torus:{volume}",
+    )
+    path = attachment.start()
+    server.add_stopper(attachment.stop)
+    return f"NBD ATTACHED {volume} {path} {attachment.used}"

@@ -28,6 +28,7 @@ from torus_core.block.local_gc import LocalGC
 from torus_core.block.nbd_export import SpaceGuard
 from torus_core.block.volume import DEFAULT_LEASE_TTL
 from torus_core.cli.common import build_context, config_options, handle_errors
+from torus_core.cli.kernel_nbd_cmd import attach_kernel_nbd, parse_kernel_nbd_spec
 from torus_core.cli.serving import (
     check_tls_options,
     metrics_address,
@@ -83,6 +84,13 @@ from torus_core.errors import NoGlobalMetadata, UsageError
     metavar="IFACE:MAJOR.MINOR=VOLUME",
     help="Also serve VOLUME as ATA-over-Ethernet target eMAJOR.MINOR on IFACE (repeatable).",
 )
+@click.option(
+    "--kernel-nbd",
+    "kernel_nbd_specs",
+    multiple=True,
+    metavar="VOLUME[:/dev/nbdN]",
+    help="Also attach VOLUME as a local kernel NBD device (repeatable; needs root and the nbd module).",
+)
 @click.option("--debug", is_flag=True, help="Debug logging.")
 @cluster_options
 @click.version_option(__version__, prog_name="torusd")
@@ -103,6 +111,7 @@ def cli(
     gc_interval: float,
     debug: bool,
     aoe_specs: tuple[str, ...],
+    kernel_nbd_specs: tuple[str, ...],
     peer_address: str | None,
     auto_join: bool,
     heartbeat_interval: float,
@@ -123,6 +132,8 @@ def cli(
     )
     ctx = build_context(config_path, storage_size=size, block_store=block_store, **overrides)
     check_tls_options(tls_cert, tls_key, require_tls)
+    for spec in kernel_nbd_specs:
+        parse_kernel_nbd_spec(spec)  # a malformed spec is refused before anything opens
     metrics_listen = metrics_address(metrics_listen, host, port)
     try:
         server = Server.from_config(
@@ -167,6 +178,8 @@ def cli(
 
         for line in serve_aoe_specs(server, aoe_specs):
             click.echo(line)
+        for spec in kernel_nbd_specs:
+            click.echo(attach_kernel_nbd(server, spec))
         if nbd_listen:
             serve_nbd(server, nbd_listen, tls_cert, tls_key, require_tls, ctx.config.tls.ca_file)
         if metrics_listen:

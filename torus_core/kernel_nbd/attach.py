@@ -306,7 +306,6 @@ class KernelAttachment:
         self._executor.shutdown(wait=False)
         self._workers.shutdown()
 
-
     def _finish_loop(self) -> None:
         """Cancel what is left on the (stopped) loop, let it unwind (bounded), close the loop."""
         tasks = asyncio.all_tasks(self._loop)

@@ -459,12 +459,17 @@ class VM:
         console = run_dir / "console.log"
         console.touch()
         start = time.monotonic()
-        proc = subprocess.Popen(
-            self.command(script_path, console),
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.DEVNULL,
-            stderr=open(run_dir / "qemu.err", "wb"),
-        )
+        err = open(run_dir / "qemu.err", "wb")
+        try:
+            proc = subprocess.Popen(
+                self.command(script_path, console),
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+                stderr=err,
+            )
+        except OSError as exc:
+            err.close()
+            raise VMError(f"cannot start qemu-system-x86_64: {exc}") from exc
         try:
             rc = self._wait(proc, console, start + timeout)
         finally:
@@ -472,10 +477,9 @@ class VM:
                 proc.kill()
                 with contextlib.suppress(subprocess.TimeoutExpired):
                     proc.wait(10)
-            if proc.stderr is not None:
-                proc.stderr.close()
-        text = console.read_text(errors="replace")
-        shutil.rmtree(run_dir, ignore_errors=True)
+            err.close()
+            text = console.read_text(errors="replace")
+            shutil.rmtree(run_dir, ignore_errors=True)
         return VMResult(rc=rc, console=text, elapsed=time.monotonic() - start, script=full)
 
     @staticmethod

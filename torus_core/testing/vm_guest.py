@@ -53,7 +53,7 @@ def failed(found: dict[str, str], expected: list[str]) -> list[str]:
 HELPERS = (Path(__file__).parent / "vm_guest.sh").read_text()
 
 
-def run_guest(vm: VM, volumes: dict[str, str], body: str, timeout: float = 280.0) -> dict[str, str]:
+def run_guest(vm: VM, volumes: dict[str, str], body: str, timeout: float = 840.0) -> dict[str, str]:
     """Make a cluster with ``volumes`` on the host, run :data:`HELPERS` + ``body`` in the guest,
     and return its checks (:func:`checks`) plus ``_console``: the console's last 80 lines."""
     with vm.shared_dir() as share:
@@ -61,4 +61,5 @@ def run_guest(vm: VM, volumes: dict[str, str], body: str, timeout: float = 280.0
         res = vm.run(f"SHARE={share}\n{HELPERS}\n{body}", timeout=timeout)
     found = checks(res)
     found["_console"] = tail(res.console, 80)
+    print(f"guest run {res.elapsed:.0f} s:", " ".join(ln[2:] for ln in res.lines("T ")))
     return found
