@@ -110,7 +110,15 @@ def serve_tcmu(
         )
         store = TcmuBackstore(hba, backstore_name(volume), f"torus/{volume}", root=root)
         lun = LoopbackLun(store, root=root)
-        reattach = store.enabled() and store.dev_size() == export.size and lun.exists()
+        linked, enabled, dev_size = lun.exists(), store.enabled(), store.dev_size()
+        reattach = linked and enabled and dev_size == export.size
+        if linked and not reattach:
+            # never unlink a LUN that may carry a mounted filesystem with I/O waiting
+            raise TorusError(
+                f"a disk for volume {volume!r} is still linked at {lun.lun} but cannot be reattached "
+                f"(backstore enabled: {enabled}, size {dev_size} vs {export.size}); unmount it and "
+                f"remove {lun.lun} and {store.path} first"
+            )
         if reattach:
             # a killed handler left the disk (maybe mounted, its I/O waiting in the ring):
             # serve the same uio device again instead of pulling the disk away
