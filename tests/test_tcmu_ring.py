@@ -231,3 +231,19 @@ def test_entry_offsets_match_the_uapi_header() -> None:
     # rsp: status, pad, pad, read_len, sense[96]
     assert (R.HDR.size, R.REQ.size, R.IOV_OFFSET, R.IOVEC.size) == (8, 40, IOV_OFFSET, 16)
     assert (R.RSP.size, R.SENSE_OFFSET, R.TAIL_OFFSET) == (8, 16, 64)
+
+
+def test_backstore_size_is_read_from_info_not_the_sector_size(tmp_path) -> None:
+    from torus_core.tcmu.configfs import TcmuBackstore
+
+    store = TcmuBackstore(30, "torus_v", "torus/v", root=str(tmp_path))
+    assert store.dev_size() is None and not store.enabled()
+    d = tmp_path / "core" / "user_30" / "torus_v"
+    d.mkdir(parents=True)
+    # as a 6.1 kernel prints it
+    (d / "info").write_text(
+        "Status: ACTIVATED  Max Queue Depth: 0  SectorSize: 4096  HwMaxSectors: 1024 "
+        "        Config: torus/v Size: 167772160 MaxDataAreaMB: 1024 DataPagesPerBlk: 1 CmdRingSizeMB: 8\n"
+    )
+    (d / "enable").write_text("1\n")
+    assert store.dev_size() == 167772160 and store.enabled()

@@ -83,7 +83,7 @@ class TcmuBackstore:
         """The size in bytes the kernel has for an existing backstore (from its ``info``)."""
         try:
             with open(os.path.join(self.path, "info")) as f:
-                m = re.search(r"Size: (\d+)", f.read())
+                m = re.search(r"\bSize: (\d+)", f.read())  # not SectorSize
         except OSError:
             return None
         return int(m.group(1)) if m else None
