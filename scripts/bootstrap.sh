@@ -3,7 +3,8 @@
 # clients used by the tests), a Python venv at .venv, and all six distributions in editable mode.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-PKGS=(etcd-server etcd-client redis-server libnbd-bin nbdkit qemu-utils fio python3-libnbd python3-venv vblade)
+PKGS=(etcd-server etcd-client redis-server libnbd-bin nbdkit qemu-utils fio python3-libnbd python3-venv vblade
+  qemu-system-x86 busybox-static cpio sg3-utils)
 missing=()
 for p in "${PKGS[@]}"; do dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p"); done
 if [ ${#missing[@]} -gt 0 ]; then

@@ -206,6 +206,25 @@ def test_keeper_keeps_a_short_lease_alive_beyond_its_ttl(md, store):
         assert vol.sync() is not None
 
 
+def test_lease_is_renewed_while_the_open_is_still_recovering(md, store, monkeypatch):
+    # Recovering a crashed writer's journal can take longer than the lease TTL (seen in the VM
+    # tests: a restarted torusd under emulation). The lease must be kept from the lock on.
+    import torus_core.block.volume as volume_mod
+
+    md.create_volume("v", MiB)
+    real_open = volume_mod.File.open
+
+    def slow_open(*args, **kwargs):
+        time.sleep(1.2)  # 4x the TTL
+        return real_open(*args, **kwargs)
+
+    monkeypatch.setattr(volume_mod.File, "open", slow_open)
+    with BlockVolume.open(md, store, "v", lease_ttl=0.3, layer_registry=LAYERS) as vol:
+        vol.write_at(0, b"ok")
+        assert vol.sync() is not None
+        assert not vol.lost and md.lock_status("v").locked
+
+
 def test_closed_volume_raises_closed(md, store):
     md.create_volume("v", MiB)
     vol = BlockVolume.open(md, store, "v", layer_registry=LAYERS)

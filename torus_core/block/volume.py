@@ -161,6 +161,7 @@ class BlockVolume:
         leases = md.leases
         lease = leases.grant(float(lease_ttl))
         lock: VolumeLock | None = None
+        keeper: LeaseKeeper | None = None
         try:
             who = owner or default_owner()
             if take_over:
@@ -168,10 +169,18 @@ class BlockVolume:
             else:
                 lock = md.lock_volume(name, who, lease)
             held = lock
+            holder: list[BlockVolume] = []
+
+            def lost() -> None:
+                if holder:
+                    holder[0].mark_lost()
+
+            # Renewed from the lock on: recovering a dead writer's journal (below) can take
+            # longer than the TTL, and a lease expiring meanwhile would lose the lock.
+            keeper = LeaseKeeper(leases, lease, on_lost=lost, name=f"lease-{name}").start()
             info = md.get_volume_by_id(lock.volume_id)
             ref = md.current_inode(lock.volume_id)
             vid = lock.volume_id
-            holder: list[BlockVolume] = []
 
             def commit(r: INodeRef) -> None:
                 try:
@@ -213,9 +222,13 @@ class BlockVolume:
                 target=vol._watch_requests, name=f"snapshot-requests-{name}", daemon=True
             )
             vol._requests.start()
-            vol.keeper = LeaseKeeper(leases, lease, on_lost=vol.mark_lost, name=f"lease-{name}").start()
+            vol.keeper = keeper
+            if keeper.lost:
+                vol.mark_lost()
             return vol
         except BaseException:
+            if keeper is not None:
+                keeper.stop()
             if lock is not None:
                 with contextlib.suppress(TorusError):
                     md.unlock(lock)

@@ -17,6 +17,7 @@ import click
 
 from torus_core import __version__
 from torus_core.block.volume import DEFAULT_LEASE_TTL
+from torus_core.cli import kernel_nbd_cmd
 from torus_core.cli.common import build_context, config_options, handle_errors
 from torus_core.cli.serving import (
     check_shutdown_timeout,
@@ -170,6 +171,92 @@ def aoe(
         click.echo(serving_line(target, volume))
 
     serve_until_signalled(server, start)
+
+
+@cli.command("tcmu")
+@config_options
+@click.argument("volume")
+@click.option("--hba", default=30, show_default=True, type=int, help="configfs HBA index (core/user_N).")
+@click.option(
+    "--block-size",
+    "scsi_block_size",
+    default=None,
+    type=int,
+    help="SCSI logical block size (default 4096, or 512 if the volume size needs it).",
+)
+@click.option(
+    "--max-sectors", default=1024, show_default=True, type=int, help="Largest command in logical blocks."
+)
+@click.option(
+    "--cmd-timeout",
+    default=120,
+    show_default=True,
+    type=int,
+    help="Seconds the kernel lets a command wait for this handler (e.g. while it restarts); 0: forever.",
+)
+@click.option(
+    "--link-dir",
+    default="/dev/torus",
+    show_default=True,
+    help="Symlink LINK_DIR/VOLUME to the disk ('' for none).",
+)
+@click.option("--block-store", default=None, help="Block store plugin (default: file).")
+@click.option("--size", default=None, help="Capacity of the local block store, e.g. 4GiB.")
+@click.option(
+    "--lease-ttl", default=DEFAULT_LEASE_TTL, show_default=True, type=float, help="Volume lock lease TTL (s)."
+)
+@click.option("--debug", is_flag=True, help="Debug logging.")
+@handle_errors
+def tcmu(
+    config_path: str | None,
+    volume: str,
+    hba: int,
+    scsi_block_size: int | None,
+    max_sectors: int,
+    cmd_timeout: int,
+    link_dir: str,
+    block_store: str | None,
+    size: str | None,
+    lease_ttl: float,
+    debug: bool,
+    **overrides: Any,
+) -> None:
+    """Serve VOLUME as a local SCSI disk (/dev/sdX) through TCMU until SIGTERM/SIGINT.
+
+    Needs root, configfs on /sys/kernel/config and the target_core_user and tcm_loop modules.
+    The volume stays locked while served; at exit the disk is removed, then the volume is
+    synced and unlocked. See docs/tcmu.md.
+    """
+    from torus_core.errors import TorusError, UsageError
+    from torus_core.tcmu.serve import pick_block_size, serve_tcmu, serving_line
+
+    logging.basicConfig(level=logging.DEBUG if debug else logging.INFO, stream=sys.stderr)
+    if hba < 0 or max_sectors < 1 or cmd_timeout < 0:
+        raise UsageError("--hba and --cmd-timeout must be >= 0 and --max-sectors >= 1")
+    if scsi_block_size is not None:
+        try:
+            pick_block_size(scsi_block_size, scsi_block_size)
+        except TorusError as exc:
+            raise UsageError(str(exc)) from None
+    ctx = build_context(config_path, storage_size=size, block_store=block_store, **overrides)
+    server = Server.from_config(ctx.config, registries=ctx.registries, lease_ttl=lease_ttl)
+
+    def start() -> None:
+        served = serve_tcmu(
+            server,
+            volume,
+            hba=hba,
+            block_size=scsi_block_size,
+            max_sectors=max_sectors,
+            cmd_timeout=cmd_timeout,
+            link_dir=link_dir or None,
+        )
+        click.echo(serving_line(served))
+
+    serve_until_signalled(server, start)
+
+
+cli.add_command(kernel_nbd_cmd.nbd)
 
 
 def main() -> None:

@@ -28,6 +28,7 @@ from torus_core.block.local_gc import LocalGC
 from torus_core.block.nbd_export import SpaceGuard
 from torus_core.block.volume import DEFAULT_LEASE_TTL
 from torus_core.cli.common import build_context, config_options, handle_errors
+from torus_core.cli.kernel_nbd_cmd import attach_kernel_nbd, parse_kernel_nbd_spec
 from torus_core.cli.serving import (
     check_listen,
     check_shutdown_timeout,
@@ -93,6 +94,13 @@ from torus_core.errors import NoGlobalMetadata, UsageError
     help="Also serve VOLUME as ATA-over-Ethernet target eMAJOR.MINOR on IFACE (repeatable).",
 )
 @min_free_space_option
+@click.option(
+    "--kernel-nbd",
+    "kernel_nbd_specs",
+    multiple=True,
+    metavar="VOLUME[:/dev/nbdN]",
+    help="Also attach VOLUME as a local kernel NBD device (repeatable; needs root and the nbd module).",
+)
 @click.option("--debug", is_flag=True, help="Debug logging.")
 @shutdown_timeout_option
 @cluster_options
@@ -117,6 +125,7 @@ def cli(
     debug: bool,
     aoe_specs: tuple[str, ...],
     shutdown_timeout: float,
+    kernel_nbd_specs: tuple[str, ...],
     peer_address: str | None,
     auto_join: bool,
     heartbeat_interval: float,
@@ -140,6 +149,8 @@ def cli(
     # Every option is checked before anything is opened: --debug-init must not format a cluster
     # for a command line that then fails.
     check_tls_options(tls_cert, tls_key, require_tls)
+    for spec in kernel_nbd_specs:
+        parse_kernel_nbd_spec(spec)  # a malformed spec is refused before anything opens
     metrics_listen = metrics_address(metrics_listen, host, port)
     check_listen("--nbd-listen", nbd_listen)
     check_storage_size(ctx.config.storage_size)
@@ -197,6 +208,8 @@ def cli(
 
         for line in serve_aoe_specs(server, aoe_specs):
             click.echo(line)
+        for spec in kernel_nbd_specs:
+            click.echo(attach_kernel_nbd(server, spec))
         if nbd_listen:
             serve_nbd(server, nbd_listen, tls_cert, tls_key, require_tls, ctx.config.tls.ca_file, nbd_limits)
         if metrics_listen:
