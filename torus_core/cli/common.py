@@ -10,6 +10,7 @@ from typing import Any, TypeVar
 
 import click
 
+from torus_core.block.volume import DEFAULT_LEASE_TTL
 from torus_core.blockstore import BlockStore
 from torus_core.config import Config, load_config
 from torus_core.errors import TorusError
@@ -67,6 +68,27 @@ class CliContext:
                 self._closers.pop()()
             except TorusError:
                 pass
+
+
+def local_volume_options(func: F) -> F:
+    """Add the flags of a command that serves one volume from this machine (``torusblk aoe``,
+    ``nbd``, ``tcmu``): ``--block-store``, ``--size``, ``--lease-ttl`` and ``--debug``."""
+    options = [
+        click.option("--block-store", default=None, help="Block store plugin (default: file)."),
+        click.option("--size", default=None, help="Capacity of the local block store, e.g. 4GiB."),
+        click.option(
+            "--lease-ttl",
+            default=DEFAULT_LEASE_TTL,
+            show_default=True,
+            type=float,
+            help="Volume lock lease TTL (s).",
+        ),
+        click.option("--debug", is_flag=True, help="Debug logging."),
+    ]
+    decorated: Any = func
+    for option in reversed(options):
+        decorated = option(decorated)
+    return decorated  # type: ignore[no-any-return]
 
 
 def config_options(func: F) -> F:

@@ -15,8 +15,7 @@ from typing import Any
 
 import click
 
-from torus_core.block.volume import DEFAULT_LEASE_TTL
-from torus_core.cli.common import build_context, config_options, handle_errors
+from torus_core.cli.common import build_context, config_options, handle_errors, local_volume_options
 from torus_core.cli.serving import run_until_signalled
 from torus_core.daemon.server import Server
 from torus_core.errors import UsageError
@@ -62,12 +61,7 @@ from torus_core.kernel_nbd.attach import (
     show_default=True,
     help="Kernel interface: generic netlink, the ioctls, or netlink falling back to the ioctls.",
 )
-@click.option("--block-store", default=None, help="Block store plugin (default: file).")
-@click.option("--size", default=None, help="Capacity of the local block store, e.g. 4GiB.")
-@click.option(
-    "--lease-ttl", default=DEFAULT_LEASE_TTL, show_default=True, type=float, help="Volume lock lease TTL (s)."
-)
-@click.option("--debug", is_flag=True, help="Debug logging.")
+@local_volume_options
 @handle_errors
 def nbd(
     config_path: str | None,

@@ -18,7 +18,7 @@ import click
 from torus_core import __version__
 from torus_core.block.volume import DEFAULT_LEASE_TTL
 from torus_core.cli import kernel_nbd_cmd
-from torus_core.cli.common import build_context, config_options, handle_errors
+from torus_core.cli.common import build_context, config_options, handle_errors, local_volume_options
 from torus_core.cli.serving import (
     check_shutdown_timeout,
     check_storage_size,
@@ -122,12 +122,7 @@ def nbdserve(
 )
 @click.option("--config-string", default="", help="Initial AoE config string (Query Config).")
 @click.option("--mask", "masks", multiple=True, metavar="MAC", help="Only answer this MAC (repeatable).")
-@click.option("--block-store", default=None, help="Block store plugin (default: file).")
-@click.option("--size", default=None, help="Capacity of the local block store, e.g. 4GiB.")
-@click.option(
-    "--lease-ttl", default=DEFAULT_LEASE_TTL, show_default=True, type=float, help="Volume lock lease TTL (s)."
-)
-@click.option("--debug", is_flag=True, help="Debug logging.")
+@local_volume_options
 @handle_errors
 def aoe(
     config_path: str | None,
@@ -200,12 +195,7 @@ def aoe(
     show_default=True,
     help="Symlink LINK_DIR/VOLUME to the disk ('' for none).",
 )
-@click.option("--block-store", default=None, help="Block store plugin (default: file).")
-@click.option("--size", default=None, help="Capacity of the local block store, e.g. 4GiB.")
-@click.option(
-    "--lease-ttl", default=DEFAULT_LEASE_TTL, show_default=True, type=float, help="Volume lock lease TTL (s)."
-)
-@click.option("--debug", is_flag=True, help="Debug logging.")
+@local_volume_options
 @handle_errors
 def tcmu(
     config_path: str | None,
