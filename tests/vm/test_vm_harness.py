@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from torus_core.testing.vm import GUEST_MODULES, VM, VMError, modinfo, module_order
+from torus_core.testing.vm import GUEST_MODULES, VM, VMError, hidden_in_guest, modinfo, module_order
 
 pytestmark = pytest.mark.vm
 
@@ -60,3 +60,11 @@ def test_non_module_file_is_a_typed_error(tmp_path: Path) -> None:
     bogus.write_bytes(b"\x28\xb5\x2f\xfd compressed")
     with pytest.raises(VMError, match="not an ELF64"):
         modinfo(bogus)
+
+
+def test_a_checkout_under_tmp_or_run_is_kept_visible_in_the_guest() -> None:
+    # the guest puts a tmpfs on /tmp and /run; a clone in /tmp must be bind-mounted back once
+    repo = Path("/tmp/ci-clone")
+    assert hidden_in_guest(repo, repo / ".vm-cache") == [repo]
+    assert hidden_in_guest(Path("/work/main"), Path("/work/main/.vm-cache")) == []
+    assert hidden_in_guest(Path("/work/main"), Path("/run/cache")) == [Path("/run/cache")]

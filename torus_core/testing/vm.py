@@ -259,7 +259,11 @@ if mount -t 9p -o trans=virtio,version=9p2000.L,ro,msize=262144,cache=loose host
   mkdir -p /dev/shm && mount --bind /dev /host/dev && mount -t tmpfs -o mode=1777 shm /host/dev/shm
   mount --bind /proc /host/proc && mount --bind /sys /host/sys
   mount -t configfs configfs /host/sys/kernel/config 2>/dev/null
+  # host dirs the guest must still see under the tmpfs put on /tmp and /run (a checkout in /tmp)
+  keep=$(sed -n 's/.*torus_keep=\([^ ]*\).*/\1/p' /proc/cmdline | tr ',' ' ')
+  i=0; for p in $keep; do mkdir -p /keep/$i && mount --bind "/host$p" /keep/$i; i=$((i+1)); done
   mount -t tmpfs -o mode=1777,size=700m tmp /host/tmp && mount -t tmpfs run /host/run
+  i=0; for p in $keep; do mkdir -p "/host$p" && mount --bind /keep/$i "/host$p"; i=$((i+1)); done
   echo TORUS-VM-START
   chroot /host /bin/sh "$script" </dev/null
   rc=$?
@@ -270,6 +274,21 @@ echo "TORUS-VM-RESULT rc=$rc"
 sync
 poweroff -f
 """
+
+
+#: Host directories the guest covers with a tmpfs of its own (see ``_INIT``).
+GUEST_TMPFS = (Path("/tmp"), Path("/run"))
+
+
+def hidden_in_guest(*paths: Path) -> list[Path]:
+    """Those of ``paths`` (resolved, without duplicates or nesting) that lie under a directory
+    the guest covers with a tmpfs, e.g. a checkout cloned into /tmp: the guest bind-mounts them
+    back so the chroot still sees the project and its venv."""
+    out: list[Path] = []
+    for p in sorted({p.resolve() for p in paths}, key=lambda q: len(q.parts)):
+        if any(p.is_relative_to(t) for t in GUEST_TMPFS) and not any(p.is_relative_to(o) for o in out):
+            out.append(p)
+    return out
 
 
 class VM:
@@ -430,6 +449,9 @@ class VM:
         """The qemu command line booting the guest to run ``script`` (a host path)."""
         image = self.prepare()
         append = f"console=ttyS0 panic=-1 quiet loglevel=4 torus_script={script}"
+        keep = hidden_in_guest(REPO, self.cache)
+        if keep:
+            append += " torus_keep=" + ",".join(str(p) for p in keep)
         return [
             "qemu-system-x86_64",
             "-accel", "tcg", "-cpu", "max", "-smp", "1", "-m", str(self.memory_mb),
