@@ -507,15 +507,68 @@ def test_block_level_retries_a_transient_failure_while_seq_gives_up_after_one_pa
             reader.get_block(ref, level=ReadLevel.BLOCK)
 
 
-def test_write_to_full_owners_raises_out_of_space(cluster: LocalCluster) -> None:
-    client = cluster.client(timeouts=FAST)
-    ref = refs_owned(cluster, 1)[0]
-    for p in owners(cluster, ref):
-        inner = cluster.stores[p].inner
-        for i in range(inner.num_blocks() - inner.used_blocks()):
-            inner.write_block(BlockRef(99, 99, i), b"x")
+def _fill(cluster: LocalCluster, peer: str) -> list[BlockRef]:
+    inner = cluster.stores[peer].inner
+    filler = [BlockRef(99, 99, i) for i in range(inner.used_blocks(), inner.num_blocks())]
+    for r in filler:
+        inner.write_block(r, b"x")
+    return filler
+
+
+def test_write_to_full_owners_raises_out_of_space_once_the_space_wait_is_over(cluster: LocalCluster) -> None:
+    from dataclasses import replace
+
     from torus_core.errors import OutOfSpace
 
+    client = cluster.client(timeouts=replace(FAST, space_wait=0.5))
+    ref = refs_owned(cluster, 1)[0]
+    for p in owners(cluster, ref):
+        _fill(cluster, p)
+    started = time.monotonic()
+    with pytest.raises(OutOfSpace, match=r"after waiting 0\.5 s for space"):
+        client.write_block(ref, data(1))
+    assert 0.5 <= time.monotonic() - started < 5.0
+
+
+def test_a_write_short_of_space_waits_for_gc_to_free_room_and_then_succeeds(cluster: LocalCluster) -> None:
+    """Every peer full (one of them down): the write is retried while room is freed (as GC frees
+    superseded blocks) instead of failing at once."""
+    import threading
+    from dataclasses import replace
+
+    client = cluster.client(timeouts=replace(FAST, space_wait=10.0), read_cache_bytes=0)
+    ref = refs_owned(cluster, 1)[0]
+    fillers = {p: _fill(cluster, p) for p in PEERS}
+    down = next(p for p in PEERS if p not in owners(cluster, ref))
+    client.peers.set_down(down)
+
+    def free_room() -> None:
+        time.sleep(0.5)
+        for p in owners(cluster, ref):
+            cluster.stores[p].inner.delete_block(fillers[p][0])
+
+    t = threading.Thread(target=free_room)
+    t.start()
+    started = time.monotonic()
+    client.write_block(ref, data(1))
+    t.join(5)
+    assert time.monotonic() - started >= 0.4
+    for p in owners(cluster, ref):
+        assert cluster.stores[p].inner.get_block(ref) == data(1)
+
+
+def test_full_reachable_peers_with_the_rest_down_is_out_of_space_not_a_replication_failure(
+    cluster: LocalCluster,
+) -> None:
+    from dataclasses import replace
+
+    from torus_core.errors import OutOfSpace
+
+    client = cluster.client(timeouts=replace(FAST, space_wait=0.2))
+    ref = refs_owned(cluster, 1)[0]
+    first, second = owners(cluster, ref)[:2]
+    _fill(cluster, first)
+    client.peers.set_down(second)
     with pytest.raises(OutOfSpace):
         client.write_block(ref, data(1))
 

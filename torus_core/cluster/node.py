@@ -72,8 +72,14 @@ JOIN_ATTEMPTS = 50
 #: a cluster frees superseded blocks only through GC, so garbage builds up at the write rate
 #: times the grace (measured: 81 % peaks with 75 % under bench/soak.py --workload mixed).
 GC_PRESSURE = 0.5
-#: Dead-block grace (s) under space pressure.
-GC_PRESSURE_GRACE = 2.0
+#: Dead-block grace (s) under space pressure. Deadness is monotonic (gc.py), so no grace is
+#: needed for safety; a block is still deleted only on the second cycle that finds it dead.
+#: Under an overwrite load garbage builds up at the write rate times the reclaim lag, and a
+#: 2 s grace let a degraded 3-peer cluster's stores fill at 8x a 16 MiB volume (issue 16).
+GC_PRESSURE_GRACE = 0.0
+#: Pause (s) between GC cycles under space pressure, on their own thread: a rebalance pass
+#: (pushing to a peer that is down, say) must not hold back reclaim while a store fills.
+GC_PRESSURE_INTERVAL = 0.25
 
 
 @dataclass(frozen=True)
@@ -288,6 +294,8 @@ class ClusterNode:
         self.watcher = RingWatcher(md, self._apply_ring)
         self._stop = threading.Event()
         self._maint: threading.Thread | None = None
+        self._gc_pressure: threading.Thread | None = None
+        self._gc_lock = threading.Lock()  # one GC cycle at a time (candidates are per cycle)
         self._started = False
         self._closed = False
 
@@ -412,6 +420,11 @@ class ClusterNode:
             if self.is_storage:
                 self._maint = threading.Thread(target=self._maintenance, name="torus-maint", daemon=True)
                 self._maint.start()
+                if self.gc is not None:
+                    self._gc_pressure = threading.Thread(
+                        target=self._pressure_gc, name="torus-gc-pressure", daemon=True
+                    )
+                    self._gc_pressure.start()
         except BaseException:
             self.close()
             raise
@@ -437,16 +450,35 @@ class ClusterNode:
     def maintenance_round(self) -> None:
         """A GC cycle, then a rebalance pass, each unless it is backing off on an idle cluster
         (what the maintenance thread loops over; see :attr:`RebalanceOptions.idle_max`)."""
-        if self.gc is not None:
-            if self._under_space_pressure():
-                # overwrites free space only through GC on every peer: do not let it wait
-                self.gc.grace = min(self.options.gc_grace, GC_PRESSURE_GRACE)
-                self.gc.run_cycle()
-            else:
-                self.gc.grace = self.options.gc_grace
-                self.gc.maybe_run_cycle()
+        self.gc_round()
         if self.rebalancer is not None:
             self.rebalancer.maybe_run_pass(self._stop)
+
+    def gc_round(self, *, pressure_only: bool = False) -> None:
+        """A GC cycle: under space pressure at once and with ``GC_PRESSURE_GRACE`` (overwrites
+        free space only through GC on every peer: do not let it wait), else unless it is backing
+        off on an idle cluster (skipped altogether with ``pressure_only``)."""
+        gc = self.gc
+        if gc is None:
+            return
+        with self._gc_lock:
+            if self._under_space_pressure():
+                gc.grace = min(self.options.gc_grace, GC_PRESSURE_GRACE)
+                gc.run_cycle()
+            elif not pressure_only:
+                gc.grace = self.options.gc_grace
+                gc.maybe_run_cycle()
+
+    def _pressure_gc(self) -> None:
+        self._stop.wait(GC_PRESSURE_INTERVAL)
+        while not self._stop.is_set():
+            try:
+                self.gc_round(pressure_only=True)
+            except TorusError as exc:
+                log.warning("GC cycle under space pressure failed: %s", exc)
+            except Exception:
+                log.exception("GC cycle under space pressure crashed")
+            self._stop.wait(GC_PRESSURE_INTERVAL)
 
     def _under_space_pressure(self) -> bool:
         """Whether the local store is at least ``GC_PRESSURE`` full."""
@@ -478,6 +510,9 @@ class ClusterNode:
         if self._maint is not None:
             self._maint.join(30)
             self._maint = None
+        if self._gc_pressure is not None:
+            self._gc_pressure.join(30)
+            self._gc_pressure = None
         if self.server is not None:
             self.server.stop()
         if self.journal_channel is not None:

@@ -33,6 +33,10 @@ from torus_core.rpc.client import PeerClient
 
 log = logging.getLogger(__name__)
 
+#: First pause (s) before a write short of space is tried again (doubling up to the max).
+SPACE_RETRY_PAUSE = 0.1
+SPACE_RETRY_PAUSE_MAX = 1.0
+
 #: Per block, ``peer UUID -> boot id`` of the peers that acknowledged it (``""`` for this one).
 Acks = dict[str, str]
 
@@ -84,8 +88,9 @@ class WritePlacement:
         and ``exclude`` peers not to use. Returns, per block, ``peer -> boot id`` of the acks.
 
         Raises :class:`BlockExists` / :class:`InvalidArgument` as a peer answered them,
-        :class:`OutOfSpace` when every failed peer was full, else :class:`ReplicationFailed`
-        (retryable; blocks are immutable, so a retry is safe).
+        :class:`OutOfSpace` when no reachable peer had room for ``timeouts.space_wait``
+        seconds (the write is tried again meanwhile: GC frees superseded blocks), else
+        :class:`ReplicationFailed` (retryable; blocks are immutable, so a retry is safe).
         """
         ring = self.ring()
         n = len(batch)
@@ -96,10 +101,53 @@ class WritePlacement:
                 raise NoPeer(f"ring v{ring.version} has no owners for {ref}")
             perms.append(perm)
         acks: list[Acks] = [dict(seed[i]) if seed is not None else {} for i in range(n)]
-        tried: list[set[str]] = [
-            set(acks[i]) | (exclude[i] if exclude is not None else set()) for i in range(n)
-        ]
+        excluded = [exclude[i] if exclude is not None else set() for i in range(n)]
         want = [len(p.owners) if level is WriteLevel.ALL else 1 for p in perms]
+        space_deadline = time.monotonic() + self.timeouts.space_wait
+        pause = SPACE_RETRY_PAUSE
+        while True:
+            failed = self._place(batch, perms, acks, excluded, want, level, durable)
+            short = [i for i in range(n) if len(acks[i]) < want[i]]
+            if not short:
+                return acks
+            if not _short_of_space(failed):
+                break
+            left = space_deadline - time.monotonic()
+            if left <= 0:
+                raise OutOfSpace(
+                    f"no room for {len(short)} of {n} block(s) after waiting "
+                    f"{self.timeouts.space_wait:g} s for space: "
+                    + "; ".join(f"{u}: {e}" for u, e in failed.items())
+                )
+            # A full store frees space through GC (superseded blocks, deleted volumes): wait for
+            # it, bounded, instead of failing a write that fits once the garbage is gone.
+            log.info("%d block(s) wait for space (full peers: %s)", len(short), _full_peers(failed))
+            time.sleep(min(pause, left))
+            pause = min(pause * 2, SPACE_RETRY_PAUSE_MAX)
+        i = short[0]
+        acked = sorted(acks[i])
+        raise ReplicationFailed(
+            f"write level {level.value}: {len(short)} of {n} block(s) short of replicas; "
+            f"{batch[i][0]} acknowledged by {len(acked)}/{want[i]} distinct peer(s) {acked}; "
+            + "; ".join(f"{u}: {e}" for u, e in failed.items()),
+            acked=acked,
+            failed=failed,
+        )
+
+    def _place(
+        self,
+        batch: list[tuple[BlockRef, bytes]],
+        perms: list[PeerPermutation],
+        acks: list[Acks],
+        excluded: list[set[str]],
+        want: list[int],
+        level: WriteLevel,
+        durable: bool,
+    ) -> dict[str, BaseException]:
+        """One placement attempt: rounds over the permutations until every block has ``want``
+        acknowledgements (recorded in ``acks``) or no untried peer is left; returns the failures."""
+        n = len(batch)
+        tried = [set(acks[i]) | excluded[i] for i in range(n)]
         failed: dict[str, BaseException] = {}
         first = True
         while True:
@@ -112,24 +160,10 @@ class WritePlacement:
                     plans.setdefault(uuid, []).append(i)
             first = False
             if not plans:
-                break
+                return failed
             self._write_round(batch, plans, acks, want, failed, level, durable)
             if all(len(acks[i]) >= want[i] for i in range(n)):
-                return acks
-        short = [i for i in range(n) if len(acks[i]) < want[i]]
-        if not short:
-            return acks
-        if failed and all(isinstance(e, OutOfSpace) for e in failed.values()):
-            raise OutOfSpace("no room for the block on " + "; ".join(f"{u}: {e}" for u, e in failed.items()))
-        i = short[0]
-        acked = sorted(acks[i])
-        raise ReplicationFailed(
-            f"write level {level.value}: {len(short)} of {n} block(s) short of replicas; "
-            f"{batch[i][0]} acknowledged by {len(acked)}/{want[i]} distinct peer(s) {acked}; "
-            + "; ".join(f"{u}: {e}" for u, e in failed.items()),
-            acked=acked,
-            failed=failed,
-        )
+                return failed
 
     def _write_round(
         self,
@@ -252,3 +286,14 @@ def _log_failure(uuid: str) -> Callable[[Future[Any]], None]:
             log.warning("replica write to %s failed: %s", uuid, exc)
 
     return callback
+
+
+def _short_of_space(failed: dict[str, BaseException]) -> bool:
+    """Whether a write fell short for lack of space: some peer was full and every other failure
+    was a peer that could not be reached (so no reachable peer had room)."""
+    full = [e for e in failed.values() if isinstance(e, OutOfSpace)]
+    return bool(full) and all(isinstance(e, OutOfSpace | PeerUnavailable) for e in failed.values())
+
+
+def _full_peers(failed: dict[str, BaseException]) -> str:
+    return ", ".join(u for u, e in failed.items() if isinstance(e, OutOfSpace))

@@ -21,6 +21,9 @@ class DistributorTimeouts:
     :param repair: deadline of one read-repair write.
     :param suspect: seconds a peer whose call failed is tried after the others (writes hand
         off to the next peer at once instead of waiting on it again).
+    :param space_wait: longest a write short of space (every reachable peer full) is retried
+        while GC frees room, before it fails with :class:`~torus_core.errors.OutOfSpace`
+        (0: fail at once).
     """
 
     read_peer: float = 0.5
@@ -32,6 +35,7 @@ class DistributorTimeouts:
     check: float = 2.0
     repair: float = 5.0
     suspect: float = 2.0
+    space_wait: float = 10.0
 
     def __post_init__(self) -> None:
         for name in ("read_peer", "read_peer_max", "read_total", "write", "check", "repair", "suspect"):
@@ -42,3 +46,5 @@ class DistributorTimeouts:
             raise InvalidArgument(f"read_attempts must be in [1, 10], got {self.read_attempts!r}")
         if not isinstance(self.retry_pause, int | float) or not 0 <= self.retry_pause <= 5:
             raise InvalidArgument(f"retry_pause must be in [0, 5], got {self.retry_pause!r}")
+        if not isinstance(self.space_wait, int | float) or not 0 <= self.space_wait <= 600:
+            raise InvalidArgument(f"space_wait must be in [0, 600] seconds, got {self.space_wait!r}")
