@@ -275,3 +275,25 @@ def test_a_volume_opened_again_asks_the_peers_for_no_page_table_it_had(
     assert client.stats.page_crc_reads == 3  # the distributor kept them
     assert client.stats.remote_read_bytes - moved <= 3 * PAGE_SIZE + BS  # the pages (+ the INode)
     again.close()
+
+
+def test_a_storage_peer_that_does_not_own_a_block_asks_for_its_table_not_the_block(
+    cluster: LocalCluster, volume: tuple[FileVolume, Distributor]
+) -> None:
+    """A peer with a local store that is not among a block's owners gets the page CRC table
+    from an owner (one small answer), not the whole block (which the crc layer's first read of
+    every remote block used to fetch)."""
+    vol, writer = volume
+    f = vol.open()
+    ref = ref_of(f, 3)
+    f.close()
+    outsider = next(p for p in PEERS if p not in writer.ring.get_peers(ref).owners)
+    peer = cluster.peer_distributor(outsider, timeouts=FAST)
+    try:
+        calls = get_calls(cluster)
+        assert peer.page_crcs(ref, PAGE_SIZE) == page_crcs(content(3), PAGE_SIZE)
+        assert get_calls(cluster) - calls == 1
+        assert peer.stats.remote_read_bytes == TABLE
+        assert ref not in peer.cache  # nothing whole was fetched
+    finally:
+        peer.close()
