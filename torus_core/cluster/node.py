@@ -246,6 +246,7 @@ class ClusterNode:
         if self.journal is not None and listen is not None and self.options.journal_channel:
             self.journal_channel = JournalChannelServer(
                 self.journal,
+                store=store,
                 host=split_host_port(listen)[0],
                 port=self.options.journal_channel_port,
                 tls=tls,
@@ -254,6 +255,9 @@ class ClusterNode:
             )
         if self.options.journal_channel:
             self.journal_replicas.channel_address = self._journal_channel_of
+            # block reads take the same channel (one framed round trip, not a gRPC call)
+            self.distributor.calls.channel_address = self._journal_channel_of
+            self.distributor.calls.channel_timeout = self.pool.timeouts.get
         self.rebalancer: Rebalancer | None = None
         self.gc: GarbageCollector | None = None
         if self.is_storage:

@@ -471,6 +471,7 @@ class Distributor(BlockStore):
         if self.replication.write_behind is not None:
             self.replication.write_behind.close()
         self.reads.close()
+        self.calls.close()
         self.repair.close()
         self._executor.shutdown(wait=True, cancel_futures=True)
         self.cache.clear()

@@ -90,14 +90,8 @@ def error_from_rpc(exc: grpc.RpcError, address: str, method: str) -> errors.Toru
         if key == ERROR_METADATA_KEY:
             name = value if isinstance(value, str) else value.decode("utf-8", "replace")
     msg = f"peer {address} {method}: {details or code.name}"
-    cls = _BY_NAME.get(name) if name else None
-    if cls is errors.BlockUnavailable or cls is errors.Closed:
-        # The peer is up but cannot serve (shutting down, store closed): a peer-side outage.
-        return errors.PeerUnavailable(msg, address=address)
-    if cls is errors.Unauthenticated or cls is errors.PeerBusy:
-        return cls(msg, address=address)
-    if cls is not None:
-        return cls(msg)
+    if name and name in _BY_NAME:
+        return error_by_name(name, msg, address)
     if code == grpc.StatusCode.UNAUTHENTICATED:
         return errors.Unauthenticated(msg, address=address)
     if code in _TRANSPORT_CODES:
@@ -108,6 +102,20 @@ def error_from_rpc(exc: grpc.RpcError, address: str, method: str) -> errors.Toru
         # Without the torus marker this is gRPC's own limit (message too large), not a full store.
         return errors.InvalidArgument(msg)
     return errors.ProtocolError(msg)
+
+
+def error_by_name(name: str, msg: str, address: str) -> errors.TorusError:
+    """The torus error a peer at ``address`` reported by its :func:`wire_name` (any transport);
+    an unknown name is a :class:`~torus_core.errors.ProtocolError`."""
+    cls = _BY_NAME.get(name)
+    if cls is errors.BlockUnavailable or cls is errors.Closed:
+        # The peer is up but cannot serve (shutting down, store closed): a peer-side outage.
+        return errors.PeerUnavailable(msg, address=address)
+    if cls is errors.Unauthenticated or cls is errors.PeerBusy:
+        return cls(msg, address=address)
+    if cls is not None:
+        return cls(msg)
+    return errors.ProtocolError(f"{msg} (unknown error type {name!r})")
 
 
 def wire_name(exc: BaseException) -> str | None:
