@@ -247,6 +247,8 @@ class ClusterNode:
             self.journal_channel = JournalChannelServer(
                 self.journal,
                 store=store,
+                boot_id=self.server.servicer.boot_id if self.server is not None else "",
+                on_put=self._after_put,
                 host=split_host_port(listen)[0],
                 port=self.options.journal_channel_port,
                 tls=tls,

@@ -5,10 +5,10 @@ a repair) has the same shape: find the peer's address, take its pooled channel, 
 :class:`~torus_core.errors.PeerUnavailable` drop the channel (the next call dials again) and
 try that peer after the others for a while. :class:`PeerCalls` is that shape, once.
 
-Block reads (:meth:`PeerCalls.read`) go over the peer's framed channel
+Block reads and writes (:meth:`PeerCalls.data`) go over the peer's framed channel
 (:mod:`torus_core.journal.channel`) when it advertises one (:attr:`PeerCalls.channel_address`):
 one framed round trip costs a fraction of a gRPC call. A channel that refuses the connection or
-serves no store sends that peer's reads back to gRPC for ``suspect_seconds``.
+serves no store sends that peer's block calls back to gRPC for ``suspect_seconds``.
 """
 
 from __future__ import annotations
@@ -30,9 +30,15 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 
-class BlockReads(Protocol):
-    """The block reads both transports offer (:class:`~torus_core.rpc.client.PeerClient` and
+class BlockCalls(Protocol):
+    """The block reads and writes both transports offer
+    (:class:`~torus_core.rpc.client.PeerClient` and
     :class:`~torus_core.journal.channel.JournalChannelClient`)."""
+
+    @property
+    def max_message_bytes(self) -> int:
+        """Largest request the transport carries."""
+        ...
 
     def get_block(self, ref: BlockRef, *, timeout: float | None = None) -> bytes:
         """One whole block, verified by the peer."""
@@ -48,6 +54,34 @@ class BlockReads(Protocol):
         self, ref: BlockRef, page_size: int, block_size: int, *, timeout: float | None = None
     ) -> bytes:
         """The page CRC table of a block."""
+        ...
+
+    def put_blocks(
+        self,
+        refs: Sequence[BlockRef],
+        blocks: Sequence[bytes | bytearray | memoryview],
+        *,
+        repair: bool = False,
+        timeout: float | None = None,
+    ) -> int:
+        """Store blocks durably; returns how many."""
+        ...
+
+    def put_blocks_deferred(
+        self,
+        refs: Sequence[BlockRef],
+        blocks: Sequence[bytes | bytearray | memoryview],
+        *,
+        repair: bool = False,
+        defer_flush: bool = True,
+        timeout: float | None = None,
+        trim: bool = False,
+    ) -> tuple[int, str]:
+        """Store blocks, durable only after a :meth:`flush`; returns ``(count, boot_id)``."""
+        ...
+
+    def flush(self, *, timeout: float | None = None) -> str:
+        """Make what the peer stored durable; returns its ``boot_id``."""
         ...
 
 
@@ -91,8 +125,8 @@ class PeerCalls:
             self.suspect(uuid)
             raise
 
-    def read(self, uuid: str, fn: Callable[[BlockReads], T]) -> T:
-        """``fn(client)`` for a block read on ``uuid``: over its channel when it has one, else
+    def data(self, uuid: str, fn: Callable[[BlockCalls], T]) -> T:
+        """``fn(client)`` for a block read or write on ``uuid``: over its channel when it has one, else
         (or when the channel refuses the connection, or serves no store) over gRPC, as
         :meth:`call`. A channel call that raises :class:`PeerUnavailable` makes the peer suspect."""
         chan = self.channel(uuid)
@@ -100,7 +134,7 @@ class PeerCalls:
             try:
                 return fn(chan)
             except (ChannelRefused, NotSupported) as exc:
-                log.debug("channel of peer %s not usable for reads (%s); using gRPC", uuid, exc)
+                log.debug("channel of peer %s not usable for blocks (%s); using gRPC", uuid, exc)
                 self._channel_off[uuid] = time.monotonic() + self.suspect_seconds
             except PeerUnavailable:
                 self.suspect(uuid)

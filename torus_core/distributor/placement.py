@@ -17,7 +17,7 @@ from typing import Any
 
 from torus_core.distributor.levels import WriteLevel
 from torus_core.distributor.local import LocalReplica
-from torus_core.distributor.peercalls import PeerCalls
+from torus_core.distributor.peercalls import BlockCalls, PeerCalls
 from torus_core.distributor.timeouts import DistributorTimeouts
 from torus_core.errors import (
     BlockExists,
@@ -29,7 +29,6 @@ from torus_core.errors import (
 )
 from torus_core.refs import BlockRef
 from torus_core.ring.base import PeerPermutation, Ring
-from torus_core.rpc.client import PeerClient
 
 log = logging.getLogger(__name__)
 
@@ -247,10 +246,10 @@ class WritePlacement:
             if durable:  # in parallel with the other peers' durable puts
                 self.local.flush()
             return ""
-        return self.calls.call(uuid, lambda client: self._put_remote(uuid, client, batch, durable))
+        return self.calls.data(uuid, lambda client: self._put_remote(uuid, client, batch, durable))
 
     def _put_remote(
-        self, uuid: str, client: PeerClient, batch: list[tuple[BlockRef, bytes]], durable: bool
+        self, uuid: str, client: BlockCalls, batch: list[tuple[BlockRef, bytes]], durable: bool
     ) -> str:
         """PutBlocks in messages of at most half the channel's limit; the peer must not restart
         between them."""

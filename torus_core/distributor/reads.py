@@ -410,14 +410,14 @@ class BlockReader:
         bs = self.block_size
         if span is None:
             want = bs
-            data = self.calls.read(uuid, lambda c: c.get_block(ref, timeout=timeout))
+            data = self.calls.data(uuid, lambda c: c.get_block(ref, timeout=timeout))
         elif span.page_size:
             ps = span.page_size
             want = 4 * -(-bs // ps)
-            data = self.calls.read(uuid, lambda c: c.get_block_page_crcs(ref, ps, bs, timeout=timeout))
+            data = self.calls.data(uuid, lambda c: c.get_block_page_crcs(ref, ps, bs, timeout=timeout))
         else:
             start, want = span.start, span.length
-            data = self.calls.read(uuid, lambda c: c.get_block_range(ref, start, want, timeout=timeout))
+            data = self.calls.data(uuid, lambda c: c.get_block_range(ref, start, want, timeout=timeout))
         self.stats.inc("remote_read_bytes", len(data))
         if len(data) != want:
             raise CorruptBlock(f"peer {uuid} returned {len(data)} bytes for {ref} (wanted {want})")

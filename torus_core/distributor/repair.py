@@ -97,7 +97,7 @@ class ReadRepair:
                         continue
                     self.local.repair(ref, data)
                 else:
-                    self.calls.call(
+                    self.calls.data(
                         uuid, lambda c: c.put_blocks([ref], [data], repair=True, timeout=self.timeout)
                     )
             except Exception as exc:  # best effort: the rebalancer re-replicates later

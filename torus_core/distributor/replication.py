@@ -149,7 +149,7 @@ class Replication:
         if uuid == self.self_uuid:
             self.local.flush()
             return ""
-        return self.calls.call(uuid, lambda c: c.flush(timeout=self.timeouts.write))
+        return self.calls.data(uuid, lambda c: c.flush(timeout=self.timeouts.write))
 
     def _flush_entries(self, entries: dict[BlockRef, UnflushedBlock]) -> None:
         """Flush the peers of ``entries`` (this one's store among them, in parallel) and

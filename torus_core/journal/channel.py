@@ -5,7 +5,9 @@ overhead (about 1 ms and ~470 us of CPU per unary call here) dwarfs the peer's `
 the appends travel over this channel instead, next to the peer's gRPC server, which stays the
 fallback and serves everything else (docs/durability.md, "The journal channel"). Reads of
 remote blocks (a 4 KiB range, a page CRC table, a whole block) take the same channel when the
-server has a block store: one framed round trip instead of a gRPC call.
+server has a block store: one framed round trip instead of a gRPC call, and so do
+replication writes (PUT, FLUSH: the gRPC ``PutBlocks`` / ``Flush`` semantics, the same
+``boot_id``).
 
 Frames (all integers little-endian)::
 
@@ -20,6 +22,10 @@ Frames (all integers little-endian)::
     op GET    (5): ref (24 bytes) | offset u32 | length u32 | page_size u32
                    -> OK, message = the block (length 0), bytes [offset, offset + length), or
                       (page_size > 0) the block's page CRC table, as gRPC ``GetBlock`` answers
+    op PUT    (6): flags u8 (1 defer_flush, 2 repair) | n u32 | n x (ref (24 bytes) | len u32 |
+                   data, trailing zeros may be cut: the store pads them back)
+                   -> OK, message = written u32 | boot_id (UTF-8), as gRPC ``PutBlocks``
+    op FLUSH  (7): (empty)                                 -> OK, message = boot_id (UTF-8)
 
     status OK (0) | STALE_EPOCH (1) | INVALID (2) | ERROR (3) | UNAUTHENTICATED (4) |
     REFUSED (5) | HELLO (6) | TYPED (7); a non-OK message is UTF-8 text, for TYPED the torus
@@ -65,7 +71,7 @@ import ssl
 import struct
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import BinaryIO, cast
 
 from torus_core.blockstore import BlockStore
@@ -92,8 +98,10 @@ from torus_core.rpc.auth import (
     check_channel_proof,
 )
 from torus_core.rpc.guard import ReplicaGuard
+from torus_core.rpc.server import write_replacing_corrupt
 from torus_core.rpc.status import error_by_name, wire_name
 from torus_core.rpc.tls import TLSConfig, check_insecure_allowed, split_host_port
+from torus_core.rpc.wire import trim_zeros as _trim_zeros
 
 log = logging.getLogger(__name__)
 
@@ -102,6 +110,10 @@ OP_FENCE = 2
 OP_TRIM = 3
 OP_AUTH = 4
 OP_GET = 5
+OP_PUT = 6
+OP_FLUSH = 7
+PUT_DEFER_FLUSH = 1
+PUT_REPAIR = 2
 
 OK = 0
 STALE_EPOCH = 1
@@ -134,6 +146,8 @@ _TRIM = struct.Struct("<QQQ")
 _U32 = struct.Struct("<I")
 _U64 = struct.Struct("<Q")
 _GET = struct.Struct("<III")
+_PUT_HEAD = struct.Struct("<BI")
+_PUT_ITEM = struct.Struct("<24sI")
 #: Replies at least this long are sent as header then body (no concatenated copy).
 _SPLIT_REPLY = 64 * 1024
 
@@ -232,7 +246,10 @@ class JournalChannelServer:
     """Serves a :class:`~torus_core.journal.store.JournalStore` over the journal channel.
 
     :param journal: the store appends, fences and trims go to.
-    :param store: the block store GET reads (None: GET answers NotSupported).
+    :param store: the block store GET reads and PUT writes (None: both answer NotSupported).
+    :param boot_id: what PUT and FLUSH report (the peer's gRPC server's, so a client may mix
+        the two transports and still tell a restart).
+    :param on_put: called with the refs of every stored PUT batch.
     :param host: address to bind (the peer RPC's host).
     :param port: port to bind (0: any free port).
     :param tls: serve TLS with these certificates (None: plaintext, loopback only unless
@@ -250,6 +267,8 @@ class JournalChannelServer:
         journal: JournalStore,
         *,
         store: BlockStore | None = None,
+        boot_id: str = "",
+        on_put: Callable[[list[BlockRef]], None] | None = None,
         host: str = "127.0.0.1",
         port: int = 0,
         tls: TLSConfig | None = None,
@@ -268,6 +287,8 @@ class JournalChannelServer:
             )
         self.journal = journal
         self.store = store
+        self.boot_id = boot_id
+        self.on_put = on_put
         self.host = host
         self.tls = tls
         self.auth = auth
@@ -284,8 +305,9 @@ class JournalChannelServer:
         self._stopped = threading.Event()
         #: requests answered, by status (for tests and debugging)
         self.answered = [0] * (TYPED + 1)
-        #: GET requests served (for tests and debugging)
+        #: GET and PUT requests served (for tests and debugging)
         self.gets = 0
+        self.puts = 0
 
     @property
     def port(self) -> int:
@@ -459,6 +481,53 @@ class JournalChannelServer:
             raise InvalidArgument(f"GET range [{offset}, {offset + length}) exceeds the block size {bs}")
         return store.read_block_range(ref, offset, length)
 
+    def _put(self, payload: bytes) -> bytes:
+        """Answer PUT: store the batch (replacing corrupt copies with ``repair``), flush unless
+        deferred, reply ``written | boot_id``."""
+        if len(payload) < _PUT_HEAD.size:
+            raise _Malformed("PUT payload shorter than its header")
+        flags, n = _PUT_HEAD.unpack_from(payload)
+        view = memoryview(payload)
+        pos = _PUT_HEAD.size
+        if n > (len(payload) - pos) // _PUT_ITEM.size:
+            raise _Malformed(f"PUT announces {n} blocks in {len(payload)} bytes")
+        batch: list[tuple[BlockRef, memoryview]] = []
+        for _ in range(n):
+            if pos + _PUT_ITEM.size > len(payload):
+                raise _Malformed("PUT block header past the end of the frame")
+            raw_ref, size = _PUT_ITEM.unpack_from(payload, pos)
+            pos += _PUT_ITEM.size
+            if pos + size > len(payload):
+                raise _Malformed("PUT block past the end of the frame")
+            batch.append((BlockRef.from_bytes(raw_ref), view[pos : pos + size]))
+            pos += size
+        if pos != len(payload):
+            raise _Malformed(f"{len(payload) - pos} stray bytes after the PUT blocks")
+        store = self.store
+        if store is None:
+            raise NotSupported("this peer's channel serves no block store")
+        if self.guard is not None:
+            self.guard.check_block_volumes(ref.volume for ref, _ in batch)
+        self.puts += 1
+        try:
+            for ref, data in batch:
+                if flags & PUT_REPAIR:
+                    write_replacing_corrupt(store, ref, data)
+                else:
+                    store.write_block(ref, data)
+        finally:
+            if not flags & PUT_DEFER_FLUSH:
+                store.flush()  # durable whatever was written, even on a partial failure
+        if self.on_put is not None and batch:
+            self.on_put([ref for ref, _ in batch])
+        return _U32.pack(len(batch)) + self.boot_id.encode()
+
+    def _flush(self) -> bytes:
+        if self.store is None:
+            raise NotSupported("this peer's channel serves no block store")
+        self.store.flush()
+        return self.boot_id.encode()
+
     def _handle(self, op: int, payload: bytes) -> tuple[int, bytes | str]:
         guard = self.guard
         try:
@@ -487,6 +556,12 @@ class JournalChannelServer:
                 return OK, _U32.pack(min(self.journal.trim(volume_id, epoch, through), (1 << 32) - 1))
             if op == OP_GET:
                 return OK, self._get(payload)
+            if op == OP_PUT:
+                return OK, self._put(payload)
+            if op == OP_FLUSH:
+                if payload:
+                    raise _Malformed("FLUSH takes no payload")
+                return OK, self._flush()
             raise _Malformed(f"unknown op {op}")
         except StaleEpoch as exc:
             return STALE_EPOCH, str(exc)
@@ -565,6 +640,8 @@ class JournalChannelClient:
         self.auth = auth
         self._ssl = _client_context(tls) if tls is not None else None
         self.timeout = float(timeout)
+        #: largest PUT batch a caller should send in one request
+        self.max_message_bytes = MAX_BODY
         self._idle: list[socket.socket] = []
         self._closed = False
 
@@ -628,8 +705,9 @@ class JournalChannelClient:
                 address=self.address,
             )
 
-    def call(self, frame: bytes, *, timeout: float | None = None) -> bytes:
-        """Send one request frame; returns the OK reply's message (typed errors otherwise)."""
+    def call(self, frame: bytes | Sequence[bytes | memoryview], *, timeout: float | None = None) -> bytes:
+        """Send one request frame (or its parts, sent in order without joining them); returns
+        the OK reply's message (typed errors otherwise)."""
         if self._closed:
             raise PeerUnavailable(f"journal channel {self.address}: client closed", address=self.address)
         deadline = time.monotonic() + (timeout or self.timeout)
@@ -682,10 +760,16 @@ class JournalChannelClient:
                 raise error_by_name(name, f"peer channel {self.address}: {detail}", self.address)
             raise ChannelError(f"journal channel {self.address}: {text}")
 
-    def _exchange(self, sock: socket.socket, frame: bytes, deadline: float) -> tuple[int, bytes]:
+    def _exchange(
+        self, sock: socket.socket, frame: bytes | Sequence[bytes | memoryview], deadline: float
+    ) -> tuple[int, bytes]:
         sock.settimeout(max(0.001, deadline - time.monotonic()))
         try:
-            sock.sendall(frame)
+            if isinstance(frame, bytes):
+                sock.sendall(frame)
+            else:
+                for part in frame:
+                    sock.sendall(part)
         except (BrokenPipeError, ConnectionResetError) as exc:
             if self.auth is None and _was_challenged(sock):
                 raise _Challenged("the peer demands a cluster credential and this client has none") from None
@@ -768,6 +852,53 @@ class JournalChannelClient:
                 f"peer channel {self.address} returned {len(table)} bytes of page CRCs (wanted {want})"
             )
         return table
+
+    def put_blocks_deferred(
+        self,
+        refs: Sequence[BlockRef],
+        blocks: Sequence[bytes | bytearray | memoryview],
+        *,
+        repair: bool = False,
+        defer_flush: bool = True,
+        timeout: float | None = None,
+        trim: bool = False,
+    ) -> tuple[int, str]:
+        """Store several blocks (as :meth:`~torus_core.rpc.client.PeerClient.put_blocks_deferred`:
+        with ``defer_flush`` the peer does not flush before replying; ``trim`` cuts trailing
+        zeros); returns ``(count, boot_id)``."""
+        if len(refs) != len(blocks):
+            raise InvalidArgument(f"put_blocks got {len(refs)} refs but {len(blocks)} blocks")
+        flags = (PUT_DEFER_FLUSH if defer_flush else 0) | (PUT_REPAIR if repair else 0)
+        parts: list[bytes | memoryview] = [b"", _PUT_HEAD.pack(flags, len(refs))]
+        length = 1 + _PUT_HEAD.size
+        for ref, block in zip(refs, blocks, strict=True):
+            body = _trim_zeros(block) if trim else block
+            view = memoryview(body).cast("B") if not isinstance(body, bytes) else body
+            parts.append(_PUT_ITEM.pack(ref.to_bytes(), len(view)))
+            parts.append(view)
+            length += _PUT_ITEM.size + len(view)
+        if length > MAX_FRAME:
+            raise InvalidArgument(f"PUT of {length} bytes exceeds the channel's {MAX_FRAME}")
+        parts[0] = _HEAD.pack(length, OP_PUT)
+        reply = self.call(parts, timeout=timeout)
+        if len(reply) < _U32.size:
+            raise ProtocolError(f"peer channel {self.address}: bad PUT reply")
+        return int(_U32.unpack_from(reply)[0]), reply[_U32.size :].decode("utf-8", "replace")
+
+    def put_blocks(
+        self,
+        refs: Sequence[BlockRef],
+        blocks: Sequence[bytes | bytearray | memoryview],
+        *,
+        repair: bool = False,
+        timeout: float | None = None,
+    ) -> int:
+        """Store several blocks; returns the count once the peer has flushed them."""
+        return self.put_blocks_deferred(refs, blocks, repair=repair, defer_flush=False, timeout=timeout)[0]
+
+    def flush(self, *, timeout: float | None = None) -> str:
+        """Make every block the peer stored so far durable; returns its ``boot_id``."""
+        return self.call(_frame(OP_FLUSH, b""), timeout=timeout).decode("utf-8", "replace")
 
     def close(self) -> None:
         """Close the idle connections; later calls raise PeerUnavailable. Idempotent."""

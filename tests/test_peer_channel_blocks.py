@@ -1,6 +1,6 @@
-"""Block reads over the framed peer channel (torus_core.journal.channel, op GET) and the
-distributor's choice of transport (PeerCalls.read): real servers on 127.0.0.1, mem block stores,
-every wait bounded by a client timeout."""
+"""Block reads and writes over the framed peer channel (torus_core.journal.channel, ops GET, PUT,
+FLUSH) and the distributor's choice of transport (PeerCalls.data): real servers on 127.0.0.1,
+mem block stores, every wait bounded by a client timeout."""
 
 from __future__ import annotations
 
@@ -19,6 +19,7 @@ from torus_core.errors import BlockNotExist, InvalidArgument, NotSupported
 from torus_core.journal.channel import (
     INVALID,
     OP_GET,
+    OP_PUT,
     JournalChannelClient,
     JournalChannelServer,
 )
@@ -75,14 +76,56 @@ def test_get_serves_whole_blocks_ranges_and_page_tables_with_typed_errors(
             client.close()
 
 
-def test_get_on_a_channel_without_a_store_is_not_supported(journal: JournalStore) -> None:
+def test_get_put_and_flush_on_a_channel_without_a_store_are_not_supported(journal: JournalStore) -> None:
     with JournalChannelServer(journal) as srv:
         client = JournalChannelClient(srv.address, timeout=2.0)
         try:
             with pytest.raises(NotSupported):
                 client.get_block(BlockRef(9, 1, 1))
+            with pytest.raises(NotSupported):
+                client.put_blocks([BlockRef(9, 1, 1)], [content(1)])
+            with pytest.raises(NotSupported):
+                client.flush()
         finally:
             client.close()
+
+
+def test_put_stores_trimmed_blocks_padded_and_reports_the_boot_id(
+    journal: JournalStore, block_store: BlockStore
+) -> None:
+    stored: list[list[BlockRef]] = []
+    with JournalChannelServer(journal, store=block_store, boot_id="boot-1", on_put=stored.append) as srv:
+        client = JournalChannelClient(srv.address, timeout=2.0)
+        try:
+            tail_zero = content(7)[:1000] + bytes(BS - 1000)
+            refs = [BlockRef(9, 2, 1), BlockRef(9, 2, 2)]
+            written, boot = client.put_blocks_deferred(refs, [content(6), tail_zero], trim=True)
+            assert (written, boot) == (2, "boot-1")
+            assert client.flush() == "boot-1"
+            assert block_store.get_block(refs[0]) == content(6)
+            assert block_store.get_block(refs[1]) == tail_zero  # padded back by the store
+            assert client.put_blocks([BlockRef(9, 2, 3)], [memoryview(content(8))]) == 1
+            assert block_store.get_block(BlockRef(9, 2, 3)) == content(8)
+            assert stored == [refs, [BlockRef(9, 2, 3)]] and srv.puts == 2
+        finally:
+            client.close()
+
+
+def test_a_put_whose_blocks_overrun_the_frame_gets_invalid_and_stores_nothing(
+    journal: JournalStore, block_store: BlockStore
+) -> None:
+    used = block_store.used_blocks()
+    with JournalChannelServer(journal, store=block_store) as srv:
+        host, port = srv.address.rsplit(":", 1)
+        # one block announced as 4096 bytes, 10 sent
+        body = struct.pack("<BI", 0, 1) + BlockRef(9, 3, 1).to_bytes() + struct.pack("<I", BS) + b"0123456789"
+        with socket.create_connection((host, int(port)), timeout=2.0) as sock:
+            sock.sendall(_HEAD.pack(1 + len(body), OP_PUT) + body)
+            length, status = _HEAD.unpack(sock.recv(_HEAD.size, socket.MSG_WAITALL))
+            assert status == INVALID
+            sock.recv(length - 1, socket.MSG_WAITALL)
+            assert sock.recv(1) == b""
+    assert block_store.used_blocks() == used and srv.puts == 0
 
 
 def test_a_malformed_get_gets_invalid_and_the_connection_closes(
@@ -160,3 +203,21 @@ def test_a_refused_channel_sends_reads_back_to_grpc(
         assert reader.get_block(ref) == content(i)
     assert sum(ch.gets for ch in channels.values()) == 0
     assert sum(s.stats["GetBlock"] for s in c.servers.values()) - grpc_gets == len(refs)
+
+
+def test_the_distributor_replicates_and_flushes_over_the_channel_not_grpc(
+    cluster: tuple[LocalCluster, dict[str, JournalChannelServer]],
+) -> None:
+    c, channels = cluster
+    writer = c.client("writer", timeouts=FAST)
+    writer.calls.channel_address = {u: ch.address for u, ch in channels.items()}.get
+    grpc_puts = sum(s.stats["PutBlocks"] + s.stats["Flush"] for s in c.servers.values())
+    refs = [BlockRef(5, 1, i) for i in range(1, 25)]
+    for i, ref in enumerate(refs, 1):
+        writer.write_block(ref, content(i))
+    writer.flush()
+    assert sum(ch.puts for ch in channels.values()) >= 1
+    assert sum(s.stats["PutBlocks"] + s.stats["Flush"] for s in c.servers.values()) == grpc_puts
+    for i, ref in enumerate(refs, 1):
+        assert len(c.holders(ref)) == 2  # R copies
+        assert _reader(c).get_block(ref) == content(i)
