@@ -247,3 +247,157 @@ def test_backstore_size_is_read_from_info_not_the_sector_size(tmp_path) -> None:
     )
     (d / "enable").write_text("1\n")
     assert store.dev_size() == 167772160 and store.enabled()
+
+
+# --- write-through: commit before completing, and a killed handler's pass runs again -----------
+
+
+class BufferedExport(MemoryExport):
+    """A MemoryExport with a volatile write-back buffer, like a volume's File: writes stay in
+    this object until ``flush`` copies them to the store (what survives the process)."""
+
+    def __init__(self, store: MemoryStore, *, fail_flush: bool = False) -> None:
+        super().__init__("vol1", store)
+        self.pending: list[tuple[int, bytes]] = []
+        self.flushes = 0
+        self.fail_flush = fail_flush
+
+    def read(self, offset: int, length: int) -> memoryview:
+        out = bytearray(self.store.read(offset, length))
+        for off, data in self.pending:
+            lo, hi = max(off, offset), min(off + len(data), offset + length)
+            if lo < hi:
+                out[lo - offset : hi - offset] = data[lo - off : hi - off]
+        return memoryview(bytes(out))
+
+    def write(self, offset: int, data, fua: bool) -> None:
+        self.pending.append((offset, bytes(data)))
+        if fua:
+            self.flush()
+
+    def flush(self) -> None:
+        if self.fail_flush:
+            from torus_core.errors import TorusError
+
+            raise TorusError("journal replicas unreachable")
+        self.flushes += 1
+        for off, data in self.pending:
+            self.store.write(off, data)
+        self.pending.clear()
+
+
+class Killed(BaseException):
+    """Stands for SIGKILL: nothing after it runs."""
+
+
+def queue_write(kernel: KernelSide, lba: int, fill: int) -> int:
+    buf = kernel.alloc(4096)
+    kernel.buf[buf : buf + 4096] = bytes([fill]) * 4096
+    return kernel.queue(rw10(scsi.WRITE_10, lba, 1), [(buf, 4096)])
+
+
+def test_write_through_disk_reports_no_write_cache() -> None:
+    disk = ScsiDisk(MemoryExport("v", MemoryStore(1 << 20)), write_cache=False)
+    page = disk.execute(bytes([scsi.MODE_SENSE_6, 0, scsi.PAGE_CACHING, 0, 255, 0])).data[12:]
+    assert page[0] == scsi.PAGE_CACHING and not page[2] & 0x04  # WCE=0
+
+
+def test_a_pass_commits_its_writes_once_before_completing_any_of_them(kernel: KernelSide) -> None:
+    store = MemoryStore(1 << 20)
+    export = BufferedExport(store)
+    disk = ScsiDisk(export, write_cache=False)
+    tails_at_commit: list[int] = []
+
+    def commit():
+        tails_at_commit.append(kernel.tail)
+        return disk.commit()
+
+    writes = [queue_write(kernel, lba, 0x40 + lba) for lba in range(3)]
+    rbuf = kernel.alloc(4096)
+    read = kernel.queue(rw10(scsi.READ_10, 1, 1), [(rbuf, 4096)])
+    assert R.CommandRing(kernel.buf).process(disk.execute, commit=commit) == 4
+    assert tails_at_commit == [0]  # the kernel saw nothing complete before the flush
+    assert export.flushes == 1 and not export.pending
+    assert all(kernel.status(c)[0] == scsi.GOOD for c in [*writes, read])
+    assert bytes(kernel.buf[rbuf : rbuf + 4096]) == bytes([0x41]) * 4096
+    assert bytes(store.read(2 * 4096, 4096)) == bytes([0x42]) * 4096
+
+
+def test_a_pass_of_reads_only_does_not_flush(kernel: KernelSide) -> None:
+    export = BufferedExport(MemoryStore(1 << 20))
+    disk = ScsiDisk(export, write_cache=False)
+    kernel.queue(rw10(scsi.READ_10, 0, 1), [(kernel.alloc(4096), 4096)])
+    kernel.queue(bytes(6))
+    assert R.CommandRing(kernel.buf).process(disk.execute, commit=disk.commit) == 2
+    assert export.flushes == 0
+
+
+def test_a_failed_commit_completes_the_writes_with_an_error_and_the_reads_good(kernel: KernelSide) -> None:
+    export = BufferedExport(MemoryStore(1 << 20), fail_flush=True)
+    disk = ScsiDisk(export, write_cache=False)
+    write = queue_write(kernel, 0, 0x77)
+    read = kernel.queue(rw10(scsi.READ_10, 5, 1), [(kernel.alloc(4096), 4096)])
+    assert R.CommandRing(kernel.buf).process(disk.execute, commit=disk.commit) == 2
+    status, sense, _, read_len = kernel.status(write)
+    assert status == scsi.CHECK_CONDITION and sense[2] == scsi.MEDIUM_ERROR and read_len == 0
+    assert sense[12:14] == bytes(scsi.ASC_WRITE_ERROR)
+    assert kernel.status(read)[0] == scsi.GOOD
+    assert disk.unflushed  # the next pass flushes again rather than forget the writes
+
+
+def test_a_handler_killed_before_its_commit_leaves_the_pass_for_the_next_handler(
+    kernel: KernelSide,
+) -> None:
+    store = MemoryStore(1 << 20)
+    first = ScsiDisk(BufferedExport(store), write_cache=False)
+
+    def killed_at_commit():
+        raise Killed
+
+    writes = [queue_write(kernel, lba, 0x10 + lba) for lba in range(4)]
+    with pytest.raises(Killed):
+        R.CommandRing(kernel.buf).process(first.execute, commit=killed_at_commit)
+    assert kernel.tail == 0  # nothing completed: the kernel still waits for all four
+    assert bytes(store.read(0, 4 * 4096)) == bytes(4 * 4096)  # and none of it is durable
+    # the restarted handler (a new process: a new export, the killed one's buffer is gone)
+    second = ScsiDisk(BufferedExport(store), write_cache=False)
+    assert R.CommandRing(kernel.buf).process(second.execute, commit=second.commit) == 4
+    assert kernel.tail == kernel.head
+    assert all(kernel.status(c)[0] == scsi.GOOD for c in writes)
+    assert bytes(store.read(0, 4 * 4096)) == b"".join(bytes([0x10 + i]) * 4096 for i in range(4))
+
+
+class WatchedRing(R.CommandRing):
+    """A ring that checks, each time the tail moves, that no completed write is only buffered."""
+
+    export: BufferedExport
+    moves = 0
+
+    @property
+    def tail(self) -> int:
+        return int(struct.unpack_from("<I", self.buf, R.TAIL_OFFSET)[0])
+
+    @tail.setter
+    def tail(self, value: int) -> None:
+        assert not self.export.pending, "a write completes while it is only in the handler's memory"
+        self.moves += 1
+        struct.pack_into("<I", self.buf, R.TAIL_OFFSET, value)
+
+
+def test_the_tail_never_moves_past_a_write_that_is_not_durable(kernel: KernelSide) -> None:
+    """The invariant the TCMU reattach relies on: whenever a kill lands, every write the kernel
+    was told is complete is in the store, so the restarted handler serves the same data."""
+    export = BufferedExport(MemoryStore(1 << 20))
+    disk = ScsiDisk(export, write_cache=False)
+    ring = WatchedRing(kernel.buf)
+    ring.export = export
+    for step in range(40):
+        queue_write(kernel, step % 6, step)
+        if step % 4 == 1:
+            kernel.queue(rw10(scsi.READ_10, step % 6, 1), [(kernel.alloc(4096), 4096)])
+        if step % 3 == 2:
+            ring.process(disk.execute, commit=disk.commit)
+            kernel.data_next = DATA_OFF  # completed: the kernel reuses its data area
+    ring.process(disk.execute, commit=disk.commit)
+    assert ring.moves >= 50 and kernel.tail == kernel.head
+    assert bytes(export.store.read(5 * 4096, 4096)) == bytes([35]) * 4096

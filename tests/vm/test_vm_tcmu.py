@@ -118,7 +118,7 @@ def test_tcmu_disk_carries_a_clean_ext4_and_goes_away_on_sigterm(vm: VM) -> None
     disk = [c for c in checks if c.startswith("CHECK disk /dev/sd")]
     assert disk and "CoreOS" in disk[0] and disk[0].endswith(disk[0].split()[2]), text
     assert "CHECK timeout 660" in checks, text
-    assert "CHECK queue lbs=4096 wc=write_back fua=1 prov=unmap" in checks, text
+    assert "CHECK queue lbs=4096 wc=write_through fua=1 prov=unmap" in checks, text
     for step in ("ext4 mounted", "ext4 fsck clean", "ext4 verified", "ext4 fstrim", "exit=0"):
         assert f"CHECK {step}" in checks, f"{step} missing:\n{text}"
     assert "CHECK disk removed" in checks and "CHECK backstore removed" in checks, text

@@ -16,7 +16,9 @@ advances ``cmd_tail`` by each entry's length (mod ``cmdr_size``). An entry::
     rsp:  u8 scsi_status, u8 pad, u16 pad, u32 read_len, char sense_buffer[96] (offsets 8..)
 
 ``rsp`` overlays ``req``: everything is read before the response is written. PAD entries (and
-TMR notifications, which this handler does not ask for) are skipped. :class:`CommandRing`
+TMR notifications, which this handler does not ask for) are skipped. A pass runs the queued
+entries, optionally commits them (write-through), and only then writes their responses and moves
+the tail: see :meth:`CommandRing.process`. :class:`CommandRing`
 works on any writable buffer, so the tests lay a ring out in an anonymous mmap the way the
 kernel does; :mod:`torus_core.tcmu.uio` gives it the real map.
 """
@@ -29,7 +31,15 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from torus_core.errors import InvalidArgument, NotSupported, TorusError
-from torus_core.tcmu.scsi import HARDWARE_ERROR, SENSE_BUFFER_SIZE, ScsiResult, SenseError, cdb_length
+from torus_core.tcmu.scsi import (
+    GOOD,
+    HARDWARE_ERROR,
+    SENSE_BUFFER_SIZE,
+    ScsiResult,
+    SenseError,
+    cdb_length,
+    changes_data,
+)
 
 log = logging.getLogger(__name__)
 
@@ -75,6 +85,9 @@ class Command:
 
 #: What runs a command: ``(cdb, data_out buffers) -> result``; a ScsiDisk.execute fits.
 Executor = Callable[[bytes, Sequence[memoryview]], ScsiResult]
+#: What makes a pass's writes durable before they complete: None, or the result every
+#: data-changing command of the pass completes with instead; a ScsiDisk.commit fits.
+Commit = Callable[[], ScsiResult | None]
 
 
 class CommandRing:
@@ -139,7 +152,9 @@ class CommandRing:
                 iovs.append(self._view(base, length, "data buffer"))
         return Command(cmd_id, cdb, tuple(iovs))
 
-    def _respond(self, ent: int, cmd: Command, result: ScsiResult) -> None:
+    @staticmethod
+    def _fill(cmd: Command, result: ScsiResult) -> int:
+        """Copy a result's data-in bytes into the command's buffers; return how many fit."""
         data = result.data
         done = 0
         for iov in cmd.iov:
@@ -148,53 +163,108 @@ class CommandRing:
             k = min(len(iov), len(data) - done)
             iov[:k] = data[done : done + k]
             done += k
+        return done
+
+    def _respond(self, ent: int, result: ScsiResult, read_len: int) -> None:
         sense = result.sense[:SENSE_BUFFER_SIZE]
-        read_len = done
         RSP.pack_into(self.buf, ent + REQ_OFFSET, result.status, 0, read_len)
         self.buf[ent + SENSE_OFFSET : ent + SENSE_OFFSET + SENSE_BUFFER_SIZE] = sense.ljust(
             SENSE_BUFFER_SIZE, b"\0"
         )
-        if self.flags & FLAG_CAP_READ_LEN and data:
+        if self.flags & FLAG_CAP_READ_LEN and read_len:
             # tell the kernel how much was transferred (residual for a short INQUIRY etc.)
             self.buf[ent + 7] |= UFLAG_READ_LEN
 
-    def process(self, execute: Executor, limit: int | None = None) -> int:
-        """Complete the queued entries in ring order (at most ``limit`` commands); return the
-        number of commands completed. The caller notifies the kernel when this is > 0."""
-        count = 0
-        # every entry advances the tail, so one pass over the ring bounds the loop
+    def _run(self, execute: Executor, cmd: Command) -> ScsiResult:
+        try:
+            return execute(cmd.cdb, cmd.iov)
+        except Exception:  # a bug must not leave the kernel waiting for this command
+            log.exception("SCSI command %#04x failed", cmd.cdb[0] if cmd.cdb else -1)
+            return SenseError(HARDWARE_ERROR, (0x44, 0x00)).result()  # internal target failure
+
+    def process(self, execute: Executor, limit: int | None = None, commit: Commit | None = None) -> int:
+        """Run the queued entries in ring order (at most ``limit`` commands), then complete
+        them; return the number of commands completed. The caller notifies the kernel when
+        this is > 0.
+
+        With ``commit``, nothing is completed before it ran: one ``commit()`` per pass makes
+        the pass's writes durable (a write-through disk, group-committed), and if it returns
+        an error result, every data-changing command of the pass completes with that error
+        instead. The tail only moves past executed and committed entries, so a handler
+        killed mid-pass leaves them queued and the next handler runs them again (writes are
+        idempotent), never acknowledging a write it did not make durable.
+        """
+        batch: list[_Executed] = []
+        failure: RingError | None = None
+        cursor = self.tail
+        commands = 0
+        # every entry advances the cursor, so one pass over the ring bounds the loop
         budget = self.cmdr_size // 8 + 1
-        while budget > 0 and (limit is None or count < limit):
-            budget -= 1
-            head, tail = self.head, self.tail
-            if head == tail:
-                break
-            if head >= self.cmdr_size or tail >= self.cmdr_size or tail % 8:
-                raise RingError(f"ring head {head} / tail {tail} outside a {self.cmdr_size}-byte ring")
-            ent = self.cmdr_off + tail
-            (len_op,) = struct.unpack_from("<I", self.buf, ent)
-            op, length = len_op & OP_MASK, len_op & ~OP_MASK
-            if length == 0 or length > self.cmdr_size:
-                raise RingError(f"ring entry at {tail} has length {length}")
-            if op == OP_CMD:
-                cmd = self._parse(ent)
-                try:
-                    result = execute(cmd.cdb, cmd.iov)
-                except Exception:  # a bug must not leave the kernel waiting for this command
-                    log.exception("SCSI command %#04x failed", cmd.cdb[0] if cmd.cdb else -1)
-                    result = SenseError(HARDWARE_ERROR, (0x44, 0x00)).result()  # internal target failure
-                self._respond(ent, cmd, result)
+        try:
+            while budget > 0 and (limit is None or commands < limit):
+                budget -= 1
+                head = self.head
+                if head == cursor:
+                    break
+                if head >= self.cmdr_size or cursor >= self.cmdr_size or cursor % 8:
+                    raise RingError(f"ring head {head} / tail {cursor} outside a {self.cmdr_size}-byte ring")
+                ent = self.cmdr_off + cursor
+                (len_op,) = struct.unpack_from("<I", self.buf, ent)
+                op, length = len_op & OP_MASK, len_op & ~OP_MASK
+                if length == 0 or length > self.cmdr_size:
+                    raise RingError(f"ring entry at {cursor} has length {length}")
+                cursor = (cursor + length) % self.cmdr_size
+                if op == OP_CMD:
+                    cmd = self._parse(ent)
+                    result = self._run(execute, cmd)
+                    batch.append(_Executed(ent, cursor, cmd, result, self._fill(cmd, result)))
+                    commands += 1
+                else:
+                    if op != OP_PAD:
+                        log.warning("skipping TCMU ring entry with opcode %d", op)
+                    batch.append(_Executed(ent, cursor, None, None, 0))
+        except RingError as exc:  # complete what ran before the bad entry, then report it
+            failure = exc
+        count = self._complete(batch, commit)
+        if failure is not None:
+            raise failure
+        return count
+
+    def _complete(self, batch: Sequence[_Executed], commit: Commit | None) -> int:
+        refused: ScsiResult | None = None
+        if commit is not None and any(
+            e.cmd is not None and e.result is not None and e.result.status == GOOD and changes_data(e.cmd.cdb)
+            for e in batch
+        ):
+            refused = commit()
+        count = 0
+        for e in batch:
+            if e.cmd is not None and e.result is not None:
+                result, read_len = e.result, e.read_len
+                if refused is not None and result.status == GOOD and changes_data(e.cmd.cdb):
+                    result, read_len = refused, 0
+                self._respond(e.ent, result, read_len)
                 if log.isEnabledFor(logging.DEBUG):
                     log.debug(
                         "cmd %d cdb %s -> status %#x sense %s",
-                        cmd.cmd_id,
-                        cmd.cdb.hex(),
+                        e.cmd.cmd_id,
+                        e.cmd.cdb.hex(),
                         result.status,
                         result.sense[:14].hex(),
                     )
                 count += 1
                 self.completed += 1
-            elif op != OP_PAD:
-                log.warning("skipping TCMU ring entry with opcode %d", op)
-            self.tail = (tail + length) % self.cmdr_size
+            # the response is written before the tail moves past its entry (rsp overlays req)
+            self.tail = e.next_tail
         return count
+
+
+@dataclass(frozen=True)
+class _Executed:
+    """A ring entry run in this pass but not completed yet (``cmd`` None: a PAD/skipped entry)."""
+
+    ent: int
+    next_tail: int
+    cmd: Command | None
+    result: ScsiResult | None
+    read_len: int

@@ -199,6 +199,13 @@ class ScsiDisk:
     ``max_transfer_blocks`` is reported in the block limits VPD page (and should match the
     kernel's ``hw_max_sectors``); ``max_unmap_blocks`` bounds one UNMAP descriptor and one WRITE
     SAME. Not thread safe: the TCMU handler calls :meth:`execute` from one thread.
+
+    ``write_cache`` chooses what the caching mode page promises. True (WCE=1): a completed
+    write may sit in the export's write-back buffer until SYNCHRONIZE CACHE or FUA. False
+    (WCE=0, write-through): the front-end calls :meth:`commit` before it completes a write,
+    so no completed write is ever only in this process's memory; the TCMU handler needs this
+    because the kernel keeps the disk (and its filesystem) across a handler restart and would
+    otherwise never learn that the killed handler's buffered writes are gone.
     """
 
     def __init__(
@@ -211,6 +218,7 @@ class ScsiDisk:
         max_unmap_blocks: int = 1 << 18,
         max_unmap_descriptors: int = 64,
         optimal_blocks: int | None = None,
+        write_cache: bool = True,
     ) -> None:
         if block_size < 512 or block_size & (block_size - 1):
             raise InvalidArgument(f"SCSI block size must be a power of two >= 512, got {block_size}")
@@ -226,6 +234,9 @@ class ScsiDisk:
         self.max_unmap_descriptors = max_unmap_descriptors
         pref = export.preferred_block_size // block_size
         self.optimal_blocks = optimal_blocks if optimal_blocks is not None else max(pref, 1)
+        self.write_cache = write_cache
+        #: a data-changing command completed in the export since its last flush
+        self.unflushed = False
 
     @property
     def num_blocks(self) -> int:
@@ -254,6 +265,20 @@ class ScsiDisk:
             writing = op not in _READS
             log.warning("SCSI opcode %#04x failed: %s", op, exc)
             return sense_for_error(exc, writing=writing).result()
+
+    def commit(self) -> ScsiResult | None:
+        """Flush the export if a command changed data since the last flush (the write-through
+        barrier of :meth:`~torus_core.tcmu.ring.CommandRing.process`). None when everything is
+        durable; else the error result the uncommitted writes must complete with."""
+        if not self.unflushed:
+            return None
+        try:
+            self.export.flush()
+        except TorusError as exc:
+            log.warning("flush before completing writes failed: %s", str(exc))  # no traceback kept
+            return sense_for_error(exc, writing=True).result()
+        self.unflushed = False
+        return None
 
     # --- helpers ----------------------------------------------------------------------------
 
@@ -380,11 +405,10 @@ class ScsiDisk:
             header = bytes([3 + len(blocks) + len(body), 0, dsp, len(blocks)])
         return ScsiResult(data=(header + blocks + body)[:alloc])
 
-    @staticmethod
-    def _caching_page(changeable: bool) -> bytes:
+    def _caching_page(self, changeable: bool) -> bytes:
         page = bytearray(20)
         page[0], page[1] = PAGE_CACHING, 18
-        if not changeable:
+        if not changeable and self.write_cache:
             page[2] = 0x04  # WCE: writes are cached until SYNCHRONIZE CACHE or FUA
         return bytes(page)
 
@@ -429,6 +453,7 @@ class ScsiDisk:
             return ScsiResult()
         length = n * self.block_size
         offset = lba * self.block_size
+        self.unflushed = True
         if len(data_out) == 1 and len(data_out[0]) >= length:
             self.export.write(offset, memoryview(data_out[0])[:length], fua)
         else:
@@ -442,6 +467,7 @@ class ScsiDisk:
             lba, n = struct.unpack_from(">QI", cdb, 2)
         self._check_range(lba, n)
         self.export.flush()  # the whole volume: cheaper than tracking ranges, and a superset
+        self.unflushed = False
         return ScsiResult()
 
     def _unmap(self, cdb: bytes, data_out: Sequence[Buffer]) -> ScsiResult:
@@ -465,6 +491,7 @@ class ScsiDisk:
                 raise _illegal(ASC_INVALID_FIELD_IN_PARAMETER_LIST, f"UNMAP of {n} blocks")
             self._check_range(lba, n)
             ranges.append((lba, n))
+        self.unflushed = True
         for lba, n in ranges:
             if n:
                 self.export.write_zeroes(lba * self.block_size, n * self.block_size, True)
@@ -480,6 +507,7 @@ class ScsiDisk:
         self._check_writable()
         block = bytes(self.block_size) if ndob else self._gather(data_out, self.block_size)
         offset, length = lba * self.block_size, n * self.block_size
+        self.unflushed = True
         if not block.strip(b"\0"):
             self.export.write_zeroes(offset, length, unmap)
             return ScsiResult()
@@ -514,6 +542,15 @@ class ScsiDisk:
         UNMAP: _unmap,
         WRITE_SAME_16: _write_same_16,
     }
+
+
+#: Opcodes that change the volume's data (what a write-through commit covers).
+_CHANGES_DATA = frozenset({WRITE_6, WRITE_10, WRITE_12, WRITE_16, UNMAP, WRITE_SAME_16})
+
+
+def changes_data(cdb: bytes) -> bool:
+    """True if the command may change the volume's data (a write, UNMAP or WRITE SAME)."""
+    return bool(cdb) and cdb[0] in _CHANGES_DATA
 
 
 #: Opcodes whose failures are read errors (the rest report write errors).

@@ -3,7 +3,8 @@ SCSI disk through LIO's ``target_core_user`` and ``tcm_loop``.
 
 :func:`serve_tcmu` opens (and locks) the volume through the server's export provider, the same
 :class:`~torus_core.block.nbd_export.VolumeExport` NBD and AoE use (space guard, FUA → sync),
-creates the TCMU backstore, starts the ring handler, creates the ``tcm_loop`` LUN and waits for
+creates the TCMU backstore, starts the ring handler (write-through: see
+:class:`~torus_core.tcmu.scsi.ScsiDisk`), creates the ``tcm_loop`` LUN and waits for
 ``/dev/sdX``. Its stopper (run when the server closes, e.g. on SIGTERM) removes the LUN while the
 handler still answers the kernel's final SYNCHRONIZE CACHE, stops the handler, removes the
 backstore and closes the volume (sync + unlock).
@@ -80,6 +81,9 @@ def serve_tcmu(
     handler reattaches to them: commands the kernel queued meanwhile are served, and the
     filesystem above sees no error as long as the restart took less than ``cmd_timeout``
     seconds (the kernel's ``cmd_time_out``; 0 = wait forever, None = the kernel's 30 s).
+    That is safe because the disk is write-through (WCE=0): a command completes only once
+    its data is durable (one flush per pass over the ring), so a killed handler loses no
+    completed write, and the commands it had not completed are run again by the next one.
     """
     if hba < 0:
         raise InvalidArgument(f"--hba must be >= 0, got {hba}")
@@ -107,6 +111,7 @@ def serve_tcmu(
             block_size=bs,
             identity=DiskIdentity(volume),
             max_transfer_blocks=max_sectors,
+            write_cache=False,  # completed writes survive a killed handler: see ScsiDisk
         )
         store = TcmuBackstore(hba, backstore_name(volume), f"torus/{volume}", root=root)
         lun = LoopbackLun(store, root=root)
@@ -130,7 +135,7 @@ def serve_tcmu(
                 store.set_attrib("cmd_time_out", cmd_timeout)
         undo.append(store.remove)
         uio = UioDevice(find_uio(store.uio_name, timeout=timeout))
-        handler = TcmuHandler(uio, disk.execute).start()
+        handler = TcmuHandler(uio, disk.execute, disk.commit).start()
         undo.append(handler.stop)
         if not reattach:
             lun.create()

@@ -17,7 +17,7 @@ import threading
 import time
 
 from torus_core.errors import NotExist, TorusError
-from torus_core.tcmu.ring import CommandRing, Executor
+from torus_core.tcmu.ring import CommandRing, Commit, Executor
 
 log = logging.getLogger(__name__)
 
@@ -85,12 +85,16 @@ class UioDevice:
 
 
 class TcmuHandler:
-    """Serves one TCMU device: one thread completes the ring's commands in order."""
+    """Serves one TCMU device: one thread completes the ring's commands in order.
 
-    def __init__(self, uio: UioDevice, execute: Executor) -> None:
+    With ``commit`` (a write-through disk), each pass over the ring commits before it completes
+    anything: see :meth:`~torus_core.tcmu.ring.CommandRing.process`."""
+
+    def __init__(self, uio: UioDevice, execute: Executor, commit: Commit | None = None) -> None:
         self.uio = uio
         self.ring = CommandRing(uio.view)
         self.execute = execute
+        self.commit = commit
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         #: the exception that ended the loop, if any
@@ -105,7 +109,7 @@ class TcmuHandler:
     def _run(self) -> None:
         try:
             while not self._stop.is_set():
-                if self.ring.process(self.execute):
+                if self.ring.process(self.execute, commit=self.commit):
                     self.uio.notify()
                 if not self.ring.pending():
                     self.uio.wait(WAIT_SLICE)
