@@ -354,8 +354,6 @@ class Distributor(BlockStore):
                 return
             write_level = WriteLevel.ONE
         queued = self.replication.write_behind is not None
-        if queued:  # readable while it waits in the queue
-            self._cache_written(batch)
         self.replication.submit(batch, write_level)
         if not queued:  # cached only once replicated: a failed write leaves nothing behind
             self._cache_written(batch)
