@@ -33,6 +33,7 @@ from torus_core.cli.serving import (
     shutdown_timeout_option,
     watch_disk,
 )
+from torus_core.daemon.malloc import limit_malloc_arenas
 from torus_core.daemon.server import Server, parse_listen
 
 
@@ -251,6 +252,7 @@ cli.add_command(kernel_nbd_cmd.nbd)
 
 def main() -> None:
     """Console-script entry point."""
+    limit_malloc_arenas()  # before any thread starts: see torus_core.daemon.malloc
     cli(prog_name="torusblk")
 
 

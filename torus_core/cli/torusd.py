@@ -48,6 +48,7 @@ from torus_core.cluster.cli_options import cluster_options, make_cluster_options
 from torus_core.cluster.heartbeat import Heartbeat
 from torus_core.cluster.peerinfo import PeerInfo
 from torus_core.daemon.cluster import start_cluster_server
+from torus_core.daemon.malloc import limit_malloc_arenas
 from torus_core.daemon.server import Server
 from torus_core.datadir import load_or_create_uuid
 from torus_core.errors import NoGlobalMetadata, UsageError
@@ -244,6 +245,7 @@ def start_single_node_heartbeat(server: Server, data_dir: str, nbd_listen: str |
 
 def main() -> None:
     """Console-script entry point."""
+    limit_malloc_arenas()  # before any thread starts: see torus_core.daemon.malloc
     cli(prog_name="torusd")
 
 
