@@ -13,7 +13,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from torus_core.errors import NotSupported
+from torus_core.errors import NotSupported, TorusError
 from torus_core.nbd.memory import MemoryExport, MemoryStore
 from torus_core.tcmu import ring as R
 from torus_core.tcmu import scsi
@@ -277,8 +277,6 @@ class BufferedExport(MemoryExport):
 
     def flush(self) -> None:
         if self.fail_flush:
-            from torus_core.errors import TorusError
-
             raise TorusError("journal replicas unreachable")
         self.flushes += 1
         for off, data in self.pending:
@@ -375,13 +373,13 @@ class WatchedRing(R.CommandRing):
 
     @property
     def tail(self) -> int:
-        return int(struct.unpack_from("<I", self.buf, R.TAIL_OFFSET)[0])
+        return R.CommandRing.tail.fget(self)
 
     @tail.setter
     def tail(self, value: int) -> None:
         assert not self.export.pending, "a write completes while it is only in the handler's memory"
         self.moves += 1
-        struct.pack_into("<I", self.buf, R.TAIL_OFFSET, value)
+        R.CommandRing.tail.fset(self, value)
 
 
 def test_the_tail_never_moves_past_a_write_that_is_not_durable(kernel: KernelSide) -> None:

@@ -4,13 +4,12 @@ glibc gives each thread that contends for the heap an arena of its own, up to 8 
 peer runs many threads (NBD workers, write-behind workers, one per channel connection, gRPC's
 pool) that each allocate and free 512 KiB blocks, so freed memory sits in many arenas that do
 not return it: measured in ``bench/cluster.py`` (3 peers R=2, 1 GiB), peak RSS 302 / 147 / 156
-MiB with the default, 254 / 111 / 108 MiB with two arenas, throughput within the run's noise.
+MiB with the default, 241 / 112 / 118 MiB with two arenas, throughput within the run's noise.
 """
 
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import logging
 import os
 
@@ -29,12 +28,10 @@ def limit_malloc_arenas(arenas: int = DEFAULT_ARENAS) -> bool:
     library is not glibc."""
     if "MALLOC_ARENA_MAX" in os.environ:
         return False
-    name = ctypes.util.find_library("c")
-    if not name:
-        return False
     try:
-        libc = ctypes.CDLL(name)
-        mallopt = libc.mallopt
+        # the interpreter's own symbols include its C library: no find_library (which runs
+        # ldconfig or a compiler) at start-up
+        mallopt = ctypes.CDLL(None).mallopt
     except (OSError, AttributeError):  # not glibc (musl has no mallopt)
         return False
     mallopt.argtypes = [ctypes.c_int, ctypes.c_int]

@@ -231,12 +231,8 @@ class CommandRing:
         return count
 
     def _complete(self, batch: Sequence[_Executed], commit: Commit | None) -> int:
-        refused: ScsiResult | None = None
-        if commit is not None and any(
-            e.cmd is not None and e.result is not None and e.result.status == GOOD and changes_data(e.cmd.cdb)
-            for e in batch
-        ):
-            refused = commit()
+        # the committer knows whether anything is unflushed (a pass of reads costs nothing)
+        refused = commit() if commit is not None and batch else None
         count = 0
         for e in batch:
             if e.cmd is not None and e.result is not None:
