@@ -530,6 +530,38 @@ def test_write_to_full_owners_raises_out_of_space_once_the_space_wait_is_over(cl
     assert 0.5 <= time.monotonic() - started < 5.0
 
 
+def test_once_a_write_waited_in_vain_for_space_later_writes_fail_at_once_until_one_fits(
+    cluster: LocalCluster,
+) -> None:
+    """A writer with many writes in flight sees ENOSPC within seconds, not space_wait per write;
+    the first write that fits again restores the wait for the next full spell."""
+    from dataclasses import replace
+
+    from torus_core.errors import OutOfSpace
+
+    client = cluster.client(timeouts=replace(FAST, space_wait=1.0), read_cache_bytes=0)
+    ref, other, third = refs_owned(cluster, 3)
+    fillers = {p: _fill(cluster, p) for p in PEERS}
+    with pytest.raises(OutOfSpace, match=r"after waiting 1 s for space"):
+        client.write_block(ref, data(1))
+    started = time.monotonic()
+    for _ in range(5):
+        with pytest.raises(OutOfSpace, match="already found full"):
+            client.write_block(other, data(2))
+    assert time.monotonic() - started < 1.0, "each later write waited for space again"
+    for p in PEERS:
+        cluster.stores[p].inner.delete_block(fillers[p][0])
+    client.write_block(other, data(2))  # room again: one attempt is enough
+    for p in owners(cluster, other):
+        assert cluster.stores[p].inner.get_block(other) == data(2)
+    for p in PEERS:
+        _fill(cluster, p)
+    started = time.monotonic()
+    with pytest.raises(OutOfSpace, match=r"after waiting 1 s for space"):
+        client.write_block(third, data(3))
+    assert time.monotonic() - started >= 0.9
+
+
 def test_a_write_short_of_space_waits_for_gc_to_free_room_and_then_succeeds(cluster: LocalCluster) -> None:
     """Every peer full (one of them down): the write is retried while room is freed (as GC frees
     superseded blocks) instead of failing at once."""

@@ -70,6 +70,11 @@ class WritePlacement:
         self.executor = executor
         self.timeouts = timeouts
         self.block_size = block_size
+        # Set when a write waited the whole space_wait and still found no room: later writes try
+        # once and answer OutOfSpace at once instead of each waiting again (a writer with many
+        # writes in flight would otherwise take space_wait per write to see ENOSPC). Cleared by
+        # the first write that fits.
+        self._found_full = False
 
     def replicate(
         self,
@@ -88,7 +93,8 @@ class WritePlacement:
 
         Raises :class:`BlockExists` / :class:`InvalidArgument` as a peer answered them,
         :class:`OutOfSpace` when no reachable peer had room for ``timeouts.space_wait``
-        seconds (the write is tried again meanwhile: GC frees superseded blocks), else
+        seconds (the write is tried again meanwhile: GC frees superseded blocks) -- or, once
+        a write has waited that long in vain, after a single attempt, until a write fits -- else
         :class:`ReplicationFailed` (retryable; blocks are immutable, so a retry is safe).
         """
         ring = self.ring()
@@ -102,20 +108,27 @@ class WritePlacement:
         acks: list[Acks] = [dict(seed[i]) if seed is not None else {} for i in range(n)]
         excluded = [exclude[i] if exclude is not None else set() for i in range(n)]
         want = [len(p.owners) if level is WriteLevel.ALL else 1 for p in perms]
-        space_deadline = time.monotonic() + self.timeouts.space_wait
+        found_full = self._found_full
+        space_deadline = time.monotonic() + (0.0 if found_full else self.timeouts.space_wait)
         pause = SPACE_RETRY_PAUSE
         while True:
             failed = self._place(batch, perms, acks, excluded, want, level, durable)
             short = [i for i in range(n) if len(acks[i]) < want[i]]
             if not short:
+                self._found_full = False
                 return acks
             if not _short_of_space(failed):
                 break
             left = space_deadline - time.monotonic()
             if left <= 0:
+                self._found_full = True
+                waited = (
+                    "the cluster was already found full (no wait until a write fits)"
+                    if found_full
+                    else f"after waiting {self.timeouts.space_wait:g} s for space"
+                )
                 raise OutOfSpace(
-                    f"no room for {len(short)} of {n} block(s) after waiting "
-                    f"{self.timeouts.space_wait:g} s for space: "
+                    f"no room for {len(short)} of {n} block(s) {waited}: "
                     + "; ".join(f"{u}: {e}" for u, e in failed.items())
                 )
             # A full store frees space through GC (superseded blocks, deleted volumes): wait for
